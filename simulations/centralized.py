@@ -1,0 +1,102 @@
+"""Centralized, non-private training: the accuracy ceiling every federated run is compared with."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.artifacts import MODEL_FILE, load_model, save_model
+from common.catalog import Catalog
+from common.datasets import Dataset
+from common.errors import DataError
+from common.evaluation import evaluate_with_baselines, model_scorer
+from common.files import write_json
+from common.model import ModelConfig, SASRec
+from common.progress import log
+from common.split import evaluation_cases, item_popularity, training_examples
+from common.training import TrainConfig, fit, pick_device
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Model hyper-parameters a user chooses; the catalogue size comes from the data."""
+
+    max_len: int = 50
+    hidden: int = 64
+    heads: int = 2
+    blocks: int = 2
+    dropout: float = 0.2
+
+    def for_catalog(self, catalog: Catalog) -> ModelConfig:
+        return ModelConfig(catalog.num_items, self.max_len, self.hidden, self.heads, self.blocks, self.dropout)
+
+
+def train_centralized(
+    dataset: Dataset, out: Path, options: ModelOptions, config: TrainConfig, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Train on all users, pick the best epoch on validation, report on test; writes model, catalogue, metrics."""
+    device = device or pick_device()
+    catalog = dataset.catalog()
+    _, sequences = dataset.sequences(catalog)
+    model_config = options.for_catalog(catalog)
+    examples = training_examples(sequences, model_config.max_len)
+    valid = evaluation_cases(sequences, "valid", model_config.max_len)
+    test = evaluation_cases(sequences, "test", model_config.max_len)
+    popularity = item_popularity(sequences, catalog.num_items)
+    log(
+        f"training SASRec on {dataset.spec}: {len(sequences)} users ({len(examples)} with training pairs, "
+        f"{len(test)} evaluated), {catalog.num_items} items, device {device}"
+    )
+    torch.manual_seed(config.seed)
+    model = SASRec(model_config)
+    result = fit(model, examples, valid, popularity, len(sequences), config, device)
+    report = evaluate_with_baselines(model_scorer(model, device), test, popularity, len(sequences))
+    report["run"] = {
+        "kind": "centralized, non-private",
+        "stage": "test",
+        "dataset": dataset.spec,
+        "data": dataset.stats().as_dict(),
+        "catalog": "built from the dataset",
+        "model": model_config.as_dict(),
+        "train": config.as_dict(),
+        "fit": result.as_dict(),
+        "device": str(device),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model, catalog)
+    write_json(out / METRICS_FILE, report)
+    return report
+
+
+def evaluate_saved(model_dir: Path, dataset: Dataset, device: torch.device | None = None) -> dict[str, Any]:
+    """Test-split metrics of a saved model on a dataset; items unknown to its catalogue are dropped and counted."""
+    device = device or pick_device()
+    model, catalog = load_model(model_dir, MODEL_FILE, device)
+    known = dataset.frame["item"].map(lambda raw: catalog.index_of(raw) is not None)
+    unknown = int((~known).sum())
+    if unknown == len(known):
+        raise DataError(f"none of the items in {dataset.spec} is in the model's catalogue ({model_dir})")
+    if unknown:
+        log(f"warning: {unknown} interactions name items outside the model's catalogue; they are ignored")
+    _, sequences = Dataset(dataset.spec, dataset.frame[known], dataset.report).sequences(catalog)
+    test = evaluation_cases(sequences, "test", model.config.max_len)
+    popularity = item_popularity(sequences, catalog.num_items)
+    started = time.perf_counter()
+    report = evaluate_with_baselines(model_scorer(model, device), test, popularity, len(sequences))
+    report["run"] = {
+        "kind": "evaluation of a saved model",
+        "stage": "test",
+        "model_dir": str(model_dir),
+        "dataset": dataset.spec,
+        "unknown_item_interactions_ignored": unknown,
+        "seconds": time.perf_counter() - started,
+    }
+    return report

@@ -1,0 +1,28 @@
+"""Human-readable tables over the metrics.json layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = ("overall", "tail", "torso", "head")
+
+
+def _row(name: str, report: dict[str, Any], metric: str) -> str:
+    cells = [report["overall"].get(metric, float("nan"))] + [report["groups"][g].get(metric, float("nan")) for g in COLUMNS[1:]]
+    return f"{name:<28}" + "".join(f"{value:>10.4f}" for value in cells)
+
+
+def format_metrics_table(report: dict[str, Any], title: str = "", metrics: tuple[str, ...] = ("ndcg@10", "hr@10")) -> str:
+    """Model and baselines side by side, overall and per user group, with group sizes."""
+    sizes = [report["overall"].get("users", 0)] + [report["groups"][g]["users"] for g in COLUMNS[1:]]
+    lines = [title] if title else []
+    lines.append(f"{'':<28}" + "".join(f"{c:>10}" for c in COLUMNS))
+    lines.append(f"{'users':<28}" + "".join(f"{n:>10d}" for n in sizes))
+    rows = [("model", report)] + [(name.replace("_", "-"), sub) for name, sub in report.get("baselines", {}).items()]
+    for metric in metrics:
+        for name, sub in rows:
+            lines.append(_row(f"{name} {metric.upper()}", sub, metric))
+    items = report.get("items", {})
+    if items:
+        lines.append("items: " + "  ".join(f"{k}={v:.3f}" for k, v in items.items()))
+    return "\n".join(lines)
