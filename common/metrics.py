@@ -48,9 +48,10 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Te
 
 
 def top_k(scores: torch.Tensor, excluded: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, k] highest-scoring non-excluded indices (what would be recommended)."""
+    """[B, k] highest-scoring non-excluded indices; PADDING_INDEX fills slots when fewer than k are left."""
     masked = scores.masked_fill(excluded, float("-inf"))
-    return masked.topk(min(k, scores.shape[1]), dim=1).indices
+    best = masked.topk(min(k, scores.shape[1]), dim=1)
+    return best.indices.masked_fill(torch.isneginf(best.values), PADDING_INDEX)
 
 
 def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
@@ -91,7 +92,7 @@ def grouped_ranking_metrics(ranks: np.ndarray, training_lengths: np.ndarray) -> 
 def item_metrics(recommended: np.ndarray, popularity: np.ndarray, num_users: int, k: int = 10) -> dict[str, float]:
     """Catalogue-side view of the top-k lists.
 
-    recommended: [users, >=k] item indices; popularity: [N] training counts per
+    recommended: [users, >=k] item indices, PADDING_INDEX for empty slots; popularity: [N] training counts per
     index (padding at 0). Long-tail items are those outside the top 20% most
     popular; novelty is the mean self-information -log2(p(i)) with p(i) the
     add-one-smoothed share of users who interacted with i.
@@ -108,9 +109,10 @@ def item_metrics(recommended: np.ndarray, popularity: np.ndarray, num_users: int
     head_items = by_popularity[: int(np.ceil(GROUP_SHARE * len(catalogue)))]
     is_tail_item = np.ones(len(popularity), dtype=bool)
     is_tail_item[head_items] = False
-    tail_share = float(is_tail_item[lists].mean()) if lists.size else 0.0
+    shown = lists[lists != PADDING_INDEX]
+    tail_share = float(is_tail_item[shown].mean()) if shown.size else 0.0
     self_information = -np.log2((popularity + 1.0) / (num_users + 1.0))
-    novelty = float(self_information[lists].mean()) if lists.size else 0.0
+    novelty = float(self_information[shown].mean()) if shown.size else 0.0
     return {
         f"coverage@{k}": coverage,
         f"gini@{k}": gini,

@@ -123,6 +123,10 @@ class SASRec(nn.Module):
 
     def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
         """item_ids: [B, L] left-padded; returns scores [B, L, N] for the next item at every position."""
+        return self.output(self.hidden_states(item_ids))
+
+    def hidden_states(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """item_ids: [B, L] left-padded; returns [B, L, D], zero at padded positions."""
         batch, length = item_ids.shape
         if length > self.config.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.config.max_len}")
@@ -140,7 +144,7 @@ class SASRec(nn.Module):
         allowed = allowed.unsqueeze(1)  # [B, 1, L, L]
         for block in self.blocks:
             x = block(x, allowed) * real.unsqueeze(-1)
-        return self.output(self.final_norm(x))  # [B, L, N]
+        return self.final_norm(x)
 
     def last_scores(self, item_ids: torch.Tensor) -> torch.Tensor:
         """Scores for the item after the most recent one: [B, N]."""

@@ -193,7 +193,7 @@ def _integer_id(token: str, what: str, path: Path, line: int) -> str:
     return str(int(token))
 
 
-def _number(token: str, what: str, path: Path, line: int) -> float:
+def _number(token: str, what: str, path: Path | None, line: int | None) -> float:
     try:
         value = float(token)
     except ValueError:
@@ -203,7 +203,7 @@ def _number(token: str, what: str, path: Path, line: int) -> float:
     return value
 
 
-def _timestamp(token: str, path: Path, line: int) -> float:
+def _timestamp(token: str, path: Path | None, line: int | None) -> float:
     """A number (unix time or any sortable clock) or an ISO-8601 date-time."""
     token = token.strip()
     try:
@@ -338,7 +338,10 @@ def _read_parquet(path: Path, columns: ColumnNames) -> pd.DataFrame:
             elif pd.isna(stamp):
                 raise DataError(f"row {row + 1}: missing timestamp", path)
             else:
-                timestamp = _timestamp(str(stamp), path, row + 1)
+                try:
+                    timestamp = _timestamp(str(stamp), None, None)
+                except DataError as error:
+                    raise DataError(f"row {row + 1}: {error}", path) from None
         site = str(values["site"][row]) if "site" in values else None
         rows.add(str(user).strip(), str(item).strip(), timestamp, site)
     return rows.frame()

@@ -49,10 +49,10 @@ class SyntheticConfig:
             )
         if not 0.0 <= self.follow_probability <= 1.0:
             raise ConfigError(f"synthetic follow_probability={self.follow_probability}: must be in [0, 1]")
-        if not 1 <= self.min_length <= self.max_length <= self.items:
+        if not 1 <= self.min_length <= min(self.max_length, self.items):
             raise ConfigError(
                 f"synthetic lengths: need 1 <= min_length ({self.min_length}) <= max_length ({self.max_length})"
-                f" <= items ({self.items})"
+                f" and min_length <= items ({self.items})"
             )
 
     @classmethod
@@ -127,7 +127,8 @@ def _history_lengths(rng: np.random.Generator, config: SyntheticConfig) -> np.nd
     """Discrete Pareto: median near min_length + length_scale, a thin tail of long histories."""
     uniform = rng.random(config.users)
     extra = np.floor((uniform ** (-1.0 / config.length_tail_exponent) - 1.0) * config.length_scale)
-    return np.minimum(config.min_length + extra, config.max_length).astype(np.int64)
+    # A user cannot consume more distinct items than the catalogue holds.
+    return np.minimum(config.min_length + extra, min(config.max_length, config.items)).astype(np.int64)
 
 
 def _draw_by_taste(

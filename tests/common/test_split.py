@@ -1,0 +1,41 @@
+"""Leave-one-out by time, one example per user, truncation to max_len."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.catalog import PADDING_INDEX
+from common.split import evaluation_cases, item_popularity, left_pad, training_examples
+
+
+def test_last_item_is_test_the_one_before_is_validation() -> None:
+    sequences = [np.array([1, 2, 3, 4, 5]), np.array([6, 7])]
+    valid = evaluation_cases(sequences, "valid", max_len=4)
+    test = evaluation_cases(sequences, "test", max_len=4)
+    assert valid.targets.tolist() == [4] and test.targets.tolist() == [5]
+    assert valid.inputs.tolist() == [[0, 1, 2, 3]]
+    assert test.inputs.tolist() == [[1, 2, 3, 4]]
+    assert test.histories[0].tolist() == [1, 2, 3, 4], "test excludes the validation item as history"
+    assert valid.training_lengths.tolist() == [3] and test.training_lengths.tolist() == [3]
+    assert test.users.tolist() == [0], "users with fewer than 3 interactions are not evaluated"
+
+
+def test_one_training_example_per_user_truncated_to_the_most_recent_items() -> None:
+    sequences = [np.arange(1, 11), np.array([3, 4, 5]), np.array([8, 9])]
+    examples = training_examples(sequences, max_len=4)
+    # user 0: training history 1..8, window = last 5 = 4..8 -> inputs 4..7, targets 5..8
+    assert examples.inputs[0].tolist() == [4, 5, 6, 7]
+    assert examples.targets[0].tolist() == [5, 6, 7, 8]
+    # user 1 has training history [3]: no pair, no example. user 2 (<3 items) trains on both items.
+    assert len(examples) == 2
+    assert examples.inputs[1].tolist() == [0, 0, 0, 8]
+    assert examples.targets[1].tolist() == [0, 0, 0, 9]
+    held_out = {9, 10}
+    assert not held_out & set(examples.targets[0].tolist()), "validation and test items never train"
+
+
+def test_left_pad_and_popularity_use_training_history_only() -> None:
+    assert left_pad(np.array([5, 6]), 4).tolist() == [PADDING_INDEX, PADDING_INDEX, 5, 6]
+    assert left_pad(np.array([1, 2, 3]), 2).tolist() == [2, 3]
+    counts = item_popularity([np.array([1, 2, 3, 4]), np.array([2, 3])], num_items=4)
+    assert counts.tolist() == [0, 1, 2, 1, 0]

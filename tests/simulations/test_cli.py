@@ -1,0 +1,86 @@
+"""The fedtail command end to end on small generated data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulations.cli import main
+
+SMALL = "synthetic:users=300,items=120,seed=3"
+TINY_MODEL = ["--hidden", "16", "--heads", "1", "--blocks", "1", "--max-len", "20"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_data_stats_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "stats", SMALL, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["users"] == 300
+    assert stats["interactions"] > 300 * 3
+    assert 0 < stats["top20_item_share"] <= 1
+
+
+def test_train_then_evaluate_writes_the_documented_files_and_layout(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", SMALL, "--out", str(out), "--epochs", "2", "--eval-every", "1", *TINY_MODEL]) == 0
+    assert {p.name for p in out.iterdir()} >= {"model.pt", "catalog.json", "metrics.json"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    for section in (metrics, metrics["baselines"]["most_popular"]):
+        assert set(section["overall"]) >= {"ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "users"}
+        assert set(section["groups"]) == {"tail", "torso", "head"}
+        assert sum(section["groups"][g]["users"] for g in ("tail", "torso", "head")) == section["overall"]["users"]
+        assert set(section["items"]) == {"coverage@10", "gini@10", "tail_share@10", "novelty@10"}
+    evaluated = tmp_path / "eval.json"
+    assert main(["evaluate", str(out), SMALL, "--out", str(evaluated)]) == 0
+    again = json.loads(evaluated.read_text())
+    assert again["overall"] == pytest.approx(metrics["overall"]), "evaluating the saved model reproduces its metrics"
+
+
+def test_malformed_input_exits_non_zero_with_file_and_line_and_no_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "u.data"
+    bad.write_text("1\t2\t5\t100\n1\tthree\t5\t101\n")
+    result = run_cli("data", "stats", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}, line 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data", "stats", "nosuchformat:x.txt"], "unknown format"),
+        (["data", "stats", "synthetic:users=abc"], "not a"),
+        (["train", SMALL, "--out", "unused", "--heads", "3"], "not divisible"),
+        (["train", SMALL, "--out", "unused", "--lr", "0"], "learning rate"),
+        (["evaluate", "no-such-model-dir", SMALL], "no model.pt"),
+    ],
+)
+def test_wrong_options_are_one_clear_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_ignores_and_counts_items_unknown_to_the_catalogue(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    data = tmp_path / "pairs.txt"
+    data.write_text("".join(f"u{u} i{(u + k) % 7}\n" for u in range(20) for k in range(5)))
+    assert main(["train", str(data), "--out", str(out), "--epochs", "1", *TINY_MODEL]) == 0
+    with data.open("a") as handle:
+        handle.write("u1 brand-new-item\n")
+    report_path = tmp_path / "e.json"
+    assert main(["evaluate", str(out), str(data), "--out", str(report_path)]) == 0
+    assert json.loads(report_path.read_text())["run"]["unknown_item_interactions_ignored"] == 1
+
+
+def test_console_script_is_installed() -> None:
+    result = subprocess.run(["fedtail", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "train" in result.stdout
