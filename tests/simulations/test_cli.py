@@ -82,5 +82,6 @@ def test_evaluate_ignores_and_counts_items_unknown_to_the_catalogue(tmp_path: Pa
 
 
 def test_console_script_is_installed() -> None:
-    result = subprocess.run(["fedtail", "--help"], capture_output=True, text=True, check=False)
+    script = Path(sys.executable).parent / "fedtail"  # the venv's bin, activated or not
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "train" in result.stdout
