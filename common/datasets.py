@@ -46,6 +46,13 @@ class Dataset:
     def sequences(self, catalog: Catalog) -> tuple[list[str], list[np.ndarray]]:
         return user_sequences(self.frame, catalog)
 
+    def restricted_to(self, catalog: Catalog) -> tuple[Dataset, int]:
+        """The interactions whose items the catalogue knows, and how many were dropped."""
+        known = self.frame["item"].map(lambda raw: catalog.index_of(raw) is not None)
+        if not known.any():
+            raise DataError(f"none of the items in {self.spec} is in the catalogue ({catalog.source or 'given'})")
+        return Dataset(self.spec, self.frame[known], self.report), int((~known).sum())
+
 
 def load_dataset(spec: str = DEFAULT_DATASET, columns: ColumnNames = ColumnNames(), kcore: int = 0) -> Dataset:
     if kcore < 0:

@@ -177,4 +177,5 @@ def sequence_loss(
     else:
         raise ConfigError(f"unknown loss '{loss}': use 'ce' or 'bce'")
     per_user = (per_position * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)  # [B]
-    return per_user.mean()
+    # A mean that is 0, not NaN, on an empty batch: Poisson sampling can draw one, and DP-SGD still adds noise.
+    return per_user.sum() / max(per_user.shape[0], 1)

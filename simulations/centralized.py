@@ -13,7 +13,6 @@ import torch
 from common.artifacts import MODEL_FILE, load_model, save_model
 from common.catalog import Catalog
 from common.datasets import Dataset
-from common.errors import DataError
 from common.evaluation import evaluate_with_baselines, model_scorer
 from common.files import write_json
 from common.model import ModelConfig, SASRec
@@ -80,13 +79,10 @@ def evaluate_saved(model_dir: Path, dataset: Dataset, device: torch.device | Non
     """Test-split metrics of a saved model on a dataset; items unknown to its catalogue are dropped and counted."""
     device = device or pick_device()
     model, catalog = load_model(model_dir, MODEL_FILE, device)
-    known = dataset.frame["item"].map(lambda raw: catalog.index_of(raw) is not None)
-    unknown = int((~known).sum())
-    if unknown == len(known):
-        raise DataError(f"none of the items in {dataset.spec} is in the model's catalogue ({model_dir})")
+    dataset, unknown = dataset.restricted_to(catalog)
     if unknown:
         log(f"warning: {unknown} interactions name items outside the model's catalogue; they are ignored")
-    _, sequences = Dataset(dataset.spec, dataset.frame[known], dataset.report).sequences(catalog)
+    _, sequences = dataset.sequences(catalog)
     test = evaluation_cases(sequences, "test", model.config.max_len)
     popularity = item_popularity(sequences, catalog.num_items)
     started = time.perf_counter()

@@ -10,17 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from common.datasets import DEFAULT_DATASET, load_dataset
-from common.errors import FedtailError
+from common.errors import ConfigError, FedtailError
+from common.federation import RunSettings
+from common.partition import SCHEMES
 from common.files import write_json
 from common.readers import FORMATS, ColumnNames
 from common.training import TrainConfig, pick_device
 from simulations.centralized import ModelOptions, evaluate_saved, train_centralized
-from simulations.report import format_metrics_table
+from simulations.report import format_federated_summary, format_metrics_table
+from simulations.simulate import Resources, simulate
 
 EXIT_USER_ERROR = 2
 
@@ -84,6 +90,52 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ModelOptions()
+    parser.add_argument("--max-len", type=int, default=defaults.max_len, help="most recent items per user")
+    parser.add_argument("--hidden", type=int, default=defaults.hidden)
+    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--blocks", type=int, default=defaults.blocks)
+    parser.add_argument("--dropout", type=float, default=defaults.dropout)
+    parser.add_argument("--loss", choices=("ce", "bce"), default=TrainConfig().loss,
+                        help="ce: full softmax cross-entropy; bce: one sampled negative per position")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    if args.user_col or args.item_col or args.time_col or args.site_col:
+        raise ConfigError("simulate reads files with detected columns only; name columns the detector knows")
+    settings = RunSettings(
+        dataset=args.dataset,
+        kcore=args.kcore,
+        partitioning=args.partition,
+        seed=args.seed,
+        out_dir=args.out,
+        rounds=args.rounds,
+        fraction_sites=args.fraction_sites,
+        min_sites=args.min_sites,
+        dp=not args.no_dp,
+        epsilon=args.epsilon,
+        delta=args.delta,
+        max_grad_norm=args.clip,
+        batch_size=args.batch_size,
+        local_epochs=args.local_epochs,
+        learning_rate=args.lr,
+        loss=args.loss,
+        max_len=args.max_len,
+        hidden=args.hidden,
+        heads=args.heads,
+        blocks=args.blocks,
+        dropout=args.dropout,
+    )
+    load_dataset(args.dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
+    gpus = args.gpus_per_site if args.gpus_per_site is not None else (0.5 if torch.cuda.is_available() else 0.0)
+    started = time.perf_counter()
+    summary = simulate(settings, Resources(args.sites, args.cpus_per_site, gpus))
+    print(format_federated_summary(summary, title=f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"))
+    print(f"\nwrote {args.out}/global_model.pt, summary.json, rounds.jsonl, ledgers/ ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtail", description=__doc__.splitlines()[0] if __doc__ else None)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,23 +149,44 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train SASRec centrally (non-private ceiling)")
     _add_dataset_arguments(train, optional=True)
     train.add_argument("--out", required=True, help="folder for model.pt, catalog.json, metrics.json")
-    defaults_model, defaults_train = ModelOptions(), TrainConfig()
-    train.add_argument("--max-len", type=int, default=defaults_model.max_len)
-    train.add_argument("--hidden", type=int, default=defaults_model.hidden)
-    train.add_argument("--heads", type=int, default=defaults_model.heads)
-    train.add_argument("--blocks", type=int, default=defaults_model.blocks)
-    train.add_argument("--dropout", type=float, default=defaults_model.dropout)
+    _add_model_arguments(train)
+    defaults_train = TrainConfig()
     train.add_argument("--epochs", type=int, default=defaults_train.epochs, help="at most this many (early stopping)")
     train.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
     train.add_argument("--lr", type=float, default=defaults_train.learning_rate)
     train.add_argument("--weight-decay", type=float, default=defaults_train.weight_decay)
     train.add_argument("--patience", type=int, default=defaults_train.patience)
     train.add_argument("--eval-every", type=int, default=defaults_train.eval_every)
-    train.add_argument("--loss", choices=("ce", "bce"), default=defaults_train.loss,
-                       help="ce: full softmax cross-entropy; bce: one sampled negative per position")
     train.add_argument("--seed", type=int, default=defaults_train.seed)
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     train.set_defaults(handler=_train)
+
+    simulate = commands.add_parser(
+        "simulate", help="federated DP training of N simulated sites on Flower's Simulation Engine"
+    )
+    _add_dataset_arguments(simulate, optional=True)
+    run = RunSettings()
+    simulate.add_argument("--out", required=True, help="run folder; an existing one is resumed from its checkpoint")
+    simulate.add_argument("--sites", type=int, default=5, help="number of simulated sites")
+    simulate.add_argument("--rounds", type=int, default=run.rounds)
+    simulate.add_argument("--partition", choices=SCHEMES, default=run.partitioning, help="how users are split into sites")
+    simulate.add_argument("--epsilon", type=float, default=run.epsilon,
+                          help="each site's target epsilon after ALL rounds (noise is calibrated on it)")
+    simulate.add_argument("--delta", type=float, default=run.delta, help="must be below 1/users at every site")
+    simulate.add_argument("--no-dp", action="store_true", help="NON-PRIVATE federated baseline: no clipping, no noise")
+    simulate.add_argument("--clip", type=float, default=run.max_grad_norm, help="per-user gradient clipping norm C")
+    simulate.add_argument("--batch-size", type=int, default=run.batch_size, help="expected users per DP-SGD step")
+    simulate.add_argument("--local-epochs", type=float, default=run.local_epochs, help="local passes per round")
+    simulate.add_argument("--lr", type=float, default=run.learning_rate)
+    simulate.add_argument("--fraction-sites", type=float, default=run.fraction_sites, help="share of sites per round")
+    simulate.add_argument("--min-sites", type=int, default=run.min_sites, help="at least this many sites per round")
+    simulate.add_argument("--seed", type=int, default=run.seed)
+    simulate.add_argument("--cpus-per-site", type=int, default=Resources(1).cpus_per_site,
+                          help="CPU cores reserved per simulated site (how many train at once)")
+    simulate.add_argument("--gpus-per-site", type=float, default=None,
+                          help="GPU share per site (default: 0.5 when CUDA is present, else 0)")
+    _add_model_arguments(simulate)
+    simulate.set_defaults(handler=_simulate)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
     evaluate.add_argument("model_dir", help="folder with model.pt and catalog.json")

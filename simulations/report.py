@@ -26,3 +26,15 @@ def format_metrics_table(report: dict[str, Any], title: str = "", metrics: tuple
     if items:
         lines.append("items: " + "  ".join(f"{k}={v:.3f}" for k, v in items.items()))
     return "\n".join(lines)
+
+
+def format_federated_summary(summary: dict[str, Any], title: str = "") -> str:
+    """The federated model beside most-popular, then each site's epsilon (or a loud NON-PRIVATE)."""
+    lines = [format_metrics_table(summary, title=title, metrics=("ndcg@10",))]
+    privacy = summary["privacy"]
+    if not privacy["dp"]:
+        lines.append("privacy: NONE. This model was trained WITHOUT differential privacy.")
+        return "\n".join(lines)
+    lines.append(f"privacy: epsilon {privacy['epsilon']:.3f} (max over sites), delta {privacy['delta']:g}, unit: one user")
+    lines.append("site epsilon: " + "  ".join(f"{site}={eps:.3f}" for site, eps in privacy["per_site"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""fedtail's ClientApp: one site's local DP training per round.
+
+The handler only reads configuration and translates between Flower records
+and the plain functions in ``client.dp`` and ``client.shard``.
+
+Node config (what the site decides, never the coordinator):
+
+- simulation: ``partition-id`` / ``num-partitions`` (set by Flower);
+- deployment: ``data-path`` (the site's interaction file), ``catalog-path``
+  (the public catalogue), ``ledger-dir``, ``max-epsilon`` (the site's budget
+  over all runs), optional ``site-id`` and ``fedavg-weight`` (a public,
+  declared weight; the exact user count is never sent).
+
+A reply holds only: the trained weights, the site's id, its epsilon so far,
+whether it trained with DP, the declared weight, and when it declines, why.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.dp import LocalTraining, PrivacyPlan, RoundOutcome, train_site_round
+from client.shard import SiteShard, deployed_shard, simulated_shard
+from common.errors import ConfigError
+from common.federation import RunSettings
+from common.ledger import Ledger
+from common.model import SASRec
+from common.training import pick_device
+
+app = ClientApp()
+logger = logging.getLogger("fedtail.client")
+
+REPLY_METRICS = ("weight", "epsilon", "dp", "declined")
+REPLY_SITE_FIELDS = ("site-id", "reason")
+
+
+@dataclass(frozen=True)
+class Site:
+    site_id: str
+    shard: SiteShard
+    ledger: Ledger
+    max_epsilon: float | None
+    weight: float
+
+
+def site_from_context(node_config: dict, settings: RunSettings) -> Site:
+    """Who this site is and what it holds, from the node config (simulation or deployment)."""
+    if "partition-id" in node_config:
+        partition = int(node_config["partition-id"])
+        shard = simulated_shard(
+            settings.dataset,
+            settings.kcore,
+            settings.partitioning,
+            settings.seed,
+            partition,
+            int(node_config["num-partitions"]),
+            settings.max_len,
+        )
+        if not settings.out_dir:
+            raise ConfigError("run config out-dir is required in simulation (where site ledgers are kept)")
+        ledger_dir = Path(settings.out_dir) / "ledgers"
+        site_id = str(partition)
+        max_epsilon = float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None
+    else:
+        for key in ("data-path", "catalog-path", "ledger-dir"):
+            if key not in node_config:
+                raise ConfigError(f"node config '{key}' is required on a deployed site")
+        shard = deployed_shard(str(node_config["data-path"]), str(node_config["catalog-path"]), settings.max_len)
+        ledger_dir = Path(str(node_config["ledger-dir"]))
+        site_id = str(node_config.get("site-id", Path(str(node_config["data-path"])).stem))
+        if settings.dp and "max-epsilon" not in node_config:
+            raise ConfigError("node config 'max-epsilon' (this site's privacy budget) is required on a deployed site")
+        max_epsilon = float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None
+    return Site(site_id, shard, Ledger(ledger_dir / f"site-{site_id}.jsonl"), max_epsilon, float(node_config.get("fedavg-weight", 1.0)))
+
+
+def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:
+    metrics = MetricRecord({"weight": site.weight, "dp": int(dp), "declined": int(outcome.state_dict is None)})
+    if dp:
+        metrics["epsilon"] = outcome.epsilon
+    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"site-id": site.site_id})})
+    if outcome.state_dict is None:
+        content["site"]["reason"] = outcome.declined_reason
+    else:
+        content["arrays"] = ArrayRecord(outcome.state_dict)
+    return content
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings = RunSettings.from_run_config(context.run_config)
+    site = site_from_context(dict(context.node_config), settings)
+    config = msg.content["config"]
+    round_number = int(config["server-round"])
+    model = SASRec(settings.model_config(site.shard.catalog.num_items))
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    outcome = train_site_round(
+        model,
+        site.shard.examples,
+        LocalTraining(settings.batch_size, settings.local_epochs, settings.learning_rate, settings.loss),  # type: ignore[arg-type]
+        PrivacyPlan(
+            settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds, site.max_epsilon
+        ),
+        site.ledger,
+        run_id=str(config["run-id"]),
+        round_number=round_number,
+        site=site.site_id,
+        device=pick_device(),
+        seed=settings.seed * 1_000_003 + round_number * 1_009 + zlib.crc32(site.site_id.encode()) % 1_000,
+    )
+    if outcome.state_dict is None:
+        logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)
+    elif not settings.dp:
+        logger.warning("site %s round %d: NON-PRIVATE update sent (dp = false)", site.site_id, round_number)
+    return Message(reply_content(outcome, site, settings.dp), reply_to=msg)

@@ -1,0 +1,59 @@
+"""Where a site's users come from: a simulated partition, or the site's own file.
+
+Loading and partitioning are cached per process: Flower reuses ClientApp
+processes across rounds, and re-reading data every round would dominate a
+small round's time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from common.catalog import Catalog
+from common.datasets import load_dataset
+from common.errors import DataError
+from common.partition import partition_users, user_site_names
+from common.progress import log
+from common.split import TrainingExamples, training_examples
+
+
+@dataclass(frozen=True)
+class SiteShard:
+    catalog: Catalog
+    examples: TrainingExamples
+
+
+@lru_cache(maxsize=4)
+def _federation(spec: str, kcore: int, scheme: str, seed: int, num_sites: int) -> tuple[Catalog, list[np.ndarray], np.ndarray]:
+    dataset = load_dataset(spec, kcore=kcore)
+    catalog = dataset.catalog()
+    user_ids, sequences = dataset.sequences(catalog)
+    sites = partition_users(
+        sequences, num_sites, scheme, seed, catalog.num_items, user_site_names(dataset.frame, user_ids)
+    )
+    return catalog, sequences, sites
+
+
+def simulated_shard(
+    spec: str, kcore: int, scheme: str, seed: int, partition_id: int, num_partitions: int, max_len: int
+) -> SiteShard:
+    """The users of one simulated site; the catalogue is built from the whole dataset (as the report says)."""
+    catalog, sequences, sites = _federation(spec, kcore, scheme, seed, num_partitions)
+    mine = [sequences[user] for user in np.flatnonzero(sites == partition_id)]
+    return SiteShard(catalog, training_examples(mine, max_len))
+
+
+def deployed_shard(data_path: str, catalog_path: str, max_len: int) -> SiteShard:
+    """The site's own interaction file, mapped onto the public catalogue; unknown items are dropped and counted."""
+    if not catalog_path:
+        raise DataError("node config 'catalog-path' is required in a deployment (the public product list)")
+    catalog = Catalog.load(Path(catalog_path))
+    dataset, unknown = load_dataset(data_path).restricted_to(catalog)
+    if unknown:
+        log(f"site data: {unknown} interactions name items outside the public catalogue; ignored")
+    _, sequences = dataset.sequences(catalog)
+    return SiteShard(catalog, training_examples(sequences, max_len))

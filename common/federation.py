@@ -1,0 +1,73 @@
+"""The run's public settings, as both apps read them from Flower's run config.
+
+Defaults live in ``pyproject.toml`` under ``[tool.flwr.app.config]`` (Flower
+rejects overrides of keys not listed there); this module turns that flat
+key/value mapping into typed settings and validates it, so that a wrong value
+fails at start-up with the key's name, not deep in a round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import ConfigError
+from common.model import ModelConfig
+from common.partition import SCHEMES
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    dataset: str = "synthetic"
+    kcore: int = 0
+    partitioning: str = "uniform"
+    seed: int = 0
+    out_dir: str = "runs/flwr-run"
+    rounds: int = 10
+    fraction_sites: float = 1.0
+    min_sites: int = 1
+    dp: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    batch_size: int = 64
+    local_epochs: float = 1.0
+    learning_rate: float = 1e-3
+    loss: str = "ce"
+    max_len: int = 50
+    hidden: int = 64
+    heads: int = 2
+    blocks: int = 2
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.partitioning not in SCHEMES:
+            raise ConfigError(f"run config partitioning='{self.partitioning}': use one of {', '.join(SCHEMES)}")
+        if self.rounds < 1:
+            raise ConfigError(f"run config rounds={self.rounds}: must be at least 1")
+        if not 0 < self.fraction_sites <= 1 or self.min_sites < 1:
+            raise ConfigError("run config fraction-sites must be in (0, 1] and min-sites at least 1")
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        known = {name.replace("_", "-"): name for name in cls.__dataclass_fields__}
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run config keys {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in config.items():
+            field = cls.__dataclass_fields__[known[key]]
+            expected = {"int": int, "float": float, "bool": bool, "str": str}[str(field.type)]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(f"run config {key}={value!r}: expected {expected.__name__}")
+            values[known[key]] = value
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {name.replace("_", "-"): getattr(self, name) for name in self.__dataclass_fields__}
+
+    def model_config(self, num_items: int) -> ModelConfig:
+        return ModelConfig(num_items, self.max_len, self.hidden, self.heads, self.blocks, self.dropout)

@@ -1,0 +1,108 @@
+"""The site's privacy ledger: append-only JSON lines, one per DP training call.
+
+The ledger lives on the site's disk and is the only source of truth for what a
+site has spent: across rounds, across runs, and across restarts of either side.
+Each line holds everything needed to recompute epsilon without trusting the
+training code (mechanism, sampling, noise, clipping, steps, delta, accountant,
+versions) and the SHA-256 of the previous line, so a deleted or edited line is
+detected. ``fedtail audit`` (and any auditor) recomputes epsilon from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import DataError
+from common.privacy import MechanismStep, epsilon_from_history
+
+LEDGER_FORMAT = "fedtail-ledger/1"
+GENESIS_HASH = "0" * 64
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One DP-SGD training call at a site: what an accountant needs, and its context."""
+
+    run_id: str
+    round: int
+    site: str
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    steps: int
+    delta: float
+    accountant: str
+    library_versions: dict[str, str]
+    privacy_unit: str = "user"
+    neighbouring: str = "add or remove one user with all of their interactions at this site"
+    sampling: str = "poisson"
+
+
+def _line_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Ledger:
+    """``Ledger(path).append(spend)``; ``.entries()`` verifies the chain on every read."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        entries: list[dict[str, Any]] = []
+        previous = GENESIS_HASH
+        with self.path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                text = line.rstrip("\n")
+                if not text:
+                    raise DataError("blank line inside the ledger (edited or truncated?)", self.path, number)
+                try:
+                    entry = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"not a JSON ledger line ({error.msg}); truncated write?", self.path, number) from None
+                if entry.get("prev_hash") != previous:
+                    raise DataError(
+                        "hash chain broken: this line does not follow the previous one (a line was removed, "
+                        "reordered or edited)",
+                        self.path,
+                        number,
+                    )
+                entries.append(entry)
+                previous = _line_hash(text)
+        return entries
+
+    def history(self) -> list[MechanismStep]:
+        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()]
+
+    def epsilon(self, delta: float) -> float:
+        return epsilon_from_history(self.history(), delta)
+
+    def append(self, spend: Spend) -> dict[str, Any]:
+        """Record a training call that happened; returns the line written (with the epsilon so far)."""
+        entries = self.entries()
+        previous = GENESIS_HASH
+        if entries:
+            with self.path.open(encoding="utf-8") as handle:
+                previous = _line_hash(handle.read().splitlines()[-1])
+        history = [*self.history(), (spend.noise_multiplier, spend.sample_rate, spend.steps)]
+        entry = {
+            "format": LEDGER_FORMAT,
+            **asdict(spend),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "epsilon_so_far": epsilon_from_history(history, spend.delta, spend.accountant),
+            "prev_hash": previous,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return entry

@@ -1,0 +1,54 @@
+"""Privacy accounting shared by sites (spending) and auditors (checking).
+
+Epsilon is always recomputed from the mechanism's history (noise multiplier,
+sampling rate, steps per training call) by a fresh accountant, never carried
+as a running number: that is what makes the site ledger auditable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from common.errors import ConfigError
+
+ACCOUNTANT = "rdp"
+MechanismStep = tuple[float, float, int]
+"""(noise_multiplier, sample_rate, steps): one training call, as Opacus' accountants store it."""
+
+
+def epsilon_from_history(history: Sequence[MechanismStep], delta: float, accountant: str = ACCOUNTANT) -> float:
+    """Epsilon of composing every recorded DP-SGD call at ``delta``; 0 when nothing was spent."""
+    if not history:
+        return 0.0
+    fresh = create_accountant(accountant)
+    fresh.history = [(float(sigma), float(rate), int(steps)) for sigma, rate, steps in history]
+    return float(fresh.get_epsilon(delta))
+
+
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = ACCOUNTANT
+) -> float:
+    """The noise multiplier at which ``total_steps`` steps at ``sample_rate`` cost ``target_epsilon``.
+
+    Calibrated on the *cumulative* budget of all planned rounds, not per round.
+    It depends only on public plan parameters, so a resumed run gets the same
+    noise as an uninterrupted one. Spending from earlier runs is not discounted
+    here: the site's budget check declines rounds that would exceed it.
+    """
+    if target_epsilon <= 0 or not 0 < delta < 1:
+        raise ConfigError(f"need epsilon > 0 and 0 < delta < 1, got epsilon={target_epsilon}, delta={delta}")
+    if total_steps < 1 or not 0 < sample_rate <= 1:
+        raise ConfigError(f"need steps >= 1 and 0 < sample rate <= 1, got {total_steps}, {sample_rate}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    )

@@ -1,0 +1,227 @@
+"""fedtail's ServerApp: FedAvg rounds over the sites, with per-round evaluation, checkpoints and resume.
+
+Run folder (``out-dir`` in the run config)::
+
+    run.json              the run id (sites' ledgers are keyed by it)
+    checkpoint.pt         global weights after the last finished round (resume point)
+    rounds.jsonl          one line per finished round: validation metrics, sites, epsilons
+    global_model.pt       the final global model   \\  loadable together with
+    catalog.json          its item catalogue       /   common.artifacts.load_model
+    summary.json          test metrics (metrics.json layout) + "privacy"
+    rounds.svg            validation NDCG@10 and epsilon per round
+    ledgers/site-<id>.jsonl   (simulation) each site's own privacy ledger, written by the site
+
+Evaluation uses the held-out validation / test users, which only a simulation's
+server has; the sites never send local metrics (they would be unaccounted releases).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.artifacts import save_model
+from common.catalog import Catalog
+from common.datasets import load_dataset
+from common.evaluation import evaluate, evaluate_with_baselines, model_scorer
+from common.federation import RunSettings
+from common.files import write_json
+from common.model import SASRec
+from common.progress import log
+from common.split import EvaluationCases, evaluation_cases, item_popularity
+from common.training import pick_device
+from server.checkpoint import Checkpoint, load_checkpoint
+from server.plot import write_round_plot
+from server.strategy import PrivateFedAvg
+
+app = ServerApp()
+
+GLOBAL_MODEL_FILE = "global_model.pt"
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "summary.json"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """The simulation server's held-out view of all users: validation per round, test at the end."""
+
+    catalog: Catalog
+    valid: EvaluationCases
+    test: EvaluationCases
+    popularity: np.ndarray
+    num_users: int
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings) -> Evaluator:
+        dataset = load_dataset(settings.dataset, kcore=settings.kcore)
+        catalog = dataset.catalog()
+        _, sequences = dataset.sequences(catalog)
+        return cls(
+            catalog,
+            evaluation_cases(sequences, "valid", settings.max_len),
+            evaluation_cases(sequences, "test", settings.max_len),
+            item_popularity(sequences, catalog.num_items),
+            len(sequences),
+        )
+
+
+def run_id_for(out_dir: Path) -> str:
+    """The run's id: made once, kept in run.json so a resumed run continues the same ledger entries."""
+    path = out_dir / RUN_FILE
+    if path.exists():
+        return str(json.loads(path.read_text(encoding="utf-8"))["run_id"])
+    run_id = uuid.uuid4().hex
+    write_json(path, {"run_id": run_id})
+    return run_id
+
+
+def read_rounds(out_dir: Path, up_to: int | None = None) -> list[dict[str, Any]]:
+    path = out_dir / ROUNDS_FILE
+    if not path.exists():
+        return []
+    rounds = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rounds if up_to is None or r["round"] <= up_to]
+
+
+def truncate_rounds(out_dir: Path, up_to: int) -> None:
+    """Drop lines of rounds after the checkpoint: a run killed between the two writes redoes that round."""
+    kept = read_rounds(out_dir, up_to)
+    (out_dir / ROUNDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> dict[str, Any]:
+    if not settings.dp:
+        return {"dp": False, "epsilon": None, "delta": None, "per_site": {}, "guarantee": "NONE: trained without DP"}
+    epsilon = max(site_epsilon.values(), default=0.0)
+    return {
+        "dp": True,
+        "epsilon": epsilon,
+        "delta": settings.delta,
+        "per_site": dict(sorted(site_epsilon.items(), key=lambda item: int(item[0]) if item[0].isdigit() else item[0])),
+        "unit": "user",
+        "guarantee": (
+            f"({epsilon:.3f}, {settings.delta:g})-DP for every user: users are disjoint across sites, so the global "
+            "model's guarantee is the maximum over sites (site epsilons as reported by the sites; recompute them "
+            "from the sites' ledgers)"
+        ),
+    }
+
+
+def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
+    """Run (or resume) the federation to ``settings.rounds`` rounds; returns the summary."""
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device()
+    evaluator = Evaluator.from_settings(settings)
+    torch.manual_seed(settings.seed)
+    model = SASRec(settings.model_config(evaluator.catalog.num_items)).to(device)
+
+    run_config = settings.to_run_config()
+    checkpoint = load_checkpoint(out_dir, run_config)
+    run_id = run_id_for(out_dir)
+    done = 0
+    site_epsilon: dict[str, float] = {}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.state_dict)
+        done, site_epsilon = checkpoint.round, checkpoint.site_epsilon
+        truncate_rounds(out_dir, done)
+        log(f"fedtail: resuming run {run_id} after round {done} of {settings.rounds}")
+    elif (out_dir / ROUNDS_FILE).exists():
+        truncate_rounds(out_dir, 0)
+    if not settings.dp:
+        log("fedtail: WARNING: dp = false: sites train WITHOUT differential privacy; the model has no privacy guarantee")
+
+    strategy = PrivateFedAvg(settings.fraction_sites, settings.min_sites, round_offset=done, site_epsilon=site_epsilon)
+    round_started = [time.perf_counter()]
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        number = server_round + done
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate(model_scorer(model, device), evaluator.valid, evaluator.popularity, evaluator.num_users)
+        replies = strategy.last_round
+        line = {
+            "round": number,
+            "valid": {
+                "ndcg@10": metrics["overall"]["ndcg@10"],
+                "hr@10": metrics["overall"]["hr@10"],
+                **{f"{g}_ndcg@10": metrics["groups"][g]["ndcg@10"] for g in ("tail", "torso", "head")},
+            },
+            "sites_trained": sorted(replies.trained),
+            "sites_declined": replies.declined,
+            "sites_failed": replies.failed,
+            "site_epsilon": dict(strategy.site_epsilon),
+            "epsilon": max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
+            "seconds": time.perf_counter() - round_started[0],
+        }
+        with (out_dir / ROUNDS_FILE).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+        Checkpoint(
+            run_id, number, {k: v.detach().cpu() for k, v in model.state_dict().items()}, run_config, line["site_epsilon"]
+        ).save(out_dir)
+        epsilon_note = f"  epsilon {line['epsilon']:.3f}" if settings.dp else "  NON-PRIVATE"
+        declined_note = f"  declined: {', '.join(replies.declined)}" if replies.declined else ""
+        log(
+            f"fedtail: round {number}/{settings.rounds}  valid NDCG@10 {line['valid']['ndcg@10']:.4f}  "
+            f"sites {len(replies.trained)}{epsilon_note}{declined_note}  {line['seconds']:.1f}s"
+        )
+        round_started[0] = time.perf_counter()
+        return MetricRecord({"valid-ndcg@10": line["valid"]["ndcg@10"]})
+
+    if settings.rounds > done:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+            num_rounds=settings.rounds - done,
+            train_config=ConfigRecord({"run-id": run_id}),
+            evaluate_fn=after_round,
+        )
+    return finish_run(out_dir, settings, model, evaluator, device, strategy.site_epsilon)
+
+
+def finish_run(
+    out_dir: Path,
+    settings: RunSettings,
+    model: SASRec,
+    evaluator: Evaluator,
+    device: torch.device,
+    site_epsilon: dict[str, float],
+) -> dict[str, Any]:
+    summary = evaluate_with_baselines(model_scorer(model, device), evaluator.test, evaluator.popularity, evaluator.num_users)
+    summary["privacy"] = privacy_summary(settings, site_epsilon)
+    rounds = read_rounds(out_dir)
+    summary["run"] = {
+        "kind": "federated, " + ("DP-SGD at every site" if settings.dp else "NON-PRIVATE"),
+        "stage": "test",
+        "run_id": run_id_for(out_dir),
+        "settings": settings.to_run_config(),
+        "catalog": "built from the whole dataset (simulation)",
+        "rounds_completed": len(rounds),
+        "seconds_per_round": [r["seconds"] for r in rounds],
+    }
+    save_model(out_dir, model, evaluator.catalog, GLOBAL_MODEL_FILE)
+    write_json(out_dir / SUMMARY_FILE, summary)
+    write_round_plot(
+        out_dir / "rounds.svg",
+        [r["round"] for r in rounds],
+        [r["valid"]["ndcg@10"] for r in rounds],
+        [r["epsilon"] for r in rounds] if settings.dp else None,
+    )
+    log(f"fedtail: run finished; wrote {out_dir / SUMMARY_FILE}")
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, RunSettings.from_run_config(context.run_config))

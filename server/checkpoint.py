@@ -1,0 +1,66 @@
+"""The server's per-round checkpoint: enough to resume a run exactly where it stopped.
+
+Holds the global weights after a round, the round number, the run's settings
+(a resumed run must use the same ones: noise was calibrated on them) and the
+per-site epsilon last reported. Written atomically after every round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import ConfigError, DataError
+from common.files import atomic_write
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "fedtail-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    run_id: str
+    round: int
+    state_dict: dict[str, torch.Tensor]
+    run_config: dict[str, Any]
+    site_epsilon: dict[str, float]
+
+    def save(self, out_dir: Path) -> None:
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "run_id": self.run_id,
+            "round": self.round,
+            "state_dict": self.state_dict,
+            "run_config": self.run_config,
+            "site_epsilon": self.site_epsilon,
+        }
+        atomic_write(out_dir / CHECKPOINT_FILE, lambda temporary: torch.save(payload, temporary))
+
+
+def load_checkpoint(out_dir: Path, run_config: dict[str, Any]) -> Checkpoint | None:
+    """The last checkpoint in ``out_dir``, or None for a fresh run; refuses a different run's folder."""
+    path = out_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt files
+        raise DataError(f"cannot read the checkpoint: {error}", path) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"not a fedtail checkpoint (expected {CHECKPOINT_FORMAT!r})", path)
+    differences = {
+        key: (payload["run_config"].get(key), value)
+        for key, value in run_config.items()
+        if payload["run_config"].get(key) != value
+    }
+    if differences:
+        raise ConfigError(
+            f"{out_dir} holds a run with other settings {differences} (saved, now); "
+            "resume with the same settings or use another --out"
+        )
+    return Checkpoint(
+        payload["run_id"], int(payload["round"]), payload["state_dict"], payload["run_config"], payload["site_epsilon"]
+    )

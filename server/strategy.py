@@ -1,0 +1,84 @@
+"""FedAvg that respects sites' privacy decisions.
+
+Sites may decline a round (their budget would be exceeded); their replies carry
+no weights and are left out of the average, and the round goes on with the
+others. Replies are averaged by a declared public weight (1.0 by default), never
+by private user counts. The sites' epsilons reported in replies are kept per
+site for checkpoints and the summary.
+
+``round_offset`` lets a resumed run continue its round numbering: Flower's
+``Strategy.start`` always counts from 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+WEIGHT_KEY = "weight"
+
+
+@dataclass
+class RoundReplies:
+    trained: list[str] = field(default_factory=list)
+    declined: dict[str, str] = field(default_factory=dict)
+    failed: int = 0
+
+
+def _count_trained(contents: list[RecordDict], _weight_key: str) -> MetricRecord:
+    return MetricRecord({"sites-trained": len(contents)})
+
+
+class PrivateFedAvg(FedAvg):
+    def __init__(
+        self,
+        fraction_sites: float,
+        min_sites: int,
+        round_offset: int = 0,
+        site_epsilon: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_sites,
+            fraction_evaluate=0.0,  # no client-side evaluation: local metrics would be an unaccounted release
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=0,
+            min_available_nodes=min_sites,
+            weighted_by_key=WEIGHT_KEY,
+            train_metrics_aggr_fn=_count_trained,
+        )
+        self.round_offset = round_offset
+        self.site_epsilon: dict[str, float] = dict(site_epsilon or {})
+        self.last_round = RoundReplies()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = RoundReplies()
+        to_average: list[Message] = []
+        for reply in replies:
+            if reply.has_error():
+                report.failed += 1
+                to_average.append(reply)  # FedAvg logs the error and skips it
+                continue
+            site = str(reply.content["site"]["site-id"])
+            metrics = reply.content["metrics"]
+            if "epsilon" in metrics:
+                self.site_epsilon[site] = float(metrics["epsilon"])
+            if metrics["declined"]:
+                report.declined[site] = str(reply.content["site"]["reason"])
+            else:
+                report.trained.append(site)
+                to_average.append(reply)
+        self.last_round = report
+        if not report.trained:
+            return None, None  # nobody trained: the global model stays as it was
+        return super().aggregate_train(server_round + self.round_offset, to_average)

@@ -1,0 +1,202 @@
+"""Run a federation on Flower's Simulation Engine, the way `flwr run` does, and check that it really finished.
+
+Each simulation gets its own SuperLink (simulation mode, loopback, a free port,
+Flower home inside the run folder) instead of Flower's shared managed one: the
+shared one outlives `flwr run`, keeps the environment of its first start and
+would mix runs. Runtime dependency installation is disabled (this process's
+environment already has everything). `flwr run` exits 0 even when the
+ServerApp fails, so the run's final status is read back from the SuperLink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError, FedtailError
+from common.federation import RunSettings
+from common.progress import log
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fedtail-local"
+PROGRESS_PREFIX = "fedtail:"
+
+
+class SimulationFailed(FedtailError):
+    """The run did not finish as completed; the message carries Flower's status and the log's tail."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    sites: int
+    cpus_per_site: int = 2
+    gpus_per_site: float = 0.0
+    timeout_s: float = 6 * 3600.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _executable(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
+    if not found:
+        raise ConfigError(f"'{name}' not found; is flwr installed in this environment?")
+    return found
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    return repr(value)
+
+
+def _wait_for_superlink(port: int, process: subprocess.Popen[bytes], log_file: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationFailed(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise SimulationFailed(f"flower-superlink did not become ready in {timeout_s:.0f}s; see {log_file}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the SuperLink and everything it started (simulation process, Ray workers)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _run_status(env: dict[str, str]) -> dict[str, Any]:
+    result = subprocess.run(
+        [_executable("flwr"), "ls", CONNECTION, "--format", "json"], capture_output=True, text=True, env=env, check=False
+    )
+    try:
+        runs = json.loads(result.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError):
+        raise SimulationFailed(f"could not read the run's status from the SuperLink: {result.stdout}{result.stderr}") from None
+    if len(runs) != 1:
+        raise SimulationFailed(f"expected exactly one run on this simulation's SuperLink, found {len(runs)}")
+    return dict(runs[0])
+
+
+def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
+    """Run the ServerApp and ClientApps in this repository through Flower; returns the run's summary."""
+    if resources.sites < 1:
+        raise ConfigError("--sites must be at least 1")
+    if settings.min_sites > resources.sites:
+        raise ConfigError(f"--min-sites {settings.min_sites} is more than --sites {resources.sites}")
+    out_dir = Path(settings.out_dir).resolve()
+    settings = RunSettings(**{**settings.__dict__, "out_dir": str(out_dir)})
+    flower_home = out_dir / "flower"
+    flower_home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    (flower_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    run_config_file = flower_home / "run-config.toml"
+    run_config_file.write_text(
+        "".join(f"{key} = {_toml_value(value)}\n" for key, value in settings.to_run_config().items()), encoding="utf-8"
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flower_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    superlink_log = flower_home / "superlink.log"
+    superlink = subprocess.Popen(
+        [
+            _executable("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+            "--log-file",
+            str(superlink_log),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_superlink(port, superlink, superlink_log)
+        log(f"fedtail: simulating {resources.sites} sites, {settings.rounds} rounds on Flower (log: {out_dir / 'flower.log'})")
+        federation = [
+            f"num-supernodes={resources.sites}",
+            f"client-resources-num-cpus={resources.cpus_per_site}",
+            f"client-resources-num-gpus={resources.gpus_per_site}",
+        ]
+        command = [_executable("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_config_file)]
+        for item in federation:
+            command += ["--federation-config", item]
+        _stream_run(command, env, out_dir / "flower.log", resources.timeout_s)
+        status = _run_status(env)
+    finally:
+        _stop(superlink)
+    if status.get("status") != "finished:completed":
+        raise SimulationFailed(
+            f"the run ended as '{status.get('status')}': {status.get('status-details')} (full log: {out_dir / 'flower.log'})"
+        )
+    summary_path = out_dir / "summary.json"
+    if not summary_path.exists():
+        raise SimulationFailed(f"the run completed but wrote no {summary_path}")
+    return dict(json.loads(summary_path.read_text(encoding="utf-8")))
+
+
+def _stream_run(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> None:
+    """Run `flwr run --stream`, keep its whole output in a log, and show only fedtail's progress lines."""
+    tail: deque[str] = deque(maxlen=30)
+    deadline = time.monotonic() + timeout_s
+    with log_path.open("a", encoding="utf-8") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            log_file.write(line)
+            tail.append(line)
+            if PROGRESS_PREFIX in line:
+                log(line[line.index(PROGRESS_PREFIX) :].rstrip())
+            elif "ERROR" in line or "Traceback" in line:
+                log(line.rstrip())
+            if time.monotonic() > deadline:
+                process.kill()
+                raise SimulationFailed(f"the run exceeded its time limit of {timeout_s:.0f}s")
+        process.wait()
+    if process.returncode != 0:
+        raise SimulationFailed(f"flwr run exited with code {process.returncode}:\n{''.join(tail)}")
