@@ -24,10 +24,11 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError
+from client.replay import ReleasedUpdate, weights_fingerprint
 from common.ledger import Ledger, Spend
 from common.model import LossName, SASRec, sequence_loss
-from common.privacy import ACCOUNTANT, calibrate_noise, epsilon_from_history
-from common.split import TrainingExamples
+from common.privacy import ACCOUNTANT, MechanismStep, calibrate_noise, epsilon_from_history
+from common.split import TrainingExamples, trim_left_padding
 
 BUDGET_TOLERANCE = 1e-9
 
@@ -131,7 +132,12 @@ def train_site_round(
     if ledger is None:
         raise ConfigError("DP training needs a ledger on the site's disk")
     check_delta(len(examples), privacy.delta)
+    released = ReleasedUpdate(ledger.path.with_suffix(".last-update.pt"))
+    global_fingerprint = weights_fingerprint(model.state_dict())
     history = ledger.history()
+    replay = released.find(run_id, round_number, global_fingerprint)
+    if replay is not None:
+        return RoundOutcome(replay, epsilon_from_history(history, privacy.delta))
     spent = epsilon_from_history(history, privacy.delta)
     after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.delta)
     if after > privacy.budget + BUDGET_TOLERANCE:
@@ -141,22 +147,24 @@ def train_site_round(
             f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f}, "
             f"above its budget of {privacy.budget:g}",
         )
-    _train_private(model, examples, training, privacy, plan, device, generator)
+    noise_multiplier, sample_rate, steps = _train_private(model, examples, training, privacy, plan, device, generator)
     entry = ledger.append(
         Spend(
             run_id=run_id,
             round=round_number,
             site=site,
-            sample_rate=plan.sample_rate,
-            noise_multiplier=plan.noise_multiplier,
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
-            steps=plan.steps,
+            steps=steps,
             delta=privacy.delta,
             accountant=ACCOUNTANT,
             library_versions={name: version(name) for name in ("opacus", "torch", "flwr")},
         )
     )
-    return RoundOutcome(_weights(model), float(entry["epsilon_so_far"]))
+    weights = _weights(model)
+    released.save(run_id, round_number, global_fingerprint, weights)
+    return RoundOutcome(weights, float(entry["epsilon_so_far"]))
 
 
 def make_private(
@@ -166,7 +174,7 @@ def make_private(
     privacy: PrivacyPlan,
     plan: RoundPlan,
     generator: torch.Generator,
-) -> tuple[torch.nn.Module, DPOptimizer, DataLoader[Any]]:
+) -> tuple[PrivacyEngine, torch.nn.Module, DPOptimizer, DataLoader[Any]]:
     """Opacus' PrivacyEngine over one user per example, Poisson sampling, flat per-user clipping."""
     loader = DataLoader(
         TensorDataset(examples.inputs, examples.targets),
@@ -174,9 +182,10 @@ def make_private(
         generator=generator,
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    engine = PrivacyEngine(accountant=ACCOUNTANT)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        private_model, private_optimizer, private_loader = PrivacyEngine(accountant=ACCOUNTANT).make_private(
+        private_model, private_optimizer, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
@@ -185,15 +194,15 @@ def make_private(
             poisson_sampling=True,
             noise_generator=generator,
         )
-    if not math.isclose(1.0 / len(private_loader), plan.sample_rate):
-        raise RuntimeError(f"Opacus samples at {1.0 / len(private_loader)}, the plan (and ledger) at {plan.sample_rate}")
-    return private_model, private_optimizer, private_loader
+    return engine, private_model, private_optimizer, private_loader
 
 
 def private_step(
     model: torch.nn.Module, optimizer: DPOptimizer, inputs: torch.Tensor, targets: torch.Tensor, loss: LossName
 ) -> None:
     """One DP-SGD step on a Poisson-sampled batch (possibly empty: noise is still added)."""
+    if len(inputs):
+        inputs, targets = trim_left_padding(inputs, targets)
     optimizer.zero_grad(set_to_none=True)
     value = sequence_loss(model(inputs), targets, loss)
     value.backward()
@@ -208,9 +217,10 @@ def _train_private(
     plan: RoundPlan,
     device: torch.device,
     generator: torch.Generator,
-) -> None:
+) -> MechanismStep:
+    """Run the round's DP-SGD steps; returns what Opacus' own accountant recorded (the ledger's source)."""
     model.to(device).train()
-    private_model, optimizer, loader = make_private(model, examples, training, privacy, plan, generator)
+    engine, private_model, optimizer, loader = make_private(model, examples, training, privacy, plan, generator)
     steps_done = 0
     while steps_done < plan.steps:
         for inputs, targets in loader:
@@ -218,6 +228,12 @@ def _train_private(
             steps_done += 1
             if steps_done == plan.steps:
                 break
+    private_model.cleanup()  # the model goes back to plain PyTorch (no hooks, no grad_sample attributes)
+    recorded = engine.accountant.history
+    planned = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+    if len(recorded) != 1 or not all(math.isclose(a, b) for a, b in zip(recorded[0], planned)):
+        raise RuntimeError(f"Opacus recorded {recorded}, the plan was {planned}: refusing to release these weights")
+    return recorded[0]
 
 
 def _train_non_private(
@@ -236,8 +252,9 @@ def _train_non_private(
         order = torch.randperm(len(examples), generator=generator)
         for start in range(0, len(examples), batch):
             rows = order[start : start + batch]
+            inputs, targets = trim_left_padding(examples.inputs[rows], examples.targets[rows])
             optimizer.zero_grad(set_to_none=True)
-            sequence_loss(model(examples.inputs[rows].to(device)), examples.targets[rows].to(device), training.loss).backward()
+            sequence_loss(model(inputs.to(device)), targets.to(device), training.loss).backward()
             optimizer.step()
             steps_done += 1
             if steps_done == plan.steps:

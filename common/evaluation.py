@@ -17,7 +17,7 @@ import torch
 
 from common.metrics import exclusion_mask, grouped_ranking_metrics, item_metrics, rank_targets, ranking_metrics, top_k
 from common.model import SASRec
-from common.split import EvaluationCases
+from common.split import EvaluationCases, trim_left_padding
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 """Maps left-padded inputs [B, L] to scores over the catalogue [B, N] (on the CPU)."""
@@ -31,7 +31,8 @@ def model_scorer(model: SASRec, device: torch.device) -> Scorer:
         model.eval()
         try:
             with torch.no_grad():
-                return model.last_scores(inputs.to(device)).float().cpu()
+                (trimmed,) = trim_left_padding(inputs)
+                return model.last_scores(trimmed.to(device)).float().cpu()
         finally:
             model.train(was_training)
 
@@ -55,17 +56,19 @@ def evaluate(
     """Rank every case's target over the full catalogue; ``popularity`` feeds the item-side metrics."""
     ranks: list[torch.Tensor] = []
     recommended: list[torch.Tensor] = []
-    for start in range(0, len(cases), batch_size):
-        stop = min(start + batch_size, len(cases))
-        scores = scorer(cases.inputs[start:stop])
-        targets = cases.targets[start:stop]
-        excluded = exclusion_mask(cases.histories[start:stop], targets, scores.shape[1])
+    # Cases in order of history length so that batches trim well; results go back to case order below.
+    order = torch.from_numpy(np.argsort((cases.inputs != 0).sum(dim=1).numpy(), kind="stable"))
+    for rows in order.split(batch_size):
+        scores = scorer(cases.inputs[rows])
+        targets = cases.targets[rows]
+        excluded = exclusion_mask([cases.histories[i] for i in rows.tolist()], targets, scores.shape[1])
         ranks.append(rank_targets(scores, targets, excluded))
         recommended.append(top_k(scores, excluded, ITEM_METRICS_K))
     if not ranks:
         empty = np.zeros(0)
         return {"overall": {**ranking_metrics(empty), "users": 0}, "groups": grouped_ranking_metrics(empty, empty), "items": {}}
-    all_ranks = torch.cat(ranks).numpy()
+    all_ranks = np.empty(len(cases), dtype=np.int64)
+    all_ranks[order.numpy()] = torch.cat(ranks).numpy()
     return {
         "overall": {**ranking_metrics(all_ranks), "users": len(all_ranks)},
         "groups": grouped_ranking_metrics(all_ranks, cases.training_lengths),

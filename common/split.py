@@ -38,6 +38,27 @@ def left_pad(sequence: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
+def trim_left_padding(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop leading columns that are padding in every row of the first tensor.
+
+    Exact, not an approximation: padded positions are masked out of attention
+    and zeroed, and positions are counted back from the most recent item, so
+    every real position's output is unchanged. Short-history batches (most of
+    a long-tailed dataset) get much cheaper.
+    """
+    real_columns = (tensors[0] != PADDING_INDEX).any(dim=0).nonzero()
+    first = int(real_columns[0]) if len(real_columns) else tensors[0].shape[1] - 1
+    return tuple(t[:, first:] for t in tensors)
+
+
+def length_buckets(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Batches of users with similar history lengths, in random order (random within a length, too)."""
+    jitter = torch.rand(len(lengths), generator=generator).numpy()
+    order = torch.from_numpy(np.lexsort((jitter, lengths)))
+    batches = list(order.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 @dataclass(frozen=True)
 class TrainingExamples:
     """One row per user with at least one (input, next item) pair.
@@ -51,6 +72,9 @@ class TrainingExamples:
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
+
+    def lengths(self) -> np.ndarray:
+        return (self.targets != PADDING_INDEX).sum(dim=1).numpy()
 
 
 def training_examples(sequences: Sequence[np.ndarray], max_len: int) -> TrainingExamples:

@@ -14,7 +14,7 @@ from common.errors import ConfigError
 from common.evaluation import evaluate, model_scorer
 from common.model import LossName, SASRec, sequence_loss
 from common.progress import ProgressBar, log
-from common.split import EvaluationCases, TrainingExamples
+from common.split import EvaluationCases, TrainingExamples, length_buckets, trim_left_padding
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,14 @@ def train_one_epoch(
     generator: torch.Generator,
     label: str = "",
 ) -> float:
-    """One shuffled pass over the users; returns the mean training loss."""
+    """One pass over the users in length-bucketed, shuffled batches; returns the mean training loss."""
     model.train()
-    order = torch.randperm(len(examples), generator=generator)
+    batches_of_rows = length_buckets(examples.lengths(), batch_size, generator)
     total, batches = 0.0, 0
-    with ProgressBar((len(examples) + batch_size - 1) // batch_size, label) as bar:
-        for start in range(0, len(examples), batch_size):
-            rows = order[start : start + batch_size]
-            inputs, targets = examples.inputs[rows].to(device), examples.targets[rows].to(device)
+    with ProgressBar(len(batches_of_rows), label) as bar:
+        for rows in batches_of_rows:
+            inputs, targets = trim_left_padding(examples.inputs[rows], examples.targets[rows])
+            inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
             value = sequence_loss(model(inputs), targets, loss, generator if device.type == "cpu" else None)
             value.backward()

@@ -36,6 +36,7 @@ from common.evaluation import evaluate, evaluate_with_baselines, model_scorer
 from common.federation import RunSettings
 from common.files import write_json
 from common.model import SASRec
+from common.processes import die_with_parent, lock_run_folder
 from common.progress import log
 from common.split import EvaluationCases, evaluation_cases, item_popularity
 from common.training import pick_device
@@ -121,6 +122,11 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
     """Run (or resume) the federation to ``settings.rounds`` rounds; returns the summary."""
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_run_folder(out_dir):
+        return _federate(grid, settings, out_dir)
+
+
+def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any]:
     device = pick_device()
     evaluator = Evaluator.from_settings(settings)
     torch.manual_seed(settings.seed)
@@ -224,4 +230,5 @@ def finish_run(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    die_with_parent()  # if whoever launched the run dies, the run stops instead of writing on alone
     run_federation(grid, RunSettings.from_run_config(context.run_config))

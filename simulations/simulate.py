@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.dp import check_delta
+from client.shard import simulated_shard
 from common.errors import ConfigError, FedtailError
 from common.federation import RunSettings
+from common.processes import die_with_parent
 from common.progress import log
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -108,12 +111,29 @@ def _run_status(env: dict[str, str]) -> dict[str, Any]:
     return dict(runs[0])
 
 
+def preflight(settings: RunSettings, sites: int) -> list[int]:
+    """Check every simulated site before Flower starts; returns the users with training pairs per site."""
+    if sites < 1:
+        raise ConfigError("--sites must be at least 1")
+    if settings.min_sites > sites:
+        raise ConfigError(f"--min-sites {settings.min_sites} is more than --sites {sites}")
+    sizes = []
+    for site in range(sites):
+        shard = simulated_shard(
+            settings.dataset, settings.kcore, settings.partitioning, settings.seed, site, sites, settings.max_len
+        )
+        if len(shard.examples) == 0:
+            raise ConfigError(f"site {site} has no user with two or more training interactions; use fewer sites")
+        if settings.dp:
+            check_delta(len(shard.examples), settings.delta)
+        sizes.append(len(shard.examples))
+    return sizes
+
+
 def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
     """Run the ServerApp and ClientApps in this repository through Flower; returns the run's summary."""
-    if resources.sites < 1:
-        raise ConfigError("--sites must be at least 1")
-    if settings.min_sites > resources.sites:
-        raise ConfigError(f"--min-sites {settings.min_sites} is more than --sites {resources.sites}")
+    sizes = preflight(settings, resources.sites)
+    log(f"fedtail: site sizes (users with training pairs): min {min(sizes)}, max {max(sizes)}")
     out_dir = Path(settings.out_dir).resolve()
     settings = RunSettings(**{**settings.__dict__, "out_dir": str(out_dir)})
     flower_home = out_dir / "flower"
@@ -154,6 +174,7 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=die_with_parent,  # a killed fedtail must not leave the SuperLink running
     )
     try:
         _wait_for_superlink(port, superlink, superlink_log)

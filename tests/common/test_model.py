@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import math
-
 import pytest
 import torch
 from opacus import PrivacyEngine
@@ -13,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.catalog import PADDING_INDEX
 from common.model import ModelConfig, SASRec, sequence_loss
+from tests.gradients import mean_of_clipped, norm, true_per_user_gradients
 
 CONFIG = ModelConfig(num_items=30, max_len=8, hidden=16, heads=2, blocks=2, dropout=0.0)
 
@@ -37,19 +35,6 @@ def _batch(seed: int = 0, users: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
         inputs[user, :pad] = PADDING_INDEX
         targets[user, :pad] = PADDING_INDEX
     return inputs, targets
-
-
-def _true_per_user_gradients(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Each user's gradient by plain autograd, one user at a time: the ground truth."""
-    reference = copy.deepcopy(model)
-    gradients = []
-    for user in range(len(inputs)):
-        reference.zero_grad(set_to_none=False)
-        sequence_loss(reference(inputs[user : user + 1]), targets[user : user + 1]).backward()
-        gradients.append(
-            {name: p.grad.detach().clone() for name, p in reference.named_parameters() if p.grad is not None}
-        )
-    return gradients
 
 
 def _private_step(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor, clip: float):
@@ -79,10 +64,6 @@ def _private_step(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor, cl
     return per_sample, averaged
 
 
-def _norm(gradient: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(g.pow(2).sum()) for g in gradient.values()))
-
-
 def test_opacus_validator_accepts_the_model() -> None:
     assert ModuleValidator.validate(SASRec(CONFIG), strict=False) == []
 
@@ -97,7 +78,7 @@ def test_opacus_per_user_gradients_equal_true_gradients_for_every_parameter() ->
     torch.manual_seed(0)
     model = SASRec(CONFIG)
     inputs, targets = _batch()
-    truth = _true_per_user_gradients(model, inputs, targets)
+    truth = true_per_user_gradients(model, inputs, targets)
     per_sample, _ = _private_step(model, inputs, targets, clip=1e6)
     assert set(per_sample) == set(truth[0]), "every parameter must have per-sample gradients"
     for user, gradient in enumerate(truth):
@@ -110,26 +91,26 @@ def test_every_per_user_gradient_is_clipped_to_at_most_c_output_layer_included(c
     torch.manual_seed(1)
     model = SASRec(CONFIG)
     inputs, targets = _batch(seed=1)
-    truth = _true_per_user_gradients(model, inputs, targets)
-    assert all(_norm(g) > clip for g in truth), "the test needs gradients larger than C to mean anything"
+    truth = true_per_user_gradients(model, inputs, targets)
+    assert all(norm(g) > clip for g in truth), "the test needs gradients larger than C to mean anything"
     _, averaged = _private_step(model, inputs, targets, clip=clip)
-    expected = {name: sum(g[name] * min(1.0, clip / _norm(g)) for g in truth) / len(truth) for name in truth[0]}
+    expected = mean_of_clipped(truth, clip, len(truth))
     for name, value in expected.items():
         torch.testing.assert_close(averaged[name], value, rtol=1e-3, atol=1e-9, msg=name)
-    assert _norm(averaged) <= clip * (1 + 1e-4)
+    assert norm(averaged) <= clip * (1 + 1e-4)
 
 
 def test_single_user_private_gradient_has_norm_c_and_the_true_direction() -> None:
     torch.manual_seed(2)
     model = SASRec(CONFIG)
     inputs, targets = _batch(seed=2, users=1)
-    truth = _true_per_user_gradients(model, inputs, targets)[0]
+    truth = true_per_user_gradients(model, inputs, targets)[0]
     clip = 1e-3
     _, clipped = _private_step(model, inputs, targets, clip=clip)
-    assert _norm(clipped) == pytest.approx(clip, rel=1e-4)
+    assert norm(clipped) == pytest.approx(clip, rel=1e-4)
     assert clipped["output.weight"].norm() > 0, "the output layer's gradient must be inside the clipped sum"
     for name, value in truth.items():
-        torch.testing.assert_close(clipped[name], value * clip / _norm(truth), rtol=1e-3, atol=1e-10, msg=name)
+        torch.testing.assert_close(clipped[name], value * clip / norm(truth), rtol=1e-3, atol=1e-10, msg=name)
 
 
 def test_the_gradient_check_catches_matmul_scoring_with_the_embedding() -> None:
@@ -137,7 +118,7 @@ def test_the_gradient_check_catches_matmul_scoring_with_the_embedding() -> None:
     torch.manual_seed(3)
     model = TiedMatmulSASRec(CONFIG)
     inputs, targets = _batch(seed=3)
-    truth = _true_per_user_gradients(model, inputs, targets)
+    truth = true_per_user_gradients(model, inputs, targets)
     per_sample, _ = _private_step(model, inputs, targets, clip=1e6)
     mismatch = any(
         name not in per_sample or not torch.allclose(per_sample[name][user], value, rtol=1e-4, atol=1e-6)

@@ -39,3 +39,20 @@ def test_left_pad_and_popularity_use_training_history_only() -> None:
     assert left_pad(np.array([1, 2, 3]), 2).tolist() == [2, 3]
     counts = item_popularity([np.array([1, 2, 3, 4]), np.array([2, 3])], num_items=4)
     assert counts.tolist() == [0, 1, 2, 1, 0]
+
+
+def test_trimming_all_padding_columns_leaves_every_real_position_unchanged() -> None:
+    import torch
+
+    from common.model import ModelConfig, SASRec
+    from common.split import trim_left_padding
+
+    inputs = torch.tensor([[0, 0, 0, 4, 5], [0, 0, 2, 3, 1], [0, 0, 0, 0, 7]])
+    targets = inputs.roll(-1, dims=1)
+    trimmed_inputs, trimmed_targets = trim_left_padding(inputs, targets)
+    assert trimmed_inputs.tolist() == [[0, 4, 5], [2, 3, 1], [0, 0, 7]]
+    assert trimmed_targets.shape == (3, 3)
+    torch.manual_seed(0)
+    model = SASRec(ModelConfig(num_items=8, max_len=5, hidden=8, heads=2, blocks=2, dropout=0.0)).eval()
+    torch.testing.assert_close(model(trimmed_inputs), model(inputs)[:, 2:])
+    assert trim_left_padding(torch.zeros((2, 4), dtype=torch.long))[0].shape == (2, 1)

@@ -1,0 +1,52 @@
+"""Process lifetime helpers for the Flower processes fedtail starts or runs inside.
+
+Flower's simulation runs in a process (`flwr-simulation`) that a SuperExec starts
+in its own session; killing the `fedtail simulate` that started everything
+leaves it running to the end, writing into the run folder. Two guards:
+every process in the chain dies with its parent, and only one process at a
+time may write a run folder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+from pathlib import Path
+from typing import IO
+
+from common.errors import ConfigError
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signal_number: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``signal_number`` to this process when its parent exits (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal_number)
+    except (OSError, AttributeError):
+        pass
+
+
+def lock_run_folder(out_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the run folder for this process's lifetime (released when it exits).
+
+    Keep the returned handle open for as long as the folder is being written.
+    """
+    handle = (out_dir / ".lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(
+            f"{out_dir} is being written by another run (pid {holder}); wait for it or stop it first"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

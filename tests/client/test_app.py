@@ -1,0 +1,78 @@
+"""The ClientApp's reply holds only what the privacy model allows to leave a site."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import REPLY_METRICS, REPLY_SITE_FIELDS, train
+from client.shard import simulated_shard
+from common.errors import ConfigError
+from common.federation import RunSettings
+from common.ledger import Ledger
+from common.model import SASRec
+
+@pytest.fixture(autouse=True)
+def flower_task_identity() -> None:
+    """Flower stamps messages with the running task's identity; a test is its own task."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+SETTINGS = RunSettings(
+    dataset="synthetic:users=200,items=80,seed=4", rounds=2, epsilon=4.0, delta=1e-4, hidden=16, heads=1,
+    blocks=1, max_len=10, batch_size=16,
+)
+
+
+def _call(settings: RunSettings, node_config: dict, round_number: int = 1) -> Message:
+    shard = simulated_shard(settings.dataset, 0, "uniform", 0, 0, 2, settings.max_len)
+    torch.manual_seed(0)
+    model = SASRec(settings.model_config(shard.catalog.num_items))
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": round_number, "run-id": "r1"})}
+    )
+    message = Message(content=content, dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=settings.to_run_config())
+    return train(message, context)
+
+
+def test_reply_contains_only_weights_site_id_epsilon_and_flags(tmp_path: Path) -> None:
+    settings = RunSettings(**{**SETTINGS.__dict__, "out_dir": str(tmp_path)})
+    reply = _call(settings, {"partition-id": 0, "num-partitions": 2})
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    assert set(content["metrics"].keys()) == set(REPLY_METRICS)
+    assert set(content["site"].keys()) == {"site-id"}
+    assert content["metrics"]["weight"] == 1.0, "a declared weight, never the site's user count"
+    model_keys = set(SASRec(settings.model_config(78)).state_dict().keys())
+    assert set(content["arrays"].keys()) == model_keys, "model weights and nothing else"
+    ledger = Ledger(tmp_path / "ledgers" / "site-0.jsonl")
+    assert content["metrics"]["epsilon"] == pytest.approx(ledger.epsilon(settings.delta))
+
+
+def test_declined_reply_carries_no_weights_and_says_why(tmp_path: Path) -> None:
+    settings = RunSettings(**{**SETTINGS.__dict__, "out_dir": str(tmp_path)})
+    reply = _call(settings, {"partition-id": 1, "num-partitions": 2, "max-epsilon": 0.5})
+    content = reply.content
+    assert set(content.keys()) == {"metrics", "site"}
+    assert set(content["site"].keys()) == set(REPLY_SITE_FIELDS)
+    assert "budget of 0.5" in content["site"]["reason"]
+    assert content["metrics"]["declined"] == 1 and content["metrics"]["epsilon"] == 0.0
+
+
+def test_non_private_reply_has_no_epsilon(tmp_path: Path) -> None:
+    settings = RunSettings(**{**SETTINGS.__dict__, "out_dir": str(tmp_path), "dp": False})
+    with pytest.warns(UserWarning, match="NON-PRIVATE"):
+        reply = _call(settings, {"partition-id": 0, "num-partitions": 2})
+    assert "epsilon" not in reply.content["metrics"] and reply.content["metrics"]["dp"] == 0
+    assert not math.isnan(float(reply.content["metrics"]["weight"]))
+
+
+def test_deployed_site_needs_its_own_budget_and_data(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data-path"):
+        _call(SETTINGS, {"catalog-path": "x", "ledger-dir": "y"})

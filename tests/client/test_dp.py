@@ -1,0 +1,193 @@
+"""DP-SGD at a site: clipping, noise, accounting from the ledger, budgets. Privacy claims are tested here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from client.dp import LocalTraining, PrivacyPlan, make_private, plan_round, private_step, train_site_round
+from common.errors import ConfigError
+from common.ledger import Ledger
+from common.model import ModelConfig, SASRec, sequence_loss
+from common.split import training_examples
+from tests.gradients import mean_of_clipped, true_per_user_gradients
+
+CONFIG = ModelConfig(num_items=25, max_len=6, hidden=16, heads=2, blocks=1, dropout=0.0)
+
+
+def _examples(users: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    sequences = [rng.choice(np.arange(1, 26), size=rng.integers(4, 12), replace=False) for _ in range(users)]
+    return training_examples(sequences, CONFIG.max_len)
+
+
+def _round(model, examples, training, privacy, ledger, round_number=1, seed=0):
+    return train_site_round(
+        model, examples, training, privacy, ledger, "run-a", round_number, "7", torch.device("cpu"), seed
+    )
+
+
+def test_noise_zero_and_huge_clip_make_one_dp_step_equal_the_non_private_step() -> None:
+    torch.manual_seed(0)
+    examples = _examples(8)
+    training = LocalTraining(expected_batch_size=8, learning_rate=0.01)
+    privacy = PrivacyPlan(max_grad_norm=1e6)
+    plan = plan_round(len(examples), training, privacy)
+    assert plan.sample_rate == 1.0
+    private = SASRec(CONFIG)
+    plain = copy.deepcopy(private)
+    _, private_model, optimizer, _ = make_private(
+        private, examples, training, privacy, plan.__class__(plan.sample_rate, 1, 0.0), torch.Generator().manual_seed(0)
+    )
+    optimizer.zero_grad()
+    sequence_loss(private_model(examples.inputs), examples.targets).backward()
+    optimizer.pre_step()  # what DP-SGD hands to Adam
+    sequence_loss(plain(examples.inputs), examples.targets).backward()
+    for (name, a), b in zip(private.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c() -> None:
+    torch.manual_seed(1)
+    examples = _examples(6, seed=1)
+    training = LocalTraining(expected_batch_size=6)
+    clip = 0.01
+    privacy = PrivacyPlan(max_grad_norm=clip)
+    model = SASRec(CONFIG)
+    truth = true_per_user_gradients(model, examples.inputs, examples.targets)
+    plan = plan_round(len(examples), training, privacy)
+    _, private_model, optimizer, _ = make_private(
+        model, examples, training, privacy, plan.__class__(1.0, 1, 0.0), torch.Generator().manual_seed(0)
+    )
+    optimizer.zero_grad()
+    sequence_loss(private_model(examples.inputs), examples.targets).backward()
+    optimizer.pre_step()  # clip, add (zero) noise, scale: exactly what step() applies before Adam
+    expected = mean_of_clipped(truth, clip, len(truth))
+    assert set(expected) >= {"output.weight", "item_embedding.weight"}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-10, msg=name)
+
+
+def test_added_noise_has_std_noise_multiplier_times_c() -> None:
+    torch.manual_seed(2)
+    examples = _examples(10, seed=2)
+    training = LocalTraining(expected_batch_size=10)
+    sigma, clip = 1.7, 0.3
+    privacy = PrivacyPlan(max_grad_norm=clip)
+    wide = ModelConfig(num_items=400, max_len=6, hidden=32, heads=2, blocks=1, dropout=0.0)
+    initial = SASRec(wide).state_dict()
+    grads = []
+    for noise in (0.0, sigma):  # same model, same batch: the difference is the noise alone
+        model = SASRec(wide)
+        model.load_state_dict(initial)
+        _, private_model, optimizer, _ = make_private(
+            model, examples, training, privacy, plan_round(10, training, privacy).__class__(1.0, 1, noise),
+            torch.Generator().manual_seed(5),
+        )
+        optimizer.zero_grad()
+        sequence_loss(private_model(examples.inputs), examples.targets).backward()
+        optimizer.pre_step()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    noise_sum = (grads[1] - grads[0]) * optimizer.expected_batch_size  # undo the division by the batch size
+    expected_std = sigma * clip
+    count = noise_sum.numel()
+    assert count > 10_000
+    assert float(noise_sum.std()) == pytest.approx(expected_std, rel=4 * math.sqrt(1 / (2 * count)) + 0.005)
+    assert abs(float(noise_sum.mean())) < 5 * expected_std / math.sqrt(count)
+
+
+def test_epsilon_after_r_rounds_equals_a_fresh_accountant_on_the_ledger_alone(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    examples = _examples(40, seed=3)
+    training = LocalTraining(expected_batch_size=10, local_epochs=1.0)
+    privacy = PrivacyPlan(target_epsilon=3.0, delta=1e-4, planned_rounds=3)
+    ledger = Ledger(tmp_path / "site-7.jsonl")
+    model = SASRec(CONFIG)
+    reported = [_round(model, examples, training, privacy, ledger, r, seed=r).epsilon for r in (1, 2, 3)]
+    lines = [json.loads(line) for line in (tmp_path / "site-7.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    fresh = RDPAccountant()
+    fresh.history = [(line["noise_multiplier"], line["sample_rate"], line["steps"]) for line in lines]
+    recomputed = fresh.get_epsilon(lines[-1]["delta"])
+    assert reported[-1] == pytest.approx(recomputed, rel=1e-9)
+    assert reported[0] < reported[1] < reported[2], "epsilon composes across rounds"
+    assert recomputed <= 3.0 and recomputed == pytest.approx(3.0, abs=0.05), "noise calibrated on all planned rounds"
+    assert lines[0]["sample_rate"] == pytest.approx(10 / 40) and lines[0]["steps"] == 4
+
+
+def test_a_site_over_budget_declines_trains_nothing_and_spends_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    examples = _examples(30, seed=4)
+    training = LocalTraining(expected_batch_size=10)
+    privacy = PrivacyPlan(target_epsilon=4.0, delta=1e-4, planned_rounds=2, max_epsilon=3.5)
+    ledger = Ledger(tmp_path / "site-7.jsonl")
+    model = SASRec(CONFIG)
+    first = _round(model, examples, training, privacy, ledger, 1)
+    assert first.state_dict is not None and first.epsilon < 3.5
+    before = copy.deepcopy(model.state_dict())
+    ledger_before = ledger.path.read_text()
+    second = _round(model, examples, training, privacy, ledger, 2)
+    assert second.state_dict is None
+    assert "above its budget of 3.5" in second.declined_reason
+    assert second.epsilon == pytest.approx(first.epsilon)
+    assert ledger.path.read_text() == ledger_before
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, before[name])
+
+
+def test_budget_spans_runs_a_second_run_on_the_same_users_is_declined(tmp_path: Path) -> None:
+    examples = _examples(30, seed=5)
+    training = LocalTraining(expected_batch_size=10)
+    privacy = PrivacyPlan(target_epsilon=2.0, delta=1e-4, planned_rounds=1)
+    ledger = Ledger(tmp_path / "site-7.jsonl")
+    assert _round(SASRec(CONFIG), examples, training, privacy, ledger, 1).state_dict is not None
+    again = train_site_round(
+        SASRec(CONFIG), examples, training, privacy, ledger, "run-b", 1, "7", torch.device("cpu"), 0
+    )
+    assert again.state_dict is None and "budget" in again.declined_reason
+
+
+def test_delta_must_be_below_one_over_users(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="1/users"):
+        _round(SASRec(CONFIG), _examples(20), LocalTraining(), PrivacyPlan(delta=0.1), Ledger(tmp_path / "l.jsonl"))
+
+
+def test_non_private_mode_says_so_and_writes_no_ledger(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "site-7.jsonl")
+    with pytest.warns(UserWarning, match="NON-PRIVATE"):
+        outcome = _round(SASRec(CONFIG), _examples(12), LocalTraining(), PrivacyPlan(enabled=False), ledger)
+    assert outcome.state_dict is not None and math.isinf(outcome.epsilon)
+    assert not ledger.path.exists()
+
+
+def test_a_retried_round_resends_the_released_update_without_charging_again(tmp_path: Path) -> None:
+    examples = _examples(30, seed=6)
+    training = LocalTraining(expected_batch_size=10)
+    privacy = PrivacyPlan(target_epsilon=4.0, delta=1e-4, planned_rounds=3)
+    ledger = Ledger(tmp_path / "site-7.jsonl")
+    torch.manual_seed(6)
+    global_weights = SASRec(CONFIG).state_dict()
+
+    def attempt(run_id: str, round_number: int, weights: dict) -> object:
+        model = SASRec(CONFIG)
+        model.load_state_dict(weights)
+        return train_site_round(
+            model, examples, training, privacy, ledger, run_id, round_number, "7", torch.device("cpu"), round_number
+        )
+
+    first = attempt("run-a", 1, global_weights)
+    retried = attempt("run-a", 1, global_weights)  # the server died before saving round 1 and asks again
+    assert len(ledger.entries()) == 1, "the same release sent twice is charged once"
+    assert retried.epsilon == first.epsilon
+    for name, tensor in first.state_dict.items():
+        torch.testing.assert_close(retried.state_dict[name], tensor)
+    attempt("run-a", 2, first.state_dict)
+    attempt("run-a", 2, global_weights)  # same round, different global model: a new release, charged
+    assert len(ledger.entries()) == 3

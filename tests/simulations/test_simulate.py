@@ -1,0 +1,134 @@
+"""Federations through Flower's real Simulation Engine (SuperLink, `flwr run`, Ray), end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from common.artifacts import load_model
+from common.errors import ConfigError
+from common.federation import RunSettings
+from common.ledger import Ledger, Spend
+from server.checkpoint import Checkpoint
+from simulations.simulate import Resources, SimulationFailed, preflight, simulate
+
+SMALL = dict(
+    dataset="synthetic:users=240,items=90,seed=2",
+    rounds=2,
+    epsilon=4.0,
+    delta=1e-4,
+    hidden=16,
+    heads=1,
+    blocks=1,
+    max_len=12,
+    batch_size=32,
+)
+
+
+def _fresh_epsilon(ledger_path: Path) -> float:
+    lines = [json.loads(line) for line in ledger_path.read_text().splitlines()]
+    accountant = RDPAccountant()
+    accountant.history = [(line["noise_multiplier"], line["sample_rate"], line["steps"]) for line in lines]
+    return accountant.get_epsilon(lines[-1]["delta"])
+
+
+def test_a_small_dp_federation_runs_through_flower_and_writes_everything(tmp_path: Path) -> None:
+    settings = RunSettings(**SMALL, out_dir=str(tmp_path / "run"))
+    summary = simulate(settings, Resources(sites=2))
+    out = tmp_path / "run"
+    assert {"global_model.pt", "catalog.json", "rounds.jsonl", "summary.json", "rounds.svg", "checkpoint.pt"} <= {
+        p.name for p in out.iterdir()
+    }
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["sites_trained"] == ["0", "1"] for r in rounds)
+    recomputed = {site: _fresh_epsilon(out / "ledgers" / f"site-{site}.jsonl") for site in ("0", "1")}
+    assert summary["privacy"]["per_site"] == pytest.approx(recomputed)
+    assert summary["privacy"]["epsilon"] == pytest.approx(max(recomputed.values()))
+    assert max(recomputed.values()) <= 4.0
+    assert set(summary) >= {"overall", "groups", "items", "baselines", "privacy"}
+    model, catalog = load_model(out, "global_model.pt")
+    assert model.config.num_items == catalog.num_items
+
+
+def test_a_failed_run_is_reported_even_though_flwr_run_exits_0(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    other = RunSettings(**{**SMALL, "epsilon": 1.0}, out_dir=str(out.resolve()))
+    Checkpoint("old", 1, {}, other.to_run_config(), {}).save(out)  # a different run's folder
+    with pytest.raises(SimulationFailed, match="other settings"):
+        simulate(RunSettings(**SMALL, out_dir=str(out)), Resources(sites=2))
+
+
+def test_preflight_rejects_empty_sites_and_a_delta_too_large_for_a_site() -> None:
+    with pytest.raises(ConfigError, match="1/users"):
+        preflight(RunSettings(**{**SMALL, "delta": 0.05}), 4)
+    with pytest.raises(ConfigError, match="at least 1"):
+        preflight(RunSettings(**SMALL), 0)
+
+
+def _fedtail(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "fedtail"), *args]
+
+
+SMALL_ARGS = [
+    "synthetic:users=240,items=90,seed=2", "--sites", "3", "--rounds", "4", "--epsilon", "4", "--delta", "1e-4",
+    "--hidden", "16", "--heads", "1", "--blocks", "1", "--max-len", "12", "--batch-size", "32",
+]
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_round_k_resumes_to_the_same_rounds_and_epsilons(tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    subprocess.run(_fedtail("simulate", *SMALL_ARGS, "--out", str(whole)), check=True, capture_output=True)
+    cut = tmp_path / "cut"
+    process = subprocess.Popen(
+        _fedtail("simulate", *SMALL_ARGS, "--out", str(cut)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        rounds_file = cut / "rounds.jsonl"
+        if rounds_file.exists() and len(rounds_file.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before_kill = len((cut / "rounds.jsonl").read_text().splitlines())
+    assert finished_before_kill < 4, "the kill must land mid-run"
+    time.sleep(5)  # the orphaned Flower processes stop with their parents
+    subprocess.run(_fedtail("simulate", *SMALL_ARGS, "--out", str(cut)), check=True, capture_output=True)
+    whole_summary = json.loads((whole / "summary.json").read_text())
+    cut_summary = json.loads((cut / "summary.json").read_text())
+    assert [json.loads(line)["round"] for line in (cut / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert cut_summary["privacy"]["per_site"] == pytest.approx(whole_summary["privacy"]["per_site"], rel=1e-9)
+    for site in ("0", "1", "2"):
+        assert _fresh_epsilon(cut / "ledgers" / f"site-{site}.jsonl") == pytest.approx(
+            _fresh_epsilon(whole / "ledgers" / f"site-{site}.jsonl"), rel=1e-9
+        )
+
+
+@pytest.mark.slow
+def test_a_site_without_budget_declines_and_the_run_still_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    earlier = Ledger(out / "ledgers" / "site-0.jsonl")  # site 0 already spent most of its budget on these users
+    earlier.append(Spend("an-earlier-run", 1, "0", 0.2, 1.5, 1.0, 20, 1e-4, "rdp", {}))  # epsilon 3.24
+    spent = earlier.epsilon(1e-4)
+    assert 0 < spent < 4.0
+    settings = RunSettings(**SMALL, out_dir=str(out))
+    summary = simulate(settings, Resources(sites=3))
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2
+    assert all("0" in r["sites_declined"] and "budget" in r["sites_declined"]["0"] for r in rounds)
+    assert all(r["sites_trained"] == ["1", "2"] for r in rounds)
+    assert summary["privacy"]["per_site"]["0"] == pytest.approx(spent)
+    assert len(earlier.entries()) == 1
