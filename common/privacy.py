@@ -8,6 +8,7 @@ as a running number: that is what makes the site ledger auditable.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -21,13 +22,21 @@ MechanismStep = tuple[float, float, int]
 
 def epsilon_from_history(history: Sequence[MechanismStep], delta: float, accountant: str = ACCOUNTANT) -> float:
     """Epsilon of composing every recorded DP-SGD call at ``delta``; 0 when nothing was spent."""
+    steps = tuple((float(sigma), float(rate), int(count)) for sigma, rate, count in history)
+    return _epsilon(steps, float(delta), accountant)
+
+
+@lru_cache(maxsize=1024)
+def _epsilon(history: tuple[MechanismStep, ...], delta: float, accountant: str) -> float:
+    """Memoized: a fresh accountant over the same history always gives the same answer (and RDP is slow)."""
     if not history:
         return 0.0
     fresh = create_accountant(accountant)
-    fresh.history = [(float(sigma), float(rate), int(steps)) for sigma, rate, steps in history]
+    fresh.history = list(history)
     return float(fresh.get_epsilon(delta))
 
 
+@lru_cache(maxsize=256)
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = ACCOUNTANT
 ) -> float:
