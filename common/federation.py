@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import ConfigError
-from common.model import ModelConfig
+from common.model import ModelConfig, ModelOptions
 from common.partition import SCHEMES
 
 
@@ -35,11 +35,12 @@ class RunSettings:
     local_epochs: float = 1.0
     learning_rate: float = 1e-3
     loss: str = "ce"
-    max_len: int = 50
-    hidden: int = 64
-    heads: int = 2
-    blocks: int = 2
-    dropout: float = 0.2
+    # Model options, flat because Flower's run config is flat; defaults from ModelOptions.
+    max_len: int = ModelOptions.max_len
+    hidden: int = ModelOptions.hidden
+    heads: int = ModelOptions.heads
+    blocks: int = ModelOptions.blocks
+    dropout: float = ModelOptions.dropout
 
     def __post_init__(self) -> None:
         if self.partitioning not in SCHEMES:
@@ -70,4 +71,4 @@ class RunSettings:
         return {name.replace("_", "-"): getattr(self, name) for name in self.__dataclass_fields__}
 
     def model_config(self, num_items: int) -> ModelConfig:
-        return ModelConfig(num_items, self.max_len, self.hidden, self.heads, self.blocks, self.dropout)
+        return ModelOptions(self.max_len, self.hidden, self.heads, self.blocks, self.dropout).for_catalog(num_items)

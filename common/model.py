@@ -32,8 +32,9 @@ LossName = Literal["ce", "bce"]
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    num_items: int
+class ModelOptions:
+    """Hyper-parameters a user chooses; the single place their defaults live."""
+
     max_len: int = 50
     hidden: int = 64
     heads: int = 2
@@ -41,14 +42,27 @@ class ModelConfig:
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.num_items < 1:
-            raise ConfigError(f"model num_items={self.num_items}: the catalogue is empty")
         if self.hidden % self.heads:
             raise ConfigError(f"model hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.max_len < 1 or self.blocks < 1:
             raise ConfigError("model max_len and blocks must be at least 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model dropout={self.dropout}: must be in [0, 1)")
+
+    def for_catalog(self, num_items: int) -> ModelConfig:
+        return ModelConfig(num_items=num_items, **asdict(self))
+
+
+@dataclass(frozen=True)
+class ModelConfig(ModelOptions):
+    """The options plus the catalogue size: everything needed to rebuild a saved model."""
+
+    num_items: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_items < 1:
+            raise ConfigError(f"model num_items={self.num_items}: the catalogue is empty")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

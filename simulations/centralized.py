@@ -4,37 +4,21 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.artifacts import MODEL_FILE, load_model, save_model
-from common.catalog import Catalog
 from common.datasets import Dataset
 from common.evaluation import evaluate_with_baselines, model_scorer
 from common.files import write_json
-from common.model import ModelConfig, SASRec
+from common.model import ModelOptions, SASRec
 from common.progress import log
 from common.split import evaluation_cases, item_popularity, training_examples
 from common.training import TrainConfig, fit, pick_device
 
 METRICS_FILE = "metrics.json"
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """Model hyper-parameters a user chooses; the catalogue size comes from the data."""
-
-    max_len: int = 50
-    hidden: int = 64
-    heads: int = 2
-    blocks: int = 2
-    dropout: float = 0.2
-
-    def for_catalog(self, catalog: Catalog) -> ModelConfig:
-        return ModelConfig(catalog.num_items, self.max_len, self.hidden, self.heads, self.blocks, self.dropout)
 
 
 def train_centralized(
@@ -44,7 +28,7 @@ def train_centralized(
     device = device or pick_device()
     catalog = dataset.catalog()
     _, sequences = dataset.sequences(catalog)
-    model_config = options.for_catalog(catalog)
+    model_config = options.for_catalog(catalog.num_items)
     examples = training_examples(sequences, model_config.max_len)
     valid = evaluation_cases(sequences, "valid", model_config.max_len)
     test = evaluation_cases(sequences, "test", model_config.max_len)

@@ -24,7 +24,8 @@ from common.partition import SCHEMES
 from common.files import write_json
 from common.readers import FORMATS, ColumnNames
 from common.training import TrainConfig, pick_device
-from simulations.centralized import ModelOptions, evaluate_saved, train_centralized
+from common.model import ModelOptions
+from simulations.centralized import evaluate_saved, train_centralized
 from simulations.report import format_federated_summary, format_metrics_table
 from simulations.simulate import Resources, simulate
 

@@ -8,7 +8,8 @@ import pytest
 
 from common.datasets import load_dataset
 from common.training import TrainConfig
-from simulations.centralized import ModelOptions, train_centralized
+from common.model import ModelOptions
+from simulations.centralized import train_centralized
 
 
 def _assert_beats_most_popular_twice(report: dict, factor: float = 2.0) -> None:
