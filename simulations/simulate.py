@@ -74,7 +74,9 @@ def _wait_for_superlink(port: int, process: subprocess.Popen[bytes], log_file: P
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SimulationFailed(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+            output = log_file.with_suffix(".out")
+            tail = output.read_text(encoding="utf-8", errors="replace")[-2000:] if output.exists() else ""
+            raise SimulationFailed(f"flower-superlink exited with code {process.returncode}; see {log_file}\n{tail}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
                 if response.status == 200:
@@ -149,12 +151,16 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
     )
     env = {
         **os.environ,
+        # Flower starts its helpers (flower-superexec, flwr-simulation) by name: they must resolve to
+        # this environment's, also when it was not activated (e.g. `.venv/bin/fedtail simulate`).
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(flower_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PYTHONUNBUFFERED": "1",
     }
     superlink_log = flower_home / "superlink.log"
+    superlink_output = (flower_home / "superlink.out").open("ab")
     superlink = subprocess.Popen(
         [
             _executable("flower-superlink"),
@@ -171,8 +177,8 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
             str(superlink_log),
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=superlink_output,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=die_with_parent,  # a killed fedtail must not leave the SuperLink running
     )
@@ -191,6 +197,7 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
         status = _run_status(env)
     finally:
         _stop(superlink)
+        superlink_output.close()
     if status.get("status") != "finished:completed":
         raise SimulationFailed(
             f"the run ended as '{status.get('status')}': {status.get('status-details')} (full log: {out_dir / 'flower.log'})"
