@@ -47,6 +47,7 @@ def simulated_shard(
     return SiteShard(catalog, training_examples(mine, max_len))
 
 
+@lru_cache(maxsize=2)
 def deployed_shard(data_path: str, catalog_path: str, max_len: int) -> SiteShard:
     """The site's own interaction file, mapped onto the public catalogue; unknown items are dropped and counted."""
     if not catalog_path:

@@ -5,7 +5,8 @@ site has spent: across rounds, across runs, and across restarts of either side.
 Each line holds everything needed to recompute epsilon without trusting the
 training code (mechanism, sampling, noise, clipping, steps, delta, accountant,
 versions) and the SHA-256 of the previous line, so a deleted or edited line is
-detected. ``fedtail audit`` (and any auditor) recomputes epsilon from it.
+detected. A chain cannot show that its *last* lines were cut off; an auditor
+checks the length against an outside record (the server's per-round epsilons).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def _line_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _history(entries: list[dict[str, Any]]) -> list[MechanismStep]:
+    return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+
+
 class Ledger:
     """``Ledger(path).append(spend)``; ``.entries()`` verifies the chain on every read."""
 
@@ -55,10 +60,14 @@ class Ledger:
         self.path = Path(path)
 
     def entries(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
+        return self._read()[0]
+
+    def _read(self) -> tuple[list[dict[str, Any]], str]:
+        """Every entry, verified against the chain, and the hash the next line must carry."""
         entries: list[dict[str, Any]] = []
         previous = GENESIS_HASH
+        if not self.path.exists():
+            return entries, previous
         with self.path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 text = line.rstrip("\n")
@@ -77,22 +86,18 @@ class Ledger:
                     )
                 entries.append(entry)
                 previous = _line_hash(text)
-        return entries
+        return entries, previous
 
     def history(self) -> list[MechanismStep]:
-        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()]
+        return _history(self.entries())
 
     def epsilon(self, delta: float) -> float:
         return epsilon_from_history(self.history(), delta)
 
     def append(self, spend: Spend) -> dict[str, Any]:
         """Record a training call that happened; returns the line written (with the epsilon so far)."""
-        entries = self.entries()
-        previous = GENESIS_HASH
-        if entries:
-            with self.path.open(encoding="utf-8") as handle:
-                previous = _line_hash(handle.read().splitlines()[-1])
-        history = [*self.history(), (spend.noise_multiplier, spend.sample_rate, spend.steps)]
+        entries, previous = self._read()
+        history = [*_history(entries), (spend.noise_multiplier, spend.sample_rate, spend.steps)]
         entry = {
             "format": LEDGER_FORMAT,
             **asdict(spend),
