@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 
 from client.dp import LocalTraining, PrivacyPlan, RoundOutcome, train_site_round
 from client.shard import SiteShard, deployed_shard, simulated_shard
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.ledger import Ledger
 from common.model import SASRec
@@ -37,6 +37,7 @@ app = ClientApp()
 logger = logging.getLogger("fedtail.client")
 
 REPLY_METRICS = ("weight", "epsilon", "dp", "declined")
+LEDGER_HEAD = "ledger-head"
 REPLY_SITE_FIELDS = ("site-id", "reason")
 
 
@@ -92,10 +93,32 @@ def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:
     return content
 
 
+def check_ledger_continuity(state: RecordDict, ledger: Ledger) -> None:
+    """The ledger must still start with what it held after this site's last round in this run.
+
+    A hash chain cannot show that its last lines were removed; the head
+    remembered in Flower's context state (kept between rounds of a run) can.
+    """
+    if LEDGER_HEAD in state:
+        head = state[LEDGER_HEAD]
+        if not ledger.continues(int(head["entries"]), str(head["hash"])):
+            raise DataError(
+                f"the ledger lost or changed entries since the last round (it held {head['entries']}); "
+                "refusing to train on an understated privacy history",
+                ledger.path,
+            )
+
+
+def remember_ledger_head(state: RecordDict, ledger: Ledger) -> None:
+    entries, last_hash = ledger.head()
+    state[LEDGER_HEAD] = ConfigRecord({"entries": entries, "hash": last_hash})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     site = site_from_context(dict(context.node_config), settings)
+    check_ledger_continuity(context.state, site.ledger)
     config = msg.content["config"]
     round_number = int(config["server-round"])
     model = SASRec(settings.model_config(site.shard.catalog.num_items))
@@ -114,6 +137,7 @@ def train(msg: Message, context: Context) -> Message:
         device=pick_device(),
         seed=settings.seed * 1_000_003 + round_number * 1_009 + zlib.crc32(site.site_id.encode()) % 1_000,
     )
+    remember_ledger_head(context.state, site.ledger)
     if outcome.state_dict is None:
         logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)
     elif not settings.dp:

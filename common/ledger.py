@@ -62,12 +62,23 @@ class Ledger:
     def entries(self) -> list[dict[str, Any]]:
         return self._read()[0]
 
-    def _read(self) -> tuple[list[dict[str, Any]], str]:
-        """Every entry, verified against the chain, and the hash the next line must carry."""
+    def head(self) -> tuple[int, str]:
+        """(number of entries, hash of the last line): what a reader remembers to detect later truncation."""
+        entries, last, _ = self._read()
+        return len(entries), last
+
+    def continues(self, count: int, last_hash: str) -> bool:
+        """Whether the ledger still holds, unchanged, the first ``count`` lines it had when ``last_hash`` was read."""
+        hashes = self._read()[2]
+        return count == 0 or (count <= len(hashes) and hashes[count - 1] == last_hash)
+
+    def _read(self) -> tuple[list[dict[str, Any]], str, list[str]]:
+        """Every entry verified against the chain, the hash the next line must carry, and each line's hash."""
         entries: list[dict[str, Any]] = []
+        hashes: list[str] = []
         previous = GENESIS_HASH
         if not self.path.exists():
-            return entries, previous
+            return entries, previous, hashes
         with self.path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 text = line.rstrip("\n")
@@ -86,7 +97,8 @@ class Ledger:
                     )
                 entries.append(entry)
                 previous = _line_hash(text)
-        return entries, previous
+                hashes.append(previous)
+        return entries, previous, hashes
 
     def history(self) -> list[MechanismStep]:
         return _history(self.entries())
@@ -96,7 +108,7 @@ class Ledger:
 
     def append(self, spend: Spend) -> dict[str, Any]:
         """Record a training call that happened; returns the line written (with the epsilon so far)."""
-        entries, previous = self._read()
+        entries, previous, _ = self._read()
         history = [*_history(entries), (spend.noise_multiplier, spend.sample_rate, spend.steps)]
         entry = {
             "format": LEDGER_FORMAT,

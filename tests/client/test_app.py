@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import REPLY_METRICS, REPLY_SITE_FIELDS, train
 from client.shard import simulated_shard
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.ledger import Ledger
 from common.model import SASRec
@@ -76,3 +76,28 @@ def test_non_private_reply_has_no_epsilon(tmp_path: Path) -> None:
 def test_deployed_site_needs_its_own_budget_and_data(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data-path"):
         _call(SETTINGS, {"catalog-path": "x", "ledger-dir": "y"})
+
+
+def test_a_ledger_cut_short_between_rounds_stops_the_site(tmp_path: Path) -> None:
+    settings = RunSettings(**{**SETTINGS.__dict__, "out_dir": str(tmp_path)})
+    state = RecordDict()
+    node = {"partition-id": 0, "num-partitions": 2}
+    shard = simulated_shard(settings.dataset, 0, "uniform", 0, 0, 2, settings.max_len)
+    model = SASRec(settings.model_config(shard.catalog.num_items))
+
+    def call(round_number: int) -> Message:
+        content = RecordDict(
+            {"arrays": ArrayRecord(model.state_dict()),
+             "config": ConfigRecord({"server-round": round_number, "run-id": "r1"})}
+        )
+        context = Context(run_id=1, node_id=1, node_config=node, state=state, run_config=settings.to_run_config())
+        return train(Message(content=content, dst_node_id=1, message_type="train"), context)
+
+    call(1)
+    call(2)
+    ledger_path = tmp_path / "ledgers" / "site-0.jsonl"
+    lines = ledger_path.read_text().splitlines()
+    ledger_path.write_text(lines[0] + "\n")  # the last line removed: the chain alone looks fine
+    assert len(Ledger(ledger_path).entries()) == 1
+    with pytest.raises(DataError, match="lost or changed entries"):
+        call(3)
