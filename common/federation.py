@@ -43,12 +43,23 @@ class RunSettings:
     dropout: float = ModelOptions.dropout
 
     def __post_init__(self) -> None:
-        if self.partitioning not in SCHEMES:
-            raise ConfigError(f"run config partitioning='{self.partitioning}': use one of {', '.join(SCHEMES)}")
-        if self.rounds < 1:
-            raise ConfigError(f"run config rounds={self.rounds}: must be at least 1")
-        if not 0 < self.fraction_sites <= 1 or self.min_sites < 1:
-            raise ConfigError("run config fraction-sites must be in (0, 1] and min-sites at least 1")
+        problems = [
+            f"partitioning='{self.partitioning}': use one of {', '.join(SCHEMES)}" * (self.partitioning not in SCHEMES),
+            f"rounds={self.rounds}: must be at least 1" * (self.rounds < 1),
+            f"fraction-sites={self.fraction_sites}: must be in (0, 1]" * (not 0 < self.fraction_sites <= 1),
+            f"min-sites={self.min_sites}: must be at least 1" * (self.min_sites < 1),
+            f"epsilon={self.epsilon}: must be positive" * (self.dp and self.epsilon <= 0),
+            f"delta={self.delta}: must be in (0, 1)" * (self.dp and not 0 < self.delta < 1),
+            f"max-grad-norm={self.max_grad_norm}: must be positive" * (self.dp and self.max_grad_norm <= 0),
+            f"batch-size={self.batch_size}: must be at least 1" * (self.batch_size < 1),
+            f"local-epochs={self.local_epochs}: must be positive" * (self.local_epochs <= 0),
+            f"learning-rate={self.learning_rate}: must be positive" * (self.learning_rate <= 0),
+            f"loss='{self.loss}': use 'ce' or 'bce'" * (self.loss not in ("ce", "bce")),
+        ]
+        problems = [problem for problem in problems if problem]
+        if problems:
+            raise ConfigError("run config: " + "; ".join(problems))
+        ModelOptions(self.max_len, self.hidden, self.heads, self.blocks, self.dropout)  # validates them
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:

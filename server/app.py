@@ -154,6 +154,11 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
         if server_round == 0:
             return None
         number = server_round + done
+        if strategy.last_round.everyone_failed:
+            raise RuntimeError(
+                f"round {number}: every sampled site failed, so the run stops here. First error: "
+                f"{strategy.last_round.failures[0][:2000]}"
+            )
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(model_scorer(model, device), evaluator.valid, evaluator.popularity, evaluator.num_users)
         replies = strategy.last_round
@@ -166,7 +171,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             },
             "sites_trained": sorted(replies.trained),
             "sites_declined": replies.declined,
-            "sites_failed": replies.failed,
+            "sites_failed": len(replies.failures),
             "site_epsilon": dict(strategy.site_epsilon),
             "epsilon": max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
             "seconds": time.perf_counter() - round_started[0],

@@ -12,6 +12,7 @@ site for checkpoints and the summary.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,7 +27,24 @@ WEIGHT_KEY = "weight"
 class RoundReplies:
     trained: list[str] = field(default_factory=list)
     declined: dict[str, str] = field(default_factory=dict)
-    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    """Error reasons of sites whose ClientApp failed (or that dropped out) this round."""
+
+    @property
+    def everyone_failed(self) -> bool:
+        return bool(self.failures) and not self.trained and not self.declined
+
+
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception)): (.+)$")
+
+
+def root_cause(reason: str) -> str:
+    """The first 'SomeError: message' line of a ClientApp's traceback, else the reason itself."""
+    for line in reason.splitlines():
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match and not match.group(1).endswith("ClientAppException"):
+            return line.strip()
+    return reason.strip()
 
 
 def _count_trained(contents: list[RecordDict], _weight_key: str) -> MetricRecord:
@@ -66,7 +84,7 @@ class PrivateFedAvg(FedAvg):
         to_average: list[Message] = []
         for reply in replies:
             if reply.has_error():
-                report.failed += 1
+                report.failures.append(f"node {reply.metadata.src_node_id}: {root_cause(reply.error.reason)}")
                 to_average.append(reply)  # FedAvg logs the error and skips it
                 continue
             site = str(reply.content["site"]["site-id"])

@@ -211,6 +211,7 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
 def _stream_run(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> None:
     """Run `flwr run --stream`, keep its whole output in a log, and show only fedtail's progress lines."""
     tail: deque[str] = deque(maxlen=30)
+    errors = 0
     deadline = time.monotonic() + timeout_s
     with log_path.open("a", encoding="utf-8") as log_file:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -220,11 +221,13 @@ def _stream_run(command: list[str], env: dict[str, str], log_path: Path, timeout
             tail.append(line)
             if PROGRESS_PREFIX in line:
                 log(line[line.index(PROGRESS_PREFIX) :].rstrip())
-            elif "ERROR" in line or "Traceback" in line:
-                log(line.rstrip())
+            elif "ERROR" in line:
+                errors += 1
             if time.monotonic() > deadline:
                 process.kill()
                 raise SimulationFailed(f"the run exceeded its time limit of {timeout_s:.0f}s")
         process.wait()
+    if errors:
+        log(f"fedtail: Flower logged {errors} error lines (failed or dropped sites); details in {log_path}")
     if process.returncode != 0:
         raise SimulationFailed(f"flwr run exited with code {process.returncode}:\n{''.join(tail)}")

@@ -27,3 +27,12 @@ def test_wrong_types_and_unknown_keys_are_named() -> None:
     with pytest.raises(ConfigError, match="partitioning"):
         RunSettings(partitioning="random")
     assert RunSettings.from_run_config({"epsilon": 4}).epsilon == 4.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("epsilon", -1.0), ("delta", 1.5), ("max-grad-norm", 0.0), ("batch-size", 0), ("learning-rate", 0.0), ("heads", 3)],
+)
+def test_bad_values_fail_at_start_naming_the_key(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=key.split("-")[0] if key != "heads" else "divisible"):
+        RunSettings.from_run_config({key: value})

@@ -69,6 +69,15 @@ def test_a_failed_run_is_reported_even_though_flwr_run_exits_0(tmp_path: Path) -
         simulate(RunSettings(**SMALL, out_dir=str(out)), Resources(sites=2))
 
 
+def test_a_run_where_every_site_fails_stops_and_says_why(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    for site in ("0", "1"):  # both sites' ledgers are corrupt: no site may train on an unknown history
+        (out / "ledgers").mkdir(parents=True, exist_ok=True)
+        (out / "ledgers" / f"site-{site}.jsonl").write_text("{not json\n")
+    with pytest.raises(SimulationFailed, match="every sampled site failed.*DataError: .*site-[01].jsonl, line 1: not a JSON ledger line"):
+        simulate(RunSettings(**SMALL, out_dir=str(out)), Resources(sites=2))
+
+
 def test_preflight_rejects_empty_sites_and_a_delta_too_large_for_a_site() -> None:
     with pytest.raises(ConfigError, match="1/users"):
         preflight(RunSettings(**{**SMALL, "delta": 0.05}), 4)
