@@ -7,7 +7,8 @@ and Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added to the
 sum. The noise multiplier is calibrated so that *all planned rounds together*
 cost the target epsilon. Before training, the round's cost is checked against
 the site's own budget using the ledger on the site's disk; a round that would
-overspend is declined and nothing is trained.
+overspend is declined and nothing is trained. A round retried with the same
+global model re-sends the update already released (``client.replay``).
 """
 
 from __future__ import annotations
