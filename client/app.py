@@ -67,7 +67,6 @@ def site_from_context(node_config: dict, settings: RunSettings) -> Site:
             raise ConfigError("run config out-dir is required in simulation (where site ledgers are kept)")
         ledger_dir = Path(settings.out_dir) / "ledgers"
         site_id = str(partition)
-        max_epsilon = float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None
     else:
         for key in ("data-path", "catalog-path", "ledger-dir"):
             if key not in node_config:
@@ -77,8 +76,9 @@ def site_from_context(node_config: dict, settings: RunSettings) -> Site:
         site_id = str(node_config.get("site-id", Path(str(node_config["data-path"])).stem))
         if settings.dp and "max-epsilon" not in node_config:
             raise ConfigError("node config 'max-epsilon' (this site's privacy budget) is required on a deployed site")
-        max_epsilon = float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None
-    return Site(site_id, shard, Ledger(ledger_dir / f"site-{site_id}.jsonl"), max_epsilon, float(node_config.get("fedavg-weight", 1.0)))
+    max_epsilon = float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None
+    weight = float(node_config.get("fedavg-weight", 1.0))
+    return Site(site_id, shard, Ledger(ledger_dir / f"site-{site_id}.jsonl"), max_epsilon, weight)
 
 
 def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:

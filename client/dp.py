@@ -136,10 +136,10 @@ def train_site_round(
     released = ReleasedUpdate(ledger.path.with_suffix(".last-update.pt"))
     global_fingerprint = weights_fingerprint(model.state_dict())
     history = ledger.history()
+    spent = epsilon_from_history(history, privacy.delta)
     replay = released.find(run_id, round_number, global_fingerprint)
     if replay is not None:
-        return RoundOutcome(replay, epsilon_from_history(history, privacy.delta))
-    spent = epsilon_from_history(history, privacy.delta)
+        return RoundOutcome(replay, spent)
     after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.delta)
     if after > privacy.budget + BUDGET_TOLERANCE:
         return RoundOutcome(

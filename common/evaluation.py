@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.catalog import PADDING_INDEX
 from common.metrics import exclusion_mask, grouped_ranking_metrics, item_metrics, rank_targets, ranking_metrics, top_k
 from common.model import SASRec
 from common.split import EvaluationCases, trim_left_padding
@@ -57,7 +58,7 @@ def evaluate(
     ranks: list[torch.Tensor] = []
     recommended: list[torch.Tensor] = []
     # Cases in order of history length so that batches trim well; results go back to case order below.
-    order = torch.from_numpy(np.argsort((cases.inputs != 0).sum(dim=1).numpy(), kind="stable"))
+    order = torch.from_numpy(np.argsort((cases.inputs != PADDING_INDEX).sum(dim=1).numpy(), kind="stable"))
     for rows in order.split(batch_size):
         scores = scorer(cases.inputs[rows])
         targets = cases.targets[rows]

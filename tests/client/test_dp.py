@@ -12,7 +12,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp import LocalTraining, PrivacyPlan, make_private, plan_round, private_step, train_site_round
+from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, plan_round, private_step, train_site_round
 from common.errors import ConfigError
 from common.ledger import Ledger
 from common.model import ModelConfig, SASRec, sequence_loss
@@ -44,7 +44,7 @@ def test_noise_zero_and_huge_clip_make_one_dp_step_equal_the_non_private_step() 
     private = SASRec(CONFIG)
     plain = copy.deepcopy(private)
     _, private_model, optimizer, _ = make_private(
-        private, examples, training, privacy, plan.__class__(plan.sample_rate, 1, 0.0), torch.Generator().manual_seed(0)
+        private, examples, training, privacy, RoundPlan(plan.sample_rate, 1, 0.0), torch.Generator().manual_seed(0)
     )
     optimizer.zero_grad()
     sequence_loss(private_model(examples.inputs), examples.targets).backward()
@@ -62,9 +62,8 @@ def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c() -> None:
     privacy = PrivacyPlan(max_grad_norm=clip)
     model = SASRec(CONFIG)
     truth = true_per_user_gradients(model, examples.inputs, examples.targets)
-    plan = plan_round(len(examples), training, privacy)
     _, private_model, optimizer, _ = make_private(
-        model, examples, training, privacy, plan.__class__(1.0, 1, 0.0), torch.Generator().manual_seed(0)
+        model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), torch.Generator().manual_seed(0)
     )
     optimizer.zero_grad()
     sequence_loss(private_model(examples.inputs), examples.targets).backward()
@@ -88,7 +87,7 @@ def test_added_noise_has_std_noise_multiplier_times_c() -> None:
         model = SASRec(wide)
         model.load_state_dict(initial)
         _, private_model, optimizer, _ = make_private(
-            model, examples, training, privacy, plan_round(10, training, privacy).__class__(1.0, 1, noise),
+            model, examples, training, privacy, RoundPlan(1.0, 1, noise),
             torch.Generator().manual_seed(5),
         )
         optimizer.zero_grad()
