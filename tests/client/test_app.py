@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import REPLY_METRICS, REPLY_SITE_FIELDS, train
 from client.shard import simulated_shard
+from common.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.ledger import Ledger
@@ -101,3 +102,22 @@ def test_a_ledger_cut_short_between_rounds_stops_the_site(tmp_path: Path) -> Non
     assert len(Ledger(ledger_path).entries()) == 1
     with pytest.raises(DataError, match="lost or changed entries"):
         call(3)
+
+
+def test_the_coordinator_cannot_raise_a_deployed_sites_budget(tmp_path: Path) -> None:
+    data = tmp_path / "site.txt"
+    data.write_text("".join(f"u{u} i{(u * 3 + k) % 40}\n" for u in range(60) for k in range(6)))
+    catalog = Catalog.from_items([f"i{i}" for i in range(40)])
+    catalog.save(tmp_path / "catalog.json")
+    settings = RunSettings(**{**SETTINGS.__dict__, "epsilon": 8.0, "delta": 1e-3})  # the run asks for epsilon 8
+    node = {"data-path": str(data), "catalog-path": str(tmp_path / "catalog.json"),
+            "ledger-dir": str(tmp_path / "ledger"), "max-epsilon": 0.5, "site-id": "north"}
+    model = SASRec(settings.model_config(catalog.num_items))
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1, "run-id": "r1"})}
+    )
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=settings.to_run_config())
+    reply = train(Message(content=content, dst_node_id=1, message_type="train"), context)
+    assert reply.content["metrics"]["declined"] == 1
+    assert "budget of 0.5" in reply.content["site"]["reason"]
+    assert not (tmp_path / "ledger" / "site-north.jsonl").exists()
