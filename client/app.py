@@ -30,6 +30,7 @@ from client.shard import SiteShard, deployed_shard, simulated_shard
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.ledger import Ledger
+from common.run_files import LEDGER_DIR, site_ledger
 from common.model import SASRec
 from common.training import pick_device
 
@@ -65,7 +66,7 @@ def site_from_context(node_config: dict, settings: RunSettings) -> Site:
         )
         if not settings.out_dir:
             raise ConfigError("run config out-dir is required in simulation (where site ledgers are kept)")
-        ledger_dir = Path(settings.out_dir) / "ledgers"
+        ledger_dir = Path(settings.out_dir) / LEDGER_DIR
         site_id = str(partition)
     else:
         for key in ("data-path", "catalog-path", "ledger-dir"):
@@ -78,7 +79,7 @@ def site_from_context(node_config: dict, settings: RunSettings) -> Site:
             raise ConfigError("node config 'max-epsilon' (this site's privacy budget) is required on a deployed site")
     max_epsilon = float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None
     weight = float(node_config.get("fedavg-weight", 1.0))
-    return Site(site_id, shard, Ledger(ledger_dir / f"site-{site_id}.jsonl"), max_epsilon, weight)
+    return Site(site_id, shard, Ledger(site_ledger(ledger_dir, site_id)), max_epsilon, weight)
 
 
 def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:

@@ -161,6 +161,7 @@ def train_site_round(
             delta=privacy.delta,
             accountant=ACCOUNTANT,
             library_versions={name: version(name) for name in ("opacus", "torch", "flwr")},
+            users=len(examples),
         )
     )
     weights = _weights(model)

@@ -40,6 +40,8 @@ class Spend:
     delta: float
     accountant: str
     library_versions: dict[str, str]
+    users: int | None = None
+    """Training users at the site: stays on the site's disk with the ledger, so an auditor can check delta < 1/users."""
     privacy_unit: str = "user"
     neighbouring: str = "add or remove one user with all of their interactions at this site"
     sampling: str = "poisson"
@@ -47,6 +49,47 @@ class Spend:
 
 def _line_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class LedgerLine:
+    """One line as read, before anyone trusts it: ``problem`` says why it cannot be (empty when it can)."""
+
+    number: int
+    entry: dict[str, Any]
+    hash: str
+    problem: str = ""
+
+
+def scan(path: Path) -> list[LedgerLine]:
+    """Every line of a ledger with its hash and the first thing wrong with it, for readers that fail fast
+    (training) and for readers that report every break (the audit)."""
+    lines: list[LedgerLine] = []
+    if not path.exists():
+        return lines
+    previous = GENESIS_HASH
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            text = line.rstrip("\n")
+            entry: dict[str, Any] = {}
+            problem = ""
+            if not text:
+                problem = "blank line inside the ledger (edited or truncated?)"
+            else:
+                try:
+                    entry = json.loads(text)
+                except json.JSONDecodeError as error:
+                    problem = f"not a JSON ledger line ({error.msg}); truncated write?"
+                if not problem and not isinstance(entry, dict):
+                    entry, problem = {}, "not a JSON object"
+            if not problem and entry.get("prev_hash") != previous:
+                problem = (
+                    "hash chain broken: this line does not follow the previous one (a line was removed, "
+                    "reordered or edited)"
+                )
+            lines.append(LedgerLine(number, entry, _line_hash(text), problem))
+            previous = lines[-1].hash
+    return lines
 
 
 def _history(entries: list[dict[str, Any]]) -> list[MechanismStep]:
@@ -74,31 +117,12 @@ class Ledger:
 
     def _read(self) -> tuple[list[dict[str, Any]], str, list[str]]:
         """Every entry verified against the chain, the hash the next line must carry, and each line's hash."""
-        entries: list[dict[str, Any]] = []
-        hashes: list[str] = []
-        previous = GENESIS_HASH
-        if not self.path.exists():
-            return entries, previous, hashes
-        with self.path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                text = line.rstrip("\n")
-                if not text:
-                    raise DataError("blank line inside the ledger (edited or truncated?)", self.path, number)
-                try:
-                    entry = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"not a JSON ledger line ({error.msg}); truncated write?", self.path, number) from None
-                if entry.get("prev_hash") != previous:
-                    raise DataError(
-                        "hash chain broken: this line does not follow the previous one (a line was removed, "
-                        "reordered or edited)",
-                        self.path,
-                        number,
-                    )
-                entries.append(entry)
-                previous = _line_hash(text)
-                hashes.append(previous)
-        return entries, previous, hashes
+        lines = scan(self.path)
+        for line in lines:
+            if line.problem:
+                raise DataError(line.problem, self.path, line.number)
+        hashes = [line.hash for line in lines]
+        return [line.entry for line in lines], (hashes[-1] if hashes else GENESIS_HASH), hashes
 
     def history(self) -> list[MechanismStep]:
         return _history(self.entries())

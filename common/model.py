@@ -168,7 +168,16 @@ class SASRec(nn.Module):
 def sequence_loss(
     scores: torch.Tensor, targets: torch.Tensor, loss: LossName = "ce", generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Per-user loss averaged over the batch: each user weighs the same, whatever their length.
+    """Per-user loss averaged over the batch: each user weighs the same, whatever their length."""
+    per_user = per_user_loss(scores, targets, loss, generator)
+    # A mean that is 0, not NaN, on an empty batch: Poisson sampling can draw one, and DP-SGD still adds noise.
+    return per_user.sum() / max(per_user.shape[0], 1)
+
+
+def per_user_loss(
+    scores: torch.Tensor, targets: torch.Tensor, loss: LossName = "ce", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Each user's mean loss over their positions: [B].
 
     scores: [B, L, N]; targets: [B, L] with PADDING_INDEX where there is no next item.
     ``ce`` is full softmax cross-entropy over the catalogue; ``bce`` is the
@@ -190,6 +199,4 @@ def sequence_loss(
         per_position = F.softplus(-positive) + F.softplus(negative)
     else:
         raise ConfigError(f"unknown loss '{loss}': use 'ce' or 'bce'")
-    per_user = (per_position * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)  # [B]
-    # A mean that is 0, not NaN, on an empty batch: Poisson sampling can draw one, and DP-SGD still adds noise.
-    return per_user.sum() / max(per_user.shape[0], 1)
+    return (per_position * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)

@@ -37,19 +37,16 @@ from common.federation import RunSettings
 from common.files import write_json
 from common.model import SASRec
 from common.processes import die_with_parent, lock_run_folder
+from common.plot import write_round_plot
 from common.progress import log
+from common.run_files import GLOBAL_MODEL_FILE, ROUND_PLOT_FILE, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE
 from common.split import EvaluationCases, evaluation_cases, item_popularity
 from common.training import pick_device
 from server.checkpoint import Checkpoint, load_checkpoint
-from server.plot import write_round_plot
 from server.strategy import PrivateFedAvg
 
 app = ServerApp()
 
-GLOBAL_MODEL_FILE = "global_model.pt"
-ROUNDS_FILE = "rounds.jsonl"
-SUMMARY_FILE = "summary.json"
-RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -224,7 +221,7 @@ def finish_run(
     save_model(out_dir, model, evaluator.catalog, GLOBAL_MODEL_FILE)
     write_json(out_dir / SUMMARY_FILE, summary)
     write_round_plot(
-        out_dir / "rounds.svg",
+        out_dir / ROUND_PLOT_FILE,
         [r["round"] for r in rounds],
         [r["valid"]["ndcg@10"] for r in rounds],
         [r["epsilon"] for r in rounds] if settings.dp else None,

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from common.audit import audit, format_markdown, write_audit
 from common.datasets import DEFAULT_DATASET, load_dataset
 from common.errors import ConfigError, FedtailError
 from common.federation import RunSettings
@@ -25,11 +26,13 @@ from common.files import write_json
 from common.readers import FORMATS, ColumnNames
 from common.training import TrainConfig, pick_device
 from common.model import ModelOptions
+from simulations.canary import CanaryConfig, format_empirical, run_empirical_audit
 from simulations.centralized import evaluate_saved, train_centralized
 from simulations.report import format_federated_summary, format_metrics_table
 from simulations.simulate import Resources, simulate
 
 EXIT_USER_ERROR = 2
+EXIT_AUDIT_FAILED = 1
 
 DATASET_HELP = (
     "'synthetic' (built-in default), 'synthetic:users=5000,items=3000,seed=7', a file or MovieLens folder "
@@ -42,6 +45,10 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser, optional: bool) -> N
         parser.add_argument("dataset", nargs="?", default=DEFAULT_DATASET, help=DATASET_HELP)
     else:
         parser.add_argument("dataset", help=DATASET_HELP)
+    _add_data_options(parser)
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kcore", type=int, default=0, help="keep only users and items with at least K interactions")
     for role in ("user", "item", "time", "site"):
         parser.add_argument(f"--{role}-col", default=None, help=f"{role} column of a CSV/TSV/Parquet file")
@@ -102,15 +109,15 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ce: full softmax cross-entropy; bce: one sampled negative per position")
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettings:
     if args.user_col or args.item_col or args.time_col or args.site_col:
-        raise ConfigError("simulate reads files with detected columns only; name columns the detector knows")
+        raise ConfigError("federated runs read files with detected columns only; name columns the detector knows")
     settings = RunSettings(
-        dataset=args.dataset,
+        dataset=dataset,
         kcore=args.kcore,
         partitioning=args.partition,
         seed=args.seed,
-        out_dir=args.out,
+        out_dir=out,
         rounds=args.rounds,
         fraction_sites=args.fraction_sites,
         min_sites=args.min_sites,
@@ -128,13 +135,75 @@ def _simulate(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         dropout=args.dropout,
     )
-    load_dataset(args.dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
+    load_dataset(dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
+    return settings
+
+
+def _resources(args: argparse.Namespace) -> Resources:
     gpus = args.gpus_per_site if args.gpus_per_site is not None else (0.5 if torch.cuda.is_available() else 0.0)
+    return Resources(args.sites, args.cpus_per_site, gpus)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    settings = _run_settings(args, args.dataset, args.out)
     started = time.perf_counter()
-    summary = simulate(settings, Resources(args.sites, args.cpus_per_site, gpus))
+    summary = simulate(settings, _resources(args))
     print(format_federated_summary(summary, title=f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"))
     print(f"\nwrote {args.out}/global_model.pt, summary.json, rounds.jsonl, ledgers/ ({time.perf_counter() - started:.0f}s)")
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    if args.empirical:
+        return _empirical_audit(args)
+    if not args.paths:
+        raise ConfigError("name a run folder or a site ledger to audit (or use --empirical)")
+    paths = [Path(p) for p in args.paths]
+    if args.out is None and len(paths) > 1:
+        raise ConfigError("several paths are composed into one audit: name its folder with --out")
+    out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent)
+    report = audit(paths)
+    written = write_audit(report, out)
+    print(format_markdown(report).split("\n## Assumptions")[0].rstrip())
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
+    if not report.passed:
+        print("fedtail: AUDIT FAILED (see the findings above)", file=sys.stderr)
+        return EXIT_AUDIT_FAILED
+    return 0
+
+
+def _empirical_audit(args: argparse.Namespace) -> int:
+    if len(args.paths) > 1 or args.out is None:
+        raise ConfigError("usage: fedtail audit --empirical [DATASET] --out DIR [federation options]")
+    settings = _run_settings(args, args.paths[0] if args.paths else DEFAULT_DATASET, args.out)
+    config = CanaryConfig(canaries=args.canaries, length=args.canary_length)
+    report = run_empirical_audit(settings, _resources(args), config)
+    print(format_empirical(report))
+    print(f"wrote {args.out}/empirical-audit.json, empirical-audit.md, run/ (with the ledger audit)")
+    return EXIT_AUDIT_FAILED if report["verdict"].startswith("PRIVACY BUG") else 0
+
+
+def _add_federation_arguments(parser: argparse.ArgumentParser) -> None:
+    run = RunSettings()
+    parser.add_argument("--sites", type=int, default=5, help="number of simulated sites")
+    parser.add_argument("--rounds", type=int, default=run.rounds)
+    parser.add_argument("--partition", choices=SCHEMES, default=run.partitioning, help="how users are split into sites")
+    parser.add_argument("--epsilon", type=float, default=run.epsilon,
+                          help="each site's target epsilon after ALL rounds (noise is calibrated on it)")
+    parser.add_argument("--delta", type=float, default=run.delta, help="must be below 1/users at every site")
+    parser.add_argument("--no-dp", action="store_true", help="NON-PRIVATE federated baseline: no clipping, no noise")
+    parser.add_argument("--clip", type=float, default=run.max_grad_norm, help="per-user gradient clipping norm C")
+    parser.add_argument("--batch-size", type=int, default=run.batch_size, help="expected users per DP-SGD step")
+    parser.add_argument("--local-epochs", type=float, default=run.local_epochs, help="local passes per round")
+    parser.add_argument("--lr", type=float, default=run.learning_rate)
+    parser.add_argument("--fraction-sites", type=float, default=run.fraction_sites, help="share of sites per round")
+    parser.add_argument("--min-sites", type=int, default=run.min_sites, help="at least this many sites per round")
+    parser.add_argument("--seed", type=int, default=run.seed)
+    parser.add_argument("--cpus-per-site", type=int, default=Resources(1).cpus_per_site,
+                          help="CPU cores reserved per simulated site (how many train at once)")
+    parser.add_argument("--gpus-per-site", type=float, default=None,
+                          help="GPU share per site (default: 0.5 when CUDA is present, else 0)")
+    _add_model_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,27 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", help="federated DP training of N simulated sites on Flower's Simulation Engine"
     )
     _add_dataset_arguments(simulate, optional=True)
-    run = RunSettings()
     simulate.add_argument("--out", required=True, help="run folder; an existing one is resumed from its checkpoint")
-    simulate.add_argument("--sites", type=int, default=5, help="number of simulated sites")
-    simulate.add_argument("--rounds", type=int, default=run.rounds)
-    simulate.add_argument("--partition", choices=SCHEMES, default=run.partitioning, help="how users are split into sites")
-    simulate.add_argument("--epsilon", type=float, default=run.epsilon,
-                          help="each site's target epsilon after ALL rounds (noise is calibrated on it)")
-    simulate.add_argument("--delta", type=float, default=run.delta, help="must be below 1/users at every site")
-    simulate.add_argument("--no-dp", action="store_true", help="NON-PRIVATE federated baseline: no clipping, no noise")
-    simulate.add_argument("--clip", type=float, default=run.max_grad_norm, help="per-user gradient clipping norm C")
-    simulate.add_argument("--batch-size", type=int, default=run.batch_size, help="expected users per DP-SGD step")
-    simulate.add_argument("--local-epochs", type=float, default=run.local_epochs, help="local passes per round")
-    simulate.add_argument("--lr", type=float, default=run.learning_rate)
-    simulate.add_argument("--fraction-sites", type=float, default=run.fraction_sites, help="share of sites per round")
-    simulate.add_argument("--min-sites", type=int, default=run.min_sites, help="at least this many sites per round")
-    simulate.add_argument("--seed", type=int, default=run.seed)
-    simulate.add_argument("--cpus-per-site", type=int, default=Resources(1).cpus_per_site,
-                          help="CPU cores reserved per simulated site (how many train at once)")
-    simulate.add_argument("--gpus-per-site", type=float, default=None,
-                          help="GPU share per site (default: 0.5 when CUDA is present, else 0)")
-    _add_model_arguments(simulate)
+    _add_federation_arguments(simulate)
     simulate.set_defaults(handler=_simulate)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
@@ -195,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="write the metrics JSON here")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(handler=_evaluate)
+
+    audit_parser = commands.add_parser(
+        "audit", help="recompute every site's epsilon from the ledgers alone; exit 1 if a ledger is broken or understated"
+    )
+    audit_parser.add_argument("paths", nargs="*", metavar="PATH",
+                              help="run folder(s) or site ledger file(s), composed per site; with --empirical: "
+                              "the DATASET to plant canaries in (default: synthetic)")
+    audit_parser.add_argument("--out", default=None,
+                              help="where audit.json / audit.md go (default: the run folder, or the ledger's folder)")
+    audit_parser.add_argument("--empirical", action="store_true",
+                              help="plant canary users, train through Flower, and bound epsilon from below")
+    audit_parser.add_argument("--canaries", type=int, default=CanaryConfig().canaries, help="(--empirical)")
+    audit_parser.add_argument("--canary-length", type=int, default=CanaryConfig().length, help="(--empirical)")
+    _add_data_options(audit_parser)
+    _add_federation_arguments(audit_parser)
+    audit_parser.set_defaults(handler=_audit)
     return parser
 
 

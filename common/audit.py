@@ -1,0 +1,584 @@
+"""The privacy audit: what guarantee each user got, recomputed from the site ledgers alone.
+
+An auditor must not trust the server, the training code, or the epsilon a
+ledger line claims. So the audit re-reads every line, re-checks the hash
+chain, re-derives each site's epsilon with three accountants (Opacus' RDP,
+which the sites spend with; Opacus' PRV; Google's dp-accounting PLD, an
+independent code base), and compares them with what was recorded. Where the
+server's round records are at hand (a run folder), they are checked against
+the ledgers too: a chain cannot show that its last lines were cut off, but a
+round the server saw a site train, missing from that site's ledger, can.
+
+Several run folders (or ledgers) of the same site are composed: the same users
+trained again spend again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Literal
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+
+from common.errors import DataError
+from common.files import atomic_write_text, write_json
+from common.ledger import GENESIS_HASH, LEDGER_FORMAT, LedgerLine, scan
+from common.plot import Panel, Series, write_line_charts
+from common.privacy import MechanismStep, epsilon_from_history
+from common.run_files import LEDGER_DIR, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE
+
+RELATIVE_TOLERANCE = 0.02
+"""Accountants differ by their numerics; 2% is far above that and far below any real understatement."""
+ABSOLUTE_TOLERANCE = 1e-3
+ACCOUNTANTS = ("opacus-rdp", "opacus-prv", "dp-accounting-pld")
+SPENDING_ACCOUNTANT = "opacus-rdp"
+PLD_DISCRETIZATION = 1e-3
+AUDIT_JSON, AUDIT_MARKDOWN, AUDIT_PLOT = "audit.json", "audit.md", "audit-epsilon.svg"
+
+Severity = Literal["error", "warning", "note"]
+
+REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
+    "run_id": (str,),
+    "round": (int,),
+    "site": (str,),
+    "sample_rate": (float, int),
+    "noise_multiplier": (float, int),
+    "max_grad_norm": (float, int),
+    "steps": (int,),
+    "delta": (float,),
+    "accountant": (str,),
+    "epsilon_so_far": (float, int),
+}
+
+NOT_COVERED = (
+    "Releases that are not DP-SGD steps and so are not in any ledger: anything a site or the server published "
+    "besides the trained weights (metrics, counts, logs). fedtail sites send only weights, public parameters and "
+    "their epsilon; their FedAvg weights are declared or uniform, not user counts.",
+    "Which rounds each site took part in, declined, or failed, and how long it took: visible to the server, not noised.",
+    "Hyper-parameter tuning: every earlier run on the same users spends budget too. Only the runs and ledgers given "
+    "to this audit are composed.",
+    "A catalogue (item list) derived from private interactions. In simulation the catalogue is built from the whole "
+    "dataset; a deployment should use a public catalogue.",
+    "In simulation, the server's per-round validation and final test metrics are computed on held-out users' raw "
+    "data: they are outside the guarantee (a deployment evaluates nothing on private data, or does it with DP).",
+    "Users who appear at more than one site: the global guarantee assumes users are disjoint across sites.",
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: Severity
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper()}: {self.where}: {self.message}"
+
+
+@dataclass
+class SiteAudit:
+    site: str
+    ledgers: list[str]
+    runs: list[str]
+    entries: int
+    steps: int
+    delta: float
+    recorded_epsilon: float | None
+    """The last line's own claim; None when several ledgers are composed (no single line claims the total)."""
+    recomputed: dict[str, float | None]
+    users: int | None
+    epsilon_per_entry: list[float]
+    """Recomputed (spending accountant) after each entry, in ledger order: the plot."""
+
+    @property
+    def epsilon(self) -> float:
+        """The guarantee stated: what the sites' own accountant gives, never less than what was recorded."""
+        recomputed = self.recomputed[SPENDING_ACCOUNTANT]
+        candidates = [value for value in (recomputed, self.recorded_epsilon) if value is not None]
+        return max(candidates, default=0.0)
+
+    @property
+    def delta_below_one_over_users(self) -> bool | None:
+        return None if self.users is None else self.delta < 1.0 / self.users
+
+
+@dataclass
+class AuditReport:
+    paths: list[str]
+    sites: dict[str, SiteAudit]
+    findings: list[Finding]
+    dp: bool
+    not_covered: list[str] = field(default_factory=lambda: list(NOT_COVERED))
+
+    @property
+    def passed(self) -> bool:
+        return not any(finding.severity == "error" for finding in self.findings)
+
+    @property
+    def epsilon(self) -> float | None:
+        return max((site.epsilon for site in self.sites.values()), default=None)
+
+    @property
+    def delta(self) -> float | None:
+        return max((site.delta for site in self.sites.values()), default=None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "dp": self.dp,
+            "paths": self.paths,
+            "global": {
+                "epsilon": self.epsilon,
+                "delta": self.delta,
+                "tier": tier(self.epsilon),
+                "statement": global_statement(self),
+            },
+            "sites": {
+                site_id: {
+                    **asdict(site),
+                    "epsilon": site.epsilon,
+                    "tier": tier(site.epsilon),
+                    "delta_below_one_over_users": site.delta_below_one_over_users,
+                }
+                for site_id, site in self.sites.items()
+            },
+            "findings": [asdict(finding) for finding in self.findings],
+            "assumptions": assumptions(),
+            "not_covered": self.not_covered,
+            "tolerance": {"relative": RELATIVE_TOLERANCE, "absolute": ABSOLUTE_TOLERANCE},
+            "versions": {name: version(name) for name in ("opacus", "dp-accounting")},
+        }
+
+
+def tier(epsilon: float | None) -> str:
+    """Ponomareva et al. 2023 ("How to DP-fy ML"), section 5.2."""
+    if epsilon is None:
+        return "none: no DP guarantee"
+    if epsilon <= 1:
+        return "strong (epsilon <= 1)"
+    if epsilon <= 10:
+        return "reasonable (epsilon <= 10)"
+    return "weak (epsilon > 10)"
+
+
+def assumptions() -> dict[str, str]:
+    return {
+        "privacy unit": "one user: all of a user's interactions at a site (one training example per user)",
+        "neighbouring relation": "add or remove one user (with all of their interactions) at one site",
+        "mechanism": "DP-SGD: per-user gradients clipped to norm C, Gaussian noise of std noise_multiplier * C added "
+        "to their sum at every step",
+        "sampling": "Poisson sampling of users at each step, at the ledger's sample rate",
+        "composition": "all steps of all ledger lines of a site, across rounds and the runs given, composed",
+        "accountants": "Opacus RDP (the sites' spending accountant; the stated epsilon), Opacus PRV and "
+        "dp-accounting PLD (tighter estimates, cross-checks)",
+        "global model": "users are disjoint across sites, so the global model is (max over sites of epsilon, "
+        "delta)-DP for every user; FedAvg of DP updates is post-processing",
+        "threat model": "the server and other sites see every update a site sends; nothing is assumed of secure "
+        "aggregation or of site sampling (no amplification by site sampling is claimed)",
+    }
+
+
+def global_statement(report: AuditReport) -> str:
+    if not report.dp:
+        return "NO GUARANTEE: the run was trained without differential privacy"
+    if report.epsilon is None:
+        return "NO GUARANTEE CAN BE STATED: no ledger lines were found"
+    return (
+        f"({report.epsilon:.3f}, {report.delta:g})-DP for every user, user-level, add/remove-one-user neighbouring, "
+        f"over {len(report.sites)} site(s); tier: {tier(report.epsilon)}"
+        + ("" if report.passed else ". THE AUDIT FAILED: see the findings; this statement cannot be relied on")
+    )
+
+
+def independent_epsilons(history: Sequence[MechanismStep], delta: float) -> dict[str, float | None]:
+    """Epsilon of the whole history from each accountant; None where one cannot evaluate it (with the reason logged)."""
+    results: dict[str, float | None] = {}
+    for name, compute in (
+        ("opacus-rdp", lambda: epsilon_from_history(history, delta, "rdp")),
+        ("opacus-prv", lambda: epsilon_from_history(history, delta, "prv")),
+        ("dp-accounting-pld", lambda: pld_epsilon(history, delta)),
+    ):
+        try:
+            results[name] = float(compute()) if history else 0.0
+        except (ValueError, RuntimeError, OverflowError):
+            results[name] = None
+    return results
+
+
+def pld_epsilon(history: Sequence[MechanismStep], delta: float) -> float:
+    """Google's dp-accounting privacy-loss-distribution accountant over the same Poisson-subsampled Gaussian steps."""
+    accountant = pld_privacy_accountant.PLDAccountant(
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION
+    )
+    accountant.compose(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps
+                )
+                for sigma, rate, steps in history
+            ]
+        )
+    )
+    return float(accountant.get_epsilon(delta))
+
+
+def _exceeds(value: float, reference: float) -> bool:
+    return value > reference * (1 + RELATIVE_TOLERANCE) + ABSOLUTE_TOLERANCE
+
+
+@dataclass(frozen=True)
+class _Entry:
+    where: str
+    line_hash: str
+    data: dict[str, Any]
+
+    @property
+    def step(self) -> MechanismStep:
+        return (float(self.data["noise_multiplier"]), float(self.data["sample_rate"]), int(self.data["steps"]))
+
+
+def check_chain(path: Path) -> tuple[list[_Entry], list[Finding]]:
+    """Every usable line of one ledger, and every break in it, said precisely."""
+    try:
+        lines = scan(path)
+    except (OSError, UnicodeDecodeError) as error:
+        return [], [Finding("error", str(path), f"cannot read the ledger: {error}")]
+    findings: list[Finding] = []
+    hash_to_line = {line.hash: line.number for line in lines}
+    entries: list[_Entry] = []
+    for line in lines:
+        where = f"{path}:{line.number}"
+        if line.problem.startswith("hash chain broken"):
+            findings.append(Finding("error", where, _describe_break(line, hash_to_line)))
+        elif line.problem:
+            findings.append(Finding("error", where, line.problem))
+            continue
+        problems = _field_problems(line.entry)
+        if problems:
+            findings.append(Finding("error", where, "; ".join(problems)))
+            continue
+        entries.append(_Entry(where, line.hash, line.entry))
+    if not lines:
+        findings.append(Finding("warning", str(path), "the ledger is empty: this site spent nothing"))
+    return entries, findings
+
+
+def _describe_break(line: LedgerLine, hash_to_line: dict[str, int]) -> str:
+    claimed = line.entry.get("prev_hash")
+    follows = hash_to_line.get(str(claimed)) if claimed != GENESIS_HASH else 0
+    if follows is None:
+        if line.number == 1:
+            return "hash chain broken: the first line does not start a ledger (lines before it were removed)"
+        return (
+            f"hash chain broken: line {line.number - 1} was edited after it was written, or lines between "
+            f"{line.number - 1} and {line.number} were removed"
+        )
+    if follows == 0:
+        return f"hash chain broken: line {line.number} claims to be the first line (lines were moved or inserted)"
+    if follows < line.number - 1:
+        return (
+            f"hash chain broken: line {line.number} was written right after line {follows}; "
+            f"lines {follows + 1}-{line.number - 1} were inserted or moved here"
+        )
+    return f"hash chain broken: line {line.number} was written after line {follows}: lines are out of order"
+
+
+def _field_problems(entry: dict[str, Any]) -> list[str]:
+    problems = [
+        f"field '{name}' is missing or not {'/'.join(t.__name__ for t in types)}"
+        for name, types in REQUIRED_FIELDS.items()
+        if not isinstance(entry.get(name), types) or isinstance(entry.get(name), bool)
+    ]
+    if problems:
+        return problems
+    if entry.get("format") != LEDGER_FORMAT:
+        problems.append(f"format {entry.get('format')!r} is not {LEDGER_FORMAT!r}")
+    if not 0 < entry["sample_rate"] <= 1:
+        problems.append(f"sample_rate {entry['sample_rate']} is not in (0, 1]")
+    if entry["noise_multiplier"] <= 0:
+        problems.append(f"noise_multiplier {entry['noise_multiplier']} is not positive (no DP)")
+    if entry["steps"] < 1:
+        problems.append(f"steps {entry['steps']} is not positive")
+    if not 0 < entry["delta"] < 1:
+        problems.append(f"delta {entry['delta']} is not in (0, 1)")
+    if entry["accountant"] not in ("rdp", "prv", "gdp"):
+        problems.append(f"accountant {entry['accountant']!r} is not one Opacus knows")
+    if entry.get("sampling", "poisson") != "poisson":
+        problems.append(f"sampling {entry.get('sampling')!r}: only Poisson sampling is accounted here")
+    if entry.get("privacy_unit", "user") != "user":
+        problems.append(f"privacy unit {entry.get('privacy_unit')!r}: fedtail's guarantee is per user")
+    return problems
+
+
+def check_rounds(entries: Sequence[_Entry]) -> list[Finding]:
+    """Within each run, rounds must strictly increase; gaps are rounds the site did not train (noted)."""
+    findings: list[Finding] = []
+    last: dict[str, _Entry] = {}
+    for entry in entries:
+        run_id, number = entry.data["run_id"], entry.data["round"]
+        previous = last.get(run_id)
+        if previous is not None:
+            before = previous.data["round"]
+            if number == before:
+                findings.append(
+                    Finding("error", entry.where, f"round {number} of run {run_id} recorded twice (also {previous.where})")
+                )
+            elif number < before:
+                findings.append(
+                    Finding("error", entry.where, f"round {number} of run {run_id} comes after round {before}: out of order")
+                )
+            elif number > before + 1:
+                findings.append(
+                    Finding(
+                        "note",
+                        entry.where,
+                        f"run {run_id}: no line for round(s) {before + 1}-{number - 1} (not sampled, declined or failed "
+                        "there; a run folder's rounds.jsonl confirms which)",
+                    )
+                )
+        last[run_id] = entry
+    return findings
+
+
+def check_recorded_epsilons(entries: Sequence[_Entry]) -> list[Finding]:
+    """Each line's claimed epsilon so far against a fresh accountant over the lines up to it (same accountant)."""
+    findings: list[Finding] = []
+    history: list[MechanismStep] = []
+    for entry in entries:
+        history.append(entry.step)
+        claimed = float(entry.data["epsilon_so_far"])
+        recomputed = epsilon_from_history(history, float(entry.data["delta"]), str(entry.data["accountant"]))
+        if _exceeds(recomputed, claimed):
+            findings.append(
+                Finding(
+                    "error",
+                    entry.where,
+                    f"epsilon UNDERSTATED: the line claims {claimed:.4f} so far, a fresh {entry.data['accountant']} "
+                    f"accountant over lines 1..here gives {recomputed:.4f}",
+                )
+            )
+        elif _exceeds(claimed, recomputed):
+            findings.append(
+                Finding(
+                    "warning",
+                    entry.where,
+                    f"the line claims epsilon {claimed:.4f} so far, recomputation gives only {recomputed:.4f} "
+                    "(overstated: safe, but the ledger does not match its own mechanism)",
+                )
+            )
+    return findings
+
+
+def check_against_server(run_folder: Path, site_entries: dict[str, list[_Entry]], run_id: str) -> list[Finding]:
+    """The server's round records against the ledgers: catches removed last lines and mismatched epsilons."""
+    findings: list[Finding] = []
+    path = run_folder / ROUNDS_FILE
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+            round_number, trained, epsilons = int(record["round"]), list(record["sites_trained"]), record["site_epsilon"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            findings.append(Finding("error", f"{path}:{number}", f"unreadable round record ({error})"))
+            continue
+        for site in trained:
+            lines = [e for e in site_entries.get(str(site), []) if e.data["run_id"] == run_id and e.data["round"] == round_number]
+            if not lines:
+                findings.append(
+                    Finding(
+                        "error",
+                        f"{path}:{number}",
+                        f"the server recorded site {site} training round {round_number} of run {run_id}, but the site's "
+                        "ledger has no line for it (removed?)",
+                    )
+                )
+                continue
+            reported = epsilons.get(str(site))
+            if reported is not None and _exceeds(float(reported), float(lines[-1].data["epsilon_so_far"])):
+                findings.append(
+                    Finding(
+                        "error",
+                        lines[-1].where,
+                        f"the site reported epsilon {float(reported):.4f} to the server after round {round_number}; "
+                        f"its ledger line claims only {float(lines[-1].data['epsilon_so_far']):.4f}",
+                    )
+                )
+    return findings
+
+
+@dataclass
+class _Source:
+    """One path given to the audit: its ledgers, and the run folder around them when there is one."""
+
+    ledgers: list[Path]
+    run_folder: Path | None
+    run_id: str | None
+    dp: bool
+
+
+def _source(path: Path) -> _Source:
+    if path.is_file():
+        return _Source([path], None, None, True)
+    if not path.is_dir():
+        raise DataError("no such run folder or ledger file", path)
+    ledger_dir = path / LEDGER_DIR
+    ledgers = sorted(ledger_dir.glob("site-*.jsonl")) if ledger_dir.is_dir() else sorted(path.glob("site-*.jsonl"))
+    run_id: str | None = None
+    dp = True
+    if (path / RUN_FILE).exists():
+        run_id = str(json.loads((path / RUN_FILE).read_text(encoding="utf-8"))["run_id"])
+    if (path / SUMMARY_FILE).exists():
+        dp = bool(json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8")).get("privacy", {}).get("dp", True))
+    if not ledgers and dp:
+        raise DataError(f"no site ledgers (site-*.jsonl) here or in {LEDGER_DIR}/", path)
+    return _Source(ledgers, path if run_id is not None else None, run_id, dp)
+
+
+def audit(paths: Sequence[str | Path]) -> AuditReport:
+    """Audit one or several run folders or ledger files; ledgers of the same site are composed."""
+    sources = [_source(Path(p)) for p in paths]
+    findings: list[Finding] = []
+    by_site: dict[str, list[_Entry]] = {}
+    files_by_site: dict[str, list[str]] = {}
+    seen_lines: set[str] = set()
+    for source in sources:
+        source_entries: dict[str, list[_Entry]] = {}
+        for ledger in source.ledgers:
+            entries, chain_findings = check_chain(ledger)
+            findings += chain_findings + check_rounds(entries) + check_recorded_epsilons(entries)
+            sites = {e.data["site"] for e in entries}
+            if len(sites) > 1:
+                findings.append(Finding("error", str(ledger), f"one ledger holds lines of several sites: {sorted(sites)}"))
+            for entry in entries:
+                site = str(entry.data["site"])
+                source_entries.setdefault(site, []).append(entry)
+                files_by_site.setdefault(site, [])
+                if str(ledger) not in files_by_site[site]:
+                    files_by_site[site].append(str(ledger))
+                if entry.line_hash not in seen_lines:  # a deployed site's ledger given twice is not spent twice
+                    seen_lines.add(entry.line_hash)
+                    by_site.setdefault(site, []).append(entry)
+        if source.run_folder is not None and source.run_id is not None and source.dp:
+            if (source.run_folder / ROUNDS_FILE).exists():
+                findings += check_against_server(source.run_folder, source_entries, source.run_id)
+            else:
+                findings.append(Finding("warning", str(source.run_folder), f"no {ROUNDS_FILE}: not cross-checked"))
+    composed = len(sources) > 1
+    sites = {site: _site_audit(site, entries, files_by_site[site], composed, findings) for site, entries in by_site.items()}
+    return AuditReport([str(p) for p in paths], dict(sorted(sites.items(), key=_site_order)), findings, any(s.dp for s in sources))
+
+
+def _site_order(item: tuple[str, Any]) -> tuple[bool, int, str]:
+    """Numbered sites (simulation) in numeric order, named sites (deployment) after them by name."""
+    return (not item[0].isdigit(), int(item[0]) if item[0].isdigit() else 0, item[0])
+
+
+def _site_audit(site: str, entries: list[_Entry], ledgers: list[str], composed: bool, findings: list[Finding]) -> SiteAudit:
+    deltas = sorted({float(e.data["delta"]) for e in entries})
+    delta = deltas[-1]
+    if len(deltas) > 1:
+        findings.append(Finding("note", f"site {site}", f"lines use several deltas {deltas}; composed at the largest"))
+    history = [e.step for e in entries]
+    recomputed = independent_epsilons(history, delta)
+    recorded = None if composed else float(entries[-1].data["epsilon_so_far"])
+    for name, value in recomputed.items():
+        if value is None:
+            findings.append(Finding("warning", f"site {site}", f"{name} could not evaluate this history"))
+        elif recorded is not None and _exceeds(value, recorded):
+            findings.append(
+                Finding(
+                    "error",
+                    f"site {site}",
+                    f"epsilon UNDERSTATED: the ledger's last line claims {recorded:.4f}, {name} recomputes {value:.4f}",
+                )
+            )
+    users = [int(e.data["users"]) for e in entries if isinstance(e.data.get("users"), int)]
+    site_users = min(users) if users else None
+    audit_ = SiteAudit(
+        site=site,
+        ledgers=ledgers,
+        runs=list(dict.fromkeys(str(e.data["run_id"]) for e in entries)),
+        entries=len(entries),
+        steps=sum(step for _, _, step in history),
+        delta=delta,
+        recorded_epsilon=recorded,
+        recomputed=recomputed,
+        users=site_users,
+        epsilon_per_entry=[epsilon_from_history(history[: i + 1], delta) for i in range(len(history))],
+    )
+    if audit_.delta_below_one_over_users is False:
+        findings.append(
+            Finding("error", f"site {site}", f"delta {delta:g} is not below 1/users = 1/{site_users}: the guarantee is void")
+        )
+    elif audit_.users is None:
+        findings.append(Finding("note", f"site {site}", "the ledger does not record the site's users: delta < 1/users unchecked"))
+    return audit_
+
+
+def write_audit(report: AuditReport, out_dir: Path) -> list[Path]:
+    """audit.json (for machines), audit.md (for a person) and the epsilon plot, side by side."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / AUDIT_JSON, report.as_dict())
+    series = [
+        Series(f"site {site.site}", list(range(1, len(site.epsilon_per_entry) + 1)), site.epsilon_per_entry)
+        for site in report.sites.values()
+    ]
+    write_line_charts(out_dir / AUDIT_PLOT, [Panel("epsilon per site (recomputed, RDP)", "training call", series)])
+    atomic_write_text(out_dir / AUDIT_MARKDOWN, format_markdown(report))
+    return [out_dir / AUDIT_JSON, out_dir / AUDIT_MARKDOWN, out_dir / AUDIT_PLOT]
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def format_markdown(report: AuditReport) -> str:
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [
+        f"# Privacy audit: {verdict}",
+        "",
+        f"Audited: {', '.join(f'`{p}`' for p in report.paths)}. Recomputed from the ledgers alone with "
+        f"Opacus {version('opacus')} and dp-accounting {version('dp-accounting')}.",
+        "",
+        "## Guarantee",
+        "",
+        f"**{global_statement(report)}.**",
+        "",
+    ]
+    if report.sites:
+        lines += [
+            "| site | epsilon (stated) | recorded | Opacus RDP | Opacus PRV | dp-accounting PLD | delta | delta < 1/users | "
+            "steps | ledger lines | tier |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for site in report.sites.values():
+            below = {True: "yes", False: "NO", None: "unknown"}[site.delta_below_one_over_users]
+            lines.append(
+                f"| {site.site} | {site.epsilon:.4f} | {_number(site.recorded_epsilon)} | "
+                + " | ".join(_number(site.recomputed[name]) for name in ACCOUNTANTS)
+                + f" | {site.delta:g} | {below} | {site.steps} | {site.entries} | {tier(site.epsilon)} |"
+            )
+        lines += [
+            "",
+            "The stated epsilon is the sites' own accountant (Opacus RDP) recomputed, or the recorded value if that "
+            "is higher. PRV and PLD are tighter numerical accountants; they are shown as cross-checks. "
+            f"An epsilon recomputed more than {RELATIVE_TOLERANCE:.0%} above the recorded one fails the audit.",
+            "",
+            f"![epsilon per site after each training call]({AUDIT_PLOT})",
+            "",
+        ]
+    lines += ["## Findings", ""]
+    lines += [f"- {finding}" for finding in report.findings] or ["- none: every chain intact, every epsilon confirmed"]
+    lines += ["", "## Assumptions", ""]
+    lines += [f"- **{name}**: {text}" for name, text in assumptions().items()]
+    lines += ["", "## Not covered by this guarantee", ""]
+    lines += [f"- {text}" for text in report.not_covered]
+    return "\n".join(lines) + "\n"
+
