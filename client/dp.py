@@ -14,6 +14,7 @@ global model re-sends the update already released (``client.replay``).
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -122,12 +123,11 @@ def train_site_round(
     """Train ``model`` (holding the global weights) for one round; record the spend before returning."""
     if len(examples) == 0:
         return RoundOutcome(None, 0.0, "this site has no user with two or more training interactions")
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and the like: public randomness is fine there
     plan = plan_round(len(examples), training, privacy)
     if not privacy.enabled:
         warnings.warn("NON-PRIVATE training at this site: no clipping, no noise, no privacy guarantee", stacklevel=2)
-        _train_non_private(model, examples, training, plan, device, generator)
+        _train_non_private(model, examples, training, plan, device, torch.Generator().manual_seed(seed))
         return RoundOutcome(_weights(model), float("inf"))
 
     if ledger is None:
@@ -148,7 +148,7 @@ def train_site_round(
             f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f}, "
             f"above its budget of {privacy.budget:g}",
         )
-    noise_multiplier, sample_rate, steps = _train_private(model, examples, training, privacy, plan, device, generator)
+    noise_multiplier, sample_rate, steps = _train_private(model, examples, training, privacy, plan, device)
     entry = ledger.append(
         Spend(
             run_id=run_id,
@@ -169,19 +169,33 @@ def train_site_round(
     return RoundOutcome(weights, float(entry["epsilon_so_far"]))
 
 
+def secret_generator(device: torch.device) -> torch.Generator:
+    """Seeded from the operating system's entropy, never from run parameters.
+
+    Which users a step samples and the noise it adds must be unpredictable to
+    the server: with a seed it could compute, it could subtract the noise or
+    know the batch, and the accounted epsilon would be a fiction.
+    """
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
 def make_private(
     model: SASRec,
     examples: TrainingExamples,
     training: LocalTraining,
     privacy: PrivacyPlan,
     plan: RoundPlan,
-    generator: torch.Generator,
+    sampling_generator: torch.Generator,
+    noise_generator: torch.Generator,
 ) -> tuple[PrivacyEngine, torch.nn.Module, DPOptimizer, DataLoader[Any]]:
-    """Opacus' PrivacyEngine over one user per example, Poisson sampling, flat per-user clipping."""
+    """Opacus' PrivacyEngine over one user per example, Poisson sampling, flat per-user clipping.
+
+    The noise generator must live on the model's device (Opacus draws the noise there).
+    """
     loader = DataLoader(
         TensorDataset(examples.inputs, examples.targets),
         batch_size=training.expected_batch_size,
-        generator=generator,
+        generator=sampling_generator,
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
     engine = PrivacyEngine(accountant=ACCOUNTANT)
@@ -194,7 +208,7 @@ def make_private(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=generator,
+            noise_generator=noise_generator,
         )
     return engine, private_model, private_optimizer, private_loader
 
@@ -218,11 +232,12 @@ def _train_private(
     privacy: PrivacyPlan,
     plan: RoundPlan,
     device: torch.device,
-    generator: torch.Generator,
 ) -> MechanismStep:
     """Run the round's DP-SGD steps; returns what Opacus' own accountant recorded (the ledger's source)."""
     model.to(device).train()
-    engine, private_model, optimizer, loader = make_private(model, examples, training, privacy, plan, generator)
+    engine, private_model, optimizer, loader = make_private(
+        model, examples, training, privacy, plan, secret_generator(torch.device("cpu")), secret_generator(device)
+    )
     steps_done = 0
     while steps_done < plan.steps:
         for inputs, targets in loader:

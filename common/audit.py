@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
+from opacus.accountants import PRVAccountant
 
 from common.errors import DataError
 from common.files import atomic_write_text, write_json
@@ -38,6 +39,7 @@ ABSOLUTE_TOLERANCE = 1e-3
 ACCOUNTANTS = ("opacus-rdp", "opacus-prv", "dp-accounting-pld")
 SPENDING_ACCOUNTANT = "opacus-rdp"
 PLD_DISCRETIZATION = 1e-3
+PRV_COARSE_ERROR, PRV_FINEST_ERROR = 0.01, 1e-3
 AUDIT_JSON, AUDIT_MARKDOWN, AUDIT_PLOT = "audit.json", "audit.md", "audit-epsilon.svg"
 
 Severity = Literal["error", "warning", "note"]
@@ -200,7 +202,7 @@ def independent_epsilons(history: Sequence[MechanismStep], delta: float) -> dict
     results: dict[str, float | None] = {}
     for name, compute in (
         ("opacus-rdp", lambda: epsilon_from_history(history, delta, "rdp")),
-        ("opacus-prv", lambda: epsilon_from_history(history, delta, "prv")),
+        ("opacus-prv", lambda: prv_epsilon(history, delta)),
         ("dp-accounting-pld", lambda: pld_epsilon(history, delta)),
     ):
         try:
@@ -208,6 +210,16 @@ def independent_epsilons(history: Sequence[MechanismStep], delta: float) -> dict
         except (ValueError, RuntimeError, OverflowError):
             results[name] = None
     return results
+
+
+def prv_epsilon(history: Sequence[MechanismStep], delta: float) -> float:
+    """Opacus' PRV accountant; it reports the upper end of its error window, so small epsilons get a finer one."""
+    accountant = PRVAccountant()
+    accountant.history = list(history)
+    coarse = float(accountant.get_epsilon(delta, eps_error=PRV_COARSE_ERROR))
+    if coarse > PRV_COARSE_ERROR / (RELATIVE_TOLERANCE / 4):
+        return coarse
+    return float(accountant.get_epsilon(delta, eps_error=max(PRV_FINEST_ERROR, coarse * RELATIVE_TOLERANCE / 4)))
 
 
 def pld_epsilon(history: Sequence[MechanismStep], delta: float) -> float:

@@ -32,10 +32,9 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
         raise ConfigError(f"need 0 <= correct <= guesses <= canaries, got {v}, {r}, {m}")
     q = 1.0 / (1.0 + math.exp(-epsilon))  # accuracy of epsilon-DP randomized response
     beta = float(stats.binom.sf(v - 1, r, q))
-    alpha, tail = 0.0, 0.0
-    for i in range(1, v + 1):
-        tail += float(stats.binom.pmf(v - i, r, q))
-        alpha = max(alpha, tail / i)
+    # alpha = max over i of P[v > Binomial(r, q) >= v - i] / i, the delta term's weight.
+    below = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    alpha = float(np.max(below / np.arange(1, v + 1))) if v > 0 else 0.0
     return min(1.0, beta + alpha * delta * 2 * m)
 
 

@@ -19,6 +19,9 @@ from common.model import ModelConfig, SASRec, sequence_loss
 from common.split import training_examples
 from tests.gradients import mean_of_clipped, true_per_user_gradients
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+"""The privacy tests run on every device present: on a GPU machine they run twice."""
+
 CONFIG = ModelConfig(num_items=25, max_len=6, hidden=16, heads=2, blocks=1, dropout=0.0)
 
 
@@ -28,9 +31,9 @@ def _examples(users: int, seed: int = 0):
     return training_examples(sequences, CONFIG.max_len)
 
 
-def _round(model, examples, training, privacy, ledger, round_number=1, seed=0):
+def _round(model, examples, training, privacy, ledger, round_number=1, seed=0, device="cpu"):
     return train_site_round(
-        model, examples, training, privacy, ledger, "run-a", round_number, "7", torch.device("cpu"), seed
+        model, examples, training, privacy, ledger, "run-a", round_number, "7", torch.device(device), seed
     )
 
 
@@ -44,7 +47,7 @@ def test_noise_zero_and_huge_clip_make_one_dp_step_equal_the_non_private_step() 
     private = SASRec(CONFIG)
     plain = copy.deepcopy(private)
     _, private_model, optimizer, _ = make_private(
-        private, examples, training, privacy, RoundPlan(plan.sample_rate, 1, 0.0), torch.Generator().manual_seed(0)
+        private, examples, training, privacy, RoundPlan(plan.sample_rate, 1, 0.0), *_generators("cpu", 0)
     )
     optimizer.zero_grad()
     sequence_loss(private_model(examples.inputs), examples.targets).backward()
@@ -54,7 +57,13 @@ def test_noise_zero_and_huge_clip_make_one_dp_step_equal_the_non_private_step() 
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c() -> None:
+def _generators(device: str, seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Sampling (CPU, like the data loader) and noise (on the model's device) generators, seeded for the test."""
+    return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c(device: str) -> None:
     torch.manual_seed(1)
     examples = _examples(6, seed=1)
     training = LocalTraining(expected_batch_size=6)
@@ -62,19 +71,22 @@ def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c() -> None:
     privacy = PrivacyPlan(max_grad_norm=clip)
     model = SASRec(CONFIG)
     truth = true_per_user_gradients(model, examples.inputs, examples.targets)
+    model.to(device)
     _, private_model, optimizer, _ = make_private(
-        model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), torch.Generator().manual_seed(0)
+        model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), *_generators(device, 0)
     )
     optimizer.zero_grad()
-    sequence_loss(private_model(examples.inputs), examples.targets).backward()
+    sequence_loss(private_model(examples.inputs.to(device)), examples.targets.to(device)).backward()
     optimizer.pre_step()  # clip, add (zero) noise, scale: exactly what step() applies before Adam
     expected = mean_of_clipped(truth, clip, len(truth))
     assert set(expected) >= {"output.weight", "item_embedding.weight"}
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-10, msg=name)
+        assert p.grad.device.type == device
+        torch.testing.assert_close(p.grad.cpu(), expected[name], rtol=1e-3, atol=1e-9, msg=name)
 
 
-def test_added_noise_has_std_noise_multiplier_times_c() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_added_noise_has_std_noise_multiplier_times_c(device: str) -> None:
     torch.manual_seed(2)
     examples = _examples(10, seed=2)
     training = LocalTraining(expected_batch_size=10)
@@ -86,14 +98,14 @@ def test_added_noise_has_std_noise_multiplier_times_c() -> None:
     for noise in (0.0, sigma):  # same model, same batch: the difference is the noise alone
         model = SASRec(wide)
         model.load_state_dict(initial)
+        model.to(device)
         _, private_model, optimizer, _ = make_private(
-            model, examples, training, privacy, RoundPlan(1.0, 1, noise),
-            torch.Generator().manual_seed(5),
+            model, examples, training, privacy, RoundPlan(1.0, 1, noise), *_generators(device, 5)
         )
         optimizer.zero_grad()
-        sequence_loss(private_model(examples.inputs), examples.targets).backward()
+        sequence_loss(private_model(examples.inputs.to(device)), examples.targets.to(device)).backward()
         optimizer.pre_step()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters()]))
     noise_sum = (grads[1] - grads[0]) * optimizer.expected_batch_size  # undo the division by the batch size
     expected_std = sigma * clip
     count = noise_sum.numel()
@@ -102,14 +114,18 @@ def test_added_noise_has_std_noise_multiplier_times_c() -> None:
     assert abs(float(noise_sum.mean())) < 5 * expected_std / math.sqrt(count)
 
 
-def test_epsilon_after_r_rounds_equals_a_fresh_accountant_on_the_ledger_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_epsilon_after_r_rounds_equals_a_fresh_accountant_on_the_ledger_alone(tmp_path: Path, device: str) -> None:
     torch.manual_seed(3)
     examples = _examples(40, seed=3)
     training = LocalTraining(expected_batch_size=10, local_epochs=1.0)
     privacy = PrivacyPlan(target_epsilon=3.0, delta=1e-4, planned_rounds=3)
     ledger = Ledger(tmp_path / "site-7.jsonl")
     model = SASRec(CONFIG)
-    reported = [_round(model, examples, training, privacy, ledger, r, seed=r).epsilon for r in (1, 2, 3)]
+    outcomes = [_round(model, examples, training, privacy, ledger, r, seed=r, device=device) for r in (1, 2, 3)]
+    assert all(o.state_dict is not None and next(iter(o.state_dict.values())).device.type == "cpu" for o in outcomes)
+    assert next(model.parameters()).device.type == device, "the site trains on its accelerator when it has one"
+    reported = [o.epsilon for o in outcomes]
     lines = [json.loads(line) for line in (tmp_path / "site-7.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2, 3]
     fresh = RDPAccountant()
@@ -190,3 +206,19 @@ def test_a_retried_round_resends_the_released_update_without_charging_again(tmp_
     attempt("run-a", 2, first.state_dict)
     attempt("run-a", 2, global_weights)  # same round, different global model: a new release, charged
     assert len(ledger.entries()) == 3
+
+
+def test_noise_and_sampling_cannot_be_reproduced_from_the_public_run_parameters(tmp_path: Path) -> None:
+    """Same global model, same data, same run seed and round: a server that could predict the noise could remove it."""
+    examples = _examples(40, seed=6)
+    training = LocalTraining(expected_batch_size=10)
+    privacy = PrivacyPlan(target_epsilon=3.0, delta=1e-4, planned_rounds=3)
+    initial = SASRec(CONFIG).state_dict()
+    released = []
+    for attempt in range(2):
+        model = SASRec(CONFIG)
+        model.load_state_dict(initial)
+        ledger = Ledger(tmp_path / f"attempt-{attempt}" / "site-7.jsonl")
+        released.append(_round(model, examples, training, privacy, ledger, 1, seed=0).state_dict)
+    differences = [float((released[0][name] - released[1][name]).abs().max()) for name in released[0]]
+    assert max(differences) > 1e-4
