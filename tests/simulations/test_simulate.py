@@ -15,6 +15,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from common.artifacts import load_model
+from common.audit import audit
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.ledger import Ledger, Spend
@@ -58,6 +59,10 @@ def test_a_small_dp_federation_runs_through_flower_and_writes_everything(tmp_pat
     assert set(summary) >= {"overall", "groups", "items", "baselines", "privacy"}
     model, catalog = load_model(out, "global_model.pt")
     assert model.config.num_items == catalog.num_items
+    report = audit([out])  # the auditor's view of the same folder: intact, cross-checked with rounds.jsonl
+    assert report.passed, [str(f) for f in report.findings]
+    assert report.epsilon == pytest.approx(summary["privacy"]["epsilon"])
+    assert all(site.users is not None and site.delta_below_one_over_users for site in report.sites.values())
 
 
 def test_a_failed_run_is_reported_even_though_flwr_run_exits_0(tmp_path: Path) -> None:
