@@ -16,6 +16,9 @@ from common.errors import ConfigError
 from common.model import ModelConfig, ModelOptions
 from common.partition import SCHEMES
 
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+"""What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -27,6 +30,9 @@ class RunSettings:
     rounds: int = 10
     fraction_sites: float = 1.0
     min_sites: int = 1
+    server_optimizer: str = "fedavg"
+    server_learning_rate: float = 0.0  # 0: the optimizer's usual default (see server.strategy)
+    server_momentum: float = 0.9  # fedavgm's momentum, fedadam's beta_1
     dp: bool = True
     epsilon: float = 8.0
     delta: float = 1e-5
@@ -48,6 +54,11 @@ class RunSettings:
             f"rounds={self.rounds}: must be at least 1" * (self.rounds < 1),
             f"fraction-sites={self.fraction_sites}: must be in (0, 1]" * (not 0 < self.fraction_sites <= 1),
             f"min-sites={self.min_sites}: must be at least 1" * (self.min_sites < 1),
+            f"server-optimizer='{self.server_optimizer}': use one of {', '.join(SERVER_OPTIMIZERS)}"
+            * (self.server_optimizer not in SERVER_OPTIMIZERS),
+            f"server-learning-rate={self.server_learning_rate}: must be 0 (default) or positive"
+            * (self.server_learning_rate < 0),
+            f"server-momentum={self.server_momentum}: must be in [0, 1)" * (not 0 <= self.server_momentum < 1),
             f"epsilon={self.epsilon}: must be positive" * (self.dp and self.epsilon <= 0),
             f"delta={self.delta}: must be in (0, 1)" * (self.dp and not 0 < self.delta < 1),
             f"max-grad-norm={self.max_grad_norm}: must be positive" * (self.dp and self.max_grad_norm <= 0),

@@ -43,7 +43,7 @@ from common.run_files import GLOBAL_MODEL_FILE, ROUND_PLOT_FILE, ROUNDS_FILE, RU
 from common.split import EvaluationCases, evaluation_cases, item_popularity
 from common.training import pick_device
 from server.checkpoint import Checkpoint, load_checkpoint
-from server.strategy import PrivateFedAvg
+from server.strategy import private_strategy
 
 app = ServerApp()
 
@@ -144,7 +144,15 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     if not settings.dp:
         log("fedtail: WARNING: dp = false: sites train WITHOUT differential privacy; the model has no privacy guarantee")
 
-    strategy = PrivateFedAvg(settings.fraction_sites, settings.min_sites, round_offset=done, site_epsilon=site_epsilon)
+    strategy = private_strategy(
+        settings.server_optimizer,
+        settings.fraction_sites,
+        settings.min_sites,
+        round_offset=done,
+        site_epsilon=site_epsilon,
+        server_learning_rate=settings.server_learning_rate,
+        server_momentum=settings.server_momentum,
+    )
     round_started = [time.perf_counter()]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

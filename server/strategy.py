@@ -8,6 +8,11 @@ site for checkpoints and the summary.
 
 ``round_offset`` lets a resumed run continue its round numbering: Flower's
 ``Strategy.start`` always counts from 1.
+
+The server may apply its own optimizer to the averaged update (server momentum,
+FedAdam; Reddi et al. 2021). That is post-processing of DP outputs and costs no
+privacy. Its state (momentum, Adam moments) is not checkpointed: a resumed run
+restarts it from zero.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+
+from common.errors import ConfigError
+from common.federation import SERVER_OPTIMIZERS
 
 WEIGHT_KEY = "weight"
 
@@ -51,13 +59,16 @@ def _count_trained(contents: list[RecordDict], _weight_key: str) -> MetricRecord
     return MetricRecord({"sites-trained": len(contents)})
 
 
-class PrivateFedAvg(FedAvg):
+class PrivateAggregation(FedAvg):
+    """The privacy-respecting reply handling, placed in front of a Flower strategy of the FedAvg family."""
+
     def __init__(
         self,
         fraction_sites: float,
         min_sites: int,
         round_offset: int = 0,
         site_epsilon: dict[str, float] | None = None,
+        **server_optimizer: float,
     ) -> None:
         super().__init__(
             fraction_train=fraction_sites,
@@ -67,6 +78,7 @@ class PrivateFedAvg(FedAvg):
             min_available_nodes=min_sites,
             weighted_by_key=WEIGHT_KEY,
             train_metrics_aggr_fn=_count_trained,
+            **server_optimizer,
         )
         self.round_offset = round_offset
         self.site_epsilon: dict[str, float] = dict(site_epsilon or {})
@@ -100,3 +112,39 @@ class PrivateFedAvg(FedAvg):
         if not report.trained:
             return None, None  # nobody trained: the global model stays as it was
         return super().aggregate_train(server_round + self.round_offset, to_average)
+
+
+class PrivateFedAvg(PrivateAggregation, FedAvg):
+    """Plain FedAvg: the global model becomes the weighted average of the sites' models."""
+
+
+class PrivateFedAvgM(PrivateAggregation, FedAvgM):
+    """FedAvg with server-side momentum on the averaged update."""
+
+
+class PrivateFedAdam(PrivateAggregation, FedAdam):
+    """Adam on the server, the averaged update as its pseudo-gradient."""
+
+
+DEFAULT_SERVER_LEARNING_RATE = dict(zip(SERVER_OPTIMIZERS, (1.0, 1.0, 1e-2)))
+
+
+def private_strategy(
+    server_optimizer: str,
+    fraction_sites: float,
+    min_sites: int,
+    round_offset: int = 0,
+    site_epsilon: dict[str, float] | None = None,
+    server_learning_rate: float = 0.0,
+    server_momentum: float = 0.9,
+) -> PrivateAggregation:
+    """The strategy for ``server_optimizer``; a learning rate of 0 means that optimizer's usual default."""
+    rate = server_learning_rate or DEFAULT_SERVER_LEARNING_RATE[server_optimizer]
+    common = dict(fraction_sites=fraction_sites, min_sites=min_sites, round_offset=round_offset, site_epsilon=site_epsilon)
+    if server_optimizer == "fedavgm":
+        return PrivateFedAvgM(**common, server_learning_rate=rate, server_momentum=server_momentum)  # type: ignore[arg-type]
+    if server_optimizer == "fedadam":
+        return PrivateFedAdam(**common, eta=rate, beta_1=server_momentum)  # type: ignore[arg-type]
+    if rate != 1.0:
+        raise ConfigError("fedavg has no server learning rate: use fedavgm (momentum 0) to scale the update")
+    return PrivateFedAvg(**common)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import torch
 from common.audit import audit, format_markdown, write_audit
 from common.datasets import DEFAULT_DATASET, load_dataset
 from common.errors import ConfigError, FedtailError
-from common.federation import RunSettings
+from common.federation import SERVER_OPTIMIZERS, RunSettings
 from common.partition import SCHEMES
 from common.files import write_json
 from common.readers import FORMATS, ColumnNames
@@ -121,6 +121,9 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
         rounds=args.rounds,
         fraction_sites=args.fraction_sites,
         min_sites=args.min_sites,
+        server_optimizer=args.server_optimizer,
+        server_learning_rate=args.server_lr,
+        server_momentum=args.server_momentum,
         dp=not args.no_dp,
         epsilon=args.epsilon,
         delta=args.delta,
@@ -198,6 +201,12 @@ def _add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=run.learning_rate)
     parser.add_argument("--fraction-sites", type=float, default=run.fraction_sites, help="share of sites per round")
     parser.add_argument("--min-sites", type=int, default=run.min_sites, help="at least this many sites per round")
+    parser.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default=run.server_optimizer,
+                        help="applied to the averaged update: fedavg (none), fedavgm (momentum), fedadam")
+    parser.add_argument("--server-lr", type=float, default=run.server_learning_rate,
+                        help="server learning rate (0: 1.0 for fedavgm, 0.01 for fedadam)")
+    parser.add_argument("--server-momentum", type=float, default=run.server_momentum,
+                        help="fedavgm's momentum / fedadam's beta_1")
     parser.add_argument("--seed", type=int, default=run.seed)
     parser.add_argument("--cpus-per-site", type=int, default=Resources(1).cpus_per_site,
                           help="CPU cores reserved per simulated site (how many train at once)")
