@@ -552,7 +552,7 @@ def _number(value: float | None) -> str:
 
 
 def format_markdown(report: AuditReport) -> str:
-    verdict = "PASSED" if report.passed else "FAILED"
+    verdict = ("PASSED" if report.passed else "FAILED") if report.dp else "NO GUARANTEE (trained without DP)"
     lines = [
         f"# Privacy audit: {verdict}",
         "",
