@@ -49,7 +49,7 @@ def _panel(x0: int, panel: Panel) -> str:
         line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
         parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
         parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in points)
-        if len(panel.series) > 1:
+        if 1 < len(panel.series) <= len(COLOURS):  # beyond that, colours repeat and labels would not fit
             parts.append(
                 f'<text x="{x0 + WIDTH - MARGIN + 4}" y="{MARGIN + 12 * index}" font-size="9" fill="{colour}">'
                 f"{series.label}</text>"
