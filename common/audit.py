@@ -16,6 +16,7 @@ trained again spend again.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -94,6 +95,8 @@ class SiteAudit:
     """The last line's own claim; None when several ledgers are composed (no single line claims the total)."""
     recomputed: dict[str, float | None]
     users: int | None
+    mechanism: str
+    """Noise multiplier, sampling rate and clipping norm over the site's lines (a range where they vary)."""
     epsilon_per_entry: list[float]
     """Recomputed (spending accountant) after each entry, in ledger order: the plot."""
 
@@ -523,6 +526,10 @@ def _site_audit(site: str, entries: list[_Entry], ledgers: list[str], composed: 
         recorded_epsilon=recorded,
         recomputed=recomputed,
         users=site_users,
+        mechanism=", ".join(
+            f"{symbol} {_value_range([float(e.data[name]) for e in entries])}"
+            for symbol, name in (("sigma", "noise_multiplier"), ("q", "sample_rate"), ("C", "max_grad_norm"))
+        ),
         epsilon_per_entry=[epsilon_from_history(history[: i + 1], delta) for i in range(len(history))],
     )
     if audit_.delta_below_one_over_users is False:
@@ -532,6 +539,11 @@ def _site_audit(site: str, entries: list[_Entry], ledgers: list[str], composed: 
     elif audit_.users is None:
         findings.append(Finding("note", f"site {site}", "the ledger does not record the site's users: delta < 1/users unchecked"))
     return audit_
+
+
+def _value_range(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.4g}" if math.isclose(low, high) else f"{low:.4g}-{high:.4g}"
 
 
 def write_audit(report: AuditReport, out_dir: Path) -> list[Path]:
@@ -567,15 +579,15 @@ def format_markdown(report: AuditReport) -> str:
     if report.sites:
         lines += [
             "| site | epsilon (stated) | recorded | Opacus RDP | Opacus PRV | dp-accounting PLD | delta | delta < 1/users | "
-            "steps | ledger lines | tier |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "mechanism | steps | ledger lines | tier |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for site in report.sites.values():
             below = {True: "yes", False: "NO", None: "unknown"}[site.delta_below_one_over_users]
             lines.append(
                 f"| {site.site} | {site.epsilon:.4f} | {_number(site.recorded_epsilon)} | "
                 + " | ".join(_number(site.recomputed[name]) for name in ACCOUNTANTS)
-                + f" | {site.delta:g} | {below} | {site.steps} | {site.entries} | {tier(site.epsilon)} |"
+                + f" | {site.delta:g} | {below} | {site.mechanism} | {site.steps} | {site.entries} | {tier(site.epsilon)} |"
             )
         lines += [
             "",
