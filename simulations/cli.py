@@ -187,6 +187,19 @@ def _empirical_audit(args: argparse.Namespace) -> int:
     return EXIT_AUDIT_FAILED if report["verdict"].startswith("PRIVACY BUG") else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn  # the service's own dependencies load only when serving
+
+    from server.http import create_app
+    from server.serving import Recommender
+
+    recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None)
+    print(f"fedtail: serving {args.run_dir} (model {recommender.info.model_id}, {recommender.info.catalog_size} items) "
+          f"on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
+    uvicorn.run(create_app(recommender), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     run = RunSettings()
     parser.add_argument("--sites", type=int, default=5, help="number of simulated sites")
@@ -255,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="write the metrics JSON here")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(handler=_evaluate)
+
+    serve = commands.add_parser("serve", help="HTTP recommendation service over a run folder's model")
+    serve.add_argument("run_dir", help="a federated run folder (global_model.pt) or a trained model folder (model.pt)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
+    serve.set_defaults(handler=_serve)
 
     audit_parser = commands.add_parser(
         "audit", help="recompute every site's epsilon from the ledgers alone; exit 1 if a ledger is broken or understated"

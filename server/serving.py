@@ -1,0 +1,127 @@
+"""Recommendations from a saved model: ``Recommender.load(run_dir).recommend(history, k)``.
+
+The HTTP service (``server.http``) is a thin layer over this class. Everything
+served comes from the model and its catalogue alone: no interaction counts or
+other statistics of private data are read, so what is served is covered by
+the run's privacy guarantee (post-processing of a DP model).
+
+Each recommended item comes with the history item that contributed most to it,
+found by occlusion: the item whose removal lowers that recommendation's score
+the most. One batched forward pass per request computes all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.artifacts import MODEL_FILE, load_model
+from common.catalog import Catalog
+from common.errors import ConfigError, DataError
+from common.model import PADDING_INDEX, SASRec
+from common.run_files import GLOBAL_MODEL_FILE, SUMMARY_FILE
+from common.split import left_pad
+from common.training import pick_device
+
+MAX_K = 1000
+MODEL_STRATEGY, PRIOR_STRATEGY = "model", "model prior (cold start: no known history item)"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item: str
+    score: float
+    because_of: str | None
+    """The history item that contributed most (None for a cold start)."""
+
+
+@dataclass(frozen=True)
+class RecommendationList:
+    items: list[Recommendation]
+    strategy: str
+    unknown_items: list[str] = field(default_factory=list)
+    """History items the catalogue does not know; they were ignored."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    catalog_size: int
+    run_dir: str
+    run_id: str | None
+    privacy: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Recommender:
+    def __init__(self, model: SASRec, catalog: Catalog, info: ModelInfo, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.catalog = catalog
+        self.info = info
+        self.device = device
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: torch.device | None = None) -> Recommender:
+        """A federated run folder (global_model.pt) or a centralized one (model.pt), with its catalog.json."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise DataError("no such run folder", run_dir)
+        model_file = GLOBAL_MODEL_FILE if (run_dir / GLOBAL_MODEL_FILE).exists() else MODEL_FILE
+        device = device or pick_device()
+        model, catalog = load_model(run_dir, model_file, device)
+        summary_path = run_dir / SUMMARY_FILE
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+        info = ModelInfo(
+            model_id=hashlib.sha256((run_dir / model_file).read_bytes()).hexdigest()[:16],
+            catalog_size=catalog.num_items,
+            run_dir=str(run_dir),
+            run_id=summary.get("run", {}).get("run_id"),
+            privacy=summary.get("privacy"),
+        )
+        return cls(model, catalog, info, device)
+
+    def recommend(self, history: Sequence[str], k: int = 10, exclude_history: bool = True) -> RecommendationList:
+        return self.recommend_many([history], k, exclude_history)[0]
+
+    def recommend_many(
+        self, histories: Sequence[Sequence[str]], k: int = 10, exclude_history: bool = True
+    ) -> list[RecommendationList]:
+        if not 1 <= k <= MAX_K:
+            raise ConfigError(f"k={k}: must be between 1 and {MAX_K}")
+        return [self._recommend_one(history, k, exclude_history) for history in histories]
+
+    def _recommend_one(self, history: Sequence[str], k: int, exclude_history: bool) -> RecommendationList:
+        known, unknown = self.catalog.indices([str(item) for item in history])
+        known = known[-self.model.config.max_len :]
+        with torch.no_grad():
+            # Row 0: the history as given; row 1 + i: without its i-th item (occlusion, for the explanation).
+            variants = [known] + [np.delete(known, i) for i in range(len(known))]
+            length = max(len(known), 1)
+            batch = torch.from_numpy(np.stack([left_pad(v, length) for v in variants])).to(self.device)
+            scores = self.model.last_scores(batch)  # [1 + len(known), N]
+        full = scores[0].clone()
+        full[PADDING_INDEX] = float("-inf")
+        if exclude_history and len(known):
+            full[torch.from_numpy(known).to(self.device)] = float("-inf")
+        top = torch.topk(full, min(k, int(torch.isfinite(full).sum()))).indices
+        items = []
+        for index in top.tolist():
+            because = None
+            if len(known):
+                drop = scores[0, index] - scores[1:, index]  # how much each history item lifts this one
+                because = self.catalog.raw_id(int(known[int(torch.argmax(drop))]))
+            items.append(Recommendation(self.catalog.raw_id(index), float(full[index]), because))
+        return RecommendationList(items, MODEL_STRATEGY if len(known) else PRIOR_STRATEGY, unknown)
+

@@ -1,0 +1,159 @@
+"""Serving: the Python API, and the HTTP service through real HTTP (a real server process on loopback)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from common.artifacts import save_model
+from common.catalog import Catalog
+from common.errors import ConfigError
+from common.model import ModelConfig, SASRec
+from server.serving import PRIOR_STRATEGY, Recommender
+
+ITEMS = [f"item-{i}" for i in range(1, 41)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("model")
+    catalog = Catalog.from_items(ITEMS)
+    save_model(directory, SASRec(ModelConfig(num_items=catalog.num_items, max_len=8, hidden=16, heads=2, blocks=1)), catalog)
+    return directory
+
+
+def test_recommendations_exclude_the_history_and_explain_themselves_with_it(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"))
+    history = ["item-3", "item-7", "item-9"]
+    result = recommender.recommend(history + ["not-an-item"], k=5)
+    assert result.strategy == "model" and result.unknown_items == ["not-an-item"]
+    assert len(result.items) == 5 and not {r.item for r in result.items} & set(history)
+    assert all(r.because_of in history for r in result.items)
+    assert [r.score for r in result.items] == sorted((r.score for r in result.items), reverse=True)
+    with_history = recommender.recommend(history, k=40, exclude_history=False)
+    assert set(history) <= {r.item for r in with_history.items}
+
+
+def test_the_explanation_is_the_item_whose_removal_costs_the_most(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"))
+    history = ["item-3", "item-7", "item-9"]
+    top = recommender.recommend(history, k=1).items[0]
+    index = recommender.catalog.index_of(top.item)
+    with torch.no_grad():
+        without = {
+            h: float(recommender.model.last_scores(torch.tensor([[recommender.catalog.index_of(x) for x in history if x != h]]))[0, index])
+            for h in history
+        }
+    assert top.because_of == min(without, key=without.get)
+
+
+def test_cold_start_uses_the_models_prior(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"))
+    result = recommender.recommend([], k=3)
+    assert result.strategy == PRIOR_STRATEGY and len(result.items) == 3 and result.items[0].because_of is None
+    assert recommender.recommend(["unknown"], k=3).strategy == PRIOR_STRATEGY
+
+
+def test_k_out_of_range_is_refused(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"))
+    for k in (0, 1001):
+        with pytest.raises(ConfigError, match="between 1 and 1000"):
+            recommender.recommend(["item-1"], k=k)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def service(model_dir: Path) -> Iterator[str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "serve", str(model_dir), "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise RuntimeError(process.stderr.read().decode() if process.stderr else "server exited") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def test_the_service_answers_over_http(service: str) -> None:
+    status, body = _post(f"{service}/recommend", json.dumps({"history": ["item-3", 7, "nope"], "k": 4}).encode())
+    assert status == 200 and len(body["items"]) == 4 and body["unknown_items"] == ["7", "nope"]
+    assert body["strategy"] == "model" and body["items"][0]["because_of"] == "item-3"
+    status, body = _post(f"{service}/recommend/batch", json.dumps({"histories": [["item-1"], []], "k": 2}).encode())
+    assert status == 200 and [r["strategy"] for r in body["results"]] == ["model", PRIOR_STRATEGY]
+    with urllib.request.urlopen(f"{service}/model") as response:
+        info = json.loads(response.read())
+    assert info["catalog_size"] == len(ITEMS) and len(info["model_id"]) == 16
+    with urllib.request.urlopen(f"{service}/openapi.json") as response:
+        assert "/recommend/batch" in json.loads(response.read())["paths"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"history": "item-1"}',  # not a list
+        b'{"history": [["nested"]]}',
+        b'{"history": [], "k": 0}',
+        b'{"history": [], "k": 100000}',
+        b'{"history": [], "k": "ten"}',
+        b"not json at all",
+        b"[]",
+        b'{"histories": "x"}',
+    ],
+)
+def test_bad_bodies_get_a_4xx_with_a_message(service: str, body: bytes) -> None:
+    endpoint = "/recommend/batch" if b"histories" in body else "/recommend"
+    status, payload = _post(f"{service}{endpoint}", body)
+    assert 400 <= status < 500 and payload["detail"]
+
+
+def test_an_oversized_body_is_refused_with_413_declared_or_not(service: str) -> None:
+    huge = json.dumps({"history": ["item-1"] * 200_000}).encode()
+    assert _post(f"{service}/recommend", huge)[0] == 413
+
+    def chunks() -> Iterator[bytes]:  # no content-length: the limit must hold while reading
+        for start in range(0, len(huge), 65536):
+            yield huge[start : start + 65536]
+
+    request = urllib.request.Request(f"{service}/recommend", data=chunks(), method="POST",
+                                     headers={"content-type": "application/json", "Transfer-Encoding": "chunked"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert _post(f"{service}/recommend", b'{"history": ["item-1"], "k": 1}')[0] == 200  # and the server is fine
