@@ -161,8 +161,8 @@ class SASRec(nn.Module):
         return self.final_norm(x)
 
     def last_scores(self, item_ids: torch.Tensor) -> torch.Tensor:
-        """Scores for the item after the most recent one: [B, N]."""
-        return self.forward(item_ids)[:, -1, :]
+        """Scores for the item after the most recent one: [B, N] (the output layer on the last position only)."""
+        return self.output(self.hidden_states(item_ids)[:, -1, :])
 
 
 def sequence_loss(

@@ -25,12 +25,15 @@ class RecommendRequest(BaseModel):
     history: list[str | int] = Field(default_factory=list, max_length=MAX_HISTORY, description="raw item ids, oldest first")
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_history: bool = True
+    explain: bool = Field(True, description="name the history item behind each recommendation (costs one forward "
+                          "pass per history item)")
 
 
 class BatchRequest(BaseModel):
     histories: list[list[str | int]] = Field(max_length=MAX_BATCH)
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_history: bool = True
+    explain: bool = True
 
 
 class LimitBody:
@@ -95,7 +98,9 @@ def create_app(recommender: Recommender) -> FastAPI:
     @app.post("/recommend")
     def recommend(request: RecommendRequest) -> dict[str, Any]:
         try:
-            return recommender.recommend([str(i) for i in request.history], request.k, request.exclude_history).as_dict()
+            return recommender.recommend(
+                [str(i) for i in request.history], request.k, request.exclude_history, request.explain
+            ).as_dict()
         except ConfigError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
 
@@ -103,7 +108,7 @@ def create_app(recommender: Recommender) -> FastAPI:
     def recommend_batch(request: BatchRequest) -> dict[str, Any]:
         try:
             lists = recommender.recommend_many(
-                [[str(i) for i in h] for h in request.histories], request.k, request.exclude_history
+                [[str(i) for i in h] for h in request.histories], request.k, request.exclude_history, request.explain
             )
         except ConfigError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None

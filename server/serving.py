@@ -92,22 +92,24 @@ class Recommender:
         )
         return cls(model, catalog, info, device)
 
-    def recommend(self, history: Sequence[str], k: int = 10, exclude_history: bool = True) -> RecommendationList:
-        return self.recommend_many([history], k, exclude_history)[0]
+    def recommend(
+        self, history: Sequence[str], k: int = 10, exclude_history: bool = True, explain: bool = True
+    ) -> RecommendationList:
+        return self.recommend_many([history], k, exclude_history, explain)[0]
 
     def recommend_many(
-        self, histories: Sequence[Sequence[str]], k: int = 10, exclude_history: bool = True
+        self, histories: Sequence[Sequence[str]], k: int = 10, exclude_history: bool = True, explain: bool = True
     ) -> list[RecommendationList]:
         if not 1 <= k <= MAX_K:
             raise ConfigError(f"k={k}: must be between 1 and {MAX_K}")
-        return [self._recommend_one(history, k, exclude_history) for history in histories]
+        return [self._recommend_one(history, k, exclude_history, explain) for history in histories]
 
-    def _recommend_one(self, history: Sequence[str], k: int, exclude_history: bool) -> RecommendationList:
+    def _recommend_one(self, history: Sequence[str], k: int, exclude_history: bool, explain: bool) -> RecommendationList:
         known, unknown = self.catalog.indices([str(item) for item in history])
         known = known[-self.model.config.max_len :]
         with torch.no_grad():
             # Row 0: the history as given; row 1 + i: without its i-th item (occlusion, for the explanation).
-            variants = [known] + [np.delete(known, i) for i in range(len(known))]
+            variants = [known] + ([np.delete(known, i) for i in range(len(known))] if explain else [])
             length = max(len(known), 1)
             batch = torch.from_numpy(np.stack([left_pad(v, length) for v in variants])).to(self.device)
             scores = self.model.last_scores(batch)  # [1 + len(known), N]
@@ -119,7 +121,7 @@ class Recommender:
         items = []
         for index in top.tolist():
             because = None
-            if len(known):
+            if explain and len(known):
                 drop = scores[0, index] - scores[1:, index]  # how much each history item lifts this one
                 because = self.catalog.raw_id(int(known[int(torch.argmax(drop))]))
             items.append(Recommendation(self.catalog.raw_id(index), float(full[index]), because))

@@ -46,6 +46,14 @@ def test_recommendations_exclude_the_history_and_explain_themselves_with_it(mode
     assert set(history) <= {r.item for r in with_history.items}
 
 
+def test_without_explanations_the_ranking_is_the_same(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"))
+    history = ["item-3", "item-7", "item-9"]
+    explained, plain = recommender.recommend(history, k=5), recommender.recommend(history, k=5, explain=False)
+    assert [r.item for r in plain.items] == [r.item for r in explained.items]
+    assert all(r.because_of is None for r in plain.items)
+
+
 def test_the_explanation_is_the_item_whose_removal_costs_the_most(model_dir: Path) -> None:
     recommender = Recommender.load(model_dir, torch.device("cpu"))
     history = ["item-3", "item-7", "item-9"]

@@ -1,0 +1,173 @@
+"""Serving latency under a bounded local load: ``python -m simulations.bench_serving [--out FILE]``.
+
+For each catalogue size a model of that size is saved, ``fedtail serve`` is
+started as a real process pinned to one CPU core, and a fixed number of
+``POST /recommend`` requests (k = 10, histories of 50 known items) is sent at a
+fixed concurrency over keep-alive connections on loopback. Latency is measured
+at the client, per request. An untrained model costs the same as a trained one
+of the same shape, so the timings hold for real models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.artifacts import save_model
+from common.catalog import Catalog
+from common.files import write_json
+from common.model import ModelOptions, SASRec
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    catalog_size: int
+    requests: int
+    concurrency: int
+    history_length: int
+    k: int
+    explain: bool
+    p50_ms: float
+    p99_ms: float
+    requests_per_second: float
+    in_process_ms: float
+    """Median time of the same recommendation called in this process (no HTTP): what the model costs."""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_until_up(port: int, process: subprocess.Popen[bytes]) -> None:
+    for _ in range(600):
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError("the server exited before answering") from None
+            time.sleep(0.1)
+    raise RuntimeError("the server did not come up in 60 s")
+
+
+def _client(port: int, bodies: list[bytes], latencies: list[float]) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for body in bodies:
+        started = time.perf_counter()
+        connection.request("POST", "/recommend", body, {"content-type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}")
+        latencies.append(time.perf_counter() - started)
+
+
+def measure(
+    catalog_size: int, requests: int, concurrency: int, history_length: int, k: int, explain: bool
+) -> LoadResult:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    catalog = Catalog.from_items([str(i) for i in range(1, catalog_size + 1)])
+    model = SASRec(ModelOptions().for_catalog(catalog.num_items))
+    histories = [rng.choice(catalog_size, size=history_length, replace=False) + 1 for _ in range(requests)]
+    bodies = [json.dumps({"history": [str(i) for i in h], "k": k, "explain": explain}).encode() for h in histories]
+    with tempfile.TemporaryDirectory() as directory:
+        save_model(directory, model, catalog)
+        in_process = _in_process_ms(Path(directory), [[str(i) for i in h] for h in histories[:50]], k, explain)
+        port = _free_port()
+        command = [sys.executable, "-m", "simulations.cli", "serve", directory, "--port", str(port), "--device", "cpu"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if hasattr(os, "sched_setaffinity"):
+            command = ["taskset", "-c", "0", *command]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_until_up(port, process)
+            _client(port, bodies[:20], [])  # warm-up
+            latencies: list[float] = []
+            shares = [bodies[i::concurrency] for i in range(concurrency)]
+            threads = [threading.Thread(target=_client, args=(port, share, latencies)) for share in shares]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - started
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    if len(latencies) != requests:
+        raise RuntimeError(f"only {len(latencies)} of {requests} requests succeeded")
+    ordered = sorted(latencies)
+    return LoadResult(
+        catalog_size, requests, concurrency, history_length, k, explain,
+        p50_ms=1000 * statistics.median(ordered),
+        p99_ms=1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        requests_per_second=requests / elapsed,
+        in_process_ms=in_process,
+    )
+
+
+def _in_process_ms(model_dir: Path, histories: list[list[str]], k: int, explain: bool) -> float:
+    from server.serving import Recommender
+
+    torch.set_num_threads(1)
+    recommender = Recommender.load(model_dir, torch.device("cpu"))
+    times = []
+    for history in histories:
+        started = time.perf_counter()
+        recommender.recommend(history, k, explain=explain)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times[5:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--catalogs", type=int, nargs="+", default=[3000, 30000])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--history", type=int, default=50)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--out", default="runs/bench/serving.json")
+    args = parser.parse_args()
+    results = []
+    print("| catalogue | explain | concurrency | requests | p50 ms | p99 ms | requests/s | in-process ms (no HTTP) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in args.catalogs:
+        for explain in (True, False):
+            for concurrency in args.concurrency:
+                result = measure(size, args.requests, concurrency, args.history, args.k, explain)
+                results.append(result)
+                print(f"| {size} | {'yes' if explain else 'no'} | {concurrency} | {result.requests} | "
+                      f"{result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.requests_per_second:.0f} | "
+                      f"{result.in_process_ms:.1f} |", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "server": "one process pinned to CPU core 0, 1 torch thread"},
+        "results": [asdict(r) for r in results],
+    })
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
