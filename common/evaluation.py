@@ -18,6 +18,7 @@ import torch
 from common.catalog import PADDING_INDEX
 from common.metrics import exclusion_mask, grouped_ranking_metrics, item_metrics, rank_targets, ranking_metrics, top_k
 from common.model import SASRec
+from common.ranking import RankingOptions, rerank
 from common.split import EvaluationCases, trim_left_padding
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -36,6 +37,15 @@ def model_scorer(model: SASRec, device: torch.device) -> Scorer:
                 return model.last_scores(trimmed.to(device)).float().cpu()
         finally:
             model.train(was_training)
+
+    return score
+
+
+def reranked_scorer(base: Scorer, prior: torch.Tensor, options: RankingOptions) -> Scorer:
+    """``base`` re-ranked for the long tail (``common.ranking``), each case by its own history length."""
+
+    def score(inputs: torch.Tensor) -> torch.Tensor:
+        return rerank(base(inputs), (inputs != PADDING_INDEX).sum(dim=1), prior, options)
 
     return score
 

@@ -26,6 +26,7 @@ from common.artifacts import MODEL_FILE, load_model
 from common.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.model import PADDING_INDEX, SASRec
+from common.ranking import RankingOptions, model_prior, rerank
 from common.run_files import GLOBAL_MODEL_FILE, SUMMARY_FILE
 from common.split import left_pad
 from common.training import pick_device
@@ -66,14 +67,21 @@ class ModelInfo:
 
 
 class Recommender:
-    def __init__(self, model: SASRec, catalog: Catalog, info: ModelInfo, device: torch.device) -> None:
+    def __init__(
+        self, model: SASRec, catalog: Catalog, info: ModelInfo, device: torch.device,
+        ranking: RankingOptions = RankingOptions(),
+    ) -> None:
         self.model = model.to(device).eval()
         self.catalog = catalog
         self.info = info
         self.device = device
+        self.ranking = ranking
+        self.prior = model_prior(self.model)
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: torch.device | None = None) -> Recommender:
+    def load(
+        cls, run_dir: str | Path, device: torch.device | None = None, ranking: RankingOptions = RankingOptions()
+    ) -> Recommender:
         """A federated run folder (global_model.pt) or a centralized one (model.pt), with its catalog.json."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
@@ -90,7 +98,7 @@ class Recommender:
             run_id=summary.get("run", {}).get("run_id"),
             privacy=summary.get("privacy"),
         )
-        return cls(model, catalog, info, device)
+        return cls(model, catalog, info, device, ranking)
 
     def recommend(
         self, history: Sequence[str], k: int = 10, exclude_history: bool = True, explain: bool = True
@@ -113,7 +121,7 @@ class Recommender:
             length = max(len(known), 1)
             batch = torch.from_numpy(np.stack([left_pad(v, length) for v in variants])).to(self.device)
             scores = self.model.last_scores(batch)  # [1 + len(known), N]
-        full = scores[0].clone()
+        full = rerank(scores[:1], torch.tensor([len(known)]), self.prior, self.ranking)[0].clone()
         full[PADDING_INDEX] = float("-inf")
         if exclude_history and len(known):
             full[torch.from_numpy(known).to(self.device)] = float("-inf")
@@ -125,5 +133,13 @@ class Recommender:
                 drop = scores[0, index] - scores[1:, index]  # how much each history item lifts this one
                 because = self.catalog.raw_id(int(known[int(torch.argmax(drop))]))
             items.append(Recommendation(self.catalog.raw_id(index), float(full[index]), because))
-        return RecommendationList(items, MODEL_STRATEGY if len(known) else PRIOR_STRATEGY, unknown)
+        return RecommendationList(items, self._strategy(len(known)), unknown)
+
+    def _strategy(self, known: int) -> str:
+        parts = [MODEL_STRATEGY if known else PRIOR_STRATEGY]
+        if self.ranking.cold_start_weight > 0 and known < self.ranking.cold_start_fade:
+            parts.append(f"cold-start blend with the model prior (weight {self.ranking.cold_start_weight * (1 - known / self.ranking.cold_start_fade):.2f})")
+        if self.ranking.tail_penalty > 0:
+            parts.append(f"tail penalty {self.ranking.tail_penalty:g}")
+        return " + ".join(parts)
 

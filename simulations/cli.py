@@ -24,6 +24,7 @@ from common.errors import ConfigError, FedtailError
 from common.federation import SERVER_OPTIMIZERS, RunSettings
 from common.partition import SCHEMES
 from common.files import write_json
+from common.ranking import RankingOptions
 from common.readers import FORMATS, ColumnNames
 from common.training import TrainConfig, pick_device
 from common.model import ModelOptions
@@ -193,7 +194,8 @@ def _serve(args: argparse.Namespace) -> int:
     from server.http import create_app
     from server.serving import Recommender
 
-    recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None)
+    ranking = RankingOptions(args.cold_start_weight, args.cold_start_fade, args.tail_penalty)
+    recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None, ranking)
     print(f"fedtail: serving {args.run_dir} (model {recommender.info.model_id}, {recommender.info.catalog_size} items) "
           f"on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
     uvicorn.run(create_app(recommender), host=args.host, port=args.port, log_level="warning")
@@ -274,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
+    ranking = RankingOptions()
+    serve.add_argument("--cold-start-weight", type=float, default=ranking.cold_start_weight,
+                       help="blend short histories with the model's prior at this weight (0: off)")
+    serve.add_argument("--cold-start-fade", type=int, default=ranking.cold_start_fade,
+                       help="history length at which the blend has faded out")
+    serve.add_argument("--tail-penalty", type=float, default=ranking.tail_penalty,
+                       help="lift rare items: score - penalty * log(prior) (0: off)")
     serve.set_defaults(handler=_serve)
 
     audit_parser = commands.add_parser(

@@ -20,6 +20,7 @@ from common.artifacts import save_model
 from common.catalog import Catalog
 from common.errors import ConfigError
 from common.model import ModelConfig, SASRec
+from common.ranking import RankingOptions
 from server.serving import PRIOR_STRATEGY, Recommender
 
 ITEMS = [f"item-{i}" for i in range(1, 41)]
@@ -165,3 +166,10 @@ def test_an_oversized_body_is_refused_with_413_declared_or_not(service: str) -> 
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 413
     assert _post(f"{service}/recommend", b'{"history": ["item-1"], "k": 1}')[0] == 200  # and the server is fine
+
+
+def test_ranking_options_reach_the_recommendations_and_say_so(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"), RankingOptions(cold_start_weight=0.5, tail_penalty=0.5))
+    short = recommender.recommend(["item-3"], k=5)
+    assert "cold-start blend" in short.strategy and "tail penalty 0.5" in short.strategy
+    assert "cold-start blend" not in recommender.recommend([f"item-{i}" for i in range(1, 8)], k=5).strategy
