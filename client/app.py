@@ -30,16 +30,16 @@ from client.shard import SiteShard, deployed_shard, simulated_shard
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.ledger import Ledger
-from common.run_files import LEDGER_DIR, site_ledger
 from common.model import SASRec
+from common.run_files import LEDGER_DIR, site_ledger
 from common.training import pick_device
 
 app = ClientApp()
 logger = logging.getLogger("fedtail.client")
 
 REPLY_METRICS = ("weight", "epsilon", "dp", "declined")
-LEDGER_HEAD = "ledger-head"
 REPLY_SITE_FIELDS = ("site-id", "reason")
+LEDGER_HEAD = "ledger-head"
 
 
 @dataclass(frozen=True)

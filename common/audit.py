@@ -201,7 +201,7 @@ def global_statement(report: AuditReport) -> str:
 
 
 def independent_epsilons(history: Sequence[MechanismStep], delta: float) -> dict[str, float | None]:
-    """Epsilon of the whole history from each accountant; None where one cannot evaluate it (with the reason logged)."""
+    """Epsilon of the whole history from each accountant; None where one cannot evaluate it (the caller reports it)."""
     results: dict[str, float | None] = {}
     for name, compute in (
         ("opacus-rdp", lambda: epsilon_from_history(history, delta, "rdp")),

@@ -13,12 +13,20 @@ import ctypes
 import fcntl
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import IO
 
 from common.errors import ConfigError
 
 PR_SET_PDEATHSIG = 1
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for the servers fedtail starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def die_with_parent(signal_number: int = signal.SIGTERM) -> None:

@@ -48,7 +48,6 @@ from server.strategy import private_strategy
 app = ServerApp()
 
 
-
 @dataclass(frozen=True)
 class Evaluator:
     """The simulation server's held-out view of all users: validation per round, test at the end."""

@@ -26,7 +26,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from common.errors import ConfigError
-from common.federation import SERVER_OPTIMIZERS
 
 WEIGHT_KEY = "weight"
 
@@ -126,7 +125,7 @@ class PrivateFedAdam(PrivateAggregation, FedAdam):
     """Adam on the server, the averaged update as its pseudo-gradient."""
 
 
-DEFAULT_SERVER_LEARNING_RATE = dict(zip(SERVER_OPTIMIZERS, (1.0, 1.0, 1e-2)))
+DEFAULT_SERVER_LEARNING_RATE = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-2}
 
 
 def private_strategy(

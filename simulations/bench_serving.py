@@ -15,7 +15,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from common.artifacts import save_model
 from common.catalog import Catalog
 from common.files import write_json
 from common.model import ModelOptions, SASRec
+from common.processes import free_loopback_port
+from server.serving import Recommender
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,6 @@ class LoadResult:
     requests_per_second: float
     in_process_ms: float
     """Median time of the same recommendation called in this process (no HTTP): what the model costs."""
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_until_up(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -93,7 +88,7 @@ def measure(
     with tempfile.TemporaryDirectory() as directory:
         save_model(directory, model, catalog)
         in_process = _in_process_ms(Path(directory), [[str(i) for i in h] for h in histories[:50]], k, explain)
-        port = _free_port()
+        port = free_loopback_port()
         command = [sys.executable, "-m", "simulations.cli", "serve", directory, "--port", str(port), "--device", "cpu"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if hasattr(os, "sched_setaffinity"):
@@ -127,8 +122,6 @@ def measure(
 
 
 def _in_process_ms(model_dir: Path, histories: list[list[str]], k: int, explain: bool) -> float:
-    from server.serving import Recommender
-
     torch.set_num_threads(1)
     recommender = Recommender.load(model_dir, torch.device("cpu"))
     times = []

@@ -11,12 +11,10 @@ training data's popularity, as the baseline always does.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.artifacts import MODEL_FILE, load_model

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from client.dp import check_delta
 from client.shard import simulated_shard
 from common.errors import ConfigError, FedtailError
 from common.federation import RunSettings
-from common.processes import die_with_parent
+from common.processes import die_with_parent, free_loopback_port
 from common.progress import log
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -46,12 +45,6 @@ class Resources:
     cpus_per_site: int = 2
     gpus_per_site: float = 0.0
     timeout_s: float = 6 * 3600.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _executable(name: str) -> str:
@@ -140,7 +133,7 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
     settings = RunSettings(**{**settings.__dict__, "out_dir": str(out_dir)})
     flower_home = out_dir / "flower"
     flower_home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_loopback_port()
     (flower_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
         encoding="utf-8",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, plan_round, private_step, train_site_round
+from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, plan_round, train_site_round
 from common.errors import ConfigError
 from common.ledger import Ledger
 from common.model import ModelConfig, SASRec, sequence_loss

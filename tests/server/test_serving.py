@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from common.artifacts import save_model
 from common.catalog import Catalog
 from common.errors import ConfigError
 from common.model import ModelConfig, SASRec
+from common.processes import free_loopback_port
 from common.ranking import RankingOptions
 from server.serving import PRIOR_STRATEGY, Recommender
 
@@ -82,15 +82,9 @@ def test_k_out_of_range_is_refused(model_dir: Path) -> None:
             recommender.recommend(["item-1"], k=k)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def service(model_dir: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_loopback_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "simulations.cli", "serve", str(model_dir), "--port", str(port), "--device", "cpu"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from opacus.accountants import RDPAccountant
 
 from common.artifacts import load_model
