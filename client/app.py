@@ -127,7 +127,14 @@ def train(msg: Message, context: Context) -> Message:
     outcome = train_site_round(
         model,
         site.shard.examples,
-        LocalTraining(settings.batch_size, settings.local_epochs, settings.learning_rate, settings.loss),  # type: ignore[arg-type]
+        LocalTraining(
+            settings.batch_size,
+            settings.local_epochs,
+            settings.learning_rate,
+            settings.loss,  # type: ignore[arg-type]
+            settings.grad_sample_mode,  # type: ignore[arg-type]
+            settings.max_physical_batch_size,
+        ),
         PrivacyPlan(
             settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds, site.max_epsilon
         ),

@@ -15,6 +15,7 @@ from typing import Any
 from common.errors import ConfigError
 from common.model import ModelConfig, ModelOptions
 from common.partition import SCHEMES
+from common.privacy import GRAD_SAMPLE_MODES
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
@@ -41,6 +42,8 @@ class RunSettings:
     local_epochs: float = 1.0
     learning_rate: float = 5e-3  # under DP noise, 1e-3 learns far slower (measured on the synthetic default)
     loss: str = "ce"
+    grad_sample_mode: str = "ghost"  # how Opacus measures per-user gradient norms (client.dp.GradSampleMode)
+    max_physical_batch_size: int = 0  # split bigger Poisson batches to bound memory; 0: never
     # Model options, flat because Flower's run config is flat; defaults from ModelOptions.
     max_len: int = ModelOptions.max_len
     hidden: int = ModelOptions.hidden
@@ -66,6 +69,10 @@ class RunSettings:
             f"local-epochs={self.local_epochs}: must be positive" * (self.local_epochs <= 0),
             f"learning-rate={self.learning_rate}: must be positive" * (self.learning_rate <= 0),
             f"loss='{self.loss}': use 'ce' or 'bce'" * (self.loss not in ("ce", "bce")),
+            f"grad-sample-mode='{self.grad_sample_mode}': use one of {', '.join(GRAD_SAMPLE_MODES)}"
+            * (self.grad_sample_mode not in GRAD_SAMPLE_MODES),
+            f"max-physical-batch-size={self.max_physical_batch_size}: must be 0 (off) or positive"
+            * (self.max_physical_batch_size < 0),
         ]
         problems = [problem for problem in problems if problem]
         if problems:

@@ -189,7 +189,11 @@ def per_user_loss(
     if loss == "ce":
         scores = scores.clone()
         scores[..., PADDING_INDEX] = float("-inf")
-        per_position = F.cross_entropy(scores.transpose(1, 2), targets, reduction="none", ignore_index=PADDING_INDEX)
+        # Over [B * L, N] rows, not the [B, N, L] layout cross_entropy takes for sequences: that one copies
+        # the catalogue-sized tensor and runs a strided softmax (30% of a training step at 3,000 items).
+        per_position = F.cross_entropy(
+            scores.view(-1, scores.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=PADDING_INDEX
+        ).view(targets.shape)
     elif loss == "bce":
         negatives = torch.randint(
             1, scores.shape[-1], targets.shape, device=targets.device, generator=generator

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Literal, get_args
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -18,6 +19,18 @@ from common.errors import ConfigError
 ACCOUNTANT = "rdp"
 MechanismStep = tuple[float, float, int]
 """(noise_multiplier, sample_rate, steps): one training call, as Opacus' accountants store it."""
+
+GradSampleMode = Literal["ghost", "hooks"]
+"""How Opacus gets each user's gradient norm; both clip every per-user gradient (tests/client/test_dp.py).
+
+``ghost`` computes the norms without materialising per-user gradients (memory
+independent of the catalogue, see ``client.dp.GhostClipping``); ``hooks`` stores a
+batch x catalogue x hidden gradient per item table. ``ghost`` is the default:
+the faster of the two at every catalogue size measured and far lighter at large
+ones (docs/benchmarks.md). Opacus' ``functorch`` mode is not offered: it fails
+on an empty Poisson batch, which small sites draw routinely.
+"""
+GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
 
 
 def epsilon_from_history(history: Sequence[MechanismStep], delta: float, accountant: str = ACCOUNTANT) -> float:

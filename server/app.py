@@ -163,8 +163,10 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
                 f"round {number}: every sampled site failed, so the run stops here. First error: "
                 f"{strategy.last_round.failures[0][:2000]}"
             )
+        evaluation_started = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(model_scorer(model, device), evaluator.valid, evaluator.popularity, evaluator.num_users)
+        evaluation_seconds = time.perf_counter() - evaluation_started
         replies = strategy.last_round
         line = {
             "round": number,
@@ -179,6 +181,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "site_epsilon": dict(strategy.site_epsilon),
             "epsilon": max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
             "seconds": time.perf_counter() - round_started[0],
+            "evaluation_seconds": evaluation_seconds,  # the server's validation pass, included in "seconds"
         }
         with (out_dir / ROUNDS_FILE).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")

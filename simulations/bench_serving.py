@@ -132,6 +132,19 @@ def _in_process_ms(model_dir: Path, histories: list[list[str]], k: int, explain:
     return 1000 * statistics.median(times[5:])
 
 
+def format_table(results: list[LoadResult]) -> str:
+    lines = [
+        "| catalogue | explain | concurrency | requests | p50 ms | p99 ms | requests/s | in-process ms (no HTTP) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.catalog_size} | {'yes' if r.explain else 'no'} | {r.concurrency} | {r.requests} | {r.p50_ms:.1f} | "
+        f"{r.p99_ms:.1f} | {r.requests_per_second:.0f} | {r.in_process_ms:.1f} |"
+        for r in results
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--catalogs", type=int, nargs="+", default=[3000, 30000])
@@ -142,16 +155,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/serving.json")
     args = parser.parse_args()
     results = []
-    print("| catalogue | explain | concurrency | requests | p50 ms | p99 ms | requests/s | in-process ms (no HTTP) |")
-    print("|---|---|---|---|---|---|---|---|")
     for size in args.catalogs:
         for explain in (True, False):
             for concurrency in args.concurrency:
-                result = measure(size, args.requests, concurrency, args.history, args.k, explain)
-                results.append(result)
-                print(f"| {size} | {'yes' if explain else 'no'} | {concurrency} | {result.requests} | "
-                      f"{result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.requests_per_second:.0f} | "
-                      f"{result.in_process_ms:.1f} |", flush=True)
+                results.append(measure(size, args.requests, concurrency, args.history, args.k, explain))
+                print(f"measured {size} items, explain {explain}, concurrency {concurrency}", flush=True)
+    print(format_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {

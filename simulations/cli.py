@@ -23,11 +23,13 @@ from common.datasets import DEFAULT_DATASET, load_dataset
 from common.errors import ConfigError, FedtailError
 from common.federation import SERVER_OPTIMIZERS, RunSettings
 from common.partition import SCHEMES
+from common.privacy import GRAD_SAMPLE_MODES
 from common.files import write_json
 from common.ranking import RankingOptions
 from common.readers import FORMATS, ColumnNames
 from common.training import TrainConfig, pick_device
 from common.model import ModelOptions
+from simulations import bench as bench_suite
 from simulations.canary import CanaryConfig, format_empirical, run_empirical_audit
 from simulations.centralized import evaluate_saved, train_centralized
 from simulations.report import format_federated_summary, format_metrics_table
@@ -134,6 +136,8 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
         local_epochs=args.local_epochs,
         learning_rate=args.lr,
         loss=args.loss,
+        grad_sample_mode=args.grad_sample_mode,
+        max_physical_batch_size=args.max_physical_batch,
         max_len=args.max_len,
         hidden=args.hidden,
         heads=args.heads,
@@ -215,6 +219,10 @@ def _add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=run.batch_size, help="expected users per DP-SGD step")
     parser.add_argument("--local-epochs", type=float, default=run.local_epochs, help="local passes per round")
     parser.add_argument("--lr", type=float, default=run.learning_rate)
+    parser.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=run.grad_sample_mode,
+                        help="how per-user gradient norms are measured (ghost: fast, catalogue-independent memory)")
+    parser.add_argument("--max-physical-batch", type=int, default=run.max_physical_batch_size,
+                        help="split bigger Poisson batches into pieces of this many users to bound memory (0: never)")
     parser.add_argument("--fraction-sites", type=float, default=run.fraction_sites, help="share of sites per round")
     parser.add_argument("--min-sites", type=int, default=run.min_sites, help="at least this many sites per round")
     parser.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default=run.server_optimizer,
@@ -300,11 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(audit_parser)
     _add_federation_arguments(audit_parser)
     audit_parser.set_defaults(handler=_audit)
+
+    # Listed for --help only: main() hands `fedtail bench ...` to the suite's own parser before parsing.
+    commands.add_parser("bench", add_help=False, help="the benchmark suite (same as python -m simulations.bench)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        return bench_suite.main(arguments[1:])
+    args = build_parser().parse_args(arguments)
     try:
         return int(args.handler(args))
     except FedtailError as error:

@@ -12,7 +12,19 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, plan_round, train_site_round
+from client.dp import (
+    GRAD_SAMPLE_MODES,
+    LocalTraining,
+    PrivacyPlan,
+    RoundPlan,
+    embedding_norm_sample,
+    linear_norm_sample,
+    make_private,
+    physical_batches,
+    plan_round,
+    private_step,
+    train_site_round,
+)
 from common.errors import ConfigError
 from common.ledger import Ledger
 from common.model import ModelConfig, SASRec, sequence_loss
@@ -21,6 +33,8 @@ from tests.gradients import mean_of_clipped, true_per_user_gradients
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 """The privacy tests run on every device present: on a GPU machine they run twice."""
+MODES = list(GRAD_SAMPLE_MODES)
+"""... and in every grad-sample mode a site may choose."""
 
 CONFIG = ModelConfig(num_items=25, max_len=6, hidden=16, heads=2, blocks=1, dropout=0.0)
 
@@ -37,21 +51,20 @@ def _round(model, examples, training, privacy, ledger, round_number=1, seed=0, d
     )
 
 
-def test_noise_zero_and_huge_clip_make_one_dp_step_equal_the_non_private_step() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_noise_zero_and_huge_clip_make_one_dp_step_equal_the_non_private_step(mode: str) -> None:
     torch.manual_seed(0)
     examples = _examples(8)
-    training = LocalTraining(expected_batch_size=8, learning_rate=0.01)
+    training = LocalTraining(expected_batch_size=8, learning_rate=0.01, grad_sample_mode=mode)
     privacy = PrivacyPlan(max_grad_norm=1e6)
     plan = plan_round(len(examples), training, privacy)
     assert plan.sample_rate == 1.0
     private = SASRec(CONFIG)
     plain = copy.deepcopy(private)
-    _, private_model, optimizer, _ = make_private(
-        private, examples, training, privacy, RoundPlan(plan.sample_rate, 1, 0.0), *_generators("cpu", 0)
-    )
-    optimizer.zero_grad()
-    sequence_loss(private_model(examples.inputs), examples.targets).backward()
-    optimizer.pre_step()  # what DP-SGD hands to Adam
+    dp = make_private(private, examples, training, privacy, RoundPlan(plan.sample_rate, 1, 0.0), *_generators("cpu", 0))
+    dp.optimizer.zero_grad()
+    dp.loss(examples.inputs, examples.targets).backward()
+    dp.optimizer.pre_step()  # what DP-SGD hands to Adam
     sequence_loss(plain(examples.inputs), examples.targets).backward()
     for (name, a), b in zip(private.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
@@ -62,22 +75,21 @@ def _generators(device: str, seed: int) -> tuple[torch.Generator, torch.Generato
     return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c(device: str) -> None:
+def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c(device: str, mode: str) -> None:
     torch.manual_seed(1)
     examples = _examples(6, seed=1)
-    training = LocalTraining(expected_batch_size=6)
+    training = LocalTraining(expected_batch_size=6, grad_sample_mode=mode)
     clip = 0.01
     privacy = PrivacyPlan(max_grad_norm=clip)
     model = SASRec(CONFIG)
     truth = true_per_user_gradients(model, examples.inputs, examples.targets)
     model.to(device)
-    _, private_model, optimizer, _ = make_private(
-        model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), *_generators(device, 0)
-    )
-    optimizer.zero_grad()
-    sequence_loss(private_model(examples.inputs.to(device)), examples.targets.to(device)).backward()
-    optimizer.pre_step()  # clip, add (zero) noise, scale: exactly what step() applies before Adam
+    dp = make_private(model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), *_generators(device, 0))
+    dp.optimizer.zero_grad()
+    dp.loss(examples.inputs.to(device), examples.targets.to(device)).backward()
+    dp.optimizer.pre_step()  # clip, add (zero) noise, scale: exactly what step() applies before Adam
     expected = mean_of_clipped(truth, clip, len(truth))
     assert set(expected) >= {"output.weight", "item_embedding.weight"}
     for name, p in model.named_parameters():
@@ -85,11 +97,12 @@ def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c(device: str
         torch.testing.assert_close(p.grad.cpu(), expected[name], rtol=1e-3, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_added_noise_has_std_noise_multiplier_times_c(device: str) -> None:
+def test_added_noise_has_std_noise_multiplier_times_c(device: str, mode: str) -> None:
     torch.manual_seed(2)
     examples = _examples(10, seed=2)
-    training = LocalTraining(expected_batch_size=10)
+    training = LocalTraining(expected_batch_size=10, grad_sample_mode=mode)
     sigma, clip = 1.7, 0.3
     privacy = PrivacyPlan(max_grad_norm=clip)
     wide = ModelConfig(num_items=400, max_len=6, hidden=32, heads=2, blocks=1, dropout=0.0)
@@ -99,14 +112,12 @@ def test_added_noise_has_std_noise_multiplier_times_c(device: str) -> None:
         model = SASRec(wide)
         model.load_state_dict(initial)
         model.to(device)
-        _, private_model, optimizer, _ = make_private(
-            model, examples, training, privacy, RoundPlan(1.0, 1, noise), *_generators(device, 5)
-        )
-        optimizer.zero_grad()
-        sequence_loss(private_model(examples.inputs.to(device)), examples.targets.to(device)).backward()
-        optimizer.pre_step()
+        dp = make_private(model, examples, training, privacy, RoundPlan(1.0, 1, noise), *_generators(device, 5))
+        dp.optimizer.zero_grad()
+        dp.loss(examples.inputs.to(device), examples.targets.to(device)).backward()
+        dp.optimizer.pre_step()
         grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters()]))
-    noise_sum = (grads[1] - grads[0]) * optimizer.expected_batch_size  # undo the division by the batch size
+    noise_sum = (grads[1] - grads[0]) * dp.optimizer.expected_batch_size  # undo the division by the batch size
     expected_std = sigma * clip
     count = noise_sum.numel()
     assert count > 10_000
@@ -222,3 +233,64 @@ def test_noise_and_sampling_cannot_be_reproduced_from_the_public_run_parameters(
         released.append(_round(model, examples, training, privacy, ledger, 1, seed=0).state_dict)
     differences = [float((released[0][name] - released[1][name]).abs().max()) for name in released[0]]
     assert max(differences) > 1e-4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_physical_batch_splitting_gives_the_same_clipped_sum_as_one_batch(mode: str) -> None:
+    """BatchMemoryManager: a logical batch of 9 users in pieces of 4, 4 and 1; one optimizer step, one accounted step."""
+    torch.manual_seed(7)
+    examples = _examples(9, seed=7)
+    clip = 0.01
+    truth = true_per_user_gradients(SASRec(CONFIG), examples.inputs, examples.targets)
+    torch.manual_seed(7)
+    model = SASRec(CONFIG)
+    training = LocalTraining(expected_batch_size=9, grad_sample_mode=mode, max_physical_batch_size=4)
+    privacy = PrivacyPlan(max_grad_norm=clip)
+    dp = make_private(model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), *_generators("cpu", 0))
+    ended = []
+    with physical_batches(dp, training) as loader:
+        for inputs, targets in loader:
+            ended.append(private_step(dp, inputs, targets))
+    assert ended[-1] and sum(ended) == 1 and len(ended) >= 2, ended
+    expected = mean_of_clipped(truth, clip, 9)
+    for name, p in model.named_parameters():  # after step(), .grad still holds what Adam was given
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-9, msg=name)
+    assert dp.engine.accountant.history == [(0.0, 1.0, 1)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_empty_poisson_batch_is_pure_noise(mode: str) -> None:
+    examples = _examples(6)
+    training = LocalTraining(expected_batch_size=6, grad_sample_mode=mode)
+    model = SASRec(CONFIG)
+    privacy = PrivacyPlan(max_grad_norm=0.5)
+    dp = make_private(model, examples, training, privacy, RoundPlan(1.0, 1, 1.0), *_generators("cpu", 3))
+    dp.optimizer.zero_grad()
+    dp.loss(examples.inputs[:0], examples.targets[:0]).backward()
+    dp.optimizer.pre_step()
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()]) * dp.optimizer.expected_batch_size
+    assert torch.isfinite(noise).all()
+    assert float(noise.std()) == pytest.approx(0.5, rel=0.1)
+
+
+def test_fast_norm_samplers_agree_with_explicit_per_user_gradients() -> None:
+    """The embedding and linear norm formulas that replace Opacus' own, against per-user gradients built by hand."""
+    generator = torch.Generator().manual_seed(8)
+    embedding = torch.nn.Embedding(12, 5, padding_idx=0)
+    ids = torch.randint(0, 12, (7, 9), generator=generator)
+    ids[:, :2] = 0  # left padding, and repeated items within a user
+    ids[0, 3:6] = 4
+    backprops = torch.randn(7, 9, 5, generator=generator)
+    explicit = torch.zeros(7, 12, 5).index_put_(
+        (torch.arange(7).repeat_interleave(9), ids.flatten()), backprops.reshape(-1, 5), accumulate=True
+    )
+    explicit[:, 0] = 0  # the padding row gets no gradient
+    norms = embedding_norm_sample(embedding, [ids], backprops)[embedding.weight]
+    torch.testing.assert_close(norms, explicit.flatten(1).norm(dim=1))
+
+    linear = torch.nn.Linear(5, 6)
+    inputs = torch.randn(7, 9, 5, generator=generator)
+    grads = torch.randn(7, 9, 6, generator=generator)
+    norms = linear_norm_sample(linear, [inputs], grads)
+    torch.testing.assert_close(norms[linear.weight], torch.einsum("bto,bti->boi", grads, inputs).flatten(1).norm(dim=1))
+    torch.testing.assert_close(norms[linear.bias], grads.sum(dim=1).norm(dim=1))

@@ -1,0 +1,512 @@
+"""fedtail's benchmarks: DP step speed and memory, federation overhead, privacy-utility frontier, serving latency.
+
+``python -m simulations.bench [NAME ...] [--full] [--out DIR]``, or ``fedtail bench``. Sub-benchmarks (all by default), each printing a table and saving JSON, and an
+SVG chart where a picture says more:
+
+- ``dp-step``: one DP-SGD step (batch 64, histories of 50) against the
+  non-private step, per grad-sample mode, at catalogues of 3k / 30k / 100k
+  items. Modes are interleaved step by step in one process so that machine
+  noise hits all of them alike; times are medians, memory is the step's peak
+  above what was allocated before it (CUDA allocator, or sampled RSS on CPU).
+- ``sites``: a simulated round's wall time on Flower's Simulation Engine
+  against the same sites' local training run directly in this process, for
+  2 / 10 / 50 (quick) or 2 / 10 / 50 / 100 (``--full``) sites, with the peak
+  memory of the whole process tree (Flower, Ray and the site processes).
+- ``frontier``: NDCG@10 overall and on tail users against epsilon (1, 2, 4, 8
+  and non-private) on the synthetic default, and with ``--full`` on MovieLens
+  100K when ``../shared/data/ml-100k`` is present.
+- ``serving``: the HTTP load test of ``simulations.bench_serving``.
+
+``--out`` gets ``<name>.json`` (and ``<name>.svg``) per sub-benchmark and a
+``benchmarks.md`` page assembled from all JSON files present there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, plan_round, private_step, train_site_round
+from client.shard import simulated_shard
+from common.datasets import DEFAULT_DATASET
+from common.federation import RunSettings
+from common.files import write_json
+from common.ledger import Ledger
+from common.model import ModelOptions, SASRec, sequence_loss
+from common.plot import Panel, Series, write_line_charts
+from common.privacy import GRAD_SAMPLE_MODES
+from common.split import training_examples
+from common.training import pick_device
+from simulations import bench_serving
+from simulations.simulate import Resources, simulate
+
+ML_100K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ml-100k"
+
+
+# --- memory --------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0  # the process ended between listing and reading
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in children.get(pid, [])]
+        found.extend(frontier)
+    return found
+
+
+@contextmanager
+def peak_rss(tree: bool = False, interval_s: float = 0.002) -> Iterator[list[int]]:
+    """Samples resident memory while the block runs; yields a list whose one element becomes the peak in bytes.
+
+    With ``tree``, the sum over this process and all its descendants (RSS counts
+    shared library pages once per process, so this overstates a tree's use).
+    """
+    if not Path("/proc/self/statm").exists():
+        raise RuntimeError("memory sampling needs Linux /proc")
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            pids = _descendants(os.getpid()) if tree else [os.getpid()]
+            peak[0] = max(peak[0], sum(_rss_bytes(pid) for pid in pids))
+            stop.wait(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
+# --- dp-step -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    catalog_size: int
+    mode: str
+    median_s: float
+    step_times_s: list[float]
+    peak_step_memory_mb: float
+    time_ratio: float
+    memory_ratio: float
+
+
+def _timed(device: torch.device, step: Callable[[], None]) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _step_memory(device: torch.device, step: Callable[[], None]) -> float:
+    """Peak bytes above the memory in use before the step (measured apart from timing: sampling costs CPU)."""
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - before
+    before = _rss_bytes(os.getpid())
+    with peak_rss() as peak:
+        step()
+    return max(peak[0] - before, 0)
+
+
+def bench_dp_step(catalogs: list[int], steps: int, device: torch.device, batch: int = 64) -> list[StepResult]:
+    """Non-private and every grad-sample mode, interleaved step by step, at each catalogue size."""
+    results = []
+    options = ModelOptions()
+    for size in catalogs:
+        rng = np.random.default_rng(size)
+        sequences = [rng.integers(1, size + 1, size=options.max_len + 1) for _ in range(batch)]
+        examples = training_examples(sequences, options.max_len)
+        inputs, targets = examples.inputs.to(device), examples.targets.to(device)
+        torch.manual_seed(0)
+        steppers: dict[str, Callable[[], None]] = {"non-private": _plain_stepper(options, size, inputs, targets, device)}
+        for mode in GRAD_SAMPLE_MODES:
+            steppers[mode] = _private_stepper(options, size, examples, mode, inputs, targets, device)
+        times: dict[str, list[float]] = {name: [] for name in steppers}
+        for index in range(steps + 1):
+            for name, step in steppers.items():
+                seconds = _timed(device, step)
+                if index > 0:  # the first step of each warms caches and the allocator up
+                    times[name].append(seconds)
+            print(f"  dp-step {size} items: step {index}/{steps} done", flush=True)
+        memory = {name: _step_memory(device, step) for name, step in steppers.items()}
+        base_time = statistics.median(times["non-private"])
+        for name in steppers:
+            median = statistics.median(times[name])
+            results.append(
+                StepResult(
+                    size, name, median, [round(t, 4) for t in times[name]], memory[name] / 2**20,
+                    median / base_time, memory[name] / memory["non-private"],
+                )
+            )
+        del steppers
+    return results
+
+
+def _plain_stepper(
+    options: ModelOptions, size: int, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device
+) -> Callable[[], None]:
+    model = SASRec(options.for_catalog(size)).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        sequence_loss(model(inputs), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # so that the next step's "before" holds no gradients
+
+    return step
+
+
+def _private_stepper(
+    options: ModelOptions,
+    size: int,
+    examples: Any,
+    mode: str,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    device: torch.device,
+) -> Callable[[], None]:
+    model = SASRec(options.for_catalog(size)).to(device).train()
+    training = LocalTraining(expected_batch_size=len(inputs), grad_sample_mode=mode)  # type: ignore[arg-type]
+    plan = RoundPlan(sample_rate=1.0, steps=1, noise_multiplier=1.0)
+    private = make_private(
+        model, examples, training, PrivacyPlan(), plan, torch.Generator().manual_seed(0),
+        torch.Generator(device=device).manual_seed(0),
+    )
+
+    def step() -> None:
+        private_step(private, inputs, targets)
+        private.optimizer.zero_grad(set_to_none=True)  # frees per-user gradients (hooks) before the next measurement
+
+    return step
+
+
+def _print_dp_step(results: list[StepResult]) -> str:
+    lines = [
+        "| catalogue | mode | median step s | x non-private | peak step memory MB | x non-private |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.catalog_size:,} | {r.mode} | {r.median_s:.3f} | {r.time_ratio:.2f} | "
+        f"{r.peak_step_memory_mb:.0f} | {r.memory_ratio:.2f} |"
+        for r in results
+    ]
+    return "\n".join(lines)
+
+
+def _plot_dp_step(path: Path, results: list[StepResult]) -> None:
+    modes = [m for m in dict.fromkeys(r.mode for r in results) if m != "non-private"]
+    panels = [
+        Panel(f"{title} / non-private", "items (thousands)", [
+            Series(mode, [r.catalog_size / 1000 for r in results if r.mode == mode],
+                   [getattr(r, field) for r in results if r.mode == mode])
+            for mode in modes
+        ])
+        for title, field in (("step time", "time_ratio"), ("peak step memory", "memory_ratio"))
+    ]
+    write_line_charts(path, panels)
+
+
+# --- sites ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SitesResult:
+    sites: int
+    rounds: int
+    round_s: float
+    """Median wall time of rounds 2.. (round 1 includes starting the site processes)."""
+    evaluation_s: float
+    """The server's validation pass, part of round_s."""
+    in_process_training_s: float
+    """The same sites' local training for one round, run one after another in this process."""
+    overhead_s: float
+    overhead_share: float
+    total_s: float
+    peak_memory_gb: float
+
+
+def bench_sites(site_counts: list[int], rounds: int, out: Path) -> list[SitesResult]:
+    results = []
+    for sites in site_counts:
+        settings = RunSettings(rounds=rounds, out_dir=str(out / f"sites-{sites}"), seed=0)
+        started = time.perf_counter()
+        with peak_rss(tree=True, interval_s=0.5) as peak:
+            summary = simulate(settings, Resources(sites))
+        total = time.perf_counter() - started
+        lines = _rounds(Path(settings.out_dir))
+        later = lines[1:] or lines
+        round_s = statistics.median(line["seconds"] for line in later)
+        evaluation_s = statistics.median(line["evaluation_seconds"] for line in later)
+        training_s = _in_process_training_seconds(settings, sites, rounds=min(2, rounds))
+        overhead = round_s - evaluation_s - training_s
+        results.append(
+            SitesResult(sites, rounds, round_s, evaluation_s, training_s, overhead, overhead / round_s, total,
+                        peak[0] / 2**30)
+        )
+        print(f"  sites {sites}: round {round_s:.1f}s, in-process training {training_s:.1f}s, "
+              f"test NDCG@10 {summary['overall']['ndcg@10']:.4f}", flush=True)
+    return results
+
+
+def _rounds(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _in_process_training_seconds(settings: RunSettings, sites: int, rounds: int) -> float:
+    """Median over rounds of training every site once, as the ClientApp does it, without Flower."""
+    shards = [
+        simulated_shard(settings.dataset, settings.kcore, settings.partitioning, settings.seed, site, sites,
+                        settings.max_len)
+        for site in range(sites)
+    ]
+    config = settings.model_config(shards[0].catalog.num_items)
+    torch.manual_seed(settings.seed)
+    initial = SASRec(config).state_dict()
+    training = LocalTraining(settings.batch_size, settings.local_epochs, settings.learning_rate)
+    privacy = PrivacyPlan(True, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds)
+    device = pick_device()
+    per_round = []
+    with tempfile.TemporaryDirectory() as ledgers:
+        for round_number in range(1, rounds + 1):
+            started = time.perf_counter()
+            for site, shard in enumerate(shards):
+                model = SASRec(config)
+                model.load_state_dict(initial)
+                ledger = Ledger(Path(ledgers) / f"site-{site}.jsonl")
+                train_site_round(model, shard.examples, training, privacy, ledger, "bench", round_number,
+                                 str(site), device, round_number)
+            per_round.append(time.perf_counter() - started)
+    return statistics.median(per_round)
+
+
+def _print_sites(results: list[SitesResult]) -> str:
+    lines = [
+        "| sites | rounds | round s (median, rounds 2..) | server evaluation s | in-process training s "
+        "| overhead s | overhead share | whole run s | peak memory GB (process tree) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.sites} | {r.rounds} | {r.round_s:.1f} | {r.evaluation_s:.1f} | {r.in_process_training_s:.1f} | "
+        f"{r.overhead_s:.1f} | {100 * r.overhead_share:.0f}% | {r.total_s:.0f} | {r.peak_memory_gb:.1f} |"
+        for r in results
+    ]
+    return "\n".join(lines)
+
+
+def _plot_sites(path: Path, results: list[SitesResult]) -> None:
+    x = [r.sites for r in results]
+    write_line_charts(path, [
+        Panel("round wall time (s)", "sites", [
+            Series("simulated round", x, [r.round_s for r in results]),
+            Series("in-process training", x, [r.in_process_training_s for r in results]),
+        ]),
+        Panel("overhead share of the round", "sites", [Series("overhead", x, [r.overhead_share for r in results])]),
+    ])
+
+
+# --- frontier ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    dataset: str
+    epsilon: float | None
+    """None: non-private."""
+    ndcg: float
+    tail_ndcg: float
+    most_popular_ndcg: float
+    seconds: float
+
+
+def bench_frontier(datasets: list[str], epsilons: list[float | None], rounds: int, sites: int, out: Path
+                   ) -> list[FrontierPoint]:
+    points = []
+    for dataset in datasets:
+        for epsilon in epsilons:
+            name = f"frontier-{Path(dataset).name}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
+            settings = RunSettings(
+                dataset=dataset, rounds=rounds, out_dir=str(out / name), dp=epsilon is not None,
+                epsilon=epsilon or RunSettings.epsilon,
+            )
+            started = time.perf_counter()
+            summary = simulate(settings, Resources(sites))
+            points.append(FrontierPoint(
+                Path(dataset).name, epsilon, summary["overall"]["ndcg@10"], summary["groups"]["tail"]["ndcg@10"],
+                summary["baselines"]["most_popular"]["overall"]["ndcg@10"], time.perf_counter() - started,
+            ))
+            print(f"  frontier {name}: NDCG@10 {points[-1].ndcg:.4f}", flush=True)
+    return points
+
+
+def _print_frontier(points: list[FrontierPoint]) -> str:
+    lines = ["| dataset | epsilon per site | test NDCG@10 | tail NDCG@10 | most-popular NDCG@10 | run s |",
+             "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {p.dataset} | {'non-private' if p.epsilon is None else f'{p.epsilon:g}'} | {p.ndcg:.4f} | "
+        f"{p.tail_ndcg:.4f} | {p.most_popular_ndcg:.4f} | {p.seconds:.0f} |"
+        for p in points
+    ]
+    return "\n".join(lines)
+
+
+def _plot_frontier(path: Path, points: list[FrontierPoint]) -> None:
+    panels = []
+    for dataset in dict.fromkeys(p.dataset for p in points):
+        private = sorted((p for p in points if p.dataset == dataset and p.epsilon is not None), key=lambda p: p.epsilon)
+        ceiling = [p for p in points if p.dataset == dataset and p.epsilon is None]
+        x = [p.epsilon for p in private]
+        series = [Series("overall", x, [p.ndcg for p in private]), Series("tail", x, [p.tail_ndcg for p in private])]
+        if ceiling:
+            series.append(Series("non-private", x, [ceiling[0].ndcg] * len(x)))
+        panels.append(Panel(f"{dataset}: test NDCG@10", "epsilon", series))
+    write_line_charts(path, panels)
+
+
+# --- the suite -----------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_gb, 1), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+BENCHMARKS = ("dp-step", "sites", "frontier", "serving")
+
+
+def run(names: list[str], full: bool, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device()
+    for name in names:
+        started = time.perf_counter()
+        print(f"bench {name} ({'full' if full else 'quick'}) ...", flush=True)
+        if name == "dp-step":
+            results: list[Any] = bench_dp_step([3_000, 30_000, 100_000], steps=10 if full else 5, device=device)
+            table = _print_dp_step(results)
+            _plot_dp_step(out / "dp-step.svg", results)
+        elif name == "sites":
+            results = bench_sites([2, 10, 50, 100] if full else [2, 10, 50], rounds=5 if full else 3, out=out / "runs")
+            table = _print_sites(results)
+            _plot_sites(out / "sites.svg", results)
+        elif name == "frontier":
+            datasets = [DEFAULT_DATASET] + ([str(ML_100K)] if full and ML_100K.exists() else [])
+            results = bench_frontier(datasets, [1.0, 2.0, 4.0, 8.0, None], rounds=10 if full else 5, sites=5,
+                                     out=out / "runs")
+            table = _print_frontier(results)
+            _plot_frontier(out / "frontier.svg", results)
+        else:
+            results = [bench_serving.measure(size, 1000 if full else 300, 1, 50, 10, explain)
+                       for size in ([3_000, 30_000] if full else [3_000]) for explain in (True, False)]
+            table = bench_serving.format_table(results)
+        seconds = time.perf_counter() - started
+        print(table, flush=True)
+        write_json(out / f"{name}.json", {
+            "benchmark": name, "mode": "full" if full else "quick", "seconds": seconds, "machine": machine(),
+            "device": str(device), "results": [asdict(r) for r in results],
+        })
+        print(f"bench {name}: {seconds:.0f}s; wrote {out / (name + '.json')}", flush=True)
+
+
+PAGE_INTRO = """# Benchmarks
+
+Written by `python -m simulations.bench` from the JSON files beside this page;
+the machine and the mode (quick or `--full`) are stated per section. Ratios are
+measured within one run, never across runs: these machines are shared and noisy.
+"""
+
+
+def write_page(out: Path) -> Path:
+    """``benchmarks.md`` from every sub-benchmark's JSON in ``out`` (so a partial rerun keeps the other sections)."""
+    formatters: dict[str, tuple[Callable[[list[Any]], str], type]] = {
+        "dp-step": (_print_dp_step, StepResult),
+        "sites": (_print_sites, SitesResult),
+        "frontier": (_print_frontier, FrontierPoint),
+        "serving": (bench_serving.format_table, bench_serving.LoadResult),
+    }
+    sections = [PAGE_INTRO]
+    for name in BENCHMARKS:
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text(encoding="utf-8"))
+        formatter, kind = formatters[name]
+        machine_line = ", ".join(f"{key} {value}" for key, value in record["machine"].items() if value is not None)
+        command = f"python -m simulations.bench {name}" + (" --full" if record["mode"] == "full" else "")
+        sections.append(
+            f"## {name}\n\n`{command}` ({record['mode']}, {record['seconds']:.0f} s, device {record['device']})\n\n"
+            f"Machine: {machine_line}\n\n{formatter([kind(**r) for r in record['results']])}\n"
+            + (f"\n![{name}]({name}.svg)\n" if (out / f"{name}.svg").exists() else "")
+        )
+    page = out / "benchmarks.md"
+    page.write_text("\n".join(sections), encoding="utf-8")
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedtail bench", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"sub-benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument("--full", action="store_true", help="the long version (more steps, sites, rounds, data)")
+    parser.add_argument("--out", default="runs/bench", help="folder for the JSON results, charts and benchmarks.md")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    out = Path(args.out)
+    run(list(dict.fromkeys(args.names or BENCHMARKS)), args.full, out)
+    print(f"wrote {write_page(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
