@@ -18,6 +18,8 @@ whether it trained with DP, the declared weight, and when it declines, why.
 from __future__ import annotations
 
 import logging
+import re
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.ledger import Ledger
 from common.model import SASRec
+from common.progress import log
 from common.run_files import LEDGER_DIR, site_ledger
 from common.training import pick_device
 
@@ -40,6 +43,8 @@ logger = logging.getLogger("fedtail.client")
 REPLY_METRICS = ("weight", "epsilon", "dp", "declined")
 REPLY_SITE_FIELDS = ("site-id", "reason")
 LEDGER_HEAD = "ledger-head"
+TRAINING_TIME = re.compile(r"fedtail: site (?P<site>\S+) round (?P<round>\d+): local training (?P<seconds>[\d.]+)s")
+"""The site's own log line per round (its operator's, and the benchmark's measure of pure training time)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ def train(msg: Message, context: Context) -> Message:
     round_number = int(config["server-round"])
     model = SASRec(settings.model_config(site.shard.catalog.num_items))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    started = time.perf_counter()
     outcome = train_site_round(
         model,
         site.shard.examples,
@@ -145,6 +151,7 @@ def train(msg: Message, context: Context) -> Message:
         device=pick_device(),
         seed=settings.seed * 1_000_003 + round_number * 1_009 + zlib.crc32(site.site_id.encode()) % 1_000,
     )
+    log(f"fedtail: site {site.site_id} round {round_number}: local training {time.perf_counter() - started:.3f}s")
     remember_ledger_head(context.state, site.ledger)
     if outcome.state_dict is None:
         logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.app import TRAINING_TIME
 from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, plan_round, private_step, train_site_round
 from client.shard import simulated_shard
 from common.datasets import DEFAULT_DATASET
@@ -259,10 +260,13 @@ class SitesResult:
     """Median wall time of rounds 2.. (round 1 includes starting the site processes)."""
     evaluation_s: float
     """The server's validation pass, part of round_s."""
-    in_process_training_s: float
-    """The same sites' local training for one round, run one after another in this process."""
+    site_training_s: float
+    """The sites' local training in the same rounds, summed from their own log lines (one site trains at a time)."""
     overhead_s: float
+    """round - evaluation - site training: what Flower, Ray and the ClientApp around the training cost."""
     overhead_share: float
+    in_process_training_s: float
+    """The same sites' local training run one after another in this process, without Flower (a cross-check)."""
     total_s: float
     peak_memory_gb: float
 
@@ -276,22 +280,35 @@ def bench_sites(site_counts: list[int], rounds: int, out: Path) -> list[SitesRes
             summary = simulate(settings, Resources(sites))
         total = time.perf_counter() - started
         lines = _rounds(Path(settings.out_dir))
+        training = _site_training_seconds(Path(settings.out_dir) / "flower.log")
         later = lines[1:] or lines
         round_s = statistics.median(line["seconds"] for line in later)
         evaluation_s = statistics.median(line["evaluation_seconds"] for line in later)
-        training_s = _in_process_training_seconds(settings, sites, rounds=min(3, rounds))
-        overhead = round_s - evaluation_s - training_s
-        results.append(
-            SitesResult(sites, rounds, round_s, evaluation_s, training_s, overhead, overhead / round_s, total,
-                        peak[0] / 2**30)
+        training_s = statistics.median(training.get(line["round"], 0.0) for line in later)
+        overhead = statistics.median(
+            line["seconds"] - line["evaluation_seconds"] - training.get(line["round"], 0.0) for line in later
         )
-        print(f"  sites {sites}: round {round_s:.1f}s, in-process training {training_s:.1f}s, "
+        in_process_s = _in_process_training_seconds(settings, sites, rounds=min(3, rounds))
+        results.append(
+            SitesResult(sites, rounds, round_s, evaluation_s, training_s, overhead, overhead / round_s, in_process_s,
+                        total, peak[0] / 2**30)
+        )
+        print(f"  sites {sites}: round {round_s:.1f}s, site training {training_s:.1f}s, "
               f"test NDCG@10 {summary['overall']['ndcg@10']:.4f}", flush=True)
     return results
 
 
 def _rounds(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _site_training_seconds(flower_log: Path) -> dict[int, float]:
+    """Per round, the sum of the sites' 'local training' log lines (ClientApp output reaches Flower's log)."""
+    per_round: dict[int, float] = {}
+    for match in TRAINING_TIME.finditer(flower_log.read_text(encoding="utf-8", errors="replace")):
+        number = int(match["round"])
+        per_round[number] = per_round.get(number, 0.0) + float(match["seconds"])
+    return per_round
 
 
 def _in_process_training_seconds(settings: RunSettings, sites: int, rounds: int) -> float:
@@ -326,13 +343,14 @@ def _in_process_training_seconds(settings: RunSettings, sites: int, rounds: int)
 
 def _print_sites(results: list[SitesResult]) -> str:
     lines = [
-        "| sites | rounds | round s (median, rounds 2..) | server evaluation s | in-process training s "
-        "| overhead s | overhead share | whole run s | peak memory GB (process tree) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sites | rounds | round s (median of rounds 2..) | server evaluation s | site training s | overhead s "
+        "| overhead share | in-process training s | whole run s | peak memory GB (process tree) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r.sites} | {r.rounds} | {r.round_s:.1f} | {r.evaluation_s:.1f} | {r.in_process_training_s:.1f} | "
-        f"{r.overhead_s:.1f} | {100 * r.overhead_share:.0f}% | {r.total_s:.0f} | {r.peak_memory_gb:.1f} |"
+        f"| {r.sites} | {r.rounds} | {r.round_s:.2f} | {r.evaluation_s:.2f} | {r.site_training_s:.2f} | "
+        f"{r.overhead_s:.2f} | {100 * r.overhead_share:.0f}% | {r.in_process_training_s:.2f} | {r.total_s:.0f} | "
+        f"{r.peak_memory_gb:.1f} |"
         for r in results
     ]
     return "\n".join(lines)
@@ -343,6 +361,7 @@ def _plot_sites(path: Path, results: list[SitesResult]) -> None:
     write_line_charts(path, [
         Panel("round wall time (s)", "sites", [
             Series("simulated round", x, [r.round_s for r in results]),
+            Series("site training", x, [r.site_training_s for r in results]),
             Series("in-process training", x, [r.in_process_training_s for r in results]),
         ]),
         Panel("overhead share of the round", "sites", [Series("overhead", x, [r.overhead_share for r in results])]),
@@ -468,8 +487,28 @@ measured within one run, never across runs: these machines are shared and noisy.
 """
 
 
-def write_page(out: Path) -> Path:
-    """``benchmarks.md`` from every sub-benchmark's JSON in ``out`` (so a partial rerun keeps the other sections)."""
+DESCRIPTIONS = {
+    "dp-step": "One training step, batch 64, histories of 50, the default model (hidden 64, 2 blocks), at three "
+    "catalogue sizes. Non-private and each grad-sample mode are interleaved step by step in one process; times are "
+    "medians after a warm-up step, memory is one step's peak above what was in use before it.",
+    "sites": "The synthetic default (3,000 users) split over N simulated sites, DP at epsilon 8, one site training "
+    "at a time (2 cores per site on a 2-core machine). A round's wall time on Flower's Simulation Engine against the "
+    "sites' local training in those rounds, summed from the sites' own log lines; overhead = round - server "
+    "evaluation - site training. In-process training: the same training run one after another in one process "
+    "without Flower, a cross-check taken at another moment. Peak memory: resident memory of the whole process tree "
+    "(Flower, Ray, site processes), sampled every 0.5 s; shared pages count once per process, so it overstates.",
+    "frontier": "Five sites, uniform split, test NDCG@10 of the final global model against each site's epsilon.",
+    "serving": "`fedtail serve` pinned to one core, k = 10, histories of 50, one client on loopback.",
+}
+
+
+def write_page(out: Path, page: Path | None = None) -> Path:
+    """A Markdown page (default ``out/benchmarks.md``) from every sub-benchmark's JSON in ``out``.
+
+    Built from all JSON files present, so rerunning one sub-benchmark keeps the other sections.
+    """
+    page = page or out / "benchmarks.md"
+    charts = os.path.relpath(out, page.parent)
     formatters: dict[str, tuple[Callable[[list[Any]], str], type]] = {
         "dp-step": (_print_dp_step, StepResult),
         "sites": (_print_sites, SitesResult),
@@ -486,11 +525,11 @@ def write_page(out: Path) -> Path:
         machine_line = ", ".join(f"{key} {value}" for key, value in record["machine"].items() if value is not None)
         command = f"python -m simulations.bench {name}" + (" --full" if record["mode"] == "full" else "")
         sections.append(
-            f"## {name}\n\n`{command}` ({record['mode']}, {record['seconds']:.0f} s, device {record['device']})\n\n"
+            f"## {name}\n\n{DESCRIPTIONS[name]}\n\n"
+            f"`{command}` ({record['mode']}, {record['seconds']:.0f} s, device {record['device']})\n\n"
             f"Machine: {machine_line}\n\n{formatter([kind(**r) for r in record['results']])}\n"
-            + (f"\n![{name}]({name}.svg)\n" if (out / f"{name}.svg").exists() else "")
+            + (f"\n![{name}]({Path(charts) / f'{name}.svg'})\n" if (out / f"{name}.svg").exists() else "")
         )
-    page = out / "benchmarks.md"
     page.write_text("\n".join(sections), encoding="utf-8")
     return page
 
@@ -500,14 +539,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"sub-benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--full", action="store_true", help="the long version (more steps, sites, rounds, data)")
-    parser.add_argument("--out", default="runs/bench", help="folder for the JSON results, charts and benchmarks.md")
+    parser.add_argument("--out", default="runs/bench", help="folder for the JSON results and charts")
+    parser.add_argument("--page", default=None, help="where the Markdown page goes (default: OUT/benchmarks.md)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.names if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     out = Path(args.out)
     run(list(dict.fromkeys(args.names or BENCHMARKS)), args.full, out)
-    print(f"wrote {write_page(out)}")
+    print(f"wrote {write_page(out, Path(args.page) if args.page else None)}")
     return 0
 
 
