@@ -43,8 +43,9 @@ logger = logging.getLogger("fedtail.client")
 REPLY_METRICS = ("weight", "epsilon", "dp", "declined")
 REPLY_SITE_FIELDS = ("site-id", "reason")
 LEDGER_HEAD = "ledger-head"
-TRAINING_TIME = re.compile(r"fedtail: site (?P<site>\S+) round (?P<round>\d+): local training (?P<seconds>[\d.]+)s")
-"""The site's own log line per round (its operator's, and the benchmark's measure of pure training time)."""
+TRAINING_TIME = re.compile(r"fedtail-site (?P<site>\S+) round (?P<round>\d+): local training (?P<seconds>[\d.]+)s")
+"""The site's own log line per round: for its operator, and the benchmark's measure of pure training time.
+Not "fedtail:"-prefixed, so `fedtail simulate` keeps it in flower.log instead of echoing one line per site."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
         device=pick_device(),
         seed=settings.seed * 1_000_003 + round_number * 1_009 + zlib.crc32(site.site_id.encode()) % 1_000,
     )
-    log(f"fedtail: site {site.site_id} round {round_number}: local training {time.perf_counter() - started:.3f}s")
+    log(f"fedtail-site {site.site_id} round {round_number}: local training {time.perf_counter() - started:.3f}s")
     remember_ledger_head(context.state, site.ledger)
     if outcome.state_dict is None:
         logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)
