@@ -22,6 +22,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -29,6 +30,7 @@ from flwr.clientapp import ClientApp
 
 from client.dp import LocalTraining, PrivacyPlan, RoundOutcome, train_site_round
 from client.shard import SiteShard, deployed_shard, simulated_shard
+from common.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.ledger import Ledger
@@ -116,6 +118,26 @@ def check_ledger_continuity(state: RecordDict, ledger: Ledger) -> None:
             )
 
 
+def check_coordinator(config: ConfigRecord, catalog: Catalog) -> None:
+    """Refuse a round from a coordinator on another Flower version or catalogue, before loading its weights.
+
+    Weights for another catalogue would load whenever the sizes agree, and
+    then score the wrong items without any error.
+    """
+    theirs, mine = str(config.get("flwr-version", "unknown")), version("flwr")
+    if theirs != mine:
+        raise ConfigError(
+            f"Flower version mismatch: the coordinator runs flwr {theirs}, this site flwr {mine}; "
+            "install the same version on both sides"
+        )
+    if str(config.get("catalog-sha256", "")) != catalog.fingerprint():
+        raise ConfigError(
+            f"catalogue mismatch: this site's catalogue ({catalog.num_items} items, sha256 "
+            f"{catalog.fingerprint()[:12]}) is not the coordinator's (sha256 {str(config.get('catalog-sha256'))[:12]}); "
+            "every site needs the coordinator's catalog.json"
+        )
+
+
 def remember_ledger_head(state: RecordDict, ledger: Ledger) -> None:
     entries, last_hash = ledger.head()
     state[LEDGER_HEAD] = ConfigRecord({"entries": entries, "hash": last_hash})
@@ -127,6 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     site = site_from_context(dict(context.node_config), settings)
     check_ledger_continuity(context.state, site.ledger)
     config = msg.content["config"]
+    check_coordinator(config, site.shard.catalog)
     round_number = int(config["server-round"])
     model = SASRec(settings.model_config(site.shard.catalog.num_items))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

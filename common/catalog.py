@@ -7,6 +7,7 @@ In a deployment it is public input (the product list), identical at every site.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ class Catalog:
         if not 1 <= index <= len(self.items):
             raise IndexError(f"item index {index} is outside the catalogue (1..{len(self.items)})")
         return self.items[index - 1]
+
+    def fingerprint(self) -> str:
+        """sha256 of the item ids in index order: equal fingerprints, equal model indices."""
+        return hashlib.sha256("\n".join(self.items).encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> None:
         payload = {"format": CATALOG_FORMAT, "source": self.source, "num_items": self.num_items, "items": list(self.items)}

@@ -24,6 +24,10 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 @dataclass(frozen=True)
 class RunSettings:
     dataset: str = "synthetic"
+    """Simulation: the data split into sites. Deployment: the coordinator's own held-out users to evaluate on
+    (mapped onto catalog-path), or "" when it has none."""
+    catalog_path: str = ""
+    """Deployment: the public catalogue file the model is built on; every site holds the same file."""
     kcore: int = 0
     partitioning: str = "uniform"
     seed: int = 0
@@ -54,6 +58,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         problems = [
             f"partitioning='{self.partitioning}': use one of {', '.join(SCHEMES)}" * (self.partitioning not in SCHEMES),
+            "dataset='' (no evaluation at the server) needs catalog-path" * (not self.dataset and not self.catalog_path),
             f"rounds={self.rounds}: must be at least 1" * (self.rounds < 1),
             f"fraction-sites={self.fraction_sites}: must be in (0, 1]" * (not 0 < self.fraction_sites <= 1),
             f"min-sites={self.min_sites}: must be at least 1" * (self.min_sites < 1),

@@ -66,9 +66,12 @@ def write_line_charts(path: Path, panels: Sequence[Panel]) -> None:
     )
 
 
-def write_round_plot(path: Path, rounds: Sequence[int], ndcg: Sequence[float], epsilon: Sequence[float] | None) -> None:
-    """The run's own picture: validation NDCG@10, and epsilon (max over sites) when the run is private."""
-    panels = [Panel("validation NDCG@10", "round", [Series("NDCG@10", rounds, ndcg)])]
+def write_round_plot(
+    path: Path, rounds: Sequence[int], ndcg: Sequence[float] | None, epsilon: Sequence[float] | None
+) -> None:
+    """The run's own picture: validation NDCG@10 where the server evaluates, epsilon (max over sites) under DP."""
+    panels = [] if ndcg is None else [Panel("validation NDCG@10", "round", [Series("NDCG@10", rounds, ndcg)])]
     if epsilon is not None:
         panels.append(Panel("epsilon (max over sites)", "round", [Series("epsilon", rounds, epsilon)]))
-    write_line_charts(path, panels)
+    if panels:
+        write_line_charts(path, panels)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,12 @@ app = ServerApp()
 
 @dataclass(frozen=True)
 class Evaluator:
-    """The simulation server's held-out view of all users: validation per round, test at the end."""
+    """The server's held-out view of users: validation per round, test at the end.
+
+    A simulation's server holds every user's last items; a deployed
+    coordinator evaluates on its own held-out users when it has some
+    (``dataset``, mapped onto ``catalog-path``), and otherwise not at all.
+    """
 
     catalog: Catalog
     valid: EvaluationCases
@@ -61,7 +67,13 @@ class Evaluator:
     @classmethod
     def from_settings(cls, settings: RunSettings) -> Evaluator:
         dataset = load_dataset(settings.dataset, kcore=settings.kcore)
-        catalog = dataset.catalog()
+        if settings.catalog_path:
+            catalog = Catalog.load(settings.catalog_path)
+            dataset, unknown = dataset.restricted_to(catalog)
+            if unknown:
+                log(f"fedtail: {unknown} evaluation interactions name items outside the catalogue; ignored")
+        else:
+            catalog = dataset.catalog()
         _, sequences = dataset.sequences(catalog)
         return cls(
             catalog,
@@ -70,6 +82,13 @@ class Evaluator:
             item_popularity(sequences, catalog.num_items),
             len(sequences),
         )
+
+
+def server_catalog(settings: RunSettings) -> tuple[Catalog, Evaluator | None]:
+    if not settings.dataset:
+        return Catalog.load(settings.catalog_path), None
+    evaluator = Evaluator.from_settings(settings)
+    return evaluator.catalog, evaluator
 
 
 def run_id_for(out_dir: Path) -> str:
@@ -124,9 +143,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
 
 def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any]:
     device = pick_device()
-    evaluator = Evaluator.from_settings(settings)
+    catalog, evaluator = server_catalog(settings)
     torch.manual_seed(settings.seed)
-    model = SASRec(settings.model_config(evaluator.catalog.num_items)).to(device)
+    model = SASRec(settings.model_config(catalog.num_items)).to(device)
 
     run_config = settings.to_run_config()
     checkpoint = load_checkpoint(out_dir, run_config)
@@ -165,16 +184,12 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             )
         evaluation_started = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = evaluate(model_scorer(model, device), evaluator.valid, evaluator.popularity, evaluator.num_users)
+        valid = None if evaluator is None else validation_line(model, device, evaluator)
         evaluation_seconds = time.perf_counter() - evaluation_started
         replies = strategy.last_round
         line = {
             "round": number,
-            "valid": {
-                "ndcg@10": metrics["overall"]["ndcg@10"],
-                "hr@10": metrics["overall"]["hr@10"],
-                **{f"{g}_ndcg@10": metrics["groups"][g]["ndcg@10"] for g in ("tail", "torso", "head")},
-            },
+            "valid": valid,
             "sites_trained": sorted(replies.trained),
             "sites_declined": replies.declined,
             "sites_failed": len(replies.failures),
@@ -190,50 +205,67 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
         ).save(out_dir)
         epsilon_note = f"  epsilon {line['epsilon']:.3f}" if settings.dp else "  NON-PRIVATE"
         declined_note = f"  declined: {', '.join(replies.declined)}" if replies.declined else ""
+        valid_note = "" if valid is None else f"  valid NDCG@10 {valid['ndcg@10']:.4f}"
         log(
-            f"fedtail: round {number}/{settings.rounds}  valid NDCG@10 {line['valid']['ndcg@10']:.4f}  "
+            f"fedtail: round {number}/{settings.rounds}{valid_note}  "
             f"sites {len(replies.trained)}{epsilon_note}{declined_note}  {line['seconds']:.1f}s"
         )
         round_started[0] = time.perf_counter()
-        return MetricRecord({"valid-ndcg@10": line["valid"]["ndcg@10"]})
+        return None if valid is None else MetricRecord({"valid-ndcg@10": valid["ndcg@10"]})
 
     if settings.rounds > done:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}),
             num_rounds=settings.rounds - done,
-            train_config=ConfigRecord({"run-id": run_id}),
+            train_config=ConfigRecord(
+                {"run-id": run_id, "catalog-sha256": catalog.fingerprint(), "flwr-version": version("flwr")}
+            ),
             evaluate_fn=after_round,
         )
-    return finish_run(out_dir, settings, model, evaluator, device, strategy.site_epsilon)
+    return finish_run(out_dir, settings, model, catalog, evaluator, device, strategy.site_epsilon)
+
+
+def validation_line(model: SASRec, device: torch.device, evaluator: Evaluator) -> dict[str, float]:
+    metrics = evaluate(model_scorer(model, device), evaluator.valid, evaluator.popularity, evaluator.num_users)
+    return {
+        "ndcg@10": metrics["overall"]["ndcg@10"],
+        "hr@10": metrics["overall"]["hr@10"],
+        **{f"{g}_ndcg@10": metrics["groups"][g]["ndcg@10"] for g in ("tail", "torso", "head")},
+    }
 
 
 def finish_run(
     out_dir: Path,
     settings: RunSettings,
     model: SASRec,
-    evaluator: Evaluator,
+    catalog: Catalog,
+    evaluator: Evaluator | None,
     device: torch.device,
     site_epsilon: dict[str, float],
 ) -> dict[str, Any]:
-    summary = evaluate_with_baselines(model_scorer(model, device), evaluator.test, evaluator.popularity, evaluator.num_users)
+    summary: dict[str, Any] = {}
+    if evaluator is not None:
+        summary = evaluate_with_baselines(
+            model_scorer(model, device), evaluator.test, evaluator.popularity, evaluator.num_users
+        )
     summary["privacy"] = privacy_summary(settings, site_epsilon)
     rounds = read_rounds(out_dir)
     summary["run"] = {
         "kind": "federated, " + ("DP-SGD at every site" if settings.dp else "NON-PRIVATE"),
-        "stage": "test",
+        "stage": "test" if evaluator is not None else "not evaluated: the coordinator holds no held-out users",
         "run_id": run_id_for(out_dir),
         "settings": settings.to_run_config(),
-        "catalog": "built from the whole dataset (simulation)",
+        "catalog": settings.catalog_path or "built from the whole dataset (simulation)",
         "rounds_completed": len(rounds),
         "seconds_per_round": [r["seconds"] for r in rounds],
     }
-    save_model(out_dir, model, evaluator.catalog, GLOBAL_MODEL_FILE)
+    save_model(out_dir, model, catalog, GLOBAL_MODEL_FILE)
     write_json(out_dir / SUMMARY_FILE, summary)
     write_round_plot(
         out_dir / ROUND_PLOT_FILE,
         [r["round"] for r in rounds],
-        [r["valid"]["ndcg@10"] for r in rounds],
+        None if evaluator is None else [r["valid"]["ndcg@10"] for r in rounds],
         [r["epsilon"] for r in rounds] if settings.dp else None,
     )
     log(f"fedtail: run finished; wrote {out_dir / SUMMARY_FILE}")

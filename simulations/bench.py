@@ -481,9 +481,10 @@ def run(names: list[str], full: bool, out: Path) -> None:
 
 PAGE_INTRO = """# Benchmarks
 
-Written by `python -m simulations.bench` from the JSON files beside this page;
-the machine and the mode (quick or `--full`) are stated per section. Ratios are
-measured within one run, never across runs: these machines are shared and noisy.
+Written by `python -m simulations.bench` from its JSON results (sections marked
+`--full` come from the long version, kept in a `full/` folder beside the quick
+ones). Ratios are measured within one run, never across runs: these machines
+are shared and noisy.
 """
 
 
@@ -508,7 +509,6 @@ def write_page(out: Path, page: Path | None = None) -> Path:
     Built from all JSON files present, so rerunning one sub-benchmark keeps the other sections.
     """
     page = page or out / "benchmarks.md"
-    charts = os.path.relpath(out, page.parent)
     formatters: dict[str, tuple[Callable[[list[Any]], str], type]] = {
         "dp-step": (_print_dp_step, StepResult),
         "sites": (_print_sites, SitesResult),
@@ -516,20 +516,22 @@ def write_page(out: Path, page: Path | None = None) -> Path:
         "serving": (bench_serving.format_table, bench_serving.LoadResult),
     }
     sections = [PAGE_INTRO]
-    for name in BENCHMARKS:
-        path = out / f"{name}.json"
-        if not path.exists():
-            continue
-        record = json.loads(path.read_text(encoding="utf-8"))
-        formatter, kind = formatters[name]
-        machine_line = ", ".join(f"{key} {value}" for key, value in record["machine"].items() if value is not None)
-        command = f"python -m simulations.bench {name}" + (" --full" if record["mode"] == "full" else "")
-        sections.append(
-            f"## {name}\n\n{DESCRIPTIONS[name]}\n\n"
-            f"`{command}` ({record['mode']}, {record['seconds']:.0f} s, device {record['device']})\n\n"
-            f"Machine: {machine_line}\n\n{formatter([kind(**r) for r in record['results']])}\n"
-            + (f"\n![{name}]({Path(charts) / f'{name}.svg'})\n" if (out / f"{name}.svg").exists() else "")
-        )
+    for folder in (out, out / "full"):  # "full": long runs kept beside the quick suite's results
+        for name in BENCHMARKS:
+            path = folder / f"{name}.json"
+            if not path.exists():
+                continue
+            record = json.loads(path.read_text(encoding="utf-8"))
+            formatter, kind = formatters[name]
+            machine_line = ", ".join(f"{key} {value}" for key, value in record["machine"].items() if value is not None)
+            full = " --full" if record["mode"] == "full" else ""
+            chart = Path(os.path.relpath(folder, page.parent)) / f"{name}.svg"
+            sections.append(
+                f"## {name}{full}\n\n{DESCRIPTIONS[name]}\n\n"
+                f"`python -m simulations.bench {name}{full}` ({record['seconds']:.0f} s, device {record['device']})\n\n"
+                f"Machine: {machine_line}\n\n{formatter([kind(**r) for r in record['results']])}\n"
+                + (f"\n![{name}]({chart})\n" if (folder / f"{name}.svg").exists() else "")
+            )
     page.write_text("\n".join(sections), encoding="utf-8")
     return page
 

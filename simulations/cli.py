@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from client.check import check_site
 from common.audit import audit, format_markdown, write_audit
+from common.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
 from common.datasets import DEFAULT_DATASET, load_dataset
 from common.errors import ConfigError, FedtailError
 from common.federation import SERVER_OPTIMIZERS, RunSettings
@@ -37,6 +39,7 @@ from simulations.simulate import Resources, simulate
 
 EXIT_USER_ERROR = 2
 EXIT_AUDIT_FAILED = 1
+EXIT_SITE_NOT_READY = 1
 
 DATASET_HELP = (
     "'synthetic' (built-in default), 'synthetic:users=5000,items=3000,seed=7', a file or MovieLens folder "
@@ -160,6 +163,27 @@ def _simulate(args: argparse.Namespace) -> int:
     print(format_federated_summary(summary, title=f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"))
     print(f"\nwrote {args.out}/global_model.pt, summary.json, rounds.jsonl, ledgers/ ({time.perf_counter() - started:.0f}s)")
     return 0
+
+
+def _deploy_certs(args: argparse.Namespace) -> int:
+    paths = write_certificates(Path(args.out), args.host, args.days)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"keep {paths[CA_KEY]} on this machine only; give sites {paths[CA_CERT]}")
+    return 0
+
+
+def _deploy_keys(args: argparse.Namespace) -> int:
+    private, public = write_site_keys(Path(args.out), args.name)
+    print(f"wrote {private} (keep it here: flower-supernode --auth-supernode-private-key {private})")
+    print(f"wrote {public} (send it to the coordinator: flwr supernode register {public.name})")
+    return 0
+
+
+def _deploy_check(args: argparse.Namespace) -> int:
+    check = check_site(Path(args.data), Path(args.catalog), Path(args.ledger_dir), args.max_epsilon, args.delta,
+                       args.max_len, args.site_id)
+    print(check.format())
+    return 0 if check.ready else EXIT_SITE_NOT_READY
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -308,6 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(audit_parser)
     _add_federation_arguments(audit_parser)
     audit_parser.set_defaults(handler=_audit)
+
+    deploy = commands.add_parser("deploy", help="set up a real federation: certificates, site keys, site check")
+    deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
+    certs = deploy_commands.add_parser("certs", help="(coordinator) a CA and the SuperLink's TLS certificate")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
+    certs.add_argument("--host", action="append", required=True,
+                       help="a host name or IP address sites reach the SuperLink at (repeatable)")
+    certs.add_argument("--days", type=int, default=365, help="validity")
+    certs.set_defaults(handler=_deploy_certs)
+    keys = deploy_commands.add_parser("keys", help="(site) the SuperNode's authentication key pair")
+    keys.add_argument("--out", required=True, help="folder for NAME (private, stays here) and NAME.pub (to send)")
+    keys.add_argument("--name", required=True, help="file name, e.g. the site id")
+    keys.set_defaults(handler=_deploy_keys)
+    check = deploy_commands.add_parser("check", help="(site) check data, catalogue, budget and device before joining")
+    check.add_argument("--data", required=True, help="the site's interaction file (node config data-path)")
+    check.add_argument("--catalog", required=True, help="the coordinator's catalog.json (node config catalog-path)")
+    check.add_argument("--ledger-dir", required=True, help="where this site's privacy ledger lives (node config)")
+    check.add_argument("--max-epsilon", type=float, required=True, help="this site's budget (node config)")
+    check.add_argument("--site-id", default=None, help="node config site-id (default: the data file's name)")
+    check.add_argument("--delta", type=float, default=RunSettings().delta, help="the federation's delta")
+    check.add_argument("--max-len", type=int, default=ModelOptions().max_len)
+    check.set_defaults(handler=_deploy_check)
 
     # Listed for --help only: main() hands `fedtail bench ...` to the suite's own parser before parsing.
     commands.add_parser("bench", add_help=False, help="the benchmark suite (same as python -m simulations.bench)")

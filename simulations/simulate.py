@@ -11,13 +11,8 @@ ServerApp fails, so the run's final status is read back from the SuperLink.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +20,27 @@ from typing import Any
 
 from client.dp import check_delta
 from client.shard import simulated_shard
-from common.errors import ConfigError, FedtailError
+from common.errors import ConfigError
 from common.federation import RunSettings
 from common.processes import die_with_parent, free_loopback_port
 from common.progress import log
+from simulations.flower_cli import (
+    APP_DIR,
+    FlowerFailed,
+    executable,
+    flower_env,
+    list_runs,
+    stop_process_group,
+    wait_for_superlink,
+    write_connection,
+    write_run_config,
+)
 
-APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedtail-local"
 PROGRESS_PREFIX = "fedtail:"
 
 
-class SimulationFailed(FedtailError):
+class SimulationFailed(FlowerFailed):
     """The run did not finish as completed; the message carries Flower's status and the log's tail."""
 
 
@@ -45,65 +50,6 @@ class Resources:
     cpus_per_site: int = 2
     gpus_per_site: float = 0.0
     timeout_s: float = 6 * 3600.0
-
-
-def _executable(name: str) -> str:
-    beside_python = Path(sys.executable).parent / name
-    found = str(beside_python) if beside_python.exists() else shutil.which(name)
-    if not found:
-        raise ConfigError(f"'{name}' not found; is flwr installed in this environment?")
-    return found
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    return repr(value)
-
-
-def _wait_for_superlink(port: int, process: subprocess.Popen[bytes], log_file: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = log_file.with_suffix(".out")
-            tail = output.read_text(encoding="utf-8", errors="replace")[-2000:] if output.exists() else ""
-            raise SimulationFailed(f"flower-superlink exited with code {process.returncode}; see {log_file}\n{tail}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise SimulationFailed(f"flower-superlink did not become ready in {timeout_s:.0f}s; see {log_file}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the SuperLink and everything it started (simulation process, Ray workers)."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
-
-
-def _run_status(env: dict[str, str]) -> dict[str, Any]:
-    result = subprocess.run(
-        [_executable("flwr"), "ls", CONNECTION, "--format", "json"], capture_output=True, text=True, env=env, check=False
-    )
-    try:
-        runs = json.loads(result.stdout)["runs"]
-    except (json.JSONDecodeError, KeyError):
-        raise SimulationFailed(f"could not read the run's status from the SuperLink: {result.stdout}{result.stderr}") from None
-    if len(runs) != 1:
-        raise SimulationFailed(f"expected exactly one run on this simulation's SuperLink, found {len(runs)}")
-    return dict(runs[0])
 
 
 def preflight(settings: RunSettings, sites: int) -> list[int]:
@@ -134,29 +80,14 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
     flower_home = out_dir / "flower"
     flower_home.mkdir(parents=True, exist_ok=True)
     port = free_loopback_port()
-    (flower_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
-        encoding="utf-8",
-    )
-    run_config_file = flower_home / "run-config.toml"
-    run_config_file.write_text(
-        "".join(f"{key} = {_toml_value(value)}\n" for key, value in settings.to_run_config().items()), encoding="utf-8"
-    )
-    env = {
-        **os.environ,
-        # Flower starts its helpers (flower-superexec, flwr-simulation) by name: they must resolve to
-        # this environment's, also when it was not activated (e.g. `.venv/bin/fedtail simulate`).
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "FLWR_HOME": str(flower_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    write_connection(flower_home, CONNECTION, port, root_certificates=None)
+    run_config_file = write_run_config(flower_home / "run-config.toml", settings.to_run_config())
+    env = flower_env(flower_home)
     superlink_log = flower_home / "superlink.log"
     superlink_output = (flower_home / "superlink.out").open("ab")
     superlink = subprocess.Popen(
         [
-            _executable("flower-superlink"),
+            executable("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -176,20 +107,23 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
         preexec_fn=die_with_parent,  # a killed fedtail must not leave the SuperLink running
     )
     try:
-        _wait_for_superlink(port, superlink, superlink_log)
+        wait_for_superlink(port, superlink, superlink_log)
         log(f"fedtail: simulating {resources.sites} sites, {settings.rounds} rounds on Flower (log: {out_dir / 'flower.log'})")
         federation = [
             f"num-supernodes={resources.sites}",
             f"client-resources-num-cpus={resources.cpus_per_site}",
             f"client-resources-num-gpus={resources.gpus_per_site}",
         ]
-        command = [_executable("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_config_file)]
+        command = [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_config_file)]
         for item in federation:
             command += ["--federation-config", item]
         _stream_run(command, env, out_dir / "flower.log", resources.timeout_s)
-        status = _run_status(env)
+        runs = list_runs(env, CONNECTION)
+        if len(runs) != 1:
+            raise SimulationFailed(f"expected exactly one run on this simulation's SuperLink, found {len(runs)}")
+        status = runs[0]
     finally:
-        _stop(superlink)
+        stop_process_group(superlink)
         superlink_output.close()
     if status.get("status") != "finished:completed":
         raise SimulationFailed(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,19 @@ SETTINGS = RunSettings(
 )
 
 
-def _call(settings: RunSettings, node_config: dict, round_number: int = 1) -> Message:
+def _train_config(round_number: int, catalog: Catalog, **overrides: str) -> ConfigRecord:
+    """What the ServerApp sends with each round."""
+    config = {"server-round": round_number, "run-id": "r1", "catalog-sha256": catalog.fingerprint(),
+              "flwr-version": version("flwr")}
+    return ConfigRecord({**config, **overrides})
+
+
+def _call(settings: RunSettings, node_config: dict, round_number: int = 1, **config: str) -> Message:
     shard = simulated_shard(settings.dataset, 0, "uniform", 0, 0, 2, settings.max_len)
     torch.manual_seed(0)
     model = SASRec(settings.model_config(shard.catalog.num_items))
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": round_number, "run-id": "r1"})}
+        {"arrays": ArrayRecord(model.state_dict()), "config": _train_config(round_number, shard.catalog, **config)}
     )
     message = Message(content=content, dst_node_id=1, message_type="train")
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=settings.to_run_config())
@@ -89,7 +97,7 @@ def test_a_ledger_cut_short_between_rounds_stops_the_site(tmp_path: Path) -> Non
     def call(round_number: int) -> Message:
         content = RecordDict(
             {"arrays": ArrayRecord(model.state_dict()),
-             "config": ConfigRecord({"server-round": round_number, "run-id": "r1"})}
+             "config": _train_config(round_number, shard.catalog)}
         )
         context = Context(run_id=1, node_id=1, node_config=node, state=state, run_config=settings.to_run_config())
         return train(Message(content=content, dst_node_id=1, message_type="train"), context)
@@ -114,10 +122,24 @@ def test_the_coordinator_cannot_raise_a_deployed_sites_budget(tmp_path: Path) ->
             "ledger-dir": str(tmp_path / "ledger"), "max-epsilon": 0.5, "site-id": "north"}
     model = SASRec(settings.model_config(catalog.num_items))
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1, "run-id": "r1"})}
+        {"arrays": ArrayRecord(model.state_dict()), "config": _train_config(1, catalog)}
     )
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=settings.to_run_config())
     reply = train(Message(content=content, dst_node_id=1, message_type="train"), context)
     assert reply.content["metrics"]["declined"] == 1
     assert "budget of 0.5" in reply.content["site"]["reason"]
     assert not (tmp_path / "ledger" / "site-north.jsonl").exists()
+
+
+def test_a_site_refuses_a_coordinator_on_another_flower_version(tmp_path: Path) -> None:
+    settings = RunSettings(**{**SETTINGS.__dict__, "out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"Flower version mismatch: the coordinator runs flwr 1\.0\.0"):
+        _call(settings, {"partition-id": 0, "num-partitions": 2}, **{"flwr-version": "1.0.0"})
+    assert not (tmp_path / "ledgers").exists(), "refused before anything was trained or charged"
+
+
+def test_a_site_refuses_weights_for_another_catalogue(tmp_path: Path) -> None:
+    settings = RunSettings(**{**SETTINGS.__dict__, "out_dir": str(tmp_path)})
+    other = Catalog.from_items(["x", "y"]).fingerprint()
+    with pytest.raises(ConfigError, match="catalogue mismatch"):
+        _call(settings, {"partition-id": 0, "num-partitions": 2}, **{"catalog-sha256": other})

@@ -1,0 +1,183 @@
+"""A real federation on one machine: a SuperLink and SuperNodes as separate processes, over loopback.
+
+What a coordinator and its partner sites run (``docs/deploy.md``), driven from
+Python so that tests and benchmarks can start, kill and restart each part:
+Flower's Deployment Engine with TLS (a private CA from ``fedtail deploy
+certs``) and SuperNode authentication (keys from ``fedtail deploy keys``,
+registered with ``flwr supernode register``) unless ``secure=False``.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from common.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
+from common.processes import die_with_parent, free_loopback_port
+from common.progress import log
+from simulations.flower_cli import (
+    APP_DIR,
+    FlowerFailed,
+    executable,
+    flower_env,
+    list_runs,
+    stop_process_group,
+    wait_for_superlink,
+    write_connection,
+    write_run_config,
+)
+
+CONNECTION = "fedtail-deployment"
+STARTED_RUN = re.compile(r"Successfully started run (\d+)")
+
+
+@dataclass
+class LocalDeployment:
+    root: Path
+    secure: bool = True
+    port: int = field(default_factory=free_loopback_port)
+    superlink: subprocess.Popen[bytes] | None = None
+    supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.secure:
+            log("fedtail: WARNING: insecure deployment: no TLS, no SuperNode authentication; loopback tests only")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.certificates = self.root / "certificates"
+        if self.secure and not (self.certificates / CA_CERT).exists():
+            write_certificates(self.certificates, ["127.0.0.1", "localhost"])
+        self.flower_home = self.root / "coordinator-flower-home"
+        write_connection(self.flower_home, CONNECTION, self.port, self.ca_file)
+        self.env = flower_env(self.flower_home)
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.certificates / CA_CERT if self.secure else None
+
+    def _log(self, name: str) -> IO[bytes]:
+        handle = (self.root / f"{name}.log").open("ab")
+        self._logs.append(handle)
+        return handle
+
+    def start_superlink(self) -> None:
+        """The coordinator's SuperLink: TLS and registered SuperNodes only, unless insecure."""
+        security = (
+            ["--ssl-ca-certfile", str(self.certificates / CA_CERT), "--ssl-certfile", str(self.certificates / SERVER_CERT),
+             "--ssl-keyfile", str(self.certificates / SERVER_KEY), "--enable-supernode-auth"]
+            if self.secure else ["--insecure"]
+        )
+        command = [
+            executable("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.root / "superlink.db"), "--disable-runtime-dependency-installation",
+        ]
+        self.superlink = subprocess.Popen(
+            command, env=self.env, stdout=self._log("superlink"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        wait_for_superlink(self.port, self.superlink, self.root / "superlink.log", self.ca_file)
+
+    def site_keys(self, name: str) -> tuple[Path, Path]:
+        return write_site_keys(self.root / "keys", name)
+
+    def register(self, public_key: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [executable("flwr"), "supernode", "register", str(public_key), CONNECTION],
+            env=self.env, capture_output=True, text=True, check=False, timeout=60,
+        )
+
+    def start_supernode(
+        self, name: str, node_config: Mapping[str, Any], private_key: Path | None, ca_file: Path | None = None,
+        max_wait_s: float | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """A site's SuperNode; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one)."""
+        ca_file = ca_file or self.ca_file
+        security = ["--root-certificates", str(ca_file)] if self.secure else ["--insecure"]
+        if private_key is not None:
+            security += ["--auth-supernode-private-key", str(private_key)]
+        config = " ".join(f"{key}={_config_value(value)}" for key, value in node_config.items())
+        command = [
+            executable("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
+            "--node-config", config, "--port", str(free_loopback_port()),
+        ]
+        if max_wait_s is not None:
+            command += ["--max-wait-time", str(max_wait_s)]
+        process = subprocess.Popen(
+            command, env=flower_env(self.root / f"site-{name}-flower-home"), stdout=self._log(f"supernode-{name}"),
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+        )
+        self.supernodes[name] = process
+        return process
+
+    def connected_nodes(self) -> int:
+        result = subprocess.run(
+            [executable("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+            env=self.env, capture_output=True, text=True, check=False, timeout=60,
+        )
+        return result.stdout.count('"online"')
+
+    def submit(self, run_config: Mapping[str, Any]) -> int:
+        """`flwr run` the app against this SuperLink; returns the run id (the run goes on in the background)."""
+        config_file = write_run_config(self.root / "run-config.toml", run_config)
+        result = subprocess.run(
+            [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(config_file)],
+            env=self.env, capture_output=True, text=True, check=False, timeout=300,
+        )
+        match = STARTED_RUN.search(result.stdout + result.stderr)
+        if match is None:
+            raise FlowerFailed(f"flwr run did not start a run:\n{result.stdout}{result.stderr}")
+        return int(match.group(1))
+
+    def status(self, run_id: int) -> dict[str, Any]:
+        for run in list_runs(self.env, CONNECTION):
+            if int(run["run-id"]) == run_id:
+                return run
+        raise FlowerFailed(f"run {run_id} is not known to the SuperLink")
+
+    def wait(self, run_id: int, timeout_s: float = 600) -> dict[str, Any]:
+        """Until the run is finished (completed, failed or stopped); returns its status."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.status(run_id)
+            if str(status["status"]).startswith("finished"):
+                return status
+            time.sleep(1)
+        raise FlowerFailed(f"run {run_id} did not finish in {timeout_s:.0f}s")
+
+    def kill_superlink(self) -> None:
+        """The coordinator dies: SuperLink and its ServerApp, without warning."""
+        if self.superlink is not None:
+            stop_process_group(self.superlink, signal.SIGKILL)
+            self.superlink = None
+
+    def kill_supernode(self, name: str) -> None:
+        stop_process_group(self.supernodes.pop(name), signal.SIGKILL)
+
+    def stop(self) -> None:
+        for name in list(self.supernodes):
+            stop_process_group(self.supernodes.pop(name))
+        if self.superlink is not None:
+            stop_process_group(self.superlink)
+            self.superlink = None
+        for handle in self._logs:
+            handle.close()
+        self._logs.clear()
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def _config_value(value: Any) -> str:
+    """A node-config value as flower-supernode parses it (TOML-like: strings quoted)."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value).lower() if isinstance(value, bool) else str(value)
