@@ -28,6 +28,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,7 +45,7 @@ import torch
 from client.app import TRAINING_TIME
 from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, plan_round, private_step, train_site_round
 from client.shard import simulated_shard
-from common.datasets import DEFAULT_DATASET
+from common.datasets import DEFAULT_DATASET, load_dataset
 from common.federation import RunSettings
 from common.files import write_json
 from common.ledger import Ledger
@@ -53,6 +55,7 @@ from common.privacy import GRAD_SAMPLE_MODES
 from common.split import training_examples
 from common.training import pick_device
 from simulations import bench_serving
+from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 from simulations.simulate import Resources, simulate
 
 ML_100K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ml-100k"
@@ -426,6 +429,85 @@ def _plot_frontier(path: Path, points: list[FrontierPoint]) -> None:
     write_line_charts(path, panels)
 
 
+# --- deployment ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineRound:
+    engine: str
+    sites: int
+    round_s: float
+    """Median wall time of rounds 2.."""
+    site_training_s: float
+    """Per round, the sites' local training: summed in simulation (one site at a time), the slowest site in a
+    deployment (sites train in parallel, each in its own process)."""
+    clientapp_start_s: float
+    """A fresh Python process importing the ClientApp (torch, opacus, flwr, pandas): what every deployed
+    message pays before training; 0 in simulation, whose site processes stay warm."""
+
+
+DEPLOYMENT_RUN = dict(rounds=3, epsilon=4.0, delta=1e-3, hidden=16, heads=1, blocks=1, max_len=10, batch_size=16)
+
+
+def bench_deployment(sites: int, out: Path) -> list[EngineRound]:
+    """The same small federation on the Simulation Engine and as a real TLS deployment on loopback."""
+    spec = "synthetic:users=220,items=80,seed=5"
+    names = [f"site{index}" for index in range(sites)]
+    simulated = RunSettings(dataset=spec, out_dir=str(out / "engine-simulation"), **DEPLOYMENT_RUN)
+    simulate(simulated, Resources(sites))
+    simulated_lines = _rounds(Path(simulated.out_dir))[1:]
+    training = _site_training_seconds(Path(simulated.out_dir) / "flower.log")
+    results = [EngineRound(
+        "simulation", sites, statistics.median(line["seconds"] for line in simulated_lines),
+        statistics.median(training[line["round"]] for line in simulated_lines), 0.0,
+    )]
+    root = out / "engine-deployment"
+    data = write_site_files(load_dataset(spec).frame, names, root / "data")
+    with LocalDeployment(root / "federation") as federation:
+        federation.start_superlink()
+        for name in names:
+            private, public = federation.site_keys(name)
+            federation.register(public)
+            federation.start_supernode(name, site_node_config(name, data, federation.root), private)
+        deadline = time.monotonic() + 120
+        while federation.connected_nodes() < sites and time.monotonic() < deadline:
+            time.sleep(1)
+        run_dir = root / "run"
+        config = RunSettings(dataset="", catalog_path=str(data["catalog"]), out_dir=str(run_dir), min_sites=sites,
+                             **DEPLOYMENT_RUN)
+        status = federation.wait(federation.submit(config.to_run_config()), timeout_s=900)
+        if status["status"] != "finished:completed":
+            raise RuntimeError(f"the deployed run ended as {status}")
+        slowest: dict[int, float] = {}
+        for name in names:
+            for match in TRAINING_TIME.finditer((federation.root / f"supernode-{name}.log").read_text(errors="replace")):
+                slowest[int(match["round"])] = max(slowest.get(int(match["round"]), 0.0), float(match["seconds"]))
+    deployed_lines = _rounds(run_dir)[1:]
+    results.append(EngineRound(
+        "deployment (TLS, authenticated)", sites, statistics.median(line["seconds"] for line in deployed_lines),
+        statistics.median(slowest[line["round"]] for line in deployed_lines), _clientapp_start_seconds(),
+    ))
+    return results
+
+
+def _clientapp_start_seconds(repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import client.app"], check=True, capture_output=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _print_deployment(results: list[EngineRound]) -> str:
+    lines = ["| engine | sites | round s (median of rounds 2..) | site training s | ClientApp process start s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r.engine} | {r.sites} | {r.round_s:.1f} | {r.site_training_s:.1f} | {r.clientapp_start_s:.1f} |"
+              for r in results]
+    return "\n".join(lines)
+
+
 # --- the suite -----------------------------------------------------------------------------------------------------
 
 
@@ -443,7 +525,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-BENCHMARKS = ("dp-step", "sites", "frontier", "serving")
+BENCHMARKS = ("dp-step", "sites", "frontier", "serving", "deployment")
 
 
 def run(names: list[str], full: bool, out: Path) -> None:
@@ -466,6 +548,9 @@ def run(names: list[str], full: bool, out: Path) -> None:
                                      out=out / "runs")
             table = _print_frontier(results)
             _plot_frontier(out / "frontier.svg", results)
+        elif name == "deployment":
+            results = bench_deployment(sites=2, out=out / "runs")
+            table = _print_deployment(results)
         else:
             results = [bench_serving.measure(size, 1000 if full else 300, 1, 50, 10, explain)
                        for size in ([3_000, 30_000] if full else [3_000]) for explain in (True, False)]
@@ -500,6 +585,12 @@ DESCRIPTIONS = {
     "(Flower, Ray, site processes), sampled every 0.5 s; shared pages count once per process, so it overstates.",
     "frontier": "Five sites, uniform split, test NDCG@10 of the final global model against each site's epsilon.",
     "serving": "`fedtail serve` pinned to one core, k = 10, histories of 50, one client on loopback.",
+    "deployment": "The same small federation (2 sites of 110 users, small model, DP at epsilon 4) on Flower's "
+    "Simulation Engine and as a real deployment on loopback: a TLS SuperLink with SuperNode authentication and one "
+    "SuperNode process per site (simulations.deployment). Flower 1.41 starts a fresh flwr-clientapp process for "
+    "every message in both isolation modes (flwr/supernode/runtime/run_clientapp.py pulls one task, then exits), "
+    "so each deployed round pays a Python start with torch, opacus, flwr and pandas imports per site, and the "
+    "site's per-process caches (noise calibration, RDP epsilons) start cold.",
 }
 
 
@@ -514,6 +605,7 @@ def write_page(out: Path, page: Path | None = None) -> Path:
         "sites": (_print_sites, SitesResult),
         "frontier": (_print_frontier, FrontierPoint),
         "serving": (bench_serving.format_table, bench_serving.LoadResult),
+        "deployment": (_print_deployment, EngineRound),
     }
     sections = [PAGE_INTRO]
     for folder in (out, out / "full"):  # "full": long runs kept beside the quick suite's results

@@ -13,11 +13,15 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+import pandas as pd
+
+from common.catalog import Catalog
 from common.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
 from common.processes import die_with_parent, free_loopback_port
 from common.progress import log
@@ -35,6 +39,27 @@ from simulations.flower_cli import (
 
 CONNECTION = "fedtail-deployment"
 STARTED_RUN = re.compile(r"Successfully started run (\d+)")
+
+
+def write_site_files(frame: pd.DataFrame, sites: Sequence[str], folder: Path) -> dict[str, Path]:
+    """Users dealt round-robin to ``sites``, one interaction file each, plus the shared ``catalog`` file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.from_items(frame["item"].unique().tolist())
+    paths = {"catalog": folder / "catalog.json"}
+    catalog.save(paths["catalog"])
+    users = frame["user"].unique()
+    owner = frame["user"].map(dict(zip(users, np.arange(len(users)) % len(sites))))
+    for index, site in enumerate(sites):
+        paths[site] = folder / f"{site}.csv"
+        frame.loc[owner == index, ["user", "item", "timestamp"]].to_csv(paths[site], index=False)
+    return paths
+
+
+def site_node_config(site: str, data: Mapping[str, Path], ledger_root: Path, max_epsilon: float = 8.0) -> dict[str, Any]:
+    return {
+        "data-path": str(data[site]), "catalog-path": str(data["catalog"]),
+        "ledger-dir": str(ledger_root / f"{site}-ledger"), "max-epsilon": max_epsilon, "site-id": site,
+    }
 
 
 @dataclass

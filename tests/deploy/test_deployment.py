@@ -12,15 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from common.audit import audit
-from common.catalog import Catalog
 from common.credentials import write_certificates
 from common.ledger import Ledger
 from common.synthetic import SyntheticConfig, generate
-from simulations.deployment import LocalDeployment
+from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 
 pytestmark = pytest.mark.slow
 
@@ -34,24 +32,7 @@ RUN = dict(
 @pytest.fixture
 def site_data(tmp_path: Path) -> dict[str, Path]:
     """Three sites' own interaction files and the coordinator's public catalogue (``catalog``)."""
-    frame = generate(SyntheticConfig(users=330, items=60, seed=5))
-    catalog = Catalog.from_items(frame["item"].unique().tolist())
-    catalog.save(tmp_path / "catalog.json")
-    users = frame["user"].unique()
-    owner = dict(zip(users, np.arange(len(users)) % len(SITES)))
-    paths = {"catalog": tmp_path / "catalog.json"}
-    for index, site in enumerate(SITES):
-        mine = frame[frame["user"].map(owner) == index]
-        paths[site] = tmp_path / f"{site}.csv"
-        mine[["user", "item", "timestamp"]].to_csv(paths[site], index=False)
-    return paths
-
-
-def _node_config(site: str, data: dict[str, Path], root: Path) -> dict[str, Any]:
-    return {
-        "data-path": str(data[site]), "catalog-path": str(data["catalog"]),
-        "ledger-dir": str(root / f"{site}-ledger"), "max-epsilon": 8.0, "site-id": site,
-    }
+    return write_site_files(generate(SyntheticConfig(users=330, items=80, seed=5)), SITES, tmp_path / "data")
 
 
 def _run_config(data: dict[str, Path], out_dir: Path, **overrides: Any) -> dict[str, Any]:
@@ -71,7 +52,7 @@ def _join(federation: LocalDeployment, data: dict[str, Path], sites: tuple[str, 
         private, public = federation.site_keys(site)
         registered = federation.register(public)
         assert registered.returncode == 0, registered.stdout + registered.stderr
-        federation.start_supernode(site, _node_config(site, data, federation.root), private)
+        federation.start_supernode(site, site_node_config(site, data, federation.root), private)
     _wait_for(lambda: federation.connected_nodes() >= len(sites), f"{len(sites)} SuperNodes online", 120)
 
 
@@ -113,14 +94,73 @@ def test_unregistered_keys_and_unverified_servers_are_refused(
     deployment: LocalDeployment, site_data: dict[str, Path], tmp_path: Path
 ) -> None:
     stranger_key, _ = deployment.site_keys("stranger")  # made, never registered
-    deployment.start_supernode("stranger", _node_config("north", site_data, deployment.root), stranger_key)
+    deployment.start_supernode("stranger", site_node_config("north", site_data, deployment.root), stranger_key)
     other_ca = write_certificates(tmp_path / "other-ca", ["127.0.0.1"])["ca.crt"]
     private, public = deployment.site_keys("south")
     assert deployment.register(public).returncode == 0
-    deployment.start_supernode("no-ca", _node_config("south", site_data, deployment.root), private, ca_file=other_ca)
+    # A registered key, but the site trusts another CA: it cannot verify the SuperLink, so it never connects.
+    deployment.start_supernode("wrong-ca", site_node_config("south", site_data, deployment.root), private, other_ca)
     time.sleep(20)
     assert deployment.connected_nodes() == 0
-    stranger_log = (deployment.root / "supernode-stranger.log").read_text(errors="replace")
-    no_ca_log = (deployment.root / "supernode-no-ca.log").read_text(errors="replace")
-    assert "not registered" in stranger_log.lower() or "unauthenticated" in stranger_log.lower(), stranger_log[-2000:]
-    assert "certificate" in no_ca_log.lower() or "ssl" in no_ca_log.lower(), no_ca_log[-2000:]
+    superlink_log = (deployment.root / "superlink.log").read_text(errors="replace")
+    assert "No SuperNode found with the given public key" in superlink_log, "the stranger was refused by the SuperLink"
+    # Control: the same registered key with the right CA joins, so the refusal above was the CA's doing.
+    deployment.kill_supernode("wrong-ca")
+    deployment.start_supernode("south", site_node_config("south", site_data, deployment.root), private)
+    _wait_for(lambda: deployment.connected_nodes() == 1, "the correctly configured site online", 90)
+    assert deployment.connected_nodes() == 1, "and only it: the stranger never got in"
+
+
+def _ledger_rounds(root: Path, site: str) -> list[int]:
+    path = root / f"{site}-ledger" / f"site-{site}.jsonl"
+    return [entry["round"] for entry in Ledger(path).entries()] if path.exists() else []
+
+
+def test_a_site_killed_in_round_two_is_left_out_consistently_and_rejoins(
+    deployment: LocalDeployment, site_data: dict[str, Path]
+) -> None:
+    _join(deployment, site_data)
+    out_dir = deployment.root / "run"
+    run_id = deployment.submit(_run_config(site_data, out_dir, rounds=5, **{"min-sites": 2}))
+    _wait_for(lambda: len(_rounds(out_dir)) >= 1, "round 1", 300)
+    deployment.kill_supernode("east")  # round 2 has just been sent out: east is still starting its ClientApp
+    killed_during = len(_rounds(out_dir)) + 1
+    _wait_for(lambda: len(_rounds(out_dir)) >= killed_during, f"round {killed_during} without east", 400)
+    private = deployment.root / "keys" / "east"
+    deployment.start_supernode("east", site_node_config("east", site_data, deployment.root), private)
+    status = deployment.wait(run_id, timeout_s=900)
+    assert status["status"] == "finished:completed", status
+    rounds = _rounds(out_dir)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    without_east = [r["round"] for r in rounds if "east" not in r["sites_trained"]]
+    assert killed_during in without_east and all(len(r["sites_trained"]) >= 2 for r in rounds)
+    assert "east" in rounds[-1]["sites_trained"], "the restarted site rejoined a later round"
+    east = _ledger_rounds(deployment.root, "east")
+    assert killed_during not in east and east == sorted(set(east)), "no round recorded that east did not finish"
+    assert set(east) == {r["round"] for r in rounds if "east" in r["sites_trained"]}
+    summary = json.loads((out_dir / "summary.json").read_text())
+    ledger = Ledger(deployment.root / "east-ledger" / "site-east.jsonl")
+    assert summary["privacy"]["per_site"]["east"] == pytest.approx(ledger.epsilon(RUN["delta"]))
+
+
+def test_a_coordinator_killed_mid_run_resumes_without_counting_any_round_twice(
+    deployment: LocalDeployment, site_data: dict[str, Path]
+) -> None:
+    _join(deployment, site_data)
+    out_dir = deployment.root / "run"
+    config = _run_config(site_data, out_dir, rounds=4)
+    deployment.submit(config)
+    _wait_for(lambda: len(_rounds(out_dir)) >= 2, "round 2", 400)
+    deployment.kill_superlink()  # SuperLink and ServerApp, mid-round 3
+    done_before = len(_rounds(out_dir))
+    deployment.start_superlink()  # same database: the registered sites reconnect by themselves
+    _wait_for(lambda: deployment.connected_nodes() >= len(SITES), "sites back online", 240)
+    status = deployment.wait(deployment.submit(config), timeout_s=900)
+    assert status["status"] == "finished:completed", status
+    rounds = _rounds(out_dir)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4] and done_before < 4
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for site in SITES:
+        assert _ledger_rounds(deployment.root, site) == [1, 2, 3, 4], f"{site}: each round charged exactly once"
+        ledger = Ledger(deployment.root / f"{site}-ledger" / f"site-{site}.jsonl")
+        assert summary["privacy"]["per_site"][site] == pytest.approx(ledger.epsilon(RUN["delta"]))
