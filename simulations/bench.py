@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from client.app import TRAINING_TIME
-from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, plan_round, private_step, train_site_round
+from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, private_step, train_site_round
 from client.shard import simulated_shard
 from common.datasets import DEFAULT_DATASET, load_dataset
 from common.federation import RunSettings
