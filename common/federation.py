@@ -28,6 +28,8 @@ class RunSettings:
     (mapped onto catalog-path), or "" when it has none."""
     catalog_path: str = ""
     """Deployment: the public catalogue file the model is built on; every site holds the same file."""
+    item_text: str = ""
+    """Public item metadata (e.g. MovieLens u.item) to initialise the global model's items from; "" for random."""
     kcore: int = 0
     partitioning: str = "uniform"
     seed: int = 0

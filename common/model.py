@@ -29,6 +29,8 @@ from common.catalog import PADDING_INDEX
 from common.errors import ConfigError
 
 LossName = Literal["ce", "bce"]
+INIT_STD = 0.02
+"""Standard deviation of the initial weights (as in SASRec / BERT-style models)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class SASRec(nn.Module):
     def _init_weights(self) -> None:
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=INIT_STD)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         with torch.no_grad():

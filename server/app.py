@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.artifacts import save_model
 from common.catalog import Catalog
+from common.content import initialise_from_text
 from common.datasets import load_dataset
 from common.evaluation import evaluate, evaluate_with_baselines, model_scorer
 from common.federation import RunSettings
@@ -145,7 +146,10 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     device = pick_device()
     catalog, evaluator = server_catalog(settings)
     torch.manual_seed(settings.seed)
-    model = SASRec(settings.model_config(catalog.num_items)).to(device)
+    model = SASRec(settings.model_config(catalog.num_items))
+    if settings.item_text:  # public metadata only: the initial model costs no privacy
+        initialise_from_text(model, catalog, Path(settings.item_text))
+    model.to(device)
 
     run_config = settings.to_run_config()
     checkpoint = load_checkpoint(out_dir, run_config)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from common.artifacts import MODEL_FILE, load_model, save_model
+from common.content import initialise_from_text
 from common.datasets import Dataset
 from common.evaluation import evaluate_with_baselines, model_scorer
 from common.files import write_json
@@ -22,9 +23,17 @@ METRICS_FILE = "metrics.json"
 
 
 def train_centralized(
-    dataset: Dataset, out: Path, options: ModelOptions, config: TrainConfig, device: torch.device | None = None
+    dataset: Dataset,
+    out: Path,
+    options: ModelOptions,
+    config: TrainConfig,
+    device: torch.device | None = None,
+    item_text: Path | None = None,
 ) -> dict[str, Any]:
-    """Train on all users, pick the best epoch on validation, report on test; writes model, catalogue, metrics."""
+    """Train on all users, pick the best epoch on validation, report on test; writes model, catalogue, metrics.
+
+    ``item_text``: public item metadata to initialise item embeddings from (``common.content``).
+    """
     device = device or pick_device()
     catalog = dataset.catalog()
     _, sequences = dataset.sequences(catalog)
@@ -39,6 +48,8 @@ def train_centralized(
     )
     torch.manual_seed(config.seed)
     model = SASRec(model_config)
+    if item_text is not None:
+        initialise_from_text(model, catalog, item_text)
     result = fit(model, examples, valid, popularity, len(sequences), config, device)
     report = evaluate_with_baselines(model_scorer(model, device), test, popularity, len(sequences))
     report["run"] = {
@@ -47,6 +58,7 @@ def train_centralized(
         "dataset": dataset.spec,
         "data": dataset.stats().as_dict(),
         "catalog": "built from the dataset",
+        "item_init": f"content: {item_text}" if item_text is not None else "random",
         "model": model_config.as_dict(),
         "train": config.as_dict(),
         "fit": result.as_dict(),

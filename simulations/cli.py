@@ -91,7 +91,8 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss,
         seed=args.seed,
     )
-    report = train_centralized(_load(args), Path(args.out), options, config, pick_device(args.device))
+    item_text = Path(args.item_text) if args.item_text else None
+    report = train_centralized(_load(args), Path(args.out), options, config, pick_device(args.device), item_text)
     print(format_metrics_table(report, title=f"test split, {args.dataset}"))
     print(f"\nwrote {args.out}/model.pt, catalog.json, metrics.json ({report['run']['fit']['seconds']:.0f}s training)")
     return 0
@@ -114,6 +115,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout", type=float, default=defaults.dropout)
     parser.add_argument("--loss", choices=("ce", "bce"), default=TrainConfig().loss,
                         help="ce: full softmax cross-entropy; bce: one sampled negative per position")
+    parser.add_argument("--item-text", default="",
+                        help="public item metadata (MovieLens folder, u.item, movies.csv, or CSV item,text) to "
+                        "initialise item embeddings from; needs pip install 'fedtail[content]'")
 
 
 def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettings:
@@ -146,6 +150,7 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
         heads=args.heads,
         blocks=args.blocks,
         dropout=args.dropout,
+        item_text=str(Path(args.item_text).resolve()) if args.item_text else "",
     )
     load_dataset(dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
     return settings

@@ -1,0 +1,51 @@
+"""Content-informed item initialisation, with a stand-in encoder (the real one is an optional extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.catalog import PADDING_INDEX, Catalog
+from common.content import content_vectors, initialise_items, read_item_texts
+from common.errors import DataError
+from common.model import INIT_STD, ModelConfig, SASRec
+
+
+def _genre_encoder(texts: list[str]) -> np.ndarray:
+    """A stand-in sentence encoder: one noisy axis per genre word, so equal genres land close together."""
+    genres = ["Comedy", "Drama", "Horror", "Action"]
+    rng = np.random.default_rng(0)
+    return np.array([[float(g in t) for g in genres] * 4 for t in texts]) + 0.01 * rng.normal(size=(len(texts), 16))
+
+
+def test_movielens_u_item_becomes_title_and_genre_text(tmp_path: Path) -> None:
+    (tmp_path / "u.genre").write_text("unknown|0\nAction|1\nComedy|2\n")
+    (tmp_path / "u.item").write_text("7|Heat (1995)|01-Jan-1995||http://x|0|1|0\n8|Clueless (1995)|||http://y|0|0|1\n")
+    texts = read_item_texts(tmp_path)
+    assert texts == {"7": "Heat (1995). Genres: Action", "8": "Clueless (1995). Genres: Comedy"}
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="bad.csv"):
+        read_item_texts(tmp_path / "bad.csv")
+
+
+def test_items_alike_in_text_start_alike_and_untexted_items_keep_their_random_start() -> None:
+    catalog = Catalog.from_items([str(i) for i in range(1, 41)])
+    genres = ["Comedy", "Drama", "Horror", "Action"]
+    texts = {str(i): f"Film {i}. Genres: {genres[i % 4]}" for i in range(1, 40)}  # item 40 has no metadata
+    vectors = content_vectors(catalog, texts, hidden=8, encoder=_genre_encoder)
+    assert vectors.shape == (41, 8)
+    assert float(vectors[1:40].std()) == pytest.approx(INIT_STD, rel=1e-4), "the model's own initial scale"
+    similarity = torch.nn.functional.normalize(vectors[1:40], dim=1) @ torch.nn.functional.normalize(vectors[1:40], dim=1).T
+    same_genre = torch.tensor([[a % 4 == b % 4 for b in range(1, 40)] for a in range(1, 40)])
+    assert float(similarity[same_genre].mean()) > 0.9 > float(similarity[~same_genre].mean()) + 0.5
+
+    model = SASRec(ModelConfig(num_items=40, hidden=8, heads=2, blocks=1, max_len=5))
+    untexted_before = model.item_embedding.weight[40].detach().clone()
+    assert initialise_items(model, vectors) == 39
+    torch.testing.assert_close(model.item_embedding.weight[1:40].detach(), vectors[1:40])
+    torch.testing.assert_close(model.output.weight[1:40].detach(), vectors[1:40])
+    torch.testing.assert_close(model.item_embedding.weight[40].detach(), untexted_before)
+    assert float(model.item_embedding.weight[PADDING_INDEX].abs().sum()) == 0.0
