@@ -157,17 +157,8 @@ def train(msg: Message, context: Context) -> Message:
     outcome = train_site_round(
         model,
         site.shard.examples,
-        LocalTraining(
-            settings.batch_size,
-            settings.local_epochs,
-            settings.learning_rate,
-            settings.loss,  # type: ignore[arg-type]
-            settings.grad_sample_mode,  # type: ignore[arg-type]
-            settings.max_physical_batch_size,
-        ),
-        PrivacyPlan(
-            settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds, site.max_epsilon
-        ),
+        LocalTraining.from_settings(settings),
+        PrivacyPlan.from_settings(settings, site.max_epsilon),
         site.ledger,
         run_id=str(config["run-id"]),
         round_number=round_number,

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError
+from common.federation import RunSettings
 from client.replay import ReleasedUpdate, weights_fingerprint
 from common.ledger import Ledger, Spend
 from common.model import LossName, SASRec, per_user_loss, sequence_loss
@@ -73,6 +74,17 @@ class LocalTraining:
         if self.max_physical_batch_size < 0:
             raise ConfigError(f"max-physical-batch-size={self.max_physical_batch_size}: must be 0 (off) or positive")
 
+    @classmethod
+    def from_settings(cls, settings: RunSettings) -> LocalTraining:
+        return cls(
+            settings.batch_size,
+            settings.local_epochs,
+            settings.learning_rate,
+            settings.loss,  # type: ignore[arg-type]
+            settings.grad_sample_mode,  # type: ignore[arg-type]
+            settings.max_physical_batch_size,
+        )
+
 
 @dataclass(frozen=True)
 class PrivacyPlan:
@@ -91,6 +103,11 @@ class PrivacyPlan:
             raise ConfigError("DP needs epsilon > 0, 0 < delta < 1 and a positive clipping norm")
         if self.planned_rounds < 1:
             raise ConfigError("planned rounds must be at least 1")
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings, max_epsilon: float | None = None) -> PrivacyPlan:
+        """The run's target with the site's own cap (``max_epsilon``, from its node config)."""
+        return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds, max_epsilon)
 
     @property
     def budget(self) -> float:

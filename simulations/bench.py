@@ -54,8 +54,10 @@ from common.plot import Panel, Series, write_line_charts
 from common.privacy import GRAD_SAMPLE_MODES
 from common.split import training_examples
 from common.training import pick_device
+from server.app import read_rounds
 from simulations import bench_serving
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
+from simulations.report import markdown_table
 from simulations.simulate import Resources, simulate
 
 ML_100K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ml-100k"
@@ -227,16 +229,11 @@ def _private_stepper(
 
 
 def _print_dp_step(results: list[StepResult]) -> str:
-    lines = [
-        "| catalogue | mode | median step s | x non-private | peak step memory MB | x non-private |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r.catalog_size:,} | {r.mode} | {r.median_s:.3f} | {r.time_ratio:.2f} | "
-        f"{r.peak_step_memory_mb:.0f} | {r.memory_ratio:.2f} |"
-        for r in results
-    ]
-    return "\n".join(lines)
+    return markdown_table(
+        ["catalogue", "mode", "median step s", "x non-private", "peak step memory MB", "x non-private"],
+        [[f"{r.catalog_size:,}", r.mode, f"{r.median_s:.3f}", f"{r.time_ratio:.2f}", f"{r.peak_step_memory_mb:.0f}",
+          f"{r.memory_ratio:.2f}"] for r in results],
+    )
 
 
 def _plot_dp_step(path: Path, results: list[StepResult]) -> None:
@@ -282,7 +279,7 @@ def bench_sites(site_counts: list[int], rounds: int, out: Path) -> list[SitesRes
         with peak_rss(tree=True, interval_s=0.5) as peak:
             summary = simulate(settings, Resources(sites))
         total = time.perf_counter() - started
-        lines = _rounds(Path(settings.out_dir))
+        lines = read_rounds(Path(settings.out_dir))
         training = _site_training_seconds(Path(settings.out_dir) / "flower.log")
         later = lines[1:] or lines
         round_s = statistics.median(line["seconds"] for line in later)
@@ -299,10 +296,6 @@ def bench_sites(site_counts: list[int], rounds: int, out: Path) -> list[SitesRes
         print(f"  sites {sites}: round {round_s:.1f}s, site training {training_s:.1f}s, "
               f"test NDCG@10 {summary['overall']['ndcg@10']:.4f}", flush=True)
     return results
-
-
-def _rounds(out_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out_dir / "rounds.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def _site_training_seconds(flower_log: Path) -> dict[int, float]:
@@ -327,8 +320,8 @@ def _in_process_training_seconds(settings: RunSettings, sites: int, rounds: int)
     config = settings.model_config(shards[0].catalog.num_items)
     torch.manual_seed(settings.seed)
     initial = SASRec(config).state_dict()
-    training = LocalTraining(settings.batch_size, settings.local_epochs, settings.learning_rate)
-    privacy = PrivacyPlan(True, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds)
+    training = LocalTraining.from_settings(settings)
+    privacy = PrivacyPlan.from_settings(settings)
     device = pick_device()
     per_round = []
     with tempfile.TemporaryDirectory() as ledgers:
@@ -345,18 +338,13 @@ def _in_process_training_seconds(settings: RunSettings, sites: int, rounds: int)
 
 
 def _print_sites(results: list[SitesResult]) -> str:
-    lines = [
-        "| sites | rounds | round s (median of rounds 2..) | server evaluation s | site training s | overhead s "
-        "| overhead share | in-process training s | whole run s | peak memory GB (process tree) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r.sites} | {r.rounds} | {r.round_s:.2f} | {r.evaluation_s:.2f} | {r.site_training_s:.2f} | "
-        f"{r.overhead_s:.2f} | {100 * r.overhead_share:.0f}% | {r.in_process_training_s:.2f} | {r.total_s:.0f} | "
-        f"{r.peak_memory_gb:.1f} |"
-        for r in results
-    ]
-    return "\n".join(lines)
+    return markdown_table(
+        ["sites", "rounds", "round s (median of rounds 2..)", "server evaluation s", "site training s", "overhead s",
+         "overhead share", "in-process training s", "whole run s", "peak memory GB (process tree)"],
+        [[str(r.sites), str(r.rounds), f"{r.round_s:.2f}", f"{r.evaluation_s:.2f}", f"{r.site_training_s:.2f}",
+          f"{r.overhead_s:.2f}", f"{100 * r.overhead_share:.0f}%", f"{r.in_process_training_s:.2f}",
+          f"{r.total_s:.0f}", f"{r.peak_memory_gb:.1f}"] for r in results],
+    )
 
 
 def _plot_sites(path: Path, results: list[SitesResult]) -> None:
@@ -406,14 +394,11 @@ def bench_frontier(datasets: list[str], epsilons: list[float | None], rounds: in
 
 
 def _print_frontier(points: list[FrontierPoint]) -> str:
-    lines = ["| dataset | epsilon per site | test NDCG@10 | tail NDCG@10 | most-popular NDCG@10 | run s |",
-             "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {p.dataset} | {'non-private' if p.epsilon is None else f'{p.epsilon:g}'} | {p.ndcg:.4f} | "
-        f"{p.tail_ndcg:.4f} | {p.most_popular_ndcg:.4f} | {p.seconds:.0f} |"
-        for p in points
-    ]
-    return "\n".join(lines)
+    return markdown_table(
+        ["dataset", "epsilon per site", "test NDCG@10", "tail NDCG@10", "most-popular NDCG@10", "run s"],
+        [[p.dataset, "non-private" if p.epsilon is None else f"{p.epsilon:g}", f"{p.ndcg:.4f}", f"{p.tail_ndcg:.4f}",
+          f"{p.most_popular_ndcg:.4f}", f"{p.seconds:.0f}"] for p in points],
+    )
 
 
 def _plot_frontier(path: Path, points: list[FrontierPoint]) -> None:
@@ -455,7 +440,7 @@ def bench_deployment(sites: int, out: Path) -> list[EngineRound]:
     names = [f"site{index}" for index in range(sites)]
     simulated = RunSettings(dataset=spec, out_dir=str(out / "engine-simulation"), **DEPLOYMENT_RUN)
     simulate(simulated, Resources(sites))
-    simulated_lines = _rounds(Path(simulated.out_dir))[1:]
+    simulated_lines = read_rounds(Path(simulated.out_dir))[1:]
     training = _site_training_seconds(Path(simulated.out_dir) / "flower.log")
     results = [EngineRound(
         "simulation", sites, statistics.median(line["seconds"] for line in simulated_lines),
@@ -482,7 +467,7 @@ def bench_deployment(sites: int, out: Path) -> list[EngineRound]:
         for name in names:
             for match in TRAINING_TIME.finditer((federation.root / f"supernode-{name}.log").read_text(errors="replace")):
                 slowest[int(match["round"])] = max(slowest.get(int(match["round"]), 0.0), float(match["seconds"]))
-    deployed_lines = _rounds(run_dir)[1:]
+    deployed_lines = read_rounds(run_dir)[1:]
     results.append(EngineRound(
         "deployment (TLS, authenticated)", sites, statistics.median(line["seconds"] for line in deployed_lines),
         statistics.median(slowest[line["round"]] for line in deployed_lines), _clientapp_start_seconds(),
@@ -501,11 +486,11 @@ def _clientapp_start_seconds(repeats: int = 3) -> float:
 
 
 def _print_deployment(results: list[EngineRound]) -> str:
-    lines = ["| engine | sites | round s (median of rounds 2..) | site training s | ClientApp process start s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r.engine} | {r.sites} | {r.round_s:.1f} | {r.site_training_s:.1f} | {r.clientapp_start_s:.1f} |"
-              for r in results]
-    return "\n".join(lines)
+    return markdown_table(
+        ["engine", "sites", "round s (median of rounds 2..)", "site training s", "ClientApp process start s"],
+        [[r.engine, str(r.sites), f"{r.round_s:.1f}", f"{r.site_training_s:.1f}", f"{r.clientapp_start_s:.1f}"]
+         for r in results],
+    )
 
 
 # --- the suite -----------------------------------------------------------------------------------------------------

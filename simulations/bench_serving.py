@@ -33,6 +33,7 @@ from common.files import write_json
 from common.model import ModelOptions, SASRec
 from common.processes import free_loopback_port
 from server.serving import Recommender
+from simulations.report import markdown_table
 
 
 @dataclass(frozen=True)
@@ -133,16 +134,11 @@ def _in_process_ms(model_dir: Path, histories: list[list[str]], k: int, explain:
 
 
 def format_table(results: list[LoadResult]) -> str:
-    lines = [
-        "| catalogue | explain | concurrency | requests | p50 ms | p99 ms | requests/s | in-process ms (no HTTP) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r.catalog_size} | {'yes' if r.explain else 'no'} | {r.concurrency} | {r.requests} | {r.p50_ms:.1f} | "
-        f"{r.p99_ms:.1f} | {r.requests_per_second:.0f} | {r.in_process_ms:.1f} |"
-        for r in results
-    ]
-    return "\n".join(lines)
+    return markdown_table(
+        ["catalogue", "explain", "concurrency", "requests", "p50 ms", "p99 ms", "requests/s", "in-process ms (no HTTP)"],
+        [[str(r.catalog_size), "yes" if r.explain else "no", str(r.concurrency), str(r.requests), f"{r.p50_ms:.1f}",
+          f"{r.p99_ms:.1f}", f"{r.requests_per_second:.0f}", f"{r.in_process_ms:.1f}"] for r in results],
+    )
 
 
 def main() -> None:

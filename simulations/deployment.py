@@ -9,6 +9,7 @@ registered with ``flwr supernode register``) unless ``secure=False``.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -141,11 +142,16 @@ class LocalDeployment:
         return process
 
     def connected_nodes(self) -> int:
+        """SuperNodes the SuperLink reports online (`flwr supernode list`)."""
         result = subprocess.run(
             [executable("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
             env=self.env, capture_output=True, text=True, check=False, timeout=60,
         )
-        return result.stdout.count('"online"')
+        try:
+            nodes = json.loads(result.stdout)["nodes"]
+        except (json.JSONDecodeError, KeyError):
+            raise FlowerFailed(f"could not list the SuperNodes: {result.stdout}{result.stderr}") from None
+        return sum(node["status"] == "online" for node in nodes)
 
     def submit(self, run_config: Mapping[str, Any]) -> int:
         """`flwr run` the app against this SuperLink; returns the run id (the run goes on in the background)."""

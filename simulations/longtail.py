@@ -26,6 +26,7 @@ from common.ranking import RankingOptions, model_prior
 from common.run_files import GLOBAL_MODEL_FILE
 from common.split import EvaluationCases, evaluation_cases, item_popularity, training_history
 from common.training import pick_device
+from simulations.report import markdown_table
 
 TAIL_PENALTIES = (0.2, 0.5)
 COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5)
@@ -83,11 +84,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = longtail_table(Path(args.model_dir), args.dataset, args.max_len)
-    print("| variant | NDCG@10 | tail | torso | head | coverage@10 | tail-item share@10 |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['variant']} | {row['ndcg@10']:.4f} | {row['tail_ndcg@10']:.4f} | {row['torso_ndcg@10']:.4f} | "
-              f"{row['head_ndcg@10']:.4f} | {row['coverage@10']:.3f} | {row['tail_share@10']:.3f} |")
+    print(markdown_table(
+        ["variant", "NDCG@10", "tail", "torso", "head", "coverage@10", "tail-item share@10"],
+        [[row["variant"], *(f"{row[key]:.4f}" for key in ("ndcg@10", "tail_ndcg@10", "torso_ndcg@10", "head_ndcg@10")),
+          f"{row['coverage@10']:.3f}", f"{row['tail_share@10']:.3f}"] for row in rows],
+    ))
     if args.out:
         write_json(Path(args.out), {"model_dir": args.model_dir, "dataset": args.dataset, "rows": rows})
 

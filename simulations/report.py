@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 COLUMNS = ("overall", "tail", "torso", "head")
@@ -37,4 +38,11 @@ def format_federated_summary(summary: dict[str, Any], title: str = "") -> str:
         return "\n".join(lines)
     lines.append(f"privacy: epsilon {privacy['epsilon']:.3f} (max over sites), delta {privacy['delta']:g}, unit: one user")
     lines.append("site epsilon: " + "  ".join(f"{site}={eps:.3f}" for site, eps in privacy["per_site"].items()))
+    return "\n".join(lines)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table from already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)

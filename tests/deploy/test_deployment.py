@@ -18,6 +18,7 @@ from common.audit import audit
 from common.credentials import write_certificates
 from common.ledger import Ledger
 from common.synthetic import SyntheticConfig, generate
+from server.app import read_rounds
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 
 pytestmark = pytest.mark.slow
@@ -65,11 +66,6 @@ def _wait_for(condition: Any, what: str, timeout_s: float) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _rounds(out_dir: Path) -> list[dict[str, Any]]:
-    path = out_dir / "rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def test_a_tls_authenticated_federation_of_three_sites_trains_with_dp(
     deployment: LocalDeployment, site_data: dict[str, Path]
 ) -> None:
@@ -78,7 +74,7 @@ def test_a_tls_authenticated_federation_of_three_sites_trains_with_dp(
     status = deployment.wait(deployment.submit(_run_config(site_data, out_dir)), timeout_s=900)
     assert status["status"] == "finished:completed", status
     assert (out_dir / "global_model.pt").exists()
-    rounds = _rounds(out_dir)
+    rounds = read_rounds(out_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(sorted(r["sites_trained"]) == sorted(SITES) for r in rounds)
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -122,15 +118,15 @@ def test_a_site_killed_in_round_two_is_left_out_consistently_and_rejoins(
     _join(deployment, site_data)
     out_dir = deployment.root / "run"
     run_id = deployment.submit(_run_config(site_data, out_dir, rounds=5, **{"min-sites": 2}))
-    _wait_for(lambda: len(_rounds(out_dir)) >= 1, "round 1", 300)
+    _wait_for(lambda: len(read_rounds(out_dir)) >= 1, "round 1", 300)
     deployment.kill_supernode("east")  # round 2 has just been sent out: east is still starting its ClientApp
-    killed_during = len(_rounds(out_dir)) + 1
-    _wait_for(lambda: len(_rounds(out_dir)) >= killed_during, f"round {killed_during} without east", 400)
+    killed_during = len(read_rounds(out_dir)) + 1
+    _wait_for(lambda: len(read_rounds(out_dir)) >= killed_during, f"round {killed_during} without east", 400)
     private = deployment.root / "keys" / "east"
     deployment.start_supernode("east", site_node_config("east", site_data, deployment.root), private)
     status = deployment.wait(run_id, timeout_s=900)
     assert status["status"] == "finished:completed", status
-    rounds = _rounds(out_dir)
+    rounds = read_rounds(out_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     without_east = [r["round"] for r in rounds if "east" not in r["sites_trained"]]
     assert killed_during in without_east and all(len(r["sites_trained"]) >= 2 for r in rounds)
@@ -150,14 +146,14 @@ def test_a_coordinator_killed_mid_run_resumes_without_counting_any_round_twice(
     out_dir = deployment.root / "run"
     config = _run_config(site_data, out_dir, rounds=4)
     deployment.submit(config)
-    _wait_for(lambda: len(_rounds(out_dir)) >= 2, "round 2", 400)
+    _wait_for(lambda: len(read_rounds(out_dir)) >= 2, "round 2", 400)
     deployment.kill_superlink()  # SuperLink and ServerApp, mid-round 3
-    done_before = len(_rounds(out_dir))
+    done_before = len(read_rounds(out_dir))
     deployment.start_superlink()  # same database: the registered sites reconnect by themselves
     _wait_for(lambda: deployment.connected_nodes() >= len(SITES), "sites back online", 240)
     status = deployment.wait(deployment.submit(config), timeout_s=900)
     assert status["status"] == "finished:completed", status
-    rounds = _rounds(out_dir)
+    rounds = read_rounds(out_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4] and done_before < 4
     summary = json.loads((out_dir / "summary.json").read_text())
     for site in SITES:
