@@ -19,6 +19,9 @@ from common.privacy import GRAD_SAMPLE_MODES
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
+MODEL_SELECTIONS = ("best-validation", "last")
+"""Which round's global model the run keeps. Choosing by the server's held-out validation users is
+post-processing of released models, so it costs no privacy; without an evaluator it is the last round."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class RunSettings:
     seed: int = 0
     out_dir: str = "runs/flwr-run"
     rounds: int = 10
+    model_selection: str = "best-validation"
     fraction_sites: float = 1.0
     min_sites: int = 1
     server_optimizer: str = "fedavg"
@@ -62,6 +66,8 @@ class RunSettings:
             f"partitioning='{self.partitioning}': use one of {', '.join(SCHEMES)}" * (self.partitioning not in SCHEMES),
             "dataset='' (no evaluation at the server) needs catalog-path" * (not self.dataset and not self.catalog_path),
             f"rounds={self.rounds}: must be at least 1" * (self.rounds < 1),
+            f"model-selection='{self.model_selection}': use one of {', '.join(MODEL_SELECTIONS)}"
+            * (self.model_selection not in MODEL_SELECTIONS),
             f"fraction-sites={self.fraction_sites}: must be in (0, 1]" * (not 0 < self.fraction_sites <= 1),
             f"min-sites={self.min_sites}: must be at least 1" * (self.min_sites < 1),
             f"server-optimizer='{self.server_optimizer}': use one of {', '.join(SERVER_OPTIMIZERS)}"

@@ -3,13 +3,16 @@
 Run folder (``out-dir`` in the run config)::
 
     run.json              the run id (sites' ledgers are keyed by it)
-    checkpoint.pt         global weights after the last finished round (resume point)
+    checkpoint.pt         global weights after the last finished round (resume point), and the best round's
     rounds.jsonl          one line per finished round: validation metrics, sites, epsilons
-    global_model.pt       the final global model   \\  loadable together with
+    global_model.pt       the kept global model    \\  loadable together with
     catalog.json          its item catalogue       /   common.artifacts.load_model
     summary.json          test metrics (metrics.json layout) + "privacy"
     rounds.svg            validation NDCG@10 and epsilon per round
     ledgers/site-<id>.jsonl   (simulation) each site's own privacy ledger, written by the site
+
+The kept model is the round with the best validation NDCG@10 (``model-selection``,
+the default) or the last round; summary.json's "run" names which round it is.
 
 Evaluation uses the held-out validation / test users, which only a simulation's
 server has; the sites never send local metrics (they would be unaccounted releases).
@@ -44,7 +47,7 @@ from common.progress import log
 from common.run_files import GLOBAL_MODEL_FILE, ROUND_PLOT_FILE, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE
 from common.split import EvaluationCases, evaluation_cases, item_popularity
 from common.training import pick_device
-from server.checkpoint import Checkpoint, load_checkpoint
+from server.checkpoint import BestRound, Checkpoint, load_checkpoint
 from server.strategy import private_strategy
 
 app = ServerApp()
@@ -156,9 +159,10 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     run_id = run_id_for(out_dir)
     done = 0
     site_epsilon: dict[str, float] = {}
+    best: BestRound | None = None
     if checkpoint is not None:
         model.load_state_dict(checkpoint.state_dict)
-        done, site_epsilon = checkpoint.round, checkpoint.site_epsilon
+        done, site_epsilon, best = checkpoint.round, checkpoint.site_epsilon, checkpoint.best
         truncate_rounds(out_dir, done)
         log(f"fedtail: resuming run {run_id} after round {done} of {settings.rounds}")
     elif (out_dir / ROUNDS_FILE).exists():
@@ -178,6 +182,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     round_started = [time.perf_counter()]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal best
         if server_round == 0:
             return None
         number = server_round + done
@@ -204,9 +209,10 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
         }
         with (out_dir / ROUNDS_FILE).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
-        Checkpoint(
-            run_id, number, {k: v.detach().cpu() for k, v in model.state_dict().items()}, run_config, line["site_epsilon"]
-        ).save(out_dir)
+        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if valid is not None and (best is None or valid["ndcg@10"] > best.valid_ndcg):
+            best = BestRound(number, valid["ndcg@10"], weights)
+        Checkpoint(run_id, number, weights, run_config, line["site_epsilon"], best).save(out_dir)
         epsilon_note = f"  epsilon {line['epsilon']:.3f}" if settings.dp else "  NON-PRIVATE"
         declined_note = f"  declined: {', '.join(replies.declined)}" if replies.declined else ""
         valid_note = "" if valid is None else f"  valid NDCG@10 {valid['ndcg@10']:.4f}"
@@ -227,7 +233,14 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             ),
             evaluate_fn=after_round,
         )
-    return finish_run(out_dir, settings, model, catalog, evaluator, device, strategy.site_epsilon)
+    kept = best if settings.model_selection == "best-validation" else None
+    if kept is not None:
+        model.load_state_dict(kept.state_dict)
+        log(
+            f"fedtail: keeping round {kept.round}'s model (best validation NDCG@10 {kept.valid_ndcg:.4f}); "
+            "the last round's weights stay in checkpoint.pt"
+        )
+    return finish_run(out_dir, settings, model, catalog, evaluator, device, strategy.site_epsilon, None if kept is None else kept.round)
 
 
 def validation_line(model: SASRec, device: torch.device, evaluator: Evaluator) -> dict[str, float]:
@@ -247,7 +260,9 @@ def finish_run(
     evaluator: Evaluator | None,
     device: torch.device,
     site_epsilon: dict[str, float],
+    kept_round: int | None = None,
 ) -> dict[str, Any]:
+    """Evaluate ``model`` (the kept one) on the test users and write the run's final files."""
     summary: dict[str, Any] = {}
     if evaluator is not None:
         summary = evaluate_with_baselines(
@@ -262,6 +277,8 @@ def finish_run(
         "settings": settings.to_run_config(),
         "catalog": settings.catalog_path or "built from the whole dataset (simulation)",
         "rounds_completed": len(rounds),
+        "model_selection": settings.model_selection if kept_round is not None else "last",
+        "model_round": kept_round if kept_round is not None else len(rounds),
         "seconds_per_round": [r["seconds"] for r in rounds],
     }
     save_model(out_dir, model, catalog, GLOBAL_MODEL_FILE)

@@ -1,8 +1,10 @@
 """The server's per-round checkpoint: enough to resume a run exactly where it stopped.
 
 Holds the global weights after a round, the round number, the run's settings
-(a resumed run must use the same ones: noise was calibrated on them) and the
-per-site epsilon last reported. Written atomically after every round.
+(a resumed run must use the same ones: noise was calibrated on them), the
+per-site epsilon last reported, and the best round so far by validation (kept
+in the same file so that a kill between two writes cannot pair one round's
+"best" with another round's state). Written atomically after every round.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from common.errors import ConfigError, DataError
 from common.files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = "fedtail-checkpoint/1"
+CHECKPOINT_FORMAT = "fedtail-checkpoint/2"
+
+
+@dataclass(frozen=True)
+class BestRound:
+    """The round whose global model scored the highest validation NDCG@10 so far."""
+
+    round: int
+    valid_ndcg: float
+    state_dict: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -27,6 +38,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     run_config: dict[str, Any]
     site_epsilon: dict[str, float]
+    best: BestRound | None = None
 
     def save(self, out_dir: Path) -> None:
         payload = {
@@ -36,6 +48,7 @@ class Checkpoint:
             "state_dict": self.state_dict,
             "run_config": self.run_config,
             "site_epsilon": self.site_epsilon,
+            "best": None if self.best is None else vars(self.best),
         }
         atomic_write(out_dir / CHECKPOINT_FILE, lambda temporary: torch.save(payload, temporary))
 
@@ -61,6 +74,12 @@ def load_checkpoint(out_dir: Path, run_config: dict[str, Any]) -> Checkpoint | N
             f"{out_dir} holds a run with other settings {differences} (saved, now); "
             "resume with the same settings or use another --out"
         )
+    best = payload["best"]
     return Checkpoint(
-        payload["run_id"], int(payload["round"]), payload["state_dict"], payload["run_config"], payload["site_epsilon"]
+        payload["run_id"],
+        int(payload["round"]),
+        payload["state_dict"],
+        payload["run_config"],
+        payload["site_epsilon"],
+        None if best is None else BestRound(int(best["round"]), float(best["valid_ndcg"]), best["state_dict"]),
     )

@@ -23,7 +23,7 @@ from common.audit import audit, format_markdown, write_audit
 from common.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
 from common.datasets import DEFAULT_DATASET, load_dataset
 from common.errors import ConfigError, FedtailError
-from common.federation import SERVER_OPTIMIZERS, RunSettings
+from common.federation import MODEL_SELECTIONS, SERVER_OPTIMIZERS, RunSettings
 from common.partition import SCHEMES
 from common.privacy import GRAD_SAMPLE_MODES
 from common.files import write_json
@@ -130,6 +130,7 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
         seed=args.seed,
         out_dir=out,
         rounds=args.rounds,
+        model_selection=args.model_selection,
         fraction_sites=args.fraction_sites,
         min_sites=args.min_sites,
         server_optimizer=args.server_optimizer,
@@ -239,6 +240,8 @@ def _add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     run = RunSettings()
     parser.add_argument("--sites", type=int, default=5, help="number of simulated sites")
     parser.add_argument("--rounds", type=int, default=run.rounds)
+    parser.add_argument("--model-selection", choices=MODEL_SELECTIONS, default=run.model_selection,
+                        help="keep the round with the best validation NDCG@10, or the last round")
     parser.add_argument("--partition", choices=SCHEMES, default=run.partitioning, help="how users are split into sites")
     parser.add_argument("--epsilon", type=float, default=run.epsilon,
                           help="each site's target epsilon after ALL rounds (noise is calibrated on it)")

@@ -30,8 +30,11 @@ def format_metrics_table(report: dict[str, Any], title: str = "", metrics: tuple
 
 
 def format_federated_summary(summary: dict[str, Any], title: str = "") -> str:
-    """The federated model beside most-popular, then each site's epsilon (or a loud NON-PRIVATE)."""
+    """The federated model beside most-popular, which round it is, then each site's epsilon (or a loud NON-PRIVATE)."""
     lines = [format_metrics_table(summary, title=title, metrics=("ndcg@10",))]
+    run = summary.get("run", {})
+    if "model_round" in run:
+        lines.append(f"model: round {run['model_round']} of {run['rounds_completed']} ({run['model_selection']})")
     privacy = summary["privacy"]
     if not privacy["dp"]:
         lines.append("privacy: NONE. This model was trained WITHOUT differential privacy.")

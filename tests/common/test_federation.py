@@ -26,6 +26,8 @@ def test_wrong_types_and_unknown_keys_are_named() -> None:
         RunSettings.from_run_config({"epsilom": 1.0})
     with pytest.raises(ConfigError, match="partitioning"):
         RunSettings(partitioning="random")
+    with pytest.raises(ConfigError, match="model-selection='best'"):
+        RunSettings(model_selection="best")
     assert RunSettings.from_run_config({"epsilon": 4}).epsilon == 4.0
 
 

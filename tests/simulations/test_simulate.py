@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
+import torch
+
 from common.artifacts import load_model
 from common.audit import audit
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.ledger import Ledger, Spend
-from server.checkpoint import Checkpoint
+from server.checkpoint import Checkpoint, load_checkpoint
 from simulations.simulate import Resources, SimulationFailed, preflight, simulate
 
 SMALL = dict(
@@ -59,6 +61,14 @@ def test_a_small_dp_federation_runs_through_flower_and_writes_everything(tmp_pat
     assert set(summary) >= {"overall", "groups", "items", "baselines", "privacy"}
     model, catalog = load_model(out, "global_model.pt")
     assert model.config.num_items == catalog.num_items
+    # The kept model is the round with the best validation NDCG@10, and it is the one that was tested.
+    valid = [r["valid"]["ndcg@10"] for r in rounds]
+    best_round = 1 + valid.index(max(valid))
+    assert summary["run"]["model_round"] == best_round and summary["run"]["model_selection"] == "best-validation"
+    checkpoint = load_checkpoint(out, settings.to_run_config())
+    assert checkpoint is not None and checkpoint.round == 2 and checkpoint.best is not None
+    assert checkpoint.best.round == best_round and checkpoint.best.valid_ndcg == max(valid)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint.best.state_dict.items())
     report = audit([out])  # the auditor's view of the same folder: intact, cross-checked with rounds.jsonl
     assert report.passed, [str(f) for f in report.findings]
     assert report.epsilon == pytest.approx(summary["privacy"]["epsilon"])
