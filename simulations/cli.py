@@ -116,8 +116,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=("ce", "bce"), default=TrainConfig().loss,
                         help="ce: full softmax cross-entropy; bce: one sampled negative per position")
     parser.add_argument("--item-text", default="",
-                        help="public item metadata (MovieLens folder, u.item, movies.csv, or CSV item,text) to "
-                        "initialise item embeddings from; needs pip install 'fedtail[content]'")
+                        help="public item metadata to initialise item embeddings from: MovieLens folder, u.item, "
+                        "movies.csv or CSV item,text (needs pip install 'fedtail[content]'), or an item -> "
+                        "attribute-ids JSON such as Beauty_item2attributes.json (or its folder)")
 
 
 def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from common.catalog import PADDING_INDEX, Catalog
-from common.content import content_vectors, initialise_items, read_item_texts
+from common.content import (
+    content_vectors,
+    initialise_from_text,
+    initialise_items,
+    multi_hot_encoder,
+    read_item_attributes,
+    read_item_texts,
+)
 from common.errors import DataError
 from common.model import INIT_STD, ModelConfig, SASRec
 
@@ -62,3 +70,26 @@ def test_the_packaged_sentence_encoder_runs_offline() -> None:
     assert vectors.shape == (3, 384)
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     assert unit[0] @ unit[1] > unit[0] @ unit[2]
+
+
+def test_attribute_ids_place_items_that_share_attributes_together(tmp_path: Path) -> None:
+    """Amazon Beauty's metadata is opaque attribute ids: multi-hot, then the same PCA as text."""
+    families = [[1, 2, 3], [4, 5], [6, 7, 8], [9]]
+    mapping = {str(i): families[i % 4] + [100 + i] for i in range(1, 41)}  # a family plus an attribute of its own
+    (tmp_path / "Beauty_item2attributes.json").write_text(json.dumps(mapping))
+    catalog = Catalog.from_items([str(i) for i in range(1, 41)])
+    model = SASRec(ModelConfig(num_items=40, hidden=8, heads=2, blocks=1, max_len=5))
+    initialise_from_text(model, catalog, tmp_path)  # the folder: its *item2attributes.json is found
+    vectors = torch.nn.functional.normalize(model.item_embedding.weight[1:41].detach(), dim=1)
+    similarity = vectors @ vectors.T
+    same_family = torch.tensor([[a % 4 == b % 4 for b in range(1, 41)] for a in range(1, 41)])
+    assert float(similarity[same_family].mean()) > float(similarity[~same_family].mean()) + 0.5
+    torch.testing.assert_close(model.output.weight[1:41].detach(), model.item_embedding.weight[1:41].detach())
+
+    assert multi_hot_encoder(["3 1", "1"]).tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    (tmp_path / "broken.json").write_text('{"7": "not a list"}')
+    with pytest.raises(DataError, match=r"broken.json.*item '7': expected a list"):
+        read_item_attributes(tmp_path / "broken.json")
+    (tmp_path / "cut.json").write_text('{"7": [1, 2')
+    with pytest.raises(DataError, match="cut.json.*cannot read item attributes"):
+        read_item_attributes(tmp_path / "cut.json")
