@@ -30,11 +30,14 @@ import torch
 
 from common.catalog import PADDING_INDEX, Catalog
 from common.errors import ConfigError, DataError
+from common.files import atomic_write
 from common.model import INIT_STD, SASRec
 from common.progress import log
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
 """Texts -> one row of floats per text."""
+ITEM_VECTORS_FILE = "item_vectors.pt"
+"""Saved beside a model trained from content: the cold-start content prior (``common.ranking``) reads it."""
 
 
 def read_item_texts(path: Path) -> dict[str, str]:
@@ -124,7 +127,9 @@ def content_vectors(catalog: Catalog, texts: dict[str, str], hidden: int, encode
     encoded = torch.as_tensor(encoder([texts[catalog.raw_id(index)] for index in known]), dtype=torch.float32)
     centred = encoded - encoded.mean(dim=0)
     _, _, directions = torch.linalg.svd(centred, full_matrices=False)  # rows: principal directions
-    reduced = centred @ directions[:hidden].T  # [known, hidden]
+    reduced = centred @ directions[:hidden].T  # [known, min(hidden, features)]
+    if reduced.shape[1] < hidden:  # fewer features than dimensions (a small attribute vocabulary): zero the rest
+        reduced = torch.nn.functional.pad(reduced, (0, hidden - reduced.shape[1]))
     reduced = reduced * (INIT_STD / reduced.std())
     vectors = torch.zeros(catalog.num_items + 1, hidden)
     vectors[torch.as_tensor(known)] = reduced
@@ -152,17 +157,40 @@ def attributes_file(path: Path) -> Path | None:
     return path if path.suffix == ".json" else None
 
 
-def initialise_from_text(model: SASRec, catalog: Catalog, item_text: Path, encoder: Encoder | None = None) -> None:
-    """The whole path: read the metadata, encode it, write it into ``model``; says how many items got a vector.
-
-    Text (MovieLens titles and genres, CSV item,text) goes through the sentence encoder; an attributes JSON
-    (Amazon Beauty) through the multi-hot encoder.
-    """
-    attributes = attributes_file(item_text)
+def item_content_vectors(catalog: Catalog, metadata: Path, hidden: int, encoder: Encoder | None = None) -> torch.Tensor:
+    """[N + 1, hidden] vectors from public metadata: text through the sentence encoder (MovieLens titles and
+    genres, CSV item,text), an attributes JSON (Amazon Beauty) through the multi-hot encoder."""
+    attributes = attributes_file(metadata)
     if attributes is not None:
         descriptions, encoder = read_item_attributes(attributes), encoder or multi_hot_encoder
     else:
-        descriptions, encoder = read_item_texts(item_text), encoder or sentence_encoder()
-    vectors = content_vectors(catalog, descriptions, model.config.hidden, encoder)
+        descriptions, encoder = read_item_texts(metadata), encoder or sentence_encoder()
+    return content_vectors(catalog, descriptions, hidden, encoder)
+
+
+def initialise_from_text(
+    model: SASRec, catalog: Catalog, item_text: Path, encoder: Encoder | None = None
+) -> torch.Tensor:
+    """The whole path: read the metadata, encode it, write it into ``model``; returns the [N + 1, hidden] vectors."""
+    vectors = item_content_vectors(catalog, item_text, model.config.hidden, encoder)
     count = initialise_items(model, vectors)
-    log(f"fedtail: {count} of {catalog.num_items} items initialised from the metadata in {attributes or item_text}")
+    log(f"fedtail: {count} of {catalog.num_items} items initialised from the metadata in {item_text}")
+    return vectors
+
+
+def save_item_vectors(out_dir: Path, vectors: torch.Tensor) -> None:
+    atomic_write(out_dir / ITEM_VECTORS_FILE, lambda temporary: torch.save(vectors.detach().cpu(), temporary))
+
+
+def load_item_vectors(model_dir: Path, num_items: int) -> torch.Tensor | None:
+    """The content vectors saved with a model, or None when it was trained without content."""
+    path = model_dir / ITEM_VECTORS_FILE
+    if not path.exists():
+        return None
+    try:
+        vectors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt files
+        raise DataError(f"cannot read item content vectors: {error}", path) from None
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != num_items + 1:
+        raise DataError(f"expected a [{num_items + 1}, d] tensor of item content vectors", path)
+    return vectors

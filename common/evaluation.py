@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from common.catalog import PADDING_INDEX
+from common.errors import ConfigError
 from common.metrics import exclusion_mask, grouped_ranking_metrics, item_metrics, rank_targets, ranking_metrics, top_k
 from common.model import SASRec
-from common.ranking import RankingOptions, rerank
+from common.ranking import RankingOptions, content_prior, rerank
 from common.split import EvaluationCases, trim_left_padding
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -41,11 +42,21 @@ def model_scorer(model: SASRec, device: torch.device) -> Scorer:
     return score
 
 
-def reranked_scorer(base: Scorer, prior: torch.Tensor, options: RankingOptions) -> Scorer:
-    """``base`` re-ranked for the long tail (``common.ranking``), each case by its own history length."""
+def reranked_scorer(
+    base: Scorer, prior: torch.Tensor, options: RankingOptions, item_vectors: torch.Tensor | None = None
+) -> Scorer:
+    """``base`` re-ranked for the long tail (``common.ranking``), each case by its own history length.
+
+    ``item_vectors`` ([N, d] public content vectors) are needed for ``cold_start_prior="content"``.
+    """
+    if options.cold_start_prior == "content" and item_vectors is None:
+        raise ConfigError("the content cold-start prior needs item content vectors (train with --item-text)")
 
     def score(inputs: torch.Tensor) -> torch.Tensor:
-        return rerank(base(inputs), (inputs != PADDING_INDEX).sum(dim=1), prior, options)
+        blend = None
+        if options.cold_start_prior == "content" and options.cold_start_weight > 0:
+            blend = content_prior(inputs, item_vectors, prior, options.content_temperature)  # type: ignore[arg-type]
+        return rerank(base(inputs), (inputs != PADDING_INDEX).sum(dim=1), prior, options, blend)
 
     return score
 

@@ -5,6 +5,7 @@ Run folder (``out-dir`` in the run config)::
     run.json              the run id (sites' ledgers are keyed by it)
     checkpoint.pt         global weights after the last finished round (resume point), and the best round's
     rounds.jsonl          one line per finished round: validation metrics, sites, epsilons
+    item_vectors.pt       (with item-text) the public content vectors, for the content cold-start prior
     global_model.pt       the kept global model    \\  loadable together with
     catalog.json          its item catalogue       /   common.artifacts.load_model
     summary.json          test metrics (metrics.json layout) + "privacy"
@@ -35,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.artifacts import save_model
 from common.catalog import Catalog
-from common.content import initialise_from_text
+from common.content import initialise_from_text, save_item_vectors
 from common.datasets import load_dataset
 from common.evaluation import evaluate, evaluate_with_baselines, model_scorer
 from common.federation import RunSettings
@@ -151,7 +152,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     torch.manual_seed(settings.seed)
     model = SASRec(settings.model_config(catalog.num_items))
     if settings.item_text:  # public metadata only: the initial model costs no privacy
-        initialise_from_text(model, catalog, Path(settings.item_text))
+        save_item_vectors(out_dir, initialise_from_text(model, catalog, Path(settings.item_text)))
     model.to(device)
 
     run_config = settings.to_run_config()

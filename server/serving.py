@@ -24,9 +24,10 @@ import torch
 
 from common.artifacts import MODEL_FILE, load_model
 from common.catalog import Catalog
+from common.content import ITEM_VECTORS_FILE, load_item_vectors
 from common.errors import ConfigError, DataError
 from common.model import PADDING_INDEX, SASRec
-from common.ranking import RankingOptions, model_prior, rerank
+from common.ranking import RankingOptions, content_prior, model_prior, rerank
 from common.run_files import GLOBAL_MODEL_FILE, SUMMARY_FILE
 from common.split import left_pad
 from common.training import pick_device
@@ -70,13 +71,19 @@ class Recommender:
     def __init__(
         self, model: SASRec, catalog: Catalog, info: ModelInfo, device: torch.device,
         ranking: RankingOptions = RankingOptions(),
+        item_vectors: torch.Tensor | None = None,
     ) -> None:
+        if ranking.cold_start_prior == "content" and item_vectors is None:
+            raise ConfigError(
+                f"the content cold-start prior needs {ITEM_VECTORS_FILE} beside the model: train with --item-text"
+            )
         self.model = model.to(device).eval()
         self.catalog = catalog
         self.info = info
         self.device = device
         self.ranking = ranking
         self.prior = model_prior(self.model)
+        self.item_vectors = item_vectors
 
     @classmethod
     def load(
@@ -98,7 +105,7 @@ class Recommender:
             run_id=summary.get("run", {}).get("run_id"),
             privacy=summary.get("privacy"),
         )
-        return cls(model, catalog, info, device, ranking)
+        return cls(model, catalog, info, device, ranking, load_item_vectors(run_dir, catalog.num_items))
 
     def recommend(
         self, history: Sequence[str], k: int = 10, exclude_history: bool = True, explain: bool = True
@@ -121,7 +128,10 @@ class Recommender:
             length = max(len(known), 1)
             batch = torch.from_numpy(np.stack([left_pad(v, length) for v in variants])).to(self.device)
             scores = self.model.last_scores(batch)  # [1 + len(known), N]
-        full = rerank(scores[:1], torch.tensor([len(known)]), self.prior, self.ranking)[0].clone()
+        blend = None
+        if self.ranking.cold_start_prior == "content" and self.ranking.cold_start_weight > 0:
+            blend = content_prior(batch[:1], self.item_vectors, self.prior, self.ranking.content_temperature)  # type: ignore[arg-type]
+        full = rerank(scores[:1], torch.tensor([len(known)]), self.prior, self.ranking, blend)[0].clone()
         full[PADDING_INDEX] = float("-inf")
         if exclude_history and len(known):
             full[torch.from_numpy(known).to(self.device)] = float("-inf")
@@ -138,7 +148,9 @@ class Recommender:
     def _strategy(self, known: int) -> str:
         parts = [MODEL_STRATEGY if known else PRIOR_STRATEGY]
         if self.ranking.cold_start_weight > 0 and known < self.ranking.cold_start_fade:
-            parts.append(f"cold-start blend with the model prior (weight {self.ranking.cold_start_weight * (1 - known / self.ranking.cold_start_fade):.2f})")
+            prior = "content prior (items like yours)" if self.ranking.cold_start_prior == "content" and known else "model prior"
+            weight = self.ranking.cold_start_weight * (1 - known / self.ranking.cold_start_fade)
+            parts.append(f"cold-start blend with the {prior} (weight {weight:.2f})")
         if self.ranking.tail_penalty > 0:
             parts.append(f"tail penalty {self.ranking.tail_penalty:g}")
         return " + ".join(parts)

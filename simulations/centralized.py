@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from common.artifacts import MODEL_FILE, load_model, save_model
-from common.content import initialise_from_text
+from common.content import initialise_from_text, save_item_vectors
 from common.datasets import Dataset
 from common.evaluation import evaluate_with_baselines, model_scorer
 from common.files import write_json
@@ -48,8 +48,7 @@ def train_centralized(
     )
     torch.manual_seed(config.seed)
     model = SASRec(model_config)
-    if item_text is not None:
-        initialise_from_text(model, catalog, item_text)
+    vectors = None if item_text is None else initialise_from_text(model, catalog, item_text)
     result = fit(model, examples, valid, popularity, len(sequences), config, device)
     report = evaluate_with_baselines(model_scorer(model, device), test, popularity, len(sequences))
     report["run"] = {
@@ -67,6 +66,8 @@ def train_centralized(
     }
     out.mkdir(parents=True, exist_ok=True)
     save_model(out, model, catalog)
+    if vectors is not None:
+        save_item_vectors(out, vectors)
     write_json(out / METRICS_FILE, report)
     return report
 

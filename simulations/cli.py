@@ -27,7 +27,7 @@ from common.federation import MODEL_SELECTIONS, SERVER_OPTIMIZERS, RunSettings
 from common.partition import SCHEMES
 from common.privacy import GRAD_SAMPLE_MODES
 from common.files import write_json
-from common.ranking import RankingOptions
+from common.ranking import COLD_START_PRIORS, RankingOptions
 from common.readers import FORMATS, ColumnNames
 from common.training import TrainConfig, pick_device
 from common.model import ModelOptions
@@ -229,7 +229,9 @@ def _serve(args: argparse.Namespace) -> int:
     from server.http import create_app
     from server.serving import Recommender
 
-    ranking = RankingOptions(args.cold_start_weight, args.cold_start_fade, args.tail_penalty)
+    ranking = RankingOptions(
+        args.cold_start_weight, args.cold_start_fade, args.tail_penalty, args.cold_start_prior, args.content_temperature
+    )
     recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None, ranking)
     print(f"fedtail: serving {args.run_dir} (model {recommender.info.model_id}, {recommender.info.catalog_size} items) "
           f"on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
@@ -319,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     ranking = RankingOptions()
     serve.add_argument("--cold-start-weight", type=float, default=ranking.cold_start_weight,
-                       help="blend short histories with the model's prior at this weight (0: off)")
+                       help="blend short histories with a prior at this weight (0: off)")
+    serve.add_argument("--cold-start-prior", choices=COLD_START_PRIORS, default=ranking.cold_start_prior,
+                       help="model: the model's own empty-history prediction; content: items whose public metadata "
+                       "resembles the user's (needs a model trained with --item-text)")
+    serve.add_argument("--content-temperature", type=float, default=ranking.content_temperature,
+                       help="sharpness of the content prior (softmax of cosine similarity / temperature)")
     serve.add_argument("--cold-start-fade", type=int, default=ranking.cold_start_fade,
                        help="history length at which the blend has faded out")
     serve.add_argument("--tail-penalty", type=float, default=ranking.tail_penalty,

@@ -5,7 +5,9 @@ cold-start blend on histories cut to their last 1 and 3 items (what a new user
 shows). Columns: NDCG@10 per user group and overall, coverage@10, tail-item
 share@10. The prior is the model's own (``common.ranking.model_prior``), so
 every row is servable without private statistics; most-popular uses the
-training data's popularity, as the baseline always does.
+training data's popularity, as the baseline always does. When the model was
+trained from content (its ``item_vectors.pt``) or ``--item-text`` names public
+metadata, rows with the content cold-start prior are added.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from common.artifacts import MODEL_FILE, load_model
+from common.content import item_content_vectors, load_item_vectors
 from common.datasets import load_dataset
 from common.evaluation import evaluate, model_scorer, popularity_scorer, reranked_scorer
 from common.files import write_json
@@ -30,6 +33,7 @@ from simulations.report import markdown_table
 
 TAIL_PENALTIES = (0.2, 0.5)
 COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5)
+CONTENT_COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5, cold_start_prior="content")
 SHORT_HISTORIES = (1, 3)
 
 
@@ -40,7 +44,9 @@ def last_items(cases: EvaluationCases, keep: int) -> EvaluationCases:
     return replace(cases, inputs=inputs, histories=[h[-keep:] for h in cases.histories])
 
 
-def longtail_table(model_dir: Path, dataset_spec: str, max_len: int | None = None) -> list[dict[str, Any]]:
+def longtail_table(
+    model_dir: Path, dataset_spec: str, max_len: int | None = None, item_text: Path | None = None
+) -> list[dict[str, Any]]:
     device = pick_device()
     model_file = GLOBAL_MODEL_FILE if (model_dir / GLOBAL_MODEL_FILE).exists() else MODEL_FILE
     model, catalog = load_model(model_dir, model_file, device)
@@ -50,17 +56,24 @@ def longtail_table(model_dir: Path, dataset_spec: str, max_len: int | None = Non
     popularity = item_popularity([training_history(s) for s in sequences], catalog.num_items)
     prior = model_prior(model)
     plain = model_scorer(model, device)
+    vectors = load_item_vectors(model_dir, catalog.num_items)
+    if vectors is None and item_text is not None:
+        vectors = item_content_vectors(catalog, item_text, model.config.hidden)
+    blends = [("cold-start blend", reranked_scorer(plain, prior, COLD_START))]
+    if vectors is not None:
+        blends.append(("content cold-start blend", reranked_scorer(plain, prior, CONTENT_COLD_START, vectors)))
     variants: list[tuple[str, Any, EvaluationCases]] = [
         ("most-popular", popularity_scorer(popularity), cases),
         ("SASRec", plain, cases),
         *[(f"SASRec + tail penalty {p:g}", reranked_scorer(plain, prior, RankingOptions(tail_penalty=p)), cases)
           for p in TAIL_PENALTIES],
+        *[(f"SASRec + {name}", scorer, cases) for name, scorer in blends[1:]],
     ]
     for keep in SHORT_HISTORIES:
         short = last_items(cases, keep)
         variants += [
             (f"SASRec, last {keep} item(s) only", plain, short),
-            (f"SASRec + cold-start blend, last {keep} item(s) only", reranked_scorer(plain, prior, COLD_START), short),
+            *[(f"SASRec + {name}, last {keep} item(s) only", scorer, short) for name, scorer in blends],
         ]
     rows = []
     for name, scorer, variant_cases in variants:
@@ -81,9 +94,14 @@ def main() -> None:
     parser.add_argument("dataset")
     parser.add_argument("--max-len", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--item-text", default=None,
+                        help="public item metadata for the content cold-start prior, when the model folder has no "
+                        "item_vectors.pt (same formats as fedtail train --item-text)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = longtail_table(Path(args.model_dir), args.dataset, args.max_len)
+    rows = longtail_table(
+        Path(args.model_dir), args.dataset, args.max_len, Path(args.item_text) if args.item_text else None
+    )
     print(markdown_table(
         ["variant", "NDCG@10", "tail", "torso", "head", "coverage@10", "tail-item share@10"],
         [[row["variant"], *(f"{row[key]:.4f}" for key in ("ndcg@10", "tail_ndcg@10", "torso_ndcg@10", "head_ndcg@10")),

@@ -14,9 +14,11 @@ from common.content import (
     content_vectors,
     initialise_from_text,
     initialise_items,
+    load_item_vectors,
     multi_hot_encoder,
     read_item_attributes,
     read_item_texts,
+    save_item_vectors,
 )
 from common.errors import DataError
 from common.model import INIT_STD, ModelConfig, SASRec
@@ -93,3 +95,15 @@ def test_attribute_ids_place_items_that_share_attributes_together(tmp_path: Path
     (tmp_path / "cut.json").write_text('{"7": [1, 2')
     with pytest.raises(DataError, match="cut.json.*cannot read item attributes"):
         read_item_attributes(tmp_path / "cut.json")
+
+
+def test_saved_item_vectors_load_back_and_a_wrong_file_is_named(tmp_path: Path) -> None:
+    vectors = torch.randn(11, 4)
+    assert load_item_vectors(tmp_path, 10) is None  # trained without content
+    save_item_vectors(tmp_path, vectors)
+    torch.testing.assert_close(load_item_vectors(tmp_path, 10), vectors)
+    with pytest.raises(DataError, match=r"item_vectors.pt: expected a \[13, d\]"):
+        load_item_vectors(tmp_path, 12)  # another catalogue
+    (tmp_path / "item_vectors.pt").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read item content vectors"):
+        load_item_vectors(tmp_path, 10)

@@ -1,4 +1,5 @@
-"""Long-tail re-ranking: off changes nothing, the cold-start blend fades, the tail penalty lifts rare items."""
+"""Long-tail re-ranking: off changes nothing, the cold-start blend fades, the tail penalty lifts rare items,
+the content prior favours items like the user's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from common.errors import ConfigError
 from common.model import ModelConfig, SASRec
-from common.ranking import RankingOptions, model_prior, rerank
+from common.ranking import RankingOptions, content_prior, model_prior, rerank
 
 PRIOR = torch.tensor([0.0, 0.7, 0.2, 0.1])  # index 0 is padding
 
@@ -39,8 +40,34 @@ def test_the_model_prior_is_a_distribution_without_padding() -> None:
     assert prior.shape == (13,) and prior[0] == 0 and float(prior.sum()) == pytest.approx(1.0)
 
 
+def test_the_content_prior_favours_items_like_the_users_and_falls_back_without_history() -> None:
+    # Items 1-3 share one content direction, items 4-6 another; item 7 has no content (zero row).
+    vectors = torch.zeros(8, 2)
+    vectors[1:4, 0] = 1.0
+    vectors[4:7, 1] = 1.0
+    fallback = torch.full((8,), 1 / 7)
+    fallback[0] = 0.0
+    inputs = torch.tensor([[0, 0, 1], [0, 5, 6], [0, 0, 0], [0, 0, 7]])  # left-padded histories
+    prior = content_prior(inputs, vectors, fallback, temperature=0.1)
+    assert prior.shape == (4, 8)
+    torch.testing.assert_close(prior.sum(dim=1), torch.ones(4))
+    assert torch.all(prior[:, 0] == 0), "padding is never recommended"
+    assert float(prior[0, 2]) > 100 * float(prior[0, 5]), "like item 1: items 2-3, not 4-6"
+    assert float(prior[1, 4]) > 100 * float(prior[1, 1])
+    torch.testing.assert_close(prior[2], fallback)  # no history
+    torch.testing.assert_close(prior[3], fallback)  # a history without content
+
+    scores = torch.zeros(2, 8)
+    blended = rerank(scores, torch.tensor([1, 2]), fallback, RankingOptions(cold_start_weight=1.0), prior[:2])
+    assert torch.argmax(blended[0, 1:]) + 1 in (1, 2, 3) and torch.argmax(blended[1, 1:]) + 1 in (4, 5, 6)
+
+
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ConfigError):
         RankingOptions(cold_start_weight=1.5)
     with pytest.raises(ConfigError):
         RankingOptions(tail_penalty=-1)
+    with pytest.raises(ConfigError, match="cold-start prior 'text'"):
+        RankingOptions(cold_start_prior="text")
+    with pytest.raises(ConfigError, match="temperature"):
+        RankingOptions(content_temperature=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import torch
 
 from common.artifacts import save_model
 from common.catalog import Catalog
+from common.content import save_item_vectors
 from common.errors import ConfigError
 from common.model import ModelConfig, SASRec
 from common.processes import free_loopback_port
@@ -167,3 +169,21 @@ def test_ranking_options_reach_the_recommendations_and_say_so(model_dir: Path) -
     short = recommender.recommend(["item-3"], k=5)
     assert "cold-start blend" in short.strategy and "tail penalty 0.5" in short.strategy
     assert "cold-start blend" not in recommender.recommend([f"item-{i}" for i in range(1, 8)], k=5).strategy
+
+
+def test_the_content_prior_needs_vectors_and_names_itself(model_dir: Path, tmp_path: Path) -> None:
+    content = RankingOptions(cold_start_weight=0.9, cold_start_prior="content")
+    with pytest.raises(ConfigError, match="item_vectors.pt"):
+        Recommender.load(model_dir, torch.device("cpu"), content)
+    with_vectors = tmp_path / "with-vectors"
+    shutil.copytree(model_dir, with_vectors)
+    catalog = Catalog.from_items(ITEMS)
+    vectors = torch.zeros(len(ITEMS) + 1, 2)
+    for number in range(1, 41):  # items 1-20 alike, items 21-40 alike
+        vectors[catalog.index_of(f"item-{number}"), int(number > 20)] = 1.0
+    save_item_vectors(with_vectors, vectors)
+    recommender = Recommender.load(with_vectors, torch.device("cpu"), content)
+    short = recommender.recommend(["item-25"], k=10, explain=False)
+    assert "content prior" in short.strategy
+    assert sum(int(r.item.split("-")[1]) > 20 for r in short.items) >= 8, "mostly items like item-25"
+    assert "model prior" in recommender.recommend([], k=3).strategy  # nothing known: the model's prior
