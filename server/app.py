@@ -241,7 +241,8 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             f"fedtail: keeping round {kept.round}'s model (best validation NDCG@10 {kept.valid_ndcg:.4f}); "
             "the last round's weights stay in checkpoint.pt"
         )
-    return finish_run(out_dir, settings, model, catalog, evaluator, device, strategy.site_epsilon, None if kept is None else kept.round)
+    kept_round = None if kept is None else kept.round
+    return finish_run(out_dir, settings, model, catalog, evaluator, device, strategy.site_epsilon, kept_round)
 
 
 def validation_line(model: SASRec, device: torch.device, evaluator: Evaluator) -> dict[str, float]:

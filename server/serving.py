@@ -130,7 +130,8 @@ class Recommender:
             scores = self.model.last_scores(batch)  # [1 + len(known), N]
         blend = None
         if self.ranking.cold_start_prior == "content" and self.ranking.cold_start_weight > 0:
-            blend = content_prior(batch[:1], self.item_vectors, self.prior, self.ranking.content_temperature)  # type: ignore[arg-type]
+            assert self.item_vectors is not None  # checked in __init__
+            blend = content_prior(batch[:1], self.item_vectors, self.prior, self.ranking.content_temperature)
         full = rerank(scores[:1], torch.tensor([len(known)]), self.prior, self.ranking, blend)[0].clone()
         full[PADDING_INDEX] = float("-inf")
         if exclude_history and len(known):
@@ -148,7 +149,8 @@ class Recommender:
     def _strategy(self, known: int) -> str:
         parts = [MODEL_STRATEGY if known else PRIOR_STRATEGY]
         if self.ranking.cold_start_weight > 0 and known < self.ranking.cold_start_fade:
-            prior = "content prior (items like yours)" if self.ranking.cold_start_prior == "content" and known else "model prior"
+            content = self.ranking.cold_start_prior == "content" and known
+            prior = "content prior (items like yours)" if content else "model prior"
             weight = self.ranking.cold_start_weight * (1 - known / self.ranking.cold_start_fade)
             parts.append(f"cold-start blend with the {prior} (weight {weight:.2f})")
         if self.ranking.tail_penalty > 0:
