@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.files import atomic_write
+from common.files import save_torch
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -44,4 +44,4 @@ class ReleasedUpdate:
     def save(self, run_id: str, round_number: int, global_fingerprint: str, state_dict: dict[str, torch.Tensor]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"run_id": run_id, "round": round_number, "global": global_fingerprint, "state_dict": state_dict}
-        atomic_write(self.path, lambda temporary: torch.save(payload, temporary))
+        save_torch(self.path, payload)

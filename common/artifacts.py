@@ -12,7 +12,7 @@ import torch
 
 from common.catalog import Catalog
 from common.errors import DataError
-from common.files import atomic_write
+from common.files import load_torch, save_torch
 from common.model import ModelConfig, SASRec
 
 MODEL_FORMAT = "fedtail-model/1"
@@ -34,7 +34,7 @@ def save_model(directory: str | Path, model: SASRec, catalog: Catalog, model_fil
         "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
     }
     path = directory / model_file
-    atomic_write(path, lambda temporary: torch.save(payload, temporary))
+    save_torch(path, payload)
     catalog.save(directory / CATALOG_FILE)
     return path
 
@@ -47,10 +47,7 @@ def load_model(
     if not path.is_file():
         raise DataError(f"no {model_file} here; train a model first (fedtail train ... --out {directory})", directory)
     catalog = Catalog.load(directory / CATALOG_FILE)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise DataError(f"cannot read the model file: {error}", path) from None
+    payload = load_torch(path, "the model file")
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise DataError(f"not a fedtail model (expected format {MODEL_FORMAT!r})", path)
     if payload.get("catalog_sha256") != catalog_fingerprint(catalog):

@@ -30,7 +30,7 @@ import torch
 
 from common.catalog import PADDING_INDEX, Catalog
 from common.errors import ConfigError, DataError
-from common.files import atomic_write
+from common.files import load_torch, save_torch
 from common.model import INIT_STD, SASRec
 from common.progress import log
 
@@ -179,7 +179,7 @@ def initialise_from_text(
 
 
 def save_item_vectors(out_dir: Path, vectors: torch.Tensor) -> None:
-    atomic_write(out_dir / ITEM_VECTORS_FILE, lambda temporary: torch.save(vectors.detach().cpu(), temporary))
+    save_torch(out_dir / ITEM_VECTORS_FILE, vectors.detach().cpu())
 
 
 def load_item_vectors(model_dir: Path, num_items: int) -> torch.Tensor | None:
@@ -187,10 +187,7 @@ def load_item_vectors(model_dir: Path, num_items: int) -> torch.Tensor | None:
     path = model_dir / ITEM_VECTORS_FILE
     if not path.exists():
         return None
-    try:
-        vectors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt files
-        raise DataError(f"cannot read item content vectors: {error}", path) from None
+    vectors = load_torch(path, "item content vectors")
     if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != num_items + 1:
         raise DataError(f"expected a [{num_items + 1}, d] tensor of item content vectors", path)
     return vectors

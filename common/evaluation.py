@@ -19,7 +19,7 @@ from common.catalog import PADDING_INDEX
 from common.errors import ConfigError
 from common.metrics import exclusion_mask, grouped_ranking_metrics, item_metrics, rank_targets, ranking_metrics, top_k
 from common.model import SASRec
-from common.ranking import RankingOptions, content_prior, rerank
+from common.ranking import RankingOptions, content_prior, rerank, unit_rows
 from common.split import EvaluationCases, trim_left_padding
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -51,11 +51,11 @@ def reranked_scorer(
     """
     if options.cold_start_prior == "content" and item_vectors is None:
         raise ConfigError("the content cold-start prior needs item content vectors (train with --item-text)")
+    blends_content = options.cold_start_prior == "content" and options.cold_start_weight > 0
+    unit = unit_rows(item_vectors) if blends_content and item_vectors is not None else None
 
     def score(inputs: torch.Tensor) -> torch.Tensor:
-        blend = None
-        if options.cold_start_prior == "content" and options.cold_start_weight > 0:
-            blend = content_prior(inputs, item_vectors, prior, options.content_temperature)  # type: ignore[arg-type]
+        blend = None if unit is None else content_prior(inputs, unit, prior, options.content_temperature)
         return rerank(base(inputs), (inputs != PADDING_INDEX).sum(dim=1), prior, options, blend)
 
     return score

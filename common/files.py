@@ -12,6 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from common.errors import DataError
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     temporary = path.with_name(path.name + ".tmp")
@@ -25,3 +29,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def save_torch(path: Path, payload: Any) -> None:
+    atomic_write(path, lambda temporary: torch.save(payload, temporary))
+
+
+def load_torch(path: Path, what: str) -> Any:
+    """Tensors and plain containers only (``weights_only``); a corrupt or foreign file is a DataError on ``what``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or foreign files
+        raise DataError(f"cannot read {what}: {error}", path) from None

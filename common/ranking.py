@@ -66,13 +66,19 @@ def model_prior(model: SASRec) -> torch.Tensor:
         return torch.softmax(scores.float(), dim=0).cpu()
 
 
-def content_prior(inputs: torch.Tensor, item_vectors: torch.Tensor, fallback: torch.Tensor, temperature: float) -> torch.Tensor:
-    """inputs: [B, L] item indices (0 = padding); item_vectors: [N, d] public content vectors; fallback: [N].
+def unit_rows(item_vectors: torch.Tensor) -> torch.Tensor:
+    """Content vectors scaled to length 1 (items without content stay zero): what ``content_prior`` takes,
+    computed once per model rather than once per request."""
+    return torch.nn.functional.normalize(item_vectors.float(), dim=1)
+
+
+def content_prior(inputs: torch.Tensor, unit: torch.Tensor, fallback: torch.Tensor, temperature: float) -> torch.Tensor:
+    """inputs: [B, L] item indices (0 = padding); unit: [N, d] content vectors from ``unit_rows``; fallback: [N].
 
     Returns [B, N] probabilities: softmax over items of cosine(item, mean of the user's known items) /
     temperature, padding at 0; a row with no known item (or none with content) gets ``fallback``.
     """
-    unit = torch.nn.functional.normalize(item_vectors.float().to(inputs.device), dim=1)  # zero rows stay zero
+    unit = unit.to(inputs.device)
     profile = unit[inputs].sum(dim=1)  # [B, d]: padding and items without content add nothing
     similarity = torch.nn.functional.normalize(profile, dim=1) @ unit.T  # [B, N]
     similarity[:, PADDING_INDEX] = float("-inf")

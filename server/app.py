@@ -210,9 +210,10 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
         }
         with (out_dir / ROUNDS_FILE).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
-        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if valid is not None and (best is None or valid["ndcg@10"] > best.valid_ndcg):
-            best = BestRound(number, valid["ndcg@10"], weights)
+            # A copy: on the CPU ``weights`` share memory with the model, which the next round overwrites.
+            best = BestRound(number, valid["ndcg@10"], {k: v.clone() for k, v in weights.items()})
         Checkpoint(run_id, number, weights, run_config, line["site_epsilon"], best).save(out_dir)
         epsilon_note = f"  epsilon {line['epsilon']:.3f}" if settings.dp else "  NON-PRIVATE"
         declined_note = f"  declined: {', '.join(replies.declined)}" if replies.declined else ""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from common.errors import ConfigError, DataError
-from common.files import atomic_write
+from common.files import load_torch, save_torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fedtail-checkpoint/2"
@@ -50,7 +50,7 @@ class Checkpoint:
             "site_epsilon": self.site_epsilon,
             "best": None if self.best is None else vars(self.best),
         }
-        atomic_write(out_dir / CHECKPOINT_FILE, lambda temporary: torch.save(payload, temporary))
+        save_torch(out_dir / CHECKPOINT_FILE, payload)
 
 
 def load_checkpoint(out_dir: Path, run_config: dict[str, Any]) -> Checkpoint | None:
@@ -58,10 +58,7 @@ def load_checkpoint(out_dir: Path, run_config: dict[str, Any]) -> Checkpoint | N
     path = out_dir / CHECKPOINT_FILE
     if not path.exists():
         return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt files
-        raise DataError(f"cannot read the checkpoint: {error}", path) from None
+    payload = load_torch(path, "the checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"not a fedtail checkpoint (expected {CHECKPOINT_FORMAT!r})", path)
     differences = {

@@ -27,7 +27,7 @@ from common.catalog import Catalog
 from common.content import ITEM_VECTORS_FILE, load_item_vectors
 from common.errors import ConfigError, DataError
 from common.model import PADDING_INDEX, SASRec
-from common.ranking import RankingOptions, content_prior, model_prior, rerank
+from common.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
 from common.run_files import GLOBAL_MODEL_FILE, SUMMARY_FILE
 from common.split import left_pad
 from common.training import pick_device
@@ -83,7 +83,9 @@ class Recommender:
         self.device = device
         self.ranking = ranking
         self.prior = model_prior(self.model)
-        self.item_vectors = item_vectors
+        self.content_vectors: torch.Tensor | None = None  # unit rows, made once: the content prior's only input
+        if ranking.cold_start_prior == "content" and ranking.cold_start_weight > 0 and item_vectors is not None:
+            self.content_vectors = unit_rows(item_vectors).to(device)
 
     @classmethod
     def load(
@@ -129,9 +131,8 @@ class Recommender:
             batch = torch.from_numpy(np.stack([left_pad(v, length) for v in variants])).to(self.device)
             scores = self.model.last_scores(batch)  # [1 + len(known), N]
         blend = None
-        if self.ranking.cold_start_prior == "content" and self.ranking.cold_start_weight > 0:
-            assert self.item_vectors is not None  # checked in __init__
-            blend = content_prior(batch[:1], self.item_vectors, self.prior, self.ranking.content_temperature)
+        if self.content_vectors is not None:
+            blend = content_prior(batch[:1], self.content_vectors, self.prior, self.ranking.content_temperature)
         full = rerank(scores[:1], torch.tensor([len(known)]), self.prior, self.ranking, blend)[0].clone()
         full[PADDING_INDEX] = float("-inf")
         if exclude_history and len(known):

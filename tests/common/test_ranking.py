@@ -8,7 +8,7 @@ import torch
 
 from common.errors import ConfigError
 from common.model import ModelConfig, SASRec
-from common.ranking import RankingOptions, content_prior, model_prior, rerank
+from common.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
 
 PRIOR = torch.tensor([0.0, 0.7, 0.2, 0.1])  # index 0 is padding
 
@@ -48,7 +48,7 @@ def test_the_content_prior_favours_items_like_the_users_and_falls_back_without_h
     fallback = torch.full((8,), 1 / 7)
     fallback[0] = 0.0
     inputs = torch.tensor([[0, 0, 1], [0, 5, 6], [0, 0, 0], [0, 0, 7]])  # left-padded histories
-    prior = content_prior(inputs, vectors, fallback, temperature=0.1)
+    prior = content_prior(inputs, unit_rows(3.0 * vectors), fallback, temperature=0.1)  # length does not matter
     assert prior.shape == (4, 8)
     torch.testing.assert_close(prior.sum(dim=1), torch.ones(4))
     assert torch.all(prior[:, 0] == 0), "padding is never recommended"
