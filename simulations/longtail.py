@@ -67,6 +67,7 @@ def longtail_table(
         ("SASRec", plain, cases),
         *[(f"SASRec + tail penalty {p:g}", reranked_scorer(plain, prior, RankingOptions(tail_penalty=p)), cases)
           for p in TAIL_PENALTIES],
+        # Full histories: the content blend only (blends[0], the model's own prior, only matters when cut short).
         *[(f"SASRec + {name}", scorer, cases) for name, scorer in blends[1:]],
     ]
     for keep in SHORT_HISTORIES:
