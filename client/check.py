@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from client.dp import check_delta
 from common.catalog import Catalog
 from common.datasets import load_dataset
-from common.errors import FedtailError
+from common.errors import ConfigError, FedtailError
 from common.ledger import Ledger
 from common.run_files import site_ledger
 from common.split import training_examples
@@ -79,8 +80,11 @@ def _check_data(check: SiteCheck, data_path: Path, catalog: Catalog, delta: floa
         check.facts.append(f"{unknown} of {total} interactions name items outside the catalogue; they will be ignored")
     if users == 0:
         check.problems.append(f"{data_path}: no user has two or more interactions with catalogue items")
-    elif delta >= 1.0 / users:
-        check.problems.append(f"delta={delta:g} is not below 1/users = 1/{users}: this site would refuse DP rounds")
+        return
+    try:
+        check_delta(users, delta)  # the rule the site applies before every DP round
+    except ConfigError as error:
+        check.problems.append(f"{error}: this site would refuse DP rounds")
 
 
 def _check_budget(check: SiteCheck, ledger_dir: Path, site_id: str, max_epsilon: float, delta: float) -> None:
