@@ -33,6 +33,7 @@ from simulations.flower_cli import (
     flower_env,
     list_runs,
     stop_process_group,
+    toml_value,
     wait_for_superlink,
     write_connection,
     write_run_config,
@@ -127,7 +128,7 @@ class LocalDeployment:
         security = ["--root-certificates", str(ca_file)] if self.secure else ["--insecure"]
         if private_key is not None:
             security += ["--auth-supernode-private-key", str(private_key)]
-        config = " ".join(f"{key}={_config_value(value)}" for key, value in node_config.items())
+        config = " ".join(f"{key}={toml_value(value)}" for key, value in node_config.items())
         command = [
             executable("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
             "--node-config", config, "--port", str(free_loopback_port()),
@@ -206,9 +207,3 @@ class LocalDeployment:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-
-def _config_value(value: Any) -> str:
-    """A node-config value as flower-supernode parses it (TOML-like: strings quoted)."""
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value).lower() if isinstance(value, bool) else str(value)
