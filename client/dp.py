@@ -43,9 +43,11 @@ from common.privacy import (
     calibrate_noise,
     epsilon_from_history,
 )
-from common.split import TrainingExamples, trim_left_padding
+from common.split import TrainingExamples, length_sorted_pieces, trim_left_padding
 
 BUDGET_TOLERANCE = 1e-9
+PIECE_USERS = 16
+"""Batches are run in length-sorted pieces of this many users (``common.split.length_sorted_pieces``)."""
 
 # Opacus' hooks on the embedding tables, whose inputs (item ids) take no gradient, make PyTorch warn on every
 # backward pass; the hook still gets the output gradient it needs (tests/client/test_dp.py checks the clipping).
@@ -235,6 +237,9 @@ class PrivateTraining:
     optimizer: DPOptimizer
     loader: DataLoader[Any]
     loss: Callable[[torch.Tensor, torch.Tensor], Any]
+    sums_over_pieces: bool
+    """Whether several ``loss(...).backward()`` before one step add up to the batch's clipped sum (ghost
+    clipping: yes; Opacus' per-sample hooks keep one batch's samples and would not)."""
 
 
 def make_private(
@@ -272,7 +277,12 @@ def make_private(
     if training.grad_sample_mode == "ghost":
         private_model, private_optimizer, _, private_loader = made  # Opacus' criterion: replaced, see GhostClipping
         return PrivateTraining(
-            engine, private_model, private_optimizer, private_loader, GhostClipping(private_model, training.loss)
+            engine,
+            private_model,
+            private_optimizer,
+            private_loader,
+            GhostClipping(private_model, training.loss),
+            sums_over_pieces=True,
         )
     private_model, private_optimizer, private_loader = made
     return PrivateTraining(
@@ -281,6 +291,7 @@ def make_private(
         private_optimizer,
         private_loader,
         lambda inputs, targets: sequence_loss(private_model(inputs), targets, training.loss),
+        sums_over_pieces=False,
     )
 
 
@@ -413,17 +424,22 @@ def linear_norm_sample(
     return norms
 
 
-def private_step(private: PrivateTraining, inputs: torch.Tensor, targets: torch.Tensor) -> bool:
+def private_step(
+    private: PrivateTraining, inputs: torch.Tensor, targets: torch.Tensor, piece_users: int = PIECE_USERS
+) -> bool:
     """One DP-SGD (physical) step on a Poisson-sampled batch, possibly empty: noise is still added.
 
     Returns whether a logical step ended (the optimizer updated the weights and
     the accountant counted it); with physical batch splitting, the pieces before
     the last one of a logical batch only accumulate clipped gradients.
     """
-    if len(inputs):
-        inputs, targets = trim_left_padding(inputs, targets)
+    if private.sums_over_pieces:
+        pieces = length_sorted_pieces(inputs, targets, piece_users)
+    else:
+        pieces = [trim_left_padding(inputs, targets) if len(inputs) else (inputs, targets)]
     private.optimizer.zero_grad(set_to_none=True)
-    private.loss(inputs, targets).backward()
+    for piece_inputs, piece_targets in pieces:
+        private.loss(piece_inputs, piece_targets).backward()  # ghost clipping adds each piece's clipped sum to .grad
     private.optimizer.step()
     return not private.optimizer._is_last_step_skipped  # Opacus' own flag; no public accessor in 1.6
 
@@ -486,9 +502,10 @@ def _train_non_private(
         order = torch.randperm(len(examples), generator=generator)
         for start in range(0, len(examples), batch):
             rows = order[start : start + batch]
-            inputs, targets = trim_left_padding(examples.inputs[rows], examples.targets[rows])
             optimizer.zero_grad(set_to_none=True)
-            sequence_loss(model(inputs.to(device)), targets.to(device), training.loss).backward()
+            for inputs, targets in length_sorted_pieces(examples.inputs[rows], examples.targets[rows], PIECE_USERS):
+                per_user = per_user_loss(model(inputs.to(device)), targets.to(device), training.loss)
+                (per_user.sum() / len(rows)).backward()  # the pieces' gradients add up to the batch mean's
             optimizer.step()
             steps_done += 1
             if steps_done == plan.steps:

@@ -51,6 +51,27 @@ def trim_left_padding(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t[:, first:] for t in tensors)
 
 
+def length_sorted_pieces(inputs: torch.Tensor, targets: torch.Tensor, piece_users: int) -> list[tuple[torch.Tensor, ...]]:
+    """The batch's rows sorted by history length, cut into pieces of at most ``piece_users``, each trimmed.
+
+    A step's cost grows with rows x the longest history among them. One long
+    history in a batch of short ones (the usual case on long-tailed data) makes
+    every row pay for it; sorted pieces each pay for their own longest. Pieces
+    as wide as the next are merged into it, so equal-length batches stay whole.
+    Only for losses that sum over users, where the pieces' gradients add up to
+    the batch's (DP-SGD's clipped sum does). An empty batch is one empty piece.
+    """
+    lengths = (inputs != PADDING_INDEX).sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    pieces: list[torch.Tensor] = []
+    for rows in order.split(piece_users):
+        if pieces and lengths[pieces[-1][-1]] == lengths[rows[-1]]:  # as wide as the one before: nothing saved
+            pieces[-1] = torch.cat([pieces[-1], rows])
+        else:
+            pieces.append(rows)
+    return [trim_left_padding(inputs[rows], targets[rows]) for rows in pieces]
+
+
 def length_buckets(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Batches of users with similar history lengths, in random order (random within a length, too)."""
     jitter = torch.rand(len(lengths), generator=generator).numpy()

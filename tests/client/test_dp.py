@@ -193,6 +193,24 @@ def test_non_private_mode_says_so_and_writes_no_ledger(tmp_path: Path) -> None:
     assert not ledger.path.exists()
 
 
+def test_a_non_private_step_in_length_sorted_pieces_equals_one_step_on_the_whole_batch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    sequences = [rng.choice(np.arange(1, 26), size=size, replace=False) for size in rng.integers(4, 10, size=40)]
+    examples = training_examples(sequences, CONFIG.max_len)
+    assert len(set(examples.lengths())) > 3  # pieces of different widths
+    training = LocalTraining(expected_batch_size=len(examples), learning_rate=0.01)  # one step on every user
+    torch.manual_seed(3)
+    model = SASRec(CONFIG)
+    whole = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(whole.parameters(), lr=0.01)
+    sequence_loss(whole(examples.inputs), examples.targets).backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match="NON-PRIVATE"):
+        outcome = _round(model, examples, training, PrivacyPlan(enabled=False), ledger=None)
+    for name, weight in whole.state_dict().items():
+        torch.testing.assert_close(outcome.state_dict[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_retried_round_resends_the_released_update_without_charging_again(tmp_path: Path) -> None:
     examples = _examples(30, seed=6)
     training = LocalTraining(expected_batch_size=10)
@@ -254,6 +272,28 @@ def test_physical_batch_splitting_gives_the_same_clipped_sum_as_one_batch(mode: 
     assert ended[-1] and sum(ended) == 1 and len(ended) >= 2, ended
     expected = mean_of_clipped(truth, clip, 9)
     for name, p in model.named_parameters():  # after step(), .grad still holds what Adam was given
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-9, msg=name)
+    assert dp.engine.accountant.history == [(0.0, 1.0, 1)]
+
+
+@pytest.mark.parametrize("piece_users", [1, 3, 4, 9])
+def test_length_sorted_pieces_give_the_same_clipped_sum_and_one_accounted_step(piece_users: int) -> None:
+    """Ghost clipping cuts each batch into length-sorted pieces: the clipped sum must not depend on the cut."""
+    rng = np.random.default_rng(11)
+    sequences = [rng.choice(np.arange(1, 26), size=size, replace=False) for size in (4, 9, 5, 4, 7, 9, 6, 4, 8)]
+    examples = training_examples(sequences, CONFIG.max_len)
+    assert sorted(examples.lengths()) == [1, 1, 1, 2, 3, 4, 5, 6, 6]
+    clip = 0.01
+    torch.manual_seed(7)
+    model = SASRec(CONFIG)
+    truth = true_per_user_gradients(model, examples.inputs, examples.targets)
+    training = LocalTraining(expected_batch_size=9, grad_sample_mode="ghost")
+    privacy = PrivacyPlan(max_grad_norm=clip)
+    dp = make_private(model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), *_generators("cpu", 0))
+    assert dp.sums_over_pieces
+    assert private_step(dp, examples.inputs, examples.targets, piece_users)
+    expected = mean_of_clipped(truth, clip, 9)
+    for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-9, msg=name)
     assert dp.engine.accountant.history == [(0.0, 1.0, 1)]
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from common.catalog import PADDING_INDEX
-from common.split import evaluation_cases, item_popularity, left_pad, training_examples
+from common.split import evaluation_cases, item_popularity, left_pad, length_sorted_pieces, training_examples, trim_left_padding
 
 
 def test_last_item_is_test_the_one_before_is_validation() -> None:
@@ -42,10 +43,7 @@ def test_left_pad_and_popularity_use_training_history_only() -> None:
 
 
 def test_trimming_all_padding_columns_leaves_every_real_position_unchanged() -> None:
-    import torch
-
     from common.model import ModelConfig, SASRec
-    from common.split import trim_left_padding
 
     inputs = torch.tensor([[0, 0, 0, 4, 5], [0, 0, 2, 3, 1], [0, 0, 0, 0, 7]])
     targets = inputs.roll(-1, dims=1)
@@ -56,3 +54,24 @@ def test_trimming_all_padding_columns_leaves_every_real_position_unchanged() -> 
     model = SASRec(ModelConfig(num_items=8, max_len=5, hidden=8, heads=2, blocks=2, dropout=0.0)).eval()
     torch.testing.assert_close(model(trimmed_inputs), model(inputs)[:, 2:])
     assert trim_left_padding(torch.zeros((2, 4), dtype=torch.long))[0].shape == (2, 1)
+
+
+def test_length_sorted_pieces_hold_every_row_once_sorted_and_trimmed() -> None:
+    lengths = [3, 1, 5, 2, 1, 4, 2]
+    inputs = torch.zeros((len(lengths), 6), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        inputs[row, 6 - length :] = torch.arange(1, length + 1) + 10 * row
+    targets = inputs + 100 * (inputs > 0)
+    pieces = length_sorted_pieces(inputs, targets, 3)
+    assert [len(piece_inputs) for piece_inputs, _ in pieces] == [3, 3, 1]
+    assert [piece_inputs.shape[1] for piece_inputs, _ in pieces] == [2, 4, 5]  # each as wide as its longest row
+    rows = sorted(tuple(row[row > 0].tolist()) for piece_inputs, _ in pieces for row in piece_inputs)
+    assert rows == sorted(tuple(row[row > 0].tolist()) for row in inputs)
+    for piece_inputs, piece_targets in pieces:
+        torch.testing.assert_close(piece_targets, piece_inputs + 100 * (piece_inputs > 0))
+    whole = length_sorted_pieces(inputs, targets, 7)
+    assert len(whole) == 1 and whole[0][0].shape == (7, 5)
+    equal = torch.ones((10, 4), dtype=torch.long)
+    assert [piece.shape for piece, _ in length_sorted_pieces(equal, equal, 3)] == [(10, 4)]  # nothing to save
+    [(empty, _)] = length_sorted_pieces(inputs[:0], targets[:0], 3)
+    assert len(empty) == 0
