@@ -15,6 +15,9 @@ SVG chart where a picture says more:
 - ``frontier``: NDCG@10 overall and on tail users against epsilon (1, 2, 4, 8
   and non-private) on the synthetic default, and with ``--full`` on MovieLens
   100K when ``../shared/data/ml-100k`` is present.
+- ``pieces``: one DP step on a real site's Poisson batches run whole against
+  length-sorted pieces of 32 / 16 / 8 users, on the synthetic default and, when
+  present, MovieLens 100K and Amazon Beauty (long-tailed history lengths).
 - ``serving``: the HTTP load test of ``simulations.bench_serving``.
 
 ``--out`` gets ``<name>.json`` (and ``<name>.svg``) per sub-benchmark and a
@@ -43,7 +46,15 @@ import numpy as np
 import torch
 
 from client.app import TRAINING_TIME
-from client.dp import LocalTraining, PrivacyPlan, RoundPlan, make_private, private_step, train_site_round
+from client.dp import (
+    PIECE_USERS,
+    LocalTraining,
+    PrivacyPlan,
+    RoundPlan,
+    make_private,
+    private_step,
+    train_site_round,
+)
 from client.shard import simulated_shard
 from common.datasets import DEFAULT_DATASET, load_dataset
 from common.federation import RunSettings
@@ -52,7 +63,7 @@ from common.ledger import Ledger
 from common.model import ModelOptions, SASRec, sequence_loss
 from common.plot import Panel, Series, write_line_charts
 from common.privacy import GRAD_SAMPLE_MODES
-from common.split import training_examples
+from common.split import length_sorted_pieces, training_examples
 from common.training import pick_device
 from server.app import read_rounds
 from simulations import bench_serving
@@ -60,7 +71,9 @@ from simulations.deployment import LocalDeployment, site_node_config, write_site
 from simulations.report import markdown_table
 from simulations.simulate import Resources, simulate
 
-ML_100K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ml-100k"
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+ML_100K = SHARED_DATA / "ml-100k"
+AMAZON_BEAUTY = SHARED_DATA / "amazon-beauty" / "Beauty.txt"
 
 
 # --- memory --------------------------------------------------------------------------------------------------------
@@ -247,6 +260,63 @@ def _plot_dp_step(path: Path, results: list[StepResult]) -> None:
         for title, field in (("step time", "time_ratio"), ("peak step memory", "memory_ratio"))
     ]
     write_line_charts(path, panels)
+
+
+# --- pieces --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PiecesResult:
+    dataset: str
+    max_len: int
+    piece_users: int
+    """0: the batch run whole (trimmed to its longest history)."""
+    median_s: float
+    time_ratio: float
+    """Against the whole batch, in the same run."""
+    mean_pieces: float
+
+
+WHOLE_BATCH = 0
+PIECE_SIZES = (WHOLE_BATCH, 32, PIECE_USERS, 8)
+
+
+def bench_pieces(datasets: list[tuple[str, int]], steps: int, device: torch.device) -> list[PiecesResult]:
+    """Site 0 of 5 uniform sites: the same Poisson batches stepped whole and in pieces, interleaved batch by batch."""
+    results = []
+    for dataset, max_len in datasets:
+        shard = simulated_shard(dataset, 0, "uniform", 0, 0, 5, max_len)
+        options = ModelOptions(max_len=max_len)
+        training = LocalTraining(expected_batch_size=64)
+        plan = RoundPlan(sample_rate=min(1.0, 64 / len(shard.examples)), steps=steps, noise_multiplier=1.0)
+        private = make_private(
+            SASRec(options.for_catalog(shard.catalog.num_items)), shard.examples, training, PrivacyPlan(), plan,
+            torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0),
+        )
+        batches = [batch for _, batch in zip(range(steps + 1), private.loader)]
+        times: dict[int, list[float]] = {size: [] for size in PIECE_SIZES}
+        for index, (inputs, targets) in enumerate(batches):
+            inputs, targets = inputs.to(device), targets.to(device)
+            for size in PIECE_SIZES:
+                seconds = _timed(device, lambda: private_step(private, inputs, targets, size or len(inputs) + 1))
+                if index > 0:  # the first batch warms caches and the allocator up
+                    times[size].append(seconds)
+            print(f"  pieces {Path(dataset).name}: batch {index}/{steps} done", flush=True)
+        whole = statistics.median(times[WHOLE_BATCH])
+        for size in PIECE_SIZES:
+            pieces = [len(length_sorted_pieces(i, t, size or len(i) + 1)) for i, t in batches[1:]]
+            median = statistics.median(times[size])
+            results.append(PiecesResult(Path(dataset).name, max_len, size, median, median / whole,
+                                        statistics.mean(pieces)))
+    return results
+
+
+def _print_pieces(results: list[PiecesResult]) -> str:
+    return markdown_table(
+        ["dataset", "max len", "pieces of", "mean pieces per batch", "median step s", "x whole batch"],
+        [[r.dataset, str(r.max_len), str(r.piece_users) if r.piece_users else "whole batch", f"{r.mean_pieces:.1f}",
+          f"{r.median_s:.3f}", f"{r.time_ratio:.2f}"] for r in results],
+    )
 
 
 # --- sites ---------------------------------------------------------------------------------------------------------
@@ -510,7 +580,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-BENCHMARKS = ("dp-step", "sites", "frontier", "serving", "deployment")
+BENCHMARKS = ("dp-step", "pieces", "sites", "frontier", "serving", "deployment")
 
 
 def run(names: list[str], full: bool, out: Path) -> None:
@@ -523,6 +593,10 @@ def run(names: list[str], full: bool, out: Path) -> None:
             results: list[Any] = bench_dp_step([3_000, 30_000, 100_000], steps=10 if full else 5, device=device)
             table = _print_dp_step(results)
             _plot_dp_step(out / "dp-step.svg", results)
+        elif name == "pieces":
+            present = [(str(path), max_len) for path, max_len in ((ML_100K, 200), (AMAZON_BEAUTY, 50)) if path.exists()]
+            results = bench_pieces([(DEFAULT_DATASET, ModelOptions().max_len), *present], 10 if full else 5, device)
+            table = _print_pieces(results)
         elif name == "sites":
             results = bench_sites([2, 10, 50, 100] if full else [2, 10, 50], rounds=5 if full else 3, out=out / "runs")
             table = _print_sites(results)
@@ -562,6 +636,10 @@ DESCRIPTIONS = {
     "dp-step": "One training step, batch 64, histories of 50, the default model (hidden 64, 2 blocks), at three "
     "catalogue sizes. Non-private and each grad-sample mode are interleaved step by step in one process; times are "
     "medians after a warm-up step, memory is one step's peak above what was in use before it.",
+    "pieces": "One DP-SGD step (ghost clipping, expected batch 64, the default model) on site 0 of 5 uniform sites, "
+    "on the same Poisson batches run whole (trimmed to the batch's longest history) and in length-sorted pieces "
+    "(`common.split.length_sorted_pieces`; the clipped sum is the same, tests/client/test_dp.py). Interleaved batch "
+    "by batch; medians after a warm-up batch.",
     "sites": "The synthetic default (3,000 users) split over N simulated sites, DP at epsilon 8, one site training "
     "at a time (2 cores per site on a 2-core machine). A round's wall time on Flower's Simulation Engine against the "
     "sites' local training in those rounds, summed from the sites' own log lines; overhead = round - server "
@@ -587,6 +665,7 @@ def write_page(out: Path, page: Path | None = None) -> Path:
     page = page or out / "benchmarks.md"
     formatters: dict[str, tuple[Callable[[list[Any]], str], type]] = {
         "dp-step": (_print_dp_step, StepResult),
+        "pieces": (_print_pieces, PiecesResult),
         "sites": (_print_sites, SitesResult),
         "frontier": (_print_frontier, FrontierPoint),
         "serving": (bench_serving.format_table, bench_serving.LoadResult),

@@ -32,6 +32,15 @@ def test_dp_step_benchmark_measures_every_mode_against_non_private() -> None:
         assert result.median_s > 0 and result.time_ratio > 0
 
 
+def test_pieces_benchmark_steps_the_same_batches_whole_and_in_pieces() -> None:
+    results = bench.bench_pieces([("synthetic", 50)], steps=2, device=torch.device("cpu"))
+    assert [r.piece_users for r in results] == list(bench.PIECE_SIZES)
+    whole, *pieces = results
+    assert whole.time_ratio == 1.0 and whole.mean_pieces == 1.0
+    assert all(r.median_s > 0 for r in results)
+    assert pieces[-1].mean_pieces > 1.0, "batches of 64 users with long-tailed lengths are cut in pieces of 8"
+
+
 def test_the_page_is_assembled_from_the_saved_results(tmp_path: Path) -> None:
     point = bench.FrontierPoint("synthetic", 8.0, 0.12, 0.13, 0.05, 60.0)
     (tmp_path / "frontier.json").write_text(json.dumps({
