@@ -17,7 +17,7 @@ import math
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -274,6 +274,7 @@ def make_private(
             noise_generator=noise_generator,
             grad_sample_mode=training.grad_sample_mode,
         )
+    _account_at_the_sampled_rate(engine, made[1], made[-1], plan)
     if training.grad_sample_mode == "ghost":
         private_model, private_optimizer, _, private_loader = made  # Opacus' criterion: replaced, see GhostClipping
         return PrivateTraining(
@@ -293,6 +294,22 @@ def make_private(
         lambda inputs, targets: sequence_loss(private_model(inputs), targets, training.loss),
         sums_over_pieces=False,
     )
+
+
+def _account_at_the_sampled_rate(
+    engine: PrivacyEngine, optimizer: DPOptimizer, loader: DataLoader[Any], plan: RoundPlan
+) -> None:
+    """Make Opacus' accountant record the rate its Poisson sampler draws users with.
+
+    Opacus 1.6 records ``1 / len(loader)``, and that length is ``int(1 / rate)``:
+    ``1 / (1 / 99)`` is 98.999... in floating point, so a site with 99 batches per
+    epoch would sample at 1/99 and be accounted at 1/98 (6% of batch counts below
+    5,000 do this). The sampled rate is the mechanism, and the ledger must hold it.
+    """
+    sampled = loader.batch_sampler.sample_rate  # type: ignore[union-attr]
+    if not math.isclose(sampled, plan.sample_rate):
+        raise RuntimeError(f"Opacus samples users at {sampled}, the plan was {plan.sample_rate}: refusing to train")
+    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sampled))
 
 
 @dataclass
@@ -323,8 +340,11 @@ class GhostClipping:
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> GhostClippedLoss:
         model: SASRec = self.module._module  # Opacus' hooks sit on its layers, so they fire for these calls too
-        hidden = model.hidden_states(inputs)  # [B, L, D]
-        scores = model.output(hidden)  # [B, L, N]
+        # An empty batch has no norm to measure, and activations captured for it would never be consumed: the
+        # next forward pass would then fail Opacus' parameter-tying check.
+        with _hooks_off(self.module) if len(inputs) == 0 else nullcontext():
+            hidden = model.hidden_states(inputs)  # [B, L, D]
+            scores = model.output(hidden)  # [B, L, N]
         detached = scores.detach().requires_grad_()
         return GhostClippedLoss(
             self.module, model.output, hidden, scores, detached, per_user_loss(detached, targets, self.loss)
@@ -368,11 +388,17 @@ class GhostClippedLoss:
 
     def _clipped_pass(self, output: torch.Tensor, gradient: torch.Tensor) -> None:
         """The sum of clipped per-user gradients into ``.grad``, with Opacus' hooks off."""
-        self.module.disable_hooks()
-        try:
+        with _hooks_off(self.module):
             output.backward(gradient)
-        finally:
-            self.module.enable_hooks()
+
+
+@contextmanager
+def _hooks_off(module: GradSampleModuleFastGradientClipping) -> Iterator[None]:
+    module.disable_hooks()
+    try:
+        yield
+    finally:
+        module.enable_hooks()
 
 
 def _accumulate(parameter: nn.Parameter, gradient: torch.Tensor) -> None:

@@ -148,6 +148,19 @@ def test_epsilon_after_r_rounds_equals_a_fresh_accountant_on_the_ledger_alone(tm
     assert lines[0]["sample_rate"] == pytest.approx(10 / 40) and lines[0]["steps"] == 4
 
 
+@pytest.mark.parametrize("batches_per_epoch", [98, 99])
+def test_the_ledger_records_the_rate_users_are_sampled_at(tmp_path: Path, batches_per_epoch: int) -> None:
+    """99 batches: Opacus alone would account 1/98 (its loader length is int(1 / (1/99)) = 98) and the round fail."""
+    examples = _examples(batches_per_epoch)
+    training = LocalTraining(expected_batch_size=1, local_epochs=0.02)
+    privacy = PrivacyPlan(target_epsilon=8.0, delta=1e-3, planned_rounds=1)
+    ledger = Ledger(tmp_path / "site-7.jsonl")
+    outcome = _round(SASRec(CONFIG), examples, training, privacy, ledger)
+    assert outcome.state_dict is not None
+    [entry] = ledger.entries()
+    assert entry["sample_rate"] == 1 / batches_per_epoch and entry["steps"] == 2
+
+
 def test_a_site_over_budget_declines_trains_nothing_and_spends_nothing(tmp_path: Path) -> None:
     torch.manual_seed(4)
     examples = _examples(30, seed=4)
@@ -311,6 +324,24 @@ def test_an_empty_poisson_batch_is_pure_noise(mode: str) -> None:
     noise = torch.cat([p.grad.flatten() for p in model.parameters()]) * dp.optimizer.expected_batch_size
     assert torch.isfinite(noise).all()
     assert float(noise.std()) == pytest.approx(0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_step_after_an_empty_poisson_batch_still_clips_every_user(mode: str) -> None:
+    examples = _examples(6, seed=2)
+    clip = 0.01
+    torch.manual_seed(4)
+    model = SASRec(CONFIG)
+    truth = true_per_user_gradients(model, examples.inputs, examples.targets)
+    training = LocalTraining(expected_batch_size=6, grad_sample_mode=mode)
+    dp = make_private(model, examples, training, PrivacyPlan(max_grad_norm=clip), RoundPlan(1.0, 2, 0.0),
+                      *_generators("cpu", 0))
+    assert private_step(dp, examples.inputs[:0], examples.targets[:0])
+    assert private_step(dp, examples.inputs, examples.targets)
+    expected = mean_of_clipped(truth, clip, 6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-9, msg=name)
+    assert dp.engine.accountant.history == [(0.0, 1.0, 2)]
 
 
 def test_fast_norm_samplers_agree_with_explicit_per_user_gradients() -> None:
