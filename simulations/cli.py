@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -381,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments[:1] == ["bench"]:
         return bench_suite.main(arguments[1:])
     args = build_parser().parse_args(arguments)
+    # `kill` (SIGTERM) stops a command like Ctrl-C does, so that what it started (a SuperLink, Ray) is stopped too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return int(args.handler(args))
     except FedtailError as error:

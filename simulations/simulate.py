@@ -143,17 +143,21 @@ def _stream_run(command: list[str], env: dict[str, str], log_path: Path, timeout
     with log_path.open("a", encoding="utf-8") as log_file:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert process.stdout is not None
-        for line in process.stdout:
-            log_file.write(line)
-            tail.append(line)
-            if PROGRESS_PREFIX in line:
-                log(line[line.index(PROGRESS_PREFIX) :].rstrip())
-            elif "ERROR" in line:
-                errors += 1
-            if time.monotonic() > deadline:
+        try:
+            for line in process.stdout:
+                log_file.write(line)
+                tail.append(line)
+                if PROGRESS_PREFIX in line:
+                    log(line[line.index(PROGRESS_PREFIX) :].rstrip())
+                elif "ERROR" in line:
+                    errors += 1
+                if time.monotonic() > deadline:
+                    raise SimulationFailed(f"the run exceeded its time limit of {timeout_s:.0f}s")
+            process.wait()
+        finally:  # interrupted or timed out: the attached `flwr run` would keep the SuperLink from shutting down
+            if process.poll() is None:
                 process.kill()
-                raise SimulationFailed(f"the run exceeded its time limit of {timeout_s:.0f}s")
-        process.wait()
+                process.wait()
     if errors:
         log(f"fedtail: Flower logged {errors} error lines (failed or dropped sites); details in {log_path}")
     if process.returncode != 0:

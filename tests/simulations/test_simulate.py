@@ -141,6 +141,43 @@ def test_a_run_killed_after_round_k_resumes_to_the_same_rounds_and_epsilons(tmp_
         )
 
 
+def _processes() -> dict[int, tuple[int, str]]:
+    """Every live process: pid -> (process group, command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit():
+            found[int(entry.name)] = (int(stat[stat.rindex(")") + 2 :].split()[2]), command)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_a_terminated_simulation_stops_its_superlink_and_everything_it_started(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    process = subprocess.Popen(_fedtail("simulate", *SMALL_ARGS, "--out", str(out)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "rounds.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    superlinks = [group for group, command in _processes().values()
+                  if "flower-superlink" in command and str(out) in command]
+    assert len(superlinks) == 1, "the simulation's SuperLink is running"
+    process.send_signal(signal.SIGTERM)  # the process alone, as `kill PID` does, not its group
+    assert process.wait(timeout=60) == 130
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [command for group, command in _processes().values() if group == superlinks[0] or str(out) in command]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"still running after fedtail was terminated: {left}"
+
+
 @pytest.mark.slow
 def test_a_site_without_budget_declines_and_the_run_still_finishes(tmp_path: Path) -> None:
     out = tmp_path / "run"
