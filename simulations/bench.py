@@ -52,6 +52,7 @@ from client.dp import (
     PrivacyPlan,
     RoundPlan,
     make_private,
+    plan_round,
     private_step,
     train_site_round,
 )
@@ -288,7 +289,8 @@ def bench_pieces(datasets: list[tuple[str, int]], steps: int, device: torch.devi
         shard = simulated_shard(dataset, 0, "uniform", 0, 0, 5, max_len)
         options = ModelOptions(max_len=max_len)
         training = LocalTraining(expected_batch_size=64)
-        plan = RoundPlan(sample_rate=min(1.0, 64 / len(shard.examples)), steps=steps, noise_multiplier=1.0)
+        sample_rate = plan_round(len(shard.examples), training, PrivacyPlan(enabled=False)).sample_rate
+        plan = RoundPlan(sample_rate=sample_rate, steps=steps, noise_multiplier=1.0)
         private = make_private(
             SASRec(options.for_catalog(shard.catalog.num_items)), shard.examples, training, PrivacyPlan(), plan,
             torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0),
