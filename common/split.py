@@ -51,7 +51,9 @@ def trim_left_padding(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t[:, first:] for t in tensors)
 
 
-def length_sorted_pieces(inputs: torch.Tensor, targets: torch.Tensor, piece_users: int) -> list[tuple[torch.Tensor, ...]]:
+def length_sorted_pieces(
+    inputs: torch.Tensor, targets: torch.Tensor, piece_users: int
+) -> list[tuple[torch.Tensor, ...]]:
     """The batch's rows sorted by history length, cut into pieces of at most ``piece_users``, each trimmed.
 
     A step's cost grows with rows x the longest history among them. One long
