@@ -274,26 +274,18 @@ def make_private(
             noise_generator=noise_generator,
             grad_sample_mode=training.grad_sample_mode,
         )
-    _account_at_the_sampled_rate(engine, made[1], made[-1], plan)
-    if training.grad_sample_mode == "ghost":
+    ghost = training.grad_sample_mode == "ghost"
+    if ghost:
         private_model, private_optimizer, _, private_loader = made  # Opacus' criterion: replaced, see GhostClipping
-        return PrivateTraining(
-            engine,
-            private_model,
-            private_optimizer,
-            private_loader,
-            GhostClipping(private_model, training.loss),
-            sums_over_pieces=True,
-        )
-    private_model, private_optimizer, private_loader = made
-    return PrivateTraining(
-        engine,
-        private_model,
-        private_optimizer,
-        private_loader,
-        lambda inputs, targets: sequence_loss(private_model(inputs), targets, training.loss),
-        sums_over_pieces=False,
-    )
+    else:
+        private_model, private_optimizer, private_loader = made
+
+    def hooks_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return sequence_loss(private_model(inputs), targets, training.loss)
+
+    loss = GhostClipping(private_model, training.loss) if ghost else hooks_loss
+    _account_at_the_sampled_rate(engine, private_optimizer, private_loader, plan)
+    return PrivateTraining(engine, private_model, private_optimizer, private_loader, loss, sums_over_pieces=ghost)
 
 
 def _account_at_the_sampled_rate(

@@ -379,11 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    # `kill` (SIGTERM) stops a command like Ctrl-C does, so that what it started (a SuperLink, Ray) is stopped too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if arguments[:1] == ["bench"]:
         return bench_suite.main(arguments[1:])
     args = build_parser().parse_args(arguments)
-    # `kill` (SIGTERM) stops a command like Ctrl-C does, so that what it started (a SuperLink, Ray) is stopped too.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return int(args.handler(args))
     except FedtailError as error:
