@@ -5,11 +5,16 @@ and the plain functions in ``client.dp`` and ``client.shard``.
 
 Node config (what the site decides, never the coordinator):
 
-- simulation: ``partition-id`` / ``num-partitions`` (set by Flower);
+- simulation: ``partition-id`` / ``num-partitions`` (set by Flower), the rest
+  from the file ``fedtail simulate`` writes for its simulated sites;
 - deployment: ``data-path`` (the site's interaction file), ``catalog-path``
-  (the public catalogue), ``ledger-dir``, ``max-epsilon`` (the site's budget
-  over all runs), optional ``site-id`` and ``fedavg-weight`` (a public,
-  declared weight; the exact user count is never sent).
+  (the public catalogue), ``ledger-dir``, optional ``site-id``;
+- both: the site's privacy settings (``client.policy``: ``max-epsilon``,
+  ``delta``, ``allow-non-private``, ``max-abs-weight``, ``fedavg-weight``).
+
+Before reading any private data the site checks, on public input alone,
+that the run asks nothing its policy forbids and that the coordinator's
+weights are finite and bounded; otherwise it declines and says why.
 
 A reply holds only: the trained weights, the site's id, its epsilon so far,
 whether it trained with DP, the declared weight, and when it declines, why.
@@ -21,6 +26,7 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -29,6 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.dp import LocalTraining, PrivacyPlan, RoundOutcome, train_site_round
+from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
 from client.shard import SiteShard, deployed_shard, simulated_shard
 from common.catalog import Catalog
 from common.errors import ConfigError, DataError
@@ -52,46 +59,46 @@ Not "fedtail:"-prefixed, so `fedtail simulate` keeps it in flower.log instead of
 
 @dataclass(frozen=True)
 class Site:
+    """Who this site is and what it decided, known before any private data is read (``load_shard`` reads it)."""
+
     site_id: str
-    shard: SiteShard
     ledger: Ledger
-    max_epsilon: float | None
-    weight: float
+    policy: SitePolicy
+    load_shard: Callable[[], SiteShard]
 
 
 def site_from_context(node_config: dict, settings: RunSettings) -> Site:
-    """Who this site is and what it holds, from the node config (simulation or deployment)."""
+    """Who this site is, from the node config (simulation or deployment); the run config only says what is asked."""
     if "partition-id" in node_config:
-        partition = int(node_config["partition-id"])
-        shard = simulated_shard(
-            settings.dataset,
-            settings.kcore,
-            settings.partitioning,
-            settings.seed,
-            partition,
-            int(node_config["num-partitions"]),
-            settings.max_len,
-        )
-        if not settings.out_dir:
+        partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        node_config = {**simulated_node_config(partition), **node_config}
+        if "ledger-dir" not in node_config and not settings.out_dir:
             raise ConfigError("run config out-dir is required in simulation (where site ledgers are kept)")
-        ledger_dir = Path(settings.out_dir) / LEDGER_DIR
+        ledger_dir = Path(str(node_config.get("ledger-dir") or Path(settings.out_dir) / LEDGER_DIR))
         site_id = str(partition)
+
+        def load_shard() -> SiteShard:
+            return simulated_shard(
+                settings.dataset, settings.kcore, settings.partitioning, settings.seed, partition, partitions,
+                settings.max_len,
+            )
     else:
         for key in ("data-path", "catalog-path", "ledger-dir"):
             if key not in node_config:
                 raise ConfigError(f"node config '{key}' is required on a deployed site")
-        shard = deployed_shard(str(node_config["data-path"]), str(node_config["catalog-path"]), settings.max_len)
         ledger_dir = Path(str(node_config["ledger-dir"]))
         site_id = str(node_config.get("site-id", Path(str(node_config["data-path"])).stem))
-        if settings.dp and "max-epsilon" not in node_config:
-            raise ConfigError("node config 'max-epsilon' (this site's privacy budget) is required on a deployed site")
-    max_epsilon = float(node_config["max-epsilon"]) if "max-epsilon" in node_config else None
-    weight = float(node_config.get("fedavg-weight", 1.0))
-    return Site(site_id, shard, Ledger(site_ledger(ledger_dir, site_id)), max_epsilon, weight)
+
+        def load_shard() -> SiteShard:
+            return deployed_shard(str(node_config["data-path"]), str(node_config["catalog-path"]), settings.max_len)
+    policy = SitePolicy.from_node_config(node_config, deployed="partition-id" not in node_config)
+    return Site(site_id, Ledger(site_ledger(ledger_dir, site_id)), policy, load_shard)
 
 
 def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:
-    metrics = MetricRecord({"weight": site.weight, "dp": int(dp), "declined": int(outcome.state_dict is None)})
+    metrics = MetricRecord(
+        {"weight": site.policy.fedavg_weight, "dp": int(dp), "declined": int(outcome.state_dict is None)}
+    )
     if dp:
         metrics["epsilon"] = outcome.epsilon
     content = RecordDict({"metrics": metrics, "site": ConfigRecord({"site-id": site.site_id})})
@@ -149,16 +156,23 @@ def train(msg: Message, context: Context) -> Message:
     site = site_from_context(dict(context.node_config), settings)
     check_ledger_continuity(context.state, site.ledger)
     config = msg.content["config"]
-    check_coordinator(config, site.shard.catalog)
     round_number = int(config["server-round"])
-    model = SASRec(settings.model_config(site.shard.catalog.num_items))
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    global_weights = msg.content["arrays"].to_torch_state_dict()
+    refusal = site.policy.decline_reason(settings) or incoming_weights_problem(global_weights, site.policy)
+    if refusal:  # decided on public input alone, before the site's data is read
+        spent = site.ledger.epsilon(min(settings.delta, site.policy.delta))
+        logger.warning("site %s round %d: %s", site.site_id, round_number, refusal)
+        return Message(reply_content(RoundOutcome(None, spent, refusal), site, settings.dp), reply_to=msg)
+    shard = site.load_shard()
+    check_coordinator(config, shard.catalog)
+    model = SASRec(settings.model_config(shard.catalog.num_items))
+    model.load_state_dict(global_weights)
     started = time.perf_counter()
     outcome = train_site_round(
         model,
-        site.shard.examples,
+        shard.examples,
         LocalTraining.from_settings(settings),
-        PrivacyPlan.from_settings(settings, site.max_epsilon),
+        PrivacyPlan.from_settings(settings, site.policy),
         site.ledger,
         run_id=str(config["run-id"]),
         round_number=round_number,

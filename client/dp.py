@@ -24,14 +24,16 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_norm_sampler
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping, register_norm_sampler
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError
 from common.federation import RunSettings
+from client.policy import SitePolicy
 from client.replay import ReleasedUpdate, weights_fingerprint
 from common.ledger import Ledger, Spend
 from common.model import LossName, SASRec, per_user_loss, sequence_loss
@@ -56,9 +58,18 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """Public per-round training parameters, the same at every site."""
+    """Public per-round training parameters, the same at every site.
 
-    expected_batch_size: int = 64
+    Under DP nothing here may depend on a site's exact user count: users are
+    Poisson-sampled at the run's ``sample_rate``, a round is
+    ceil(local_epochs / sample_rate) steps, and each step's noisy sum is
+    divided by the public ``batch_size``. A site of n users then draws batches
+    of about n x sample_rate users. Without DP (a site that allows it) the
+    site shuffles into batches of ``batch_size``.
+    """
+
+    sample_rate: float = 0.1
+    batch_size: int = 64
     local_epochs: float = 1.0
     learning_rate: float = 1e-3
     loss: LossName = "ce"
@@ -67,7 +78,9 @@ class LocalTraining:
     """Split larger Poisson batches into pieces of at most this many users (0: never split); privacy is unchanged."""
 
     def __post_init__(self) -> None:
-        if self.expected_batch_size < 1 or self.local_epochs <= 0 or self.learning_rate <= 0:
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"sample-rate={self.sample_rate}: must be in (0, 1]")
+        if self.batch_size < 1 or self.local_epochs <= 0 or self.learning_rate <= 0:
             raise ConfigError("batch size, local epochs and learning rate must be positive")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ConfigError(
@@ -79,6 +92,7 @@ class LocalTraining:
     @classmethod
     def from_settings(cls, settings: RunSettings) -> LocalTraining:
         return cls(
+            settings.sample_rate,
             settings.batch_size,
             settings.local_epochs,
             settings.learning_rate,
@@ -90,7 +104,14 @@ class LocalTraining:
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """The run's privacy target and the site's own cap; ``enabled=False`` is the non-private baseline."""
+    """The run's privacy target and the site's own budget; ``enabled=False`` is the non-private baseline.
+
+    ``delta`` is the run's: the noise is calibrated, and replies report
+    epsilon, at it. ``site_delta`` is the site's (node config): its ledger
+    composes and its budget is checked at that delta, whatever a run asks, so
+    a coordinator cannot make past spending look smaller by asking a larger
+    delta (``client.policy`` declines such a run).
+    """
 
     enabled: bool = True
     target_epsilon: float = 8.0
@@ -99,40 +120,54 @@ class PrivacyPlan:
     planned_rounds: int = 10
     max_epsilon: float | None = None
     """The site's budget over all runs on these users; defaults to the target."""
+    site_delta: float | None = None
+    """The delta of the site's budget and ledger; defaults to ``delta``."""
 
     def __post_init__(self) -> None:
         if self.enabled and (self.target_epsilon <= 0 or not 0 < self.delta < 1 or self.max_grad_norm <= 0):
             raise ConfigError("DP needs epsilon > 0, 0 < delta < 1 and a positive clipping norm")
+        if self.enabled and self.delta > self.budget_delta:
+            raise ConfigError(f"the run's delta={self.delta:g} is above the site's delta={self.budget_delta:g}")
         if self.planned_rounds < 1:
             raise ConfigError("planned rounds must be at least 1")
 
     @classmethod
-    def from_settings(cls, settings: RunSettings, max_epsilon: float | None = None) -> PrivacyPlan:
-        """The run's target with the site's own cap (``max_epsilon``, from its node config)."""
-        return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds, max_epsilon)
+    def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
+        """The run's target under the site's own budget and delta (from its node config)."""
+        return cls(
+            settings.dp,
+            settings.epsilon,
+            settings.delta,
+            settings.max_grad_norm,
+            settings.rounds,
+            None if policy is None else policy.max_epsilon,
+            None if policy is None else policy.delta,
+        )
 
     @property
     def budget(self) -> float:
         return self.target_epsilon if self.max_epsilon is None else self.max_epsilon
 
+    @property
+    def budget_delta(self) -> float:
+        return self.delta if self.site_delta is None else self.site_delta
+
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What one round will do at this site, known before any training."""
+    """What one round will do at this site, known before any training, from public values only."""
 
     sample_rate: float
     steps: int
     noise_multiplier: float
 
 
-def plan_round(num_users: int, training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
-    batches_per_epoch = math.ceil(num_users / training.expected_batch_size)
-    sample_rate = 1.0 / batches_per_epoch  # exactly what Opacus derives from the data loader
-    steps = max(1, math.ceil(training.local_epochs * batches_per_epoch))
+def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
+    steps = max(1, math.ceil(training.local_epochs / training.sample_rate))
     noise = 0.0
     if privacy.enabled:
-        noise = calibrate_noise(privacy.target_epsilon, privacy.delta, sample_rate, steps * privacy.planned_rounds)
-    return RoundPlan(sample_rate, steps, noise)
+        noise = calibrate_noise(privacy.target_epsilon, privacy.delta, training.sample_rate, steps * privacy.planned_rounds)
+    return RoundPlan(training.sample_rate, steps, noise)
 
 
 @dataclass(frozen=True)
@@ -145,7 +180,12 @@ class RoundOutcome:
 
 
 def check_delta(num_users: int, delta: float) -> None:
-    if delta >= 1.0 / num_users:
+    """The operator's rule for choosing a delta: checked by ``fedtail deploy check`` and a simulation's launcher.
+
+    Not applied in a round: whether it holds depends on the exact user count,
+    so a round declined for it would tell the coordinator about that count.
+    """
+    if delta >= 1.0 / max(num_users, 1):
         raise ConfigError(
             f"delta={delta:g} is not below 1/users = 1/{num_users} at this site; "
             "a delta that large allows releasing a user's data outright"
@@ -164,36 +204,39 @@ def train_site_round(
     device: torch.device,
     seed: int,
 ) -> RoundOutcome:
-    """Train ``model`` (holding the global weights) for one round; record the spend before returning."""
-    if len(examples) == 0:
-        return RoundOutcome(None, 0.0, "this site has no user with two or more training interactions")
+    """Train ``model`` (holding the global weights) for one round; record the spend before returning.
+
+    Under DP every outcome (trained, replayed, declined for the budget) and
+    every number in it is a function of public values and of the ledger's
+    history, never of how many users the site has: a site with no users at
+    all trains too, and releases pure noise.
+    """
     torch.manual_seed(seed)  # dropout and the like: public randomness is fine there
-    plan = plan_round(len(examples), training, privacy)
     if not privacy.enabled:
         warnings.warn("NON-PRIVATE training at this site: no clipping, no noise, no privacy guarantee", stacklevel=2)
-        _train_non_private(model, examples, training, plan, device, torch.Generator().manual_seed(seed))
+        _train_non_private(model, examples, training, device, torch.Generator().manual_seed(seed))
         return RoundOutcome(_weights(model), float("inf"))
 
     if ledger is None:
         raise ConfigError("DP training needs a ledger on the site's disk")
-    check_delta(len(examples), privacy.delta)
+    plan = plan_round(training, privacy)
     released = ReleasedUpdate(ledger.path.with_suffix(".last-update.pt"))
     global_fingerprint = weights_fingerprint(model.state_dict())
     history = ledger.history()
-    spent = epsilon_from_history(history, privacy.delta)
     replay = released.find(run_id, round_number, global_fingerprint)
     if replay is not None:
-        return RoundOutcome(replay, spent)
-    after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.delta)
+        return RoundOutcome(replay, epsilon_from_history(history, privacy.delta))
+    spent = epsilon_from_history(history, privacy.budget_delta)
+    after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.budget_delta)
     if after > privacy.budget + BUDGET_TOLERANCE:
         return RoundOutcome(
             None,
-            spent,
-            f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f}, "
-            f"above its budget of {privacy.budget:g}",
+            epsilon_from_history(history, privacy.delta),
+            f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f} at its delta "
+            f"{privacy.budget_delta:g}, above its budget of {privacy.budget:g}",
         )
     noise_multiplier, sample_rate, steps = _train_private(model, examples, training, privacy, plan, device)
-    entry = ledger.append(
+    ledger.append(
         Spend(
             run_id=run_id,
             round=round_number,
@@ -202,7 +245,7 @@ def train_site_round(
             noise_multiplier=noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
             steps=steps,
-            delta=privacy.delta,
+            delta=privacy.budget_delta,
             accountant=ACCOUNTANT,
             library_versions={name: version(name) for name in ("opacus", "torch", "flwr")},
             users=len(examples),
@@ -210,7 +253,7 @@ def train_site_round(
     )
     weights = _weights(model)
     released.save(run_id, round_number, global_fingerprint, weights)
-    return RoundOutcome(weights, float(entry["epsilon_so_far"]))
+    return RoundOutcome(weights, epsilon_from_history(ledger.history(), privacy.delta))
 
 
 def secret_generator(device: torch.device) -> torch.Generator:
@@ -253,12 +296,17 @@ def make_private(
 ) -> PrivateTraining:
     """Opacus' PrivacyEngine over one user per example, Poisson sampling, flat per-user clipping.
 
-    The noise generator must live on the model's device (Opacus draws the noise there).
+    The loader samples at the plan's public rate, and the optimizer divides by
+    the public ``batch_size``: Opacus would derive both from the number of
+    users (1 / len(loader) and users x rate), which the coordinator must not
+    learn. The noise generator must live on the model's device (Opacus draws
+    the noise there).
     """
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(examples), sample_rate=plan.sample_rate, generator=sampling_generator
+    )
     loader = DataLoader(
-        TensorDataset(examples.inputs, examples.targets),
-        batch_size=training.expected_batch_size,
-        generator=sampling_generator,
+        TensorDataset(examples.inputs, examples.targets), batch_sampler=sampler, collate_fn=_stack_users(examples)
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
     with warnings.catch_warnings():
@@ -270,7 +318,7 @@ def make_private(
             data_loader=loader,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,  # the loader above already samples users independently at the plan's rate
             noise_generator=noise_generator,
             grad_sample_mode=training.grad_sample_mode,
         )
@@ -279,29 +327,68 @@ def make_private(
         private_model, private_optimizer, _, private_loader = made  # Opacus' criterion: replaced, see GhostClipping
     else:
         private_model, private_optimizer, private_loader = made
-
-    def hooks_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return sequence_loss(private_model(inputs), targets, training.loss)
-
-    loss = GhostClipping(private_model, training.loss) if ghost else hooks_loss
-    _account_at_the_sampled_rate(engine, private_optimizer, private_loader, plan)
+        private_model.forbid_grad_accumulation()  # one backward per step, as Opacus does under Poisson sampling
+    private_optimizer.expected_batch_size = training.batch_size
+    private_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    loss = GhostClipping(private_model, training.loss) if ghost else HooksClipping(private_model, training.loss)
     return PrivateTraining(engine, private_model, private_optimizer, private_loader, loss, sums_over_pieces=ghost)
 
 
-def _account_at_the_sampled_rate(
-    engine: PrivacyEngine, optimizer: DPOptimizer, loader: DataLoader[Any], plan: RoundPlan
-) -> None:
-    """Make Opacus' accountant record the rate its Poisson sampler draws users with.
+def _stack_users(examples: TrainingExamples) -> Callable[[list[tuple[torch.Tensor, ...]]], list[torch.Tensor]]:
+    """Collate sampled users into (inputs, targets); an empty Poisson draw gives [0, L] tensors."""
 
-    Opacus 1.6 records ``1 / len(loader)``, and that length is ``int(1 / rate)``:
-    ``1 / (1 / 99)`` is 98.999... in floating point, so a site with 99 batches per
-    epoch would sample at 1/99 and be accounted at 1/98 (6% of batch counts below
-    5,000 do this). The sampled rate is the mechanism, and the ledger must hold it.
+    def collate(rows: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        if not rows:
+            return [examples.inputs[:0], examples.targets[:0]]
+        return [torch.stack(column) for column in zip(*rows)]
+
+    return collate
+
+
+def clip_coefficients(norms: torch.Tensor, per_user: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """min(1, C / norm) per user, and exactly 0 for a user whose loss or gradient norm is not finite: [B].
+
+    Opacus' own coefficient stays NaN for a NaN norm, and one such user turns
+    the whole noisy sum into NaN: a release that says whether that user was
+    sampled. With coefficient 0 (and their gradient rows replaced, not
+    multiplied, since 0 x inf is NaN) such a user adds exactly nothing, as if
+    absent.
     """
-    sampled = loader.batch_sampler.sample_rate  # type: ignore[union-attr]
-    if not math.isclose(sampled, plan.sample_rate):
-        raise RuntimeError(f"Opacus samples users at {sampled}, the plan was {plan.sample_rate}: refusing to train")
-    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sampled))
+    finite = torch.isfinite(norms) & torch.isfinite(per_user)
+    return torch.where(finite, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+
+
+@dataclass
+class HooksClipping:
+    """The loss for Opacus' per-sample hooks: ``loss(inputs, targets).backward()`` leaves per-user gradients.
+
+    Opacus clips them in ``optimizer.step()``; before that, the gradients of a
+    user whose loss or gradient is not finite are set to zero, so Opacus gives
+    that user a norm of 0 and adds nothing for them (``clip_coefficients``).
+    """
+
+    module: GradSampleModule
+    loss: LossName
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> HooksClippedLoss:
+        return HooksClippedLoss(self.module, per_user_loss(self.module(inputs), targets, self.loss))
+
+
+@dataclass
+class HooksClippedLoss:
+    module: GradSampleModule
+    per_user: torch.Tensor
+    """[B] each user's loss"""
+
+    def backward(self) -> None:
+        (self.per_user.sum() / max(len(self.per_user), 1)).backward()  # the batch mean, as sequence_loss
+        samples = [p for p in self.module.parameters() if p.requires_grad and p.grad_sample is not None]
+        if not samples or len(self.per_user) == 0:
+            return
+        norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in samples]).norm(dim=0)  # [B]
+        keep = clip_coefficients(norms, self.per_user.detach(), 1.0) > 0
+        for p in samples:
+            p.grad_sample = torch.where(keep.view(-1, *[1] * (p.grad_sample.dim() - 1)), p.grad_sample, 0.0)
 
 
 @dataclass
@@ -371,12 +458,15 @@ class GhostClippedLoss:
         unmeasured = [name for name, p in self.module.named_parameters() if p.requires_grad and p._norm_sample is None]
         if unmeasured:
             raise RuntimeError(f"ghost clipping measured no per-user norm for {unmeasured}: refusing to clip blind")
-        coefficients = self.module.get_clipping_coef().detach().view(-1, 1, 1)  # [B, 1, 1], min(1, C / norm)
-        clipped_scores = (score_gradients * coefficients).flatten(0, 1)  # [B * L, N]
+        coefficients = clip_coefficients(
+            self.module.get_norm_sample(), self.per_user.detach(), self.module.max_grad_norm
+        ).view(-1, 1, 1)  # [B, 1, 1]
+        kept = coefficients > 0
+        clipped_scores = torch.where(kept, score_gradients * coefficients, 0.0).flatten(0, 1)  # [B * L, N]
         _accumulate(self.output_layer.weight, clipped_scores.T @ self.hidden.detach().flatten(0, 1))
         if self.output_layer.bias is not None:
             _accumulate(self.output_layer.bias, clipped_scores.sum(dim=0))
-        self._clipped_pass(self.hidden, hidden_gradient * (batch * coefficients))
+        self._clipped_pass(self.hidden, torch.where(kept, hidden_gradient * (batch * coefficients), 0.0))
 
     def _clipped_pass(self, output: torch.Tensor, gradient: torch.Tensor) -> None:
         """The sum of clipped per-user gradients into ``.grad``, with Opacus' hooks off."""
@@ -508,15 +598,16 @@ def _train_non_private(
     model: SASRec,
     examples: TrainingExamples,
     training: LocalTraining,
-    plan: RoundPlan,
     device: torch.device,
     generator: torch.Generator,
 ) -> None:
+    """Shuffled batches of ``batch_size`` users for ``local_epochs`` epochs (only where the site allows it)."""
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
-    batch = training.expected_batch_size
+    batch = training.batch_size
+    steps = max(1, math.ceil(training.local_epochs * math.ceil(len(examples) / batch)))
     steps_done = 0
-    while steps_done < plan.steps:
+    while steps_done < steps and len(examples):
         order = torch.randperm(len(examples), generator=generator)
         for start in range(0, len(examples), batch):
             rows = order[start : start + batch]
@@ -526,7 +617,7 @@ def _train_non_private(
                 (per_user.sum() / len(rows)).backward()  # the pieces' gradients add up to the batch mean's
             optimizer.step()
             steps_done += 1
-            if steps_done == plan.steps:
+            if steps_done == steps:
                 break
 
 

@@ -49,7 +49,11 @@ class RunSettings:
     epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    sample_rate: float = 0.1
+    """Under DP, the probability that a site samples a given user into a step (public: the same at every site,
+    never derived from a site's user count); a round is ceil(local-epochs / sample-rate) steps."""
     batch_size: int = 64
+    """Under DP, the public number each step's noisy sum is divided by; without DP, the batch size."""
     local_epochs: float = 1.0
     learning_rate: float = 5e-3  # under DP noise, 1e-3 learns far slower (measured on the synthetic default)
     loss: str = "ce"
@@ -79,6 +83,7 @@ class RunSettings:
             f"epsilon={self.epsilon}: must be positive" * (self.dp and self.epsilon <= 0),
             f"delta={self.delta}: must be in (0, 1)" * (self.dp and not 0 < self.delta < 1),
             f"max-grad-norm={self.max_grad_norm}: must be positive" * (self.dp and self.max_grad_norm <= 0),
+            f"sample-rate={self.sample_rate}: must be in (0, 1]" * (not 0 < self.sample_rate <= 1),
             f"batch-size={self.batch_size}: must be at least 1" * (self.batch_size < 1),
             f"local-epochs={self.local_epochs}: must be positive" * (self.local_epochs <= 0),
             f"learning-rate={self.learning_rate}: must be positive" * (self.learning_rate <= 0),

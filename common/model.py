@@ -70,6 +70,39 @@ class ModelConfig(ModelOptions):
         return asdict(self)
 
 
+def activation_bound(config: ModelOptions, max_abs_weight: float) -> float:
+    """An upper bound on every magnitude a forward pass computes when no weight exceeds ``max_abs_weight``.
+
+    It follows the architecture below, layer by layer, with the crudest
+    triangle-inequality bounds: a LayerNorm output is at most sqrt(D) |gamma|
+    + |beta| whatever its input, a linear layer multiplies a bound by D W and
+    adds W, attention mixes values (a convex combination), dropout scales by
+    at most 1 / (1 - p). Included are the attention scores, the squares a
+    LayerNorm sums for its variance, and the output scores. A site refuses
+    weights whose bound is not comfortably below float32's largest value
+    (``client.policy``): then no user's forward pass can be non-finite, which
+    is what lets per-user clipping drop a user whose *gradient* is not finite
+    without that user's presence changing anything else.
+    """
+    d, w = float(config.hidden), float(max_abs_weight)
+    scale = 1.0 / (1.0 - config.dropout)
+    head_dim = d / config.heads
+
+    def linear(magnitude: float) -> float:
+        return d * w * magnitude + w
+
+    normed = math.sqrt(d) * w + w
+    residual = scale * (w * math.sqrt(d) + w)  # item embedding x sqrt(D) + position embedding
+    largest = residual
+    for _ in range(config.blocks):
+        projected = linear(normed)  # query, key and value
+        scores = math.sqrt(head_dim) * projected * projected
+        residual += scale * linear(scale * projected)  # attention output, after mixing the values
+        residual += scale * linear(scale * linear(normed))  # feed-forward (GELU shrinks magnitudes)
+        largest = max(largest, scores, d * (2 * residual) ** 2)
+    return max(largest, linear(normed))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()

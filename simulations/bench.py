@@ -52,7 +52,6 @@ from client.dp import (
     PrivacyPlan,
     RoundPlan,
     make_private,
-    plan_round,
     private_step,
     train_site_round,
 )
@@ -228,7 +227,7 @@ def _private_stepper(
     device: torch.device,
 ) -> Callable[[], None]:
     model = SASRec(options.for_catalog(size)).to(device).train()
-    training = LocalTraining(expected_batch_size=len(inputs), grad_sample_mode=mode)  # type: ignore[arg-type]
+    training = LocalTraining(sample_rate=1.0, batch_size=len(inputs), grad_sample_mode=mode)  # type: ignore[arg-type]
     plan = RoundPlan(sample_rate=1.0, steps=1, noise_multiplier=1.0)
     private = make_private(
         model, examples, training, PrivacyPlan(), plan, torch.Generator().manual_seed(0),
@@ -288,8 +287,8 @@ def bench_pieces(datasets: list[tuple[str, int]], steps: int, device: torch.devi
     for dataset, max_len in datasets:
         shard = simulated_shard(dataset, 0, "uniform", 0, 0, 5, max_len)
         options = ModelOptions(max_len=max_len)
-        training = LocalTraining(expected_batch_size=64)
-        sample_rate = plan_round(len(shard.examples), training, PrivacyPlan(enabled=False)).sample_rate
+        sample_rate = min(1.0, 64 / len(shard.examples))  # batches of about 64 users, as the benchmark always had
+        training = LocalTraining(sample_rate=sample_rate, batch_size=64)
         plan = RoundPlan(sample_rate=sample_rate, steps=steps, noise_multiplier=1.0)
         private = make_private(
             SASRec(options.for_catalog(shard.catalog.num_items)), shard.examples, training, PrivacyPlan(), plan,

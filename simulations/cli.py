@@ -142,6 +142,7 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
         epsilon=args.epsilon,
         delta=args.delta,
         max_grad_norm=args.clip,
+        sample_rate=args.sample_rate,
         batch_size=args.batch_size,
         local_epochs=args.local_epochs,
         learning_rate=args.lr,
@@ -252,7 +253,12 @@ def _add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=run.delta, help="must be below 1/users at every site")
     parser.add_argument("--no-dp", action="store_true", help="NON-PRIVATE federated baseline: no clipping, no noise")
     parser.add_argument("--clip", type=float, default=run.max_grad_norm, help="per-user gradient clipping norm C")
-    parser.add_argument("--batch-size", type=int, default=run.batch_size, help="expected users per DP-SGD step")
+    parser.add_argument("--sample-rate", type=float, default=run.sample_rate,
+                        help="DP: probability that a site samples a user into a step (public, the same at every "
+                        "site); a round is ceil(local-epochs / sample-rate) steps")
+    parser.add_argument("--batch-size", type=int, default=run.batch_size,
+                        help="DP: the public divisor of each step's noisy sum (about users x sample-rate); "
+                        "without DP: users per step")
     parser.add_argument("--local-epochs", type=float, default=run.local_epochs, help="local passes per round")
     parser.add_argument("--lr", type=float, default=run.learning_rate)
     parser.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=run.grad_sample_mode,

@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from client.dp import check_delta
+from client.policy import SIMULATED_SITES_ENV
 from client.shard import simulated_shard
 from common.errors import ConfigError
 from common.federation import RunSettings
+from common.files import write_json
 from common.processes import die_with_parent, free_loopback_port
 from common.progress import log
+from common.run_files import LEDGER_DIR
 from simulations.flower_cli import (
     APP_DIR,
     FlowerFailed,
@@ -71,6 +74,23 @@ def preflight(settings: RunSettings, sites: int) -> list[int]:
     return sizes
 
 
+def write_site_node_configs(flower_home: Path, settings: RunSettings, resources: Resources) -> Path:
+    """The node config each simulated site's operator would have set: the budget and delta the run targets,
+    non-private training only when the run is the non-private baseline, ledgers in the run folder."""
+    sites = {
+        str(site): {
+            "max-epsilon": settings.epsilon,
+            "delta": settings.delta,
+            "allow-non-private": not settings.dp,
+            "ledger-dir": str(Path(settings.out_dir) / LEDGER_DIR),
+        }
+        for site in range(resources.sites)
+    }
+    path = flower_home / "simulated-sites.json"
+    write_json(path, sites)
+    return path
+
+
 def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
     """Run the ServerApp and ClientApps in this repository through Flower; returns the run's summary."""
     sizes = preflight(settings, resources.sites)
@@ -82,7 +102,7 @@ def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
     port = free_loopback_port()
     write_connection(flower_home, CONNECTION, port, root_certificates=None)
     run_config_file = write_run_config(flower_home / "run-config.toml", settings.to_run_config())
-    env = flower_env(flower_home)
+    env = {**flower_env(flower_home), SIMULATED_SITES_ENV: str(write_site_node_configs(flower_home, settings, resources))}
     superlink_log = flower_home / "superlink.log"
     superlink_output = (flower_home / "superlink.out").open("ab")
     superlink = subprocess.Popen(

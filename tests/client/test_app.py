@@ -26,7 +26,7 @@ def flower_task_identity() -> None:
 
 
 SETTINGS = RunSettings(
-    dataset="synthetic:users=200,items=80,seed=4", rounds=2, epsilon=4.0, delta=1e-4, hidden=16, heads=1,
+    dataset="synthetic:users=200,items=80,seed=4", rounds=2, epsilon=4.0, delta=1e-5, hidden=16, heads=1,
     blocks=1, max_len=10, batch_size=16,
 )
 
@@ -77,7 +77,7 @@ def test_declined_reply_carries_no_weights_and_says_why(tmp_path: Path) -> None:
 def test_non_private_reply_has_no_epsilon(tmp_path: Path) -> None:
     settings = RunSettings(**{**SETTINGS.__dict__, "out_dir": str(tmp_path), "dp": False})
     with pytest.warns(UserWarning, match="NON-PRIVATE"):
-        reply = _call(settings, {"partition-id": 0, "num-partitions": 2})
+        reply = _call(settings, {"partition-id": 0, "num-partitions": 2, "allow-non-private": True})
     assert "epsilon" not in reply.content["metrics"] and reply.content["metrics"]["dp"] == 0
     assert not math.isnan(float(reply.content["metrics"]["weight"]))
 
@@ -119,7 +119,7 @@ def test_the_coordinator_cannot_raise_a_deployed_sites_budget(tmp_path: Path) ->
     catalog.save(tmp_path / "catalog.json")
     settings = RunSettings(**{**SETTINGS.__dict__, "epsilon": 8.0, "delta": 1e-3})  # the run asks for epsilon 8
     node = {"data-path": str(data), "catalog-path": str(tmp_path / "catalog.json"),
-            "ledger-dir": str(tmp_path / "ledger"), "max-epsilon": 0.5, "site-id": "north"}
+            "ledger-dir": str(tmp_path / "ledger"), "max-epsilon": 0.5, "delta": 1e-3, "site-id": "north"}
     model = SASRec(settings.model_config(catalog.num_items))
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "config": _train_config(1, catalog)}

@@ -17,6 +17,7 @@ from client.dp import (
     LocalTraining,
     PrivacyPlan,
     RoundPlan,
+    check_delta,
     embedding_norm_sample,
     linear_norm_sample,
     make_private,
@@ -55,9 +56,9 @@ def _round(model, examples, training, privacy, ledger, round_number=1, seed=0, d
 def test_noise_zero_and_huge_clip_make_one_dp_step_equal_the_non_private_step(mode: str) -> None:
     torch.manual_seed(0)
     examples = _examples(8)
-    training = LocalTraining(expected_batch_size=8, learning_rate=0.01, grad_sample_mode=mode)
+    training = LocalTraining(sample_rate=1.0, batch_size=8, learning_rate=0.01, grad_sample_mode=mode)
     privacy = PrivacyPlan(max_grad_norm=1e6)
-    plan = plan_round(len(examples), training, privacy)
+    plan = plan_round(training, privacy)
     assert plan.sample_rate == 1.0
     private = SASRec(CONFIG)
     plain = copy.deepcopy(private)
@@ -80,7 +81,7 @@ def _generators(device: str, seed: int) -> tuple[torch.Generator, torch.Generato
 def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c(device: str, mode: str) -> None:
     torch.manual_seed(1)
     examples = _examples(6, seed=1)
-    training = LocalTraining(expected_batch_size=6, grad_sample_mode=mode)
+    training = LocalTraining(sample_rate=1.0, batch_size=6, grad_sample_mode=mode)
     clip = 0.01
     privacy = PrivacyPlan(max_grad_norm=clip)
     model = SASRec(CONFIG)
@@ -102,7 +103,7 @@ def test_every_per_user_gradient_entering_the_sum_has_norm_at_most_c(device: str
 def test_added_noise_has_std_noise_multiplier_times_c(device: str, mode: str) -> None:
     torch.manual_seed(2)
     examples = _examples(10, seed=2)
-    training = LocalTraining(expected_batch_size=10, grad_sample_mode=mode)
+    training = LocalTraining(sample_rate=1.0, batch_size=10, grad_sample_mode=mode)
     sigma, clip = 1.7, 0.3
     privacy = PrivacyPlan(max_grad_norm=clip)
     wide = ModelConfig(num_items=400, max_len=6, hidden=32, heads=2, blocks=1, dropout=0.0)
@@ -129,7 +130,7 @@ def test_added_noise_has_std_noise_multiplier_times_c(device: str, mode: str) ->
 def test_epsilon_after_r_rounds_equals_a_fresh_accountant_on_the_ledger_alone(tmp_path: Path, device: str) -> None:
     torch.manual_seed(3)
     examples = _examples(40, seed=3)
-    training = LocalTraining(expected_batch_size=10, local_epochs=1.0)
+    training = LocalTraining(sample_rate=0.25, batch_size=10, local_epochs=1.0)
     privacy = PrivacyPlan(target_epsilon=3.0, delta=1e-4, planned_rounds=3)
     ledger = Ledger(tmp_path / "site-7.jsonl")
     model = SASRec(CONFIG)
@@ -150,9 +151,9 @@ def test_epsilon_after_r_rounds_equals_a_fresh_accountant_on_the_ledger_alone(tm
 
 @pytest.mark.parametrize("batches_per_epoch", [98, 99])
 def test_the_ledger_records_the_rate_users_are_sampled_at(tmp_path: Path, batches_per_epoch: int) -> None:
-    """99 batches: Opacus alone would account 1/98 (its loader length is int(1 / (1/99)) = 98) and the round fail."""
+    """Rate 1/99: Opacus alone would account 1/98 (its loader length is int(1 / (1/99)) = 98)."""
     examples = _examples(batches_per_epoch)
-    training = LocalTraining(expected_batch_size=1, local_epochs=0.02)
+    training = LocalTraining(sample_rate=1 / batches_per_epoch, batch_size=1, local_epochs=0.02)
     privacy = PrivacyPlan(target_epsilon=8.0, delta=1e-3, planned_rounds=1)
     ledger = Ledger(tmp_path / "site-7.jsonl")
     outcome = _round(SASRec(CONFIG), examples, training, privacy, ledger)
@@ -164,7 +165,7 @@ def test_the_ledger_records_the_rate_users_are_sampled_at(tmp_path: Path, batche
 def test_a_site_over_budget_declines_trains_nothing_and_spends_nothing(tmp_path: Path) -> None:
     torch.manual_seed(4)
     examples = _examples(30, seed=4)
-    training = LocalTraining(expected_batch_size=10)
+    training = LocalTraining(sample_rate=1.0, batch_size=10)
     privacy = PrivacyPlan(target_epsilon=4.0, delta=1e-4, planned_rounds=2, max_epsilon=3.5)
     ledger = Ledger(tmp_path / "site-7.jsonl")
     model = SASRec(CONFIG)
@@ -183,7 +184,7 @@ def test_a_site_over_budget_declines_trains_nothing_and_spends_nothing(tmp_path:
 
 def test_budget_spans_runs_a_second_run_on_the_same_users_is_declined(tmp_path: Path) -> None:
     examples = _examples(30, seed=5)
-    training = LocalTraining(expected_batch_size=10)
+    training = LocalTraining(sample_rate=1.0, batch_size=10)
     privacy = PrivacyPlan(target_epsilon=2.0, delta=1e-4, planned_rounds=1)
     ledger = Ledger(tmp_path / "site-7.jsonl")
     assert _round(SASRec(CONFIG), examples, training, privacy, ledger, 1).state_dict is not None
@@ -193,9 +194,10 @@ def test_budget_spans_runs_a_second_run_on_the_same_users_is_declined(tmp_path: 
     assert again.state_dict is None and "budget" in again.declined_reason
 
 
-def test_delta_must_be_below_one_over_users(tmp_path: Path) -> None:
+def test_the_operators_delta_rule_is_below_one_over_users() -> None:
+    check_delta(9, 0.1)
     with pytest.raises(ConfigError, match="1/users"):
-        _round(SASRec(CONFIG), _examples(20), LocalTraining(), PrivacyPlan(delta=0.1), Ledger(tmp_path / "l.jsonl"))
+        check_delta(10, 0.1)
 
 
 def test_non_private_mode_says_so_and_writes_no_ledger(tmp_path: Path) -> None:
@@ -211,7 +213,7 @@ def test_a_non_private_step_in_length_sorted_pieces_equals_one_step_on_the_whole
     sequences = [rng.choice(np.arange(1, 26), size=size, replace=False) for size in rng.integers(4, 10, size=40)]
     examples = training_examples(sequences, CONFIG.max_len)
     assert len(set(examples.lengths())) > 3  # pieces of different widths
-    training = LocalTraining(expected_batch_size=len(examples), learning_rate=0.01)  # one step on every user
+    training = LocalTraining(sample_rate=1.0, batch_size=len(examples), learning_rate=0.01)  # one step on every user
     torch.manual_seed(3)
     model = SASRec(CONFIG)
     whole = copy.deepcopy(model)
@@ -226,7 +228,7 @@ def test_a_non_private_step_in_length_sorted_pieces_equals_one_step_on_the_whole
 
 def test_a_retried_round_resends_the_released_update_without_charging_again(tmp_path: Path) -> None:
     examples = _examples(30, seed=6)
-    training = LocalTraining(expected_batch_size=10)
+    training = LocalTraining(sample_rate=1.0, batch_size=10)
     privacy = PrivacyPlan(target_epsilon=4.0, delta=1e-4, planned_rounds=3)
     ledger = Ledger(tmp_path / "site-7.jsonl")
     torch.manual_seed(6)
@@ -253,7 +255,7 @@ def test_a_retried_round_resends_the_released_update_without_charging_again(tmp_
 def test_noise_and_sampling_cannot_be_reproduced_from_the_public_run_parameters(tmp_path: Path) -> None:
     """Same global model, same data, same run seed and round: a server that could predict the noise could remove it."""
     examples = _examples(40, seed=6)
-    training = LocalTraining(expected_batch_size=10)
+    training = LocalTraining(sample_rate=1.0, batch_size=10)
     privacy = PrivacyPlan(target_epsilon=3.0, delta=1e-4, planned_rounds=3)
     initial = SASRec(CONFIG).state_dict()
     released = []
@@ -275,7 +277,7 @@ def test_physical_batch_splitting_gives_the_same_clipped_sum_as_one_batch(mode: 
     truth = true_per_user_gradients(SASRec(CONFIG), examples.inputs, examples.targets)
     torch.manual_seed(7)
     model = SASRec(CONFIG)
-    training = LocalTraining(expected_batch_size=9, grad_sample_mode=mode, max_physical_batch_size=4)
+    training = LocalTraining(sample_rate=1.0, batch_size=9, grad_sample_mode=mode, max_physical_batch_size=4)
     privacy = PrivacyPlan(max_grad_norm=clip)
     dp = make_private(model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), *_generators("cpu", 0))
     ended = []
@@ -300,7 +302,7 @@ def test_length_sorted_pieces_give_the_same_clipped_sum_and_one_accounted_step(p
     torch.manual_seed(7)
     model = SASRec(CONFIG)
     truth = true_per_user_gradients(model, examples.inputs, examples.targets)
-    training = LocalTraining(expected_batch_size=9, grad_sample_mode="ghost")
+    training = LocalTraining(sample_rate=1.0, batch_size=9, grad_sample_mode="ghost")
     privacy = PrivacyPlan(max_grad_norm=clip)
     dp = make_private(model, examples, training, privacy, RoundPlan(1.0, 1, 0.0), *_generators("cpu", 0))
     assert dp.sums_over_pieces
@@ -314,7 +316,7 @@ def test_length_sorted_pieces_give_the_same_clipped_sum_and_one_accounted_step(p
 @pytest.mark.parametrize("mode", MODES)
 def test_an_empty_poisson_batch_is_pure_noise(mode: str) -> None:
     examples = _examples(6)
-    training = LocalTraining(expected_batch_size=6, grad_sample_mode=mode)
+    training = LocalTraining(sample_rate=1.0, batch_size=6, grad_sample_mode=mode)
     model = SASRec(CONFIG)
     privacy = PrivacyPlan(max_grad_norm=0.5)
     dp = make_private(model, examples, training, privacy, RoundPlan(1.0, 1, 1.0), *_generators("cpu", 3))
@@ -333,7 +335,7 @@ def test_a_step_after_an_empty_poisson_batch_still_clips_every_user(mode: str) -
     torch.manual_seed(4)
     model = SASRec(CONFIG)
     truth = true_per_user_gradients(model, examples.inputs, examples.targets)
-    training = LocalTraining(expected_batch_size=6, grad_sample_mode=mode)
+    training = LocalTraining(sample_rate=1.0, batch_size=6, grad_sample_mode=mode)
     dp = make_private(model, examples, training, PrivacyPlan(max_grad_norm=clip), RoundPlan(1.0, 2, 0.0),
                       *_generators("cpu", 0))
     assert private_step(dp, examples.inputs[:0], examples.targets[:0])

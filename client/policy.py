@@ -1,0 +1,157 @@
+"""What a site decides for itself: its node config's privacy settings, and the checks it runs on a coordinator's request.
+
+The coordinator (the server side: run config, global weights, every message)
+may be curious or malicious, so everything it sends is hostile input. A run
+config can *ask* (dp, delta, epsilon, model shape); the site's own node config
+*decides*. Every check here reads public input only (the node config, the run
+config, the incoming weights) and runs before any private data is read, so a
+refusal says nothing about the site's users.
+
+Node config keys (deployment: ``flower-supernode --node-config``; simulation:
+the file ``fedtail simulate`` writes for its simulated sites, see
+``simulated_node_config``):
+
+- ``max-epsilon``: the site's epsilon budget over all runs on its users;
+- ``delta``: the site's delta: the ledger composes, and the budget is checked,
+  at this delta, whatever a run asks; a run asking a larger delta is declined;
+- ``allow-non-private``: whether this site ever trains without DP (default
+  false: a run with ``dp = false`` is declined);
+- ``max-abs-weight``: the largest weight magnitude accepted from the
+  coordinator; with it the forward pass provably stays finite
+  (``common.model.activation_bound``);
+- ``fedavg-weight``: the public weight of this site's update in FedAvg (the
+  exact user count is never sent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import ConfigError
+from common.federation import RunSettings
+from common.model import activation_bound
+
+SIMULATED_SITES_ENV = "FEDTAIL_SIMULATED_SITES"
+"""Path of the JSON file with each simulated site's node config (Flower's simulation sets only the partition)."""
+SAFE_ACTIVATION = 1e36
+"""Largest magnitude ``activation_bound`` may give (it already counts the LayerNorm's sums of squares and the
+attention scores): a factor of 300 below float32's largest value, for rounding."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    max_epsilon: float = 8.0
+    delta: float = 1e-5
+    allow_non_private: bool = False
+    max_abs_weight: float = 100.0
+    fedavg_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"max-epsilon={self.max_epsilon}: must be positive and finite"
+            * (not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0)),
+            f"delta={self.delta}: must be in (0, 1)" * (not 0 < self.delta < 1),
+            f"max-abs-weight={self.max_abs_weight}: must be positive and finite"
+            * (not (math.isfinite(self.max_abs_weight) and self.max_abs_weight > 0)),
+            f"fedavg-weight={self.fedavg_weight}: must be positive and finite"
+            * (not (math.isfinite(self.fedavg_weight) and self.fedavg_weight > 0)),
+        ]
+        problems = [problem for problem in problems if problem]
+        if problems:
+            raise ConfigError("node config: " + "; ".join(problems))
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], deployed: bool) -> SitePolicy:
+        """The site's settings; a deployed site must state its budget, a simulated one may take the default."""
+        if deployed and "max-epsilon" not in node_config:
+            raise ConfigError("node config 'max-epsilon' (this site's privacy budget) is required on a deployed site")
+        values: dict[str, Any] = {}
+        for name, field in cls.__dataclass_fields__.items():
+            key = name.replace("_", "-")
+            if key in node_config:
+                values[name] = _typed(key, node_config[key], str(field.type))
+        return cls(**values)
+
+    def decline_reason(self, settings: RunSettings) -> str:
+        """Why this site will not train the round the run asks for; "" when it will. Public input only."""
+        if not settings.dp and not self.allow_non_private:
+            return (
+                "declined: the run asks for training without differential privacy (dp = false); this site's "
+                "node config does not allow it (allow-non-private = false)"
+            )
+        if settings.dp and settings.delta > self.delta:
+            return (
+                f"declined: the run asks delta={settings.delta:g}, larger than this site's delta={self.delta:g} "
+                "(node config); the site's budget holds at its own delta"
+            )
+        bound = activation_bound(settings.model_config(1), self.max_abs_weight)
+        if not bound < SAFE_ACTIVATION:
+            return (
+                f"declined: with weights up to max-abs-weight={self.max_abs_weight:g}, a model of hidden="
+                f"{settings.hidden}, blocks={settings.blocks}, dropout={settings.dropout:g} could overflow in its "
+                "forward pass; ask for a smaller model or a site with a lower max-abs-weight"
+            )
+        return ""
+
+
+def _typed(key: str, value: Any, kind: str) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"node config {key}={value!r}: expected true or false")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key}={value!r}: expected a number") from None
+
+
+def incoming_weights_problem(state_dict: Mapping[str, torch.Tensor], policy: SitePolicy) -> str:
+    """Why the coordinator's global weights are refused; "" when they are acceptable. Public input only.
+
+    Non-finite weights, or weights large enough to overflow, would make the
+    forward pass non-finite for exactly the users whose history touches them
+    (an input-embedding row, a position only long histories reach), and a
+    non-finite forward pass poisons the clipped sum for everyone. Bounding
+    every weight keeps every user's forward pass finite (``activation_bound``),
+    so per-user clipping can exclude a user whose gradient alone is not finite.
+    """
+    for name, tensor in state_dict.items():
+        if not torch.is_floating_point(tensor):
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            return f"refused: the coordinator's weights hold non-finite values in '{name}'"
+        largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if largest > policy.max_abs_weight:
+            return (
+                f"refused: the coordinator's weights hold |w| = {largest:.3g} in '{name}', above this site's "
+                f"max-abs-weight={policy.max_abs_weight:g}"
+            )
+    return ""
+
+
+def simulated_node_config(partition_id: int) -> dict[str, Any]:
+    """The node config a simulated site would have had from its operator: ``fedtail simulate`` writes it.
+
+    Flower's Simulation Engine gives a ClientApp only its partition; the rest
+    comes from a file named by an environment variable that the simulation's
+    own launcher sets (never from the run config, which the coordinator writes).
+    Without that file (a bare ``flwr run``), the site policy's defaults apply.
+    """
+    path = os.environ.get(SIMULATED_SITES_ENV, "")
+    if not path:
+        return {}
+    try:
+        sites = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{SIMULATED_SITES_ENV}={path}: cannot read the simulated sites' node config ({error})")
+    return dict(sites.get(str(partition_id), {}))
