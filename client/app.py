@@ -1,7 +1,7 @@
 """fedtail's ClientApp: one site's local DP training per round.
 
 The handler only reads configuration and translates between Flower records
-and the plain functions in ``client.dp`` and ``client.shard``.
+and the plain functions in ``client.site_round`` and ``client.shard``.
 
 Node config (what the site decides, never the coordinator):
 
@@ -34,7 +34,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dp import LocalTraining, PrivacyPlan, RoundOutcome, train_site_round
+from client.round_plan import LocalTraining, PrivacyPlan
+from client.site_round import RoundOutcome, train_site_round
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
 from client.shard import SiteShard, deployed_shard, simulated_shard
 from common.catalog import Catalog

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from client.dp import check_delta
 from common.catalog import Catalog
 from common.datasets import load_dataset
 from common.errors import ConfigError, FedtailError
 from common.ledger import Ledger
+from common.privacy import check_delta
 from common.run_files import site_ledger
 from common.split import training_examples
 

@@ -57,7 +57,7 @@ class RunSettings:
     local_epochs: float = 1.0
     learning_rate: float = 5e-3  # under DP noise, 1e-3 learns far slower (measured on the synthetic default)
     loss: str = "ce"
-    grad_sample_mode: str = "ghost"  # how Opacus measures per-user gradient norms (client.dp.GradSampleMode)
+    grad_sample_mode: str = "ghost"  # how Opacus measures per-user gradient norms (common.privacy.GradSampleMode)
     max_physical_batch_size: int = 0  # split bigger Poisson batches to bound memory; 0: never
     # Model options, flat because Flower's run config is flat; defaults from ModelOptions.
     max_len: int = ModelOptions.max_len

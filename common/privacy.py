@@ -24,7 +24,7 @@ GradSampleMode = Literal["ghost", "hooks"]
 """How Opacus gets each user's gradient norm; both clip every per-user gradient (tests/client/test_dp.py).
 
 ``ghost`` computes the norms without materialising per-user gradients (memory
-independent of the catalogue, see ``client.dp.GhostClipping``); ``hooks`` stores a
+independent of the catalogue, see ``client.ghost_clipping``); ``hooks`` stores a
 batch x catalogue x hidden gradient per item table. ``ghost`` is the default:
 the faster of the two at every catalogue size measured and far lighter at large
 ones (docs/benchmarks.md). Opacus' ``functorch`` mode is not offered: it fails
@@ -74,3 +74,18 @@ def calibrate_noise(
             epsilon_tolerance=0.005,
         )
     )
+
+
+def check_delta(num_users: int, delta: float) -> None:
+    """Delta must be below 1/users: a larger one allows a mechanism that publishes one user's data outright.
+
+    The site operator's rule, checked where the exact count may be seen: by
+    ``fedtail deploy check`` at the site, a simulation's launcher, and the
+    audit (from the ledger, on the site's side). Never in a round: a decline
+    for it would tell the coordinator about the count.
+    """
+    if delta >= 1.0 / max(num_users, 1):
+        raise ConfigError(
+            f"delta={delta:g} is not below 1/users = 1/{num_users} at this site; "
+            "a delta that large allows releasing a user's data outright"
+        )

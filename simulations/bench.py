@@ -46,15 +46,9 @@ import numpy as np
 import torch
 
 from client.app import TRAINING_TIME
-from client.dp import (
-    PIECE_USERS,
-    LocalTraining,
-    PrivacyPlan,
-    RoundPlan,
-    make_private,
-    private_step,
-    train_site_round,
-)
+from client.dp_sgd import PIECE_USERS, make_private, private_step
+from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
+from client.site_round import train_site_round
 from client.shard import simulated_shard
 from common.datasets import DEFAULT_DATASET, load_dataset
 from common.federation import RunSettings

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.dp import check_delta
 from client.policy import SIMULATED_SITES_ENV
 from client.shard import simulated_shard
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.files import write_json
 from common.processes import die_with_parent, free_loopback_port
+from common.privacy import check_delta
 from common.progress import log
 from common.run_files import LEDGER_DIR
 from simulations.flower_cli import (

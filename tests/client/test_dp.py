@@ -12,20 +12,11 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp import (
-    GRAD_SAMPLE_MODES,
-    LocalTraining,
-    PrivacyPlan,
-    RoundPlan,
-    check_delta,
-    embedding_norm_sample,
-    linear_norm_sample,
-    make_private,
-    physical_batches,
-    plan_round,
-    private_step,
-    train_site_round,
-)
+from client.dp_sgd import make_private, physical_batches, private_step
+from client.ghost_clipping import embedding_norm_sample, linear_norm_sample
+from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
+from client.site_round import train_site_round
+from common.privacy import GRAD_SAMPLE_MODES, check_delta
 from common.errors import ConfigError
 from common.ledger import Ledger
 from common.model import ModelConfig, SASRec, sequence_loss

@@ -21,11 +21,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from client.app import train
-from client.dp import GRAD_SAMPLE_MODES, LocalTraining, PrivacyPlan, RoundPlan, make_private, physical_batches, private_step
+from client.dp_sgd import make_private, physical_batches, private_step
+from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from client.policy import SitePolicy, incoming_weights_problem
 from common.catalog import Catalog
 from common.federation import RunSettings
 from common.model import ModelConfig, SASRec
+from common.privacy import GRAD_SAMPLE_MODES
 from common.split import training_examples
 
 CONFIG = ModelConfig(num_items=25, max_len=6, hidden=16, heads=2, blocks=1, dropout=0.0)

@@ -1,0 +1,218 @@
+"""DP-SGD with Opacus at one site: the PrivacyEngine wiring and the training loops.
+
+Per-user clipping happens in two places, one per grad-sample mode, both
+built on ``client.clipping.clip_coefficients``: ``client.clipping`` for
+Opacus' per-sample hooks and ``client.ghost_clipping`` for ghost clipping.
+The noise is Opacus' own, drawn from a generator seeded from the operating
+system (``secret_generator``).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.clipping import HooksClipping
+from client.ghost_clipping import GhostClipping, use_fast_norm_samplers
+from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
+from common.model import SASRec, per_user_loss
+from common.privacy import ACCOUNTANT, MechanismStep
+from common.split import TrainingExamples, length_sorted_pieces, trim_left_padding
+
+PIECE_USERS = 16
+"""Batches are run in length-sorted pieces of this many users (``common.split.length_sorted_pieces``)."""
+
+# Opacus' hooks on the embedding tables, whose inputs (item ids) take no gradient, make PyTorch warn on every
+# backward pass; the hook still gets the output gradient it needs (tests/client/test_dp.py checks the clipping).
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect")
+
+
+def secret_generator(device: torch.device) -> torch.Generator:
+    """Seeded from the operating system's entropy, never from run parameters.
+
+    Which users a step samples and the noise it adds must be unpredictable to
+    the server: with a seed it could compute, it could subtract the noise or
+    know the batch, and the accounted epsilon would be a fiction.
+    """
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+@dataclass
+class PrivateTraining:
+    """What Opacus hands back: train ``model`` with ``optimizer`` on ``loader``.
+
+    ``loss(inputs, targets)`` runs the model and returns a loss whose
+    ``backward()`` does what the mode needs (see ``GhostClipping``); always use
+    it, never ``sequence_loss`` directly, on a private model.
+    """
+
+    engine: PrivacyEngine
+    model: torch.nn.Module
+    optimizer: DPOptimizer
+    loader: DataLoader[Any]
+    loss: Callable[[torch.Tensor, torch.Tensor], Any]
+    sums_over_pieces: bool
+    """Whether several ``loss(...).backward()`` before one step add up to the batch's clipped sum (ghost
+    clipping: yes; Opacus' per-sample hooks keep one batch's samples and would not)."""
+
+
+def make_private(
+    model: SASRec,
+    examples: TrainingExamples,
+    training: LocalTraining,
+    privacy: PrivacyPlan,
+    plan: RoundPlan,
+    sampling_generator: torch.Generator,
+    noise_generator: torch.Generator,
+) -> PrivateTraining:
+    """Opacus' PrivacyEngine over one user per example, Poisson sampling, flat per-user clipping.
+
+    The loader samples at the plan's public rate, and the optimizer divides by
+    the public ``batch_size``: Opacus would derive both from the number of
+    users (1 / len(loader) and users x rate), which the coordinator must not
+    learn. The noise generator must live on the model's device (Opacus draws
+    the noise there).
+    """
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(examples), sample_rate=plan.sample_rate, generator=sampling_generator
+    )
+    loader = DataLoader(
+        TensorDataset(examples.inputs, examples.targets), batch_sampler=sampler, collate_fn=_stack_users(examples)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
+        made = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=False,  # the loader above already samples users independently at the plan's rate
+            noise_generator=noise_generator,
+            grad_sample_mode=training.grad_sample_mode,
+        )
+    ghost = training.grad_sample_mode == "ghost"
+    if ghost:
+        use_fast_norm_samplers()
+        private_model, private_optimizer, _, private_loader = made  # Opacus' criterion: replaced, see GhostClipping
+    else:
+        private_model, private_optimizer, private_loader = made
+        private_model.forbid_grad_accumulation()  # one backward per step, as Opacus does under Poisson sampling
+    private_optimizer.expected_batch_size = training.batch_size
+    private_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    loss = GhostClipping(private_model, training.loss) if ghost else HooksClipping(private_model, training.loss)
+    return PrivateTraining(engine, private_model, private_optimizer, private_loader, loss, sums_over_pieces=ghost)
+
+
+def _stack_users(examples: TrainingExamples) -> Callable[[list[tuple[torch.Tensor, ...]]], list[torch.Tensor]]:
+    """Collate sampled users into (inputs, targets); an empty Poisson draw gives [0, L] tensors."""
+
+    def collate(rows: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        if not rows:
+            return [examples.inputs[:0], examples.targets[:0]]
+        return [torch.stack(column) for column in zip(*rows)]
+
+    return collate
+
+
+def private_step(
+    private: PrivateTraining, inputs: torch.Tensor, targets: torch.Tensor, piece_users: int = PIECE_USERS
+) -> bool:
+    """One DP-SGD (physical) step on a Poisson-sampled batch, possibly empty: noise is still added.
+
+    Returns whether a logical step ended (the optimizer updated the weights and
+    the accountant counted it); with physical batch splitting, the pieces before
+    the last one of a logical batch only accumulate clipped gradients.
+    """
+    if private.sums_over_pieces:
+        pieces = length_sorted_pieces(inputs, targets, piece_users)
+    else:
+        pieces = [trim_left_padding(inputs, targets) if len(inputs) else (inputs, targets)]
+    private.optimizer.zero_grad(set_to_none=True)
+    for piece_inputs, piece_targets in pieces:
+        private.loss(piece_inputs, piece_targets).backward()  # ghost clipping adds each piece's clipped sum to .grad
+    private.optimizer.step()
+    return not private.optimizer._is_last_step_skipped  # Opacus' own flag; no public accessor in 1.6
+
+
+@contextmanager
+def physical_batches(private: PrivateTraining, training: LocalTraining) -> Iterator[DataLoader[Any]]:
+    """The private loader, split by Opacus' BatchMemoryManager when a physical batch limit is set."""
+    if training.max_physical_batch_size == 0:
+        yield private.loader
+        return
+    with BatchMemoryManager(
+        data_loader=private.loader,
+        max_physical_batch_size=training.max_physical_batch_size,
+        optimizer=private.optimizer,
+    ) as loader:
+        yield loader
+
+
+def train_private(
+    model: SASRec,
+    examples: TrainingExamples,
+    training: LocalTraining,
+    privacy: PrivacyPlan,
+    plan: RoundPlan,
+    device: torch.device,
+) -> MechanismStep:
+    """Run the round's DP-SGD steps; returns what Opacus' own accountant recorded (the ledger's source)."""
+    model.to(device).train()
+    private = make_private(
+        model, examples, training, privacy, plan, secret_generator(torch.device("cpu")), secret_generator(device)
+    )
+    steps_done = 0
+    with physical_batches(private, training) as loader:
+        while steps_done < plan.steps:
+            for inputs, targets in loader:
+                steps_done += private_step(private, inputs.to(device), targets.to(device))
+                if steps_done == plan.steps:
+                    break
+    private.model.cleanup()  # the model goes back to plain PyTorch (no hooks, no grad_sample attributes)
+    recorded = private.engine.accountant.history
+    planned = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+    if len(recorded) != 1 or not all(math.isclose(a, b) for a, b in zip(recorded[0], planned)):
+        raise RuntimeError(f"Opacus recorded {recorded}, the plan was {planned}: refusing to release these weights")
+    return recorded[0]
+
+
+def train_non_private(
+    model: SASRec,
+    examples: TrainingExamples,
+    training: LocalTraining,
+    device: torch.device,
+    generator: torch.Generator,
+) -> None:
+    """Shuffled batches of ``batch_size`` users for ``local_epochs`` epochs (only where the site allows it)."""
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    batch = training.batch_size
+    steps = max(1, math.ceil(training.local_epochs * math.ceil(len(examples) / batch)))
+    steps_done = 0
+    while steps_done < steps and len(examples):
+        order = torch.randperm(len(examples), generator=generator)
+        for start in range(0, len(examples), batch):
+            rows = order[start : start + batch]
+            optimizer.zero_grad(set_to_none=True)
+            for inputs, targets in length_sorted_pieces(examples.inputs[rows], examples.targets[rows], PIECE_USERS):
+                per_user = per_user_loss(model(inputs.to(device)), targets.to(device), training.loss)
+                (per_user.sum() / len(rows)).backward()  # the pieces' gradients add up to the batch mean's
+            optimizer.step()
+            steps_done += 1
+            if steps_done == steps:
+                break

@@ -1,0 +1,104 @@
+"""One site's round: the budget check against its ledger, replay of a released update, DP training, the ledger line.
+
+Before training, the round's cost is checked against the site's own budget
+using the ledger on the site's disk; a round that would overspend is declined
+and nothing is trained. A round retried with the same global model re-sends
+the update already released (``client.replay``). The ledger line is written
+(and fsynced) before the update leaves the site.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import version
+
+import torch
+
+from client.dp_sgd import train_non_private, train_private
+from client.replay import ReleasedUpdate, weights_fingerprint
+from client.round_plan import LocalTraining, PrivacyPlan, plan_round
+from common.errors import ConfigError
+from common.ledger import Ledger, Spend
+from common.model import SASRec
+from common.privacy import ACCOUNTANT, epsilon_from_history
+from common.split import TrainingExamples
+
+BUDGET_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """``state_dict`` is None when the site declined; ``epsilon`` is the site's total after this round."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    epsilon: float
+    declined_reason: str = ""
+
+
+def train_site_round(
+    model: SASRec,
+    examples: TrainingExamples,
+    training: LocalTraining,
+    privacy: PrivacyPlan,
+    ledger: Ledger | None,
+    run_id: str,
+    round_number: int,
+    site: str,
+    device: torch.device,
+    seed: int,
+) -> RoundOutcome:
+    """Train ``model`` (holding the global weights) for one round; record the spend before returning.
+
+    Under DP every outcome (trained, replayed, declined for the budget) and
+    every number in it is a function of public values and of the ledger's
+    history, never of how many users the site has: a site with no users at
+    all trains too, and releases pure noise.
+    """
+    torch.manual_seed(seed)  # dropout and the like: public randomness is fine there
+    if not privacy.enabled:
+        warnings.warn("NON-PRIVATE training at this site: no clipping, no noise, no privacy guarantee", stacklevel=2)
+        train_non_private(model, examples, training, device, torch.Generator().manual_seed(seed))
+        return RoundOutcome(_weights(model), float("inf"))
+
+    if ledger is None:
+        raise ConfigError("DP training needs a ledger on the site's disk")
+    plan = plan_round(training, privacy)
+    released = ReleasedUpdate(ledger.path.with_suffix(".last-update.pt"))
+    global_fingerprint = weights_fingerprint(model.state_dict())
+    history = ledger.history()
+    replay = released.find(run_id, round_number, global_fingerprint)
+    if replay is not None:
+        return RoundOutcome(replay, epsilon_from_history(history, privacy.delta))
+    spent = epsilon_from_history(history, privacy.budget_delta)
+    after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.budget_delta)
+    if after > privacy.budget + BUDGET_TOLERANCE:
+        return RoundOutcome(
+            None,
+            epsilon_from_history(history, privacy.delta),
+            f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f} at its delta "
+            f"{privacy.budget_delta:g}, above its budget of {privacy.budget:g}",
+        )
+    noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
+    ledger.append(
+        Spend(
+            run_id=run_id,
+            round=round_number,
+            site=site,
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            steps=steps,
+            delta=privacy.budget_delta,
+            accountant=ACCOUNTANT,
+            library_versions={name: version(name) for name in ("opacus", "torch", "flwr")},
+            users=len(examples),
+        )
+    )
+    weights = _weights(model)
+    released.save(run_id, round_number, global_fingerprint, weights)
+    return RoundOutcome(weights, epsilon_from_history(ledger.history(), privacy.delta))
+
+
+def _weights(model: SASRec) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
