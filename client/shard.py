@@ -7,6 +7,7 @@ small round's time.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +46,20 @@ def simulated_shard(
     catalog, sequences, sites = _federation(spec, kcore, scheme, seed, num_partitions)
     mine = [sequences[user] for user in np.flatnonzero(sites == partition_id)]
     return SiteShard(catalog, training_examples(mine, max_len))
+
+
+def simulated_partition_sha256(spec: str, kcore: int, scheme: str, seed: int, num_partitions: int) -> str:
+    """Who is at which simulated site, as one hash: the catalogue, then every user's site and history in order.
+
+    The run record pins it, so that a resume whose settings all match but whose data changed under the same
+    spec (an edited file) is refused: a user moved to another site would carry the spend of both.
+    """
+    catalog, sequences, sites = _federation(spec, kcore, scheme, seed, num_partitions)
+    digest = hashlib.sha256(catalog.fingerprint().encode("utf-8"))
+    for site, sequence in zip(sites, sequences):
+        digest.update(np.array([site, len(sequence)], dtype=np.int64).tobytes())
+        digest.update(np.asarray(sequence, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 @lru_cache(maxsize=2)

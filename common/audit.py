@@ -32,7 +32,7 @@ from common.files import atomic_write_text, write_json
 from common.ledger import GENESIS_HASH, LEDGER_FORMAT, LedgerLine, scan
 from common.plot import Panel, Series, write_line_charts
 from common.privacy import MechanismStep, epsilon_from_history
-from common.run_files import LEDGER_DIR, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE
+from common.run_files import LEDGER_DIR, ROUNDS_FILE, SUMMARY_FILE, read_run_record
 
 RELATIVE_TOLERANCE = 0.02
 """Accountants differ by their numerics; 2% is far above that and far below any real understatement."""
@@ -445,10 +445,9 @@ def _source(path: Path) -> _Source:
         raise DataError("no such run folder or ledger file", path)
     ledger_dir = path / LEDGER_DIR
     ledgers = sorted(ledger_dir.glob("site-*.jsonl")) if ledger_dir.is_dir() else sorted(path.glob("site-*.jsonl"))
-    run_id: str | None = None
+    record = read_run_record(path)
+    run_id = None if record is None else record.run_id
     dp = True
-    if (path / RUN_FILE).exists():
-        run_id = str(json.loads((path / RUN_FILE).read_text(encoding="utf-8"))["run_id"])
     if (path / SUMMARY_FILE).exists():
         dp = bool(json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8")).get("privacy", {}).get("dp", True))
     if not ledgers and dp:

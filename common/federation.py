@@ -8,6 +8,7 @@ fails at start-up with the key's name, not deep in a round.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,11 @@ class RunSettings:
     dropout: float = ModelOptions.dropout
 
     def __post_init__(self) -> None:
+        # Every float field, first: NaN and inf pass checks such as `epsilon <= 0` (--epsilon inf trained).
+        not_finite = [f"{name.replace('_', '-')}={value}" for name, value in vars(self).items()
+                      if isinstance(value, float) and not math.isfinite(value)]
+        if not_finite:
+            raise ConfigError(f"run config: {', '.join(not_finite)}: must be a finite number")
         problems = [
             f"partitioning='{self.partitioning}': use one of {', '.join(SCHEMES)}" * (self.partitioning not in SCHEMES),
             "dataset='' (no evaluation at the server) needs catalog-path" * (not self.dataset and not self.catalog_path),

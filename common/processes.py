@@ -4,7 +4,7 @@ Flower's simulation runs in a process (`flwr-simulation`) that a SuperExec start
 in its own session; killing the `fedtail simulate` that started everything
 leaves it running to the end, writing into the run folder. Two guards:
 every process in the chain dies with its parent, and only one process at a
-time may write a run folder.
+time may write a run folder (and only one `fedtail simulate` at a time may launch runs into it).
 """
 
 from __future__ import annotations
@@ -38,12 +38,20 @@ def die_with_parent(signal_number: int = signal.SIGTERM) -> None:
         pass
 
 
-def lock_run_folder(out_dir: Path) -> IO[str]:
+SERVER_LOCK = ".lock"
+"""Held by the ServerApp while it writes the run folder."""
+LAUNCHER_LOCK = ".simulate.lock"
+"""Held by `fedtail simulate` from its first look at the folder to its end: a second launch is refused before it
+touches the first one's files (its SuperLink connection, flower.log), and before Flower starts. A lock of its own,
+because the ServerApp that the launch starts takes the server's lock in another process."""
+
+
+def lock_run_folder(out_dir: Path, name: str = SERVER_LOCK) -> IO[str]:
     """Hold an exclusive lock on the run folder for this process's lifetime (released when it exits).
 
     Keep the returned handle open for as long as the folder is being written.
     """
-    handle = (out_dir / ".lock").open("a+", encoding="utf-8")
+    handle = (out_dir / name).open("a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

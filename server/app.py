@@ -2,7 +2,8 @@
 
 Run folder (``out-dir`` in the run config)::
 
-    run.json              the run id (sites' ledgers are keyed by it)
+    run.json              the run id (sites' ledgers are keyed by it); from `fedtail simulate`, also the settings,
+                          sites and partition a resume must keep (common.run_files.RunRecord)
     checkpoint.pt         global weights after the last finished round (resume point), and the best round's
     rounds.jsonl          one line per finished round: validation metrics, sites, epsilons
     item_vectors.pt       (with item-text) the public content vectors, for the content cold-start prior
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,15 @@ from common.model import SASRec
 from common.processes import die_with_parent, lock_run_folder
 from common.plot import write_round_plot
 from common.progress import log
-from common.run_files import GLOBAL_MODEL_FILE, ROUND_PLOT_FILE, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE
+from common.run_files import (
+    GLOBAL_MODEL_FILE,
+    ROUND_PLOT_FILE,
+    ROUNDS_FILE,
+    SUMMARY_FILE,
+    RunRecord,
+    read_run_record,
+    write_run_record,
+)
 from common.split import EvaluationCases, evaluation_cases, item_popularity
 from common.training import pick_device
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
@@ -97,13 +105,13 @@ def server_catalog(settings: RunSettings) -> tuple[Catalog, Evaluator | None]:
 
 
 def run_id_for(out_dir: Path) -> str:
-    """The run's id: made once, kept in run.json so a resumed run continues the same ledger entries."""
-    path = out_dir / RUN_FILE
-    if path.exists():
-        return str(json.loads(path.read_text(encoding="utf-8"))["run_id"])
-    run_id = uuid.uuid4().hex
-    write_json(path, {"run_id": run_id})
-    return run_id
+    """The run's id: made once (by `fedtail simulate`, or here), kept in run.json so a resumed run continues the
+    same ledger entries."""
+    record = read_run_record(out_dir)
+    if record is None:
+        record = RunRecord.new()
+        write_run_record(out_dir, record)
+    return record.run_id
 
 
 def read_rounds(out_dir: Path, up_to: int | None = None) -> list[dict[str, Any]]:

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from common.errors import ConfigError, DataError
+from common.errors import DataError
 from common.files import load_torch, save_torch
+from common.run_files import check_same_settings
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fedtail-checkpoint/2"
@@ -61,16 +62,7 @@ def load_checkpoint(out_dir: Path, run_config: dict[str, Any]) -> Checkpoint | N
     payload = load_torch(path, "the checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"not a fedtail checkpoint (expected {CHECKPOINT_FORMAT!r})", path)
-    differences = {
-        key: (payload["run_config"].get(key), value)
-        for key, value in run_config.items()
-        if payload["run_config"].get(key) != value
-    }
-    if differences:
-        raise ConfigError(
-            f"{out_dir} holds a run with other settings {differences} (saved, now); "
-            "resume with the same settings or use another --out"
-        )
+    check_same_settings(out_dir, payload["run_config"], run_config)
     best = payload["best"]
     return Checkpoint(
         payload["run_id"],

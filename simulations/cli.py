@@ -80,7 +80,16 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_folder(out: str) -> None:
+    """``--out`` names a folder: a file there (or above it) is a one-line error now, not a traceback later."""
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
+
+
 def _train(args: argparse.Namespace) -> int:
+    _check_out_folder(args.out)
     options = ModelOptions(args.max_len, args.hidden, args.heads, args.blocks, args.dropout)
     config = TrainConfig(
         epochs=args.epochs,
@@ -125,6 +134,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettings:
     if args.user_col or args.item_col or args.time_col or args.site_col:
         raise ConfigError("federated runs read files with detected columns only; name columns the detector knows")
+    _check_out_folder(out)
     settings = RunSettings(
         dataset=dataset,
         kcore=args.kcore,

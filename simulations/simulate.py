@@ -6,27 +6,32 @@ shared one outlives `flwr run`, keeps the environment of its first start and
 would mix runs. Runtime dependency installation is disabled (this process's
 environment already has everything). `flwr run` exits 0 even when the
 ServerApp fails, so the run's final status is read back from the SuperLink.
+
+Everything that can be refused is refused before Flower starts (its start-up
+takes about 25 s): the sites, a second launch into a folder in use, and a
+resume that changes the settings, the sites or the partition (``pin_run``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from client.policy import SIMULATED_SITES_ENV
-from client.shard import simulated_shard
+from client.shard import simulated_partition_sha256, simulated_shard
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.files import write_json
-from common.processes import die_with_parent, free_loopback_port
 from common.privacy import check_delta
+from common.processes import LAUNCHER_LOCK, die_with_parent, free_loopback_port, lock_run_folder
 from common.progress import log
-from common.run_files import LEDGER_DIR
+from common.run_files import LEDGER_DIR, RunRecord, check_same_settings, read_run_record, write_run_record
 from simulations.flower_cli import (
     APP_DIR,
     FlowerFailed,
@@ -53,6 +58,14 @@ class Resources:
     cpus_per_site: int = 2
     gpus_per_site: float = 0.0
     timeout_s: float = 6 * 3600.0
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_site < 1:
+            raise ConfigError(f"--cpus-per-site {self.cpus_per_site}: must be at least 1")
+        if not 0 <= self.gpus_per_site < math.inf:
+            raise ConfigError(f"--gpus-per-site {self.gpus_per_site}: must be a finite number, 0 or more")
+        if not 0 < self.timeout_s < math.inf:
+            raise ConfigError(f"simulation timeout {self.timeout_s}: must be a positive number of seconds")
 
 
 def preflight(settings: RunSettings, sites: int) -> list[int]:
@@ -91,12 +104,53 @@ def write_site_node_configs(flower_home: Path, settings: RunSettings, resources:
     return path
 
 
-def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
-    """Run the ServerApp and ClientApps in this repository through Flower; returns the run's summary."""
-    sizes = preflight(settings, resources.sites)
+def pin_run(out_dir: Path, settings: RunSettings, sites: int) -> None:
+    """Check the sites, and refuse to resume the run in ``out_dir`` with anything changed; record a new run.
+
+    Runs before Flower starts. What decides who is at which site (the data, kcore, partitioning, seed, the number
+    of sites) must not change within a run: a user moved to another site would carry the spend of two sites while
+    each site's ledger shows only its own. Every other setting must not change either (noise was calibrated on
+    them). The ServerApp's checkpoint check stays behind this one for runs started with `flwr run`.
+    """
+    saved = read_run_record(out_dir)
+    now = RunRecord.new(settings.to_run_config(), sites)
+    if saved is not None:
+        if saved.settings is None:
+            raise ConfigError(
+                f"{out_dir} holds a run that did not record its settings and sites (started with `flwr run` or an "
+                "older fedtail), so a resume cannot be checked; resume it the way it was started or use another --out"
+            )
+        check_same_settings(out_dir, saved.pinned(), now.pinned())
+    sizes = preflight(settings, sites)
     log(f"fedtail: site sizes (users with training pairs): min {min(sizes)}, max {max(sizes)}")
+    partition = simulated_partition_sha256(
+        settings.dataset, settings.kcore, settings.partitioning, settings.seed, sites
+    )
+    if saved is None:
+        write_run_record(out_dir, replace(now, partition_sha256=partition))
+    elif saved.partition_sha256 != partition:
+        raise ConfigError(
+            f"{out_dir} holds a run whose sites held other users (partition sha256 {str(saved.partition_sha256)[:12]} "
+            f"saved vs {partition[:12]} now, with the same settings): the data behind '{settings.dataset}' (or the "
+            "partitioning code) changed; restore it or use another --out"
+        )
+
+
+def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
+    """Run the ServerApp and ClientApps in this repository through Flower; returns the run's summary.
+
+    A run folder that holds a run is resumed, with the same settings and sites only (``pin_run``), and by one
+    `fedtail simulate` at a time: a second one is refused before it writes anything there.
+    """
     out_dir = Path(settings.out_dir).resolve()
-    settings = RunSettings(**{**settings.__dict__, "out_dir": str(out_dir)})
+    settings = replace(settings, out_dir=str(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_run_folder(out_dir, LAUNCHER_LOCK):
+        pin_run(out_dir, settings, resources.sites)
+        return _run_on_flower(settings, resources, out_dir)
+
+
+def _run_on_flower(settings: RunSettings, resources: Resources, out_dir: Path) -> dict[str, Any]:
     flower_home = out_dir / "flower"
     flower_home.mkdir(parents=True, exist_ok=True)
     port = free_loopback_port()

@@ -38,3 +38,17 @@ def test_wrong_types_and_unknown_keys_are_named() -> None:
 def test_bad_values_fail_at_start_naming_the_key(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=key.split("-")[0] if key != "heads" else "divisible"):
         RunSettings.from_run_config({key: value})
+
+
+FLOAT_KEYS = [name.replace("_", "-") for name, field in RunSettings.__dataclass_fields__.items() if field.type == "float"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_setting_must_be_finite_for_every_reader(key: str, value: float) -> None:
+    # from_run_config is what the ServerApp and the ClientApp read (`flwr run` users included); the CLI builds
+    # RunSettings directly. Both meet the same rule, whatever float field is added later.
+    with pytest.raises(ConfigError, match=f"{key}={value}: must be a finite number"):
+        RunSettings.from_run_config({key: value})
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        RunSettings(**{key.replace("-", "_"): value})

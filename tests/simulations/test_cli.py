@@ -69,6 +69,46 @@ def test_wrong_options_are_one_clear_line(args: list[str], message: str, capsys:
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        (["--epsilon", "inf"], "epsilon=inf"),
+        (["--epsilon", "nan"], "epsilon=nan"),
+        (["--delta", "nan"], "delta=nan"),
+        (["--clip", "inf"], "max-grad-norm=inf"),
+        (["--lr", "nan"], "learning-rate=nan"),
+        (["--local-epochs", "inf"], "local-epochs=inf"),
+        (["--server-lr", "inf"], "server-learning-rate=inf"),
+        (["--server-momentum", "nan"], "server-momentum=nan"),
+        (["--fraction-sites", "nan"], "fraction-sites=nan"),
+        (["--dropout", "nan"], "dropout=nan"),
+        (["--gpus-per-site", "inf"], "--gpus-per-site inf"),
+        (["--delta", "1"], "delta=1.0: must be in (0, 1)"),
+        (["--fraction-sites", "1.5"], "fraction-sites=1.5: must be in (0, 1]"),
+    ],
+)
+def test_non_finite_or_out_of_range_settings_are_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], named: str
+) -> None:
+    out = tmp_path / "run"
+    assert main(["simulate", SMALL, "--out", str(out), *option]) == 2
+    error = capsys.readouterr().err
+    assert named in error and error.count("\n") == 1, error
+    assert not out.exists(), "refused before a run folder, a ledger or Flower existed"
+
+
+@pytest.mark.parametrize("command", ["simulate", "train"])
+def test_out_naming_a_file_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a folder")
+    for out in (taken, taken / "run"):
+        assert main([command, SMALL, "--out", str(out), "--epochs" if command == "train" else "--rounds", "1"]) == 2
+        assert capsys.readouterr().err == f"fedtail: error: --out {out}: {taken} is a file, not a folder\n"
+    assert taken.read_text() == "not a folder"
+
+
 def test_evaluate_ignores_and_counts_items_unknown_to_the_catalogue(tmp_path: Path) -> None:
     out = tmp_path / "run"
     data = tmp_path / "pairs.txt"

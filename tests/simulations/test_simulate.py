@@ -20,6 +20,7 @@ from common.audit import audit
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.ledger import Ledger, Spend
+from common.processes import LAUNCHER_LOCK
 from server.checkpoint import Checkpoint, load_checkpoint
 from simulations.simulate import Resources, SimulationFailed, preflight, simulate
 
@@ -130,7 +131,9 @@ def test_a_run_killed_after_round_k_resumes_to_the_same_rounds_and_epsilons(tmp_
     finished_before_kill = len((cut / "rounds.jsonl").read_text().splitlines())
     assert finished_before_kill < 4, "the kill must land mid-run"
     time.sleep(5)  # the orphaned Flower processes stop with their parents
+    _assert_other_sites_refused_at_once(cut)
     subprocess.run(_fedtail("simulate", *SMALL_ARGS, "--out", str(cut)), check=True, capture_output=True)
+    _assert_other_sites_refused_at_once(cut)  # a finished run too
     whole_summary = json.loads((whole / "summary.json").read_text())
     cut_summary = json.loads((cut / "summary.json").read_text())
     assert [json.loads(line)["round"] for line in (cut / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
@@ -139,6 +142,19 @@ def test_a_run_killed_after_round_k_resumes_to_the_same_rounds_and_epsilons(tmp_
         assert _fresh_epsilon(cut / "ledgers" / f"site-{site}.jsonl") == pytest.approx(
             _fresh_epsilon(whole / "ledgers" / f"site-{site}.jsonl"), rel=1e-9
         )
+
+
+def _assert_other_sites_refused_at_once(out: Path) -> None:
+    """Another --sites would move users between sites: refused before Flower starts (its SuperLink's logs stay as
+    they were), the run left as it was (flower.log, record, ledgers, summary)."""
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LAUNCHER_LOCK}
+
+    before = files()
+    other = subprocess.run(_fedtail("simulate", *SMALL_ARGS, "--sites", "2", "--out", str(out)),
+                           capture_output=True, text=True, check=False)
+    assert other.returncode == 2 and "sites 3 (saved) vs 2 (now)" in other.stderr, other.stderr
+    assert files() == before
 
 
 def _processes() -> dict[int, tuple[int, str]]:
