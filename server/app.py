@@ -4,7 +4,7 @@ Run folder (``out-dir`` in the run config)::
 
     run.json              the run id (sites' ledgers are keyed by it)
     checkpoint.pt         global weights after the last finished round (resume point), and the best round's
-    rounds.jsonl          one line per finished round: validation metrics, sites, epsilons
+    rounds.jsonl          one line per finished round: validation metrics, sites, epsilons, sites' ledger heads
     item_vectors.pt       (with item-text) the public content vectors, for the content cold-start prior
     global_model.pt       the kept global model    \\  loadable together with
     catalog.json          its item catalogue       /   common.artifacts.load_model
@@ -204,6 +204,8 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "sites_declined": replies.declined,
             "sites_failed": len(replies.failures),
             "site_epsilon": dict(strategy.site_epsilon),
+            "site_ledger_head": replies.ledger_heads,
+            "run_id": run_id,
             "epsilon": max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
             "seconds": time.perf_counter() - round_started[0],
             "evaluation_seconds": evaluation_seconds,  # the server's validation pass, included in "seconds"
