@@ -74,3 +74,18 @@ def calibrate_noise(
             epsilon_tolerance=0.005,
         )
     )
+
+
+def model_selection_statement(kept_round: int, candidate_rounds: int, validation_users: int) -> str:
+    """What choosing the kept model on validation items releases, with its size: a "not covered" entry.
+
+    The released rounds are DP outputs, but picking one of them by the held-out
+    items of the same users is a function of those items outside any ledger.
+    """
+    return (
+        f"Model selection (best-validation): the kept model is round {kept_round}, chosen among {candidate_rounds} "
+        f"released rounds by NDCG@10 on the held-out validation items of {validation_users} users. In simulation "
+        "these are the same users whose training data the sites hold, so the choice is a non-private function of "
+        "their held-out items, not post-processing of the DP releases alone; it is in no ledger "
+        "(model-selection=last keeps the last round and avoids it)."
+    )
