@@ -17,7 +17,10 @@ that the run asks nothing its policy forbids and that the coordinator's
 weights are finite and bounded; otherwise it declines and says why.
 
 A reply holds only: the trained weights, the site's id, its epsilon so far,
-whether it trained with DP, the declared weight, and when it declines, why.
+whether it trained with DP, the declared weight, when it declines, why, and
+its ledger's head after the round (line count and the last line's hash, a
+hiding commitment: see ``common.ledger``), which the coordinator records so
+that an auditor can later tell a rewritten or cut-off ledger.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ from common.training import pick_device
 app = ClientApp()
 logger = logging.getLogger("fedtail.client")
 
-REPLY_METRICS = ("weight", "epsilon", "dp", "declined")
-REPLY_SITE_FIELDS = ("site-id", "reason")
+REPLY_METRICS = ("weight", "epsilon", "dp", "declined", "ledger-lines")
+REPLY_SITE_FIELDS = ("site-id", "reason", "ledger-hash")
 LEDGER_HEAD = "ledger-head"
 TRAINING_TIME = re.compile(r"fedtail-site (?P<site>\S+) round (?P<round>\d+): local training (?P<seconds>[\d.]+)s")
 """The site's own log line per round: for its operator, and the benchmark's measure of pure training time.
@@ -97,12 +100,15 @@ def site_from_context(node_config: dict, settings: RunSettings) -> Site:
 
 
 def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:
+    lines, head_hash = site.ledger.public_head()
     metrics = MetricRecord(
-        {"weight": site.policy.fedavg_weight, "dp": int(dp), "declined": int(outcome.state_dict is None)}
+        {"weight": site.policy.fedavg_weight, "dp": int(dp), "declined": int(outcome.state_dict is None),
+         "ledger-lines": lines}
     )
     if dp:
         metrics["epsilon"] = outcome.epsilon
-    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"site-id": site.site_id})})
+    site_fields = ConfigRecord({"site-id": site.site_id, "ledger-hash": head_hash})
+    content = RecordDict({"metrics": metrics, "site": site_fields})
     if outcome.state_dict is None:
         content["site"]["reason"] = outcome.declined_reason
     else:

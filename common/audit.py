@@ -1,13 +1,19 @@
-"""The privacy audit: what guarantee each user got, recomputed from the site ledgers alone.
+"""The privacy audit: what guarantee each user got, recomputed from the site ledgers.
 
 An auditor must not trust the server, the training code, or the epsilon a
 ledger line claims. So the audit re-reads every line, re-checks the hash
 chain, re-derives each site's epsilon with three accountants (Opacus' RDP,
 which the sites spend with; Opacus' PRV; Google's dp-accounting PLD, an
-independent code base), and compares them with what was recorded. Where the
-server's round records are at hand (a run folder), they are checked against
-the ledgers too: a chain cannot show that its last lines were cut off, but a
-round the server saw a site train, missing from that site's ledger, can.
+independent code base), and compares them with what was recorded.
+
+A ledger alone cannot show that it was rewritten and re-hashed consistently,
+or that its last lines were cut off. The coordinator's round records can:
+each reply carries the site's ledger head (line count, hash of the last line)
+and the coordinator writes it to ``rounds.jsonl``. Where such a record is given
+(a run folder, or ``coordinator=``), every ledger of a site it names must still
+hold, at the recorded count, the line with the recorded hash, and the epsilon the
+site reported must be what its ledger recomputes to. Whatever the audit could not
+check this way is listed in the report (``not_verified``), ledger by ledger.
 
 Several run folders (or ledgers) of the same site are composed: the same users
 trained again spend again.
@@ -29,10 +35,10 @@ from opacus.accountants import PRVAccountant
 
 from common.errors import DataError
 from common.files import atomic_write_text, write_json
-from common.ledger import GENESIS_HASH, LEDGER_FORMAT, LedgerLine, scan
+from common.ledger import GENESIS_HASH, LEDGER_FORMAT, LEDGER_FORMATS, NONCE_BYTES, UNSALTED_FORMAT, LedgerLine, scan
 from common.plot import Panel, Series, write_line_charts
-from common.privacy import MechanismStep, epsilon_from_history
-from common.run_files import LEDGER_DIR, ROUNDS_FILE, SUMMARY_FILE, read_run_record
+from common.privacy import MechanismStep, delta_below_one_over_users, epsilon_from_history, model_selection_statement
+from common.run_files import LEDGER_DIR, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE, ledger_site, read_run_record, site_ledger
 
 RELATIVE_TOLERANCE = 0.02
 """Accountants differ by their numerics; 2% is far above that and far below any real understatement."""
@@ -72,6 +78,15 @@ NOT_COVERED = (
     "Users who appear at more than one site: the global guarantee assumes users are disjoint across sites.",
 )
 
+LIMITS = (
+    "That the ledger lines describe the training that ran: epsilon is recomputed from the mechanism each line "
+    "states (noise, sampling rate, steps). A site running other code than the fedtail it approved could write "
+    "lines that do not match what it released.",
+    "A coordinator's record is an outside witness only when the coordinator and the site are separate parties: one "
+    "operator holding both (a simulation's run folder) can rewrite both consistently.",
+)
+"""What no check here can show, whatever is given: always listed under "Not verified"."""
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -109,16 +124,21 @@ class SiteAudit:
 
     @property
     def delta_below_one_over_users(self) -> bool | None:
-        return None if self.users is None else self.delta < 1.0 / self.users
+        return None if self.users is None else delta_below_one_over_users(self.users, self.delta)
 
 
 @dataclass
 class AuditReport:
     paths: list[str]
+    coordinator: list[str]
+    """Coordinator records given besides the paths (run folders among the paths are their own record)."""
     sites: dict[str, SiteAudit]
     findings: list[Finding]
     dp: bool
     not_covered: list[str] = field(default_factory=lambda: list(NOT_COVERED))
+    not_verified: list[str] = field(default_factory=lambda: list(LIMITS))
+    witnessed: bool = False
+    """Every ledger was checked, through its last line, against a coordinator's record of its head."""
 
     @property
     def passed(self) -> bool:
@@ -137,6 +157,7 @@ class AuditReport:
             "passed": self.passed,
             "dp": self.dp,
             "paths": self.paths,
+            "coordinator": self.coordinator,
             "global": {
                 "epsilon": self.epsilon,
                 "delta": self.delta,
@@ -155,6 +176,8 @@ class AuditReport:
             "findings": [asdict(finding) for finding in self.findings],
             "assumptions": assumptions(),
             "not_covered": self.not_covered,
+            "not_verified": self.not_verified,
+            "witnessed": self.witnessed,
             "tolerance": {"relative": RELATIVE_TOLERANCE, "absolute": ABSOLUTE_TOLERANCE},
             "versions": {name: version(name) for name in ("opacus", "dp-accounting")},
         }
@@ -250,6 +273,7 @@ def _exceeds(value: float, reference: float) -> bool:
 @dataclass(frozen=True)
 class _Entry:
     where: str
+    number: int
     line_hash: str
     data: dict[str, Any]
 
@@ -258,12 +282,36 @@ class _Entry:
         return (float(self.data["noise_multiplier"]), float(self.data["sample_rate"]), int(self.data["steps"]))
 
 
-def check_chain(path: Path) -> tuple[list[_Entry], list[Finding]]:
+@dataclass
+class _LedgerFile:
+    """One ledger as the audit read it: its usable entries, and every line's hash (what a recorded head names)."""
+
+    path: Path
+    entries: list[_Entry]
+    hashes: list[str]
+    witnessed_lines: int = 0
+    """Lines 1..this matched a head (count and hash) that a coordinator recorded."""
+    counted_lines: int = 0
+    """Lines 1..this were present as a recorded head's count said, their content unchecked (no hash published)."""
+    records: int = 0
+    """Coordinator records given that could witness this ledger."""
+    heads: int = 0
+    """Heads of its site that those records hold."""
+    contradicted: bool = False
+    """A recorded head did not match: the findings say where, and nothing of this ledger counts as witnessed."""
+
+    @property
+    def site(self) -> str | None:
+        """The site the lines name, else the one the file name names (an empty ledger can still be cut off)."""
+        return str(self.entries[0].data["site"]) if self.entries else ledger_site(self.path)
+
+
+def check_chain(path: Path) -> tuple[_LedgerFile, list[Finding]]:
     """Every usable line of one ledger, and every break in it, said precisely."""
     try:
         lines = scan(path)
     except (OSError, UnicodeDecodeError) as error:
-        return [], [Finding("error", str(path), f"cannot read the ledger: {error}")]
+        return _LedgerFile(path, [], []), [Finding("error", str(path), f"cannot read the ledger: {error}")]
     findings: list[Finding] = []
     hash_to_line = {line.hash: line.number for line in lines}
     entries: list[_Entry] = []
@@ -278,10 +326,21 @@ def check_chain(path: Path) -> tuple[list[_Entry], list[Finding]]:
         if problems:
             findings.append(Finding("error", where, "; ".join(problems)))
             continue
-        entries.append(_Entry(where, line.hash, line.entry))
+        entries.append(_Entry(where, line.number, line.hash, line.entry))
     if not lines:
         findings.append(Finding("warning", str(path), "the ledger is empty: this site spent nothing"))
-    return entries, findings
+    unsalted = [entry.number for entry in entries if entry.data["format"] == UNSALTED_FORMAT]
+    if unsalted:
+        findings.append(
+            Finding(
+                "note",
+                str(path),
+                f"{len(unsalted)} line(s) in the older format {UNSALTED_FORMAT} (lines {unsalted[0]}-{unsalted[-1]}) "
+                "carry no secret nonce: audited all the same; while one of them was the last line, the site withheld "
+                "its head's hash, so a coordinator's record of that time checks the line count only",
+            )
+        )
+    return _LedgerFile(path, entries, [line.hash for line in lines]), findings
 
 
 def _describe_break(line: LedgerLine, hash_to_line: dict[str, int]) -> str:
@@ -312,8 +371,10 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
     ]
     if problems:
         return problems
-    if entry.get("format") != LEDGER_FORMAT:
-        problems.append(f"format {entry.get('format')!r} is not {LEDGER_FORMAT!r}")
+    if entry.get("format") not in LEDGER_FORMATS:
+        problems.append(f"format {entry.get('format')!r} is not one of {', '.join(LEDGER_FORMATS)}")
+    elif entry["format"] == LEDGER_FORMAT and not _is_nonce(entry.get("nonce")):
+        problems.append(f"field 'nonce' is missing or not {2 * NONCE_BYTES} hex digits ({LEDGER_FORMAT} needs one)")
     if not 0 < entry["sample_rate"] <= 1:
         problems.append(f"sample_rate {entry['sample_rate']} is not in (0, 1]")
     if entry["noise_multiplier"] <= 0:
@@ -329,6 +390,10 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
     if entry.get("privacy_unit", "user") != "user":
         problems.append(f"privacy unit {entry.get('privacy_unit')!r}: fedtail's guarantee is per user")
     return problems
+
+
+def _is_nonce(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 2 * NONCE_BYTES and all(c in "0123456789abcdef" for c in value)
 
 
 def check_rounds(entries: Sequence[_Entry]) -> list[Finding]:
@@ -390,52 +455,237 @@ def check_recorded_epsilons(entries: Sequence[_Entry]) -> list[Finding]:
     return findings
 
 
-def check_against_server(run_folder: Path, site_entries: dict[str, list[_Entry]], run_id: str) -> list[Finding]:
-    """The server's round records against the ledgers: catches removed last lines and mismatched epsilons."""
+@dataclass(frozen=True)
+class CoordinatorRecord:
+    """A coordinator's per-round record of one run (its rounds.jsonl) and what its run folder says of the run."""
+
+    rounds: Path
+    run_id: str | None
+    """From run.json beside it; a line's own ``run_id`` (recorded since ledger heads were) takes precedence."""
+    model_selection: dict[str, Any] | None
+
+
+def coordinator_record(path: Path) -> CoordinatorRecord:
+    """The coordinator's run folder, or its rounds.jsonl on its own (what a deployed site's officer is handed)."""
+    folder, rounds = (path, path / ROUNDS_FILE) if path.is_dir() else (path.parent, path)
+    if not rounds.is_file():
+        raise DataError(f"no coordinator record here: give the coordinator's run folder or its {ROUNDS_FILE}", rounds)
+    run_id, _, model_selection = _run_facts(folder)
+    return CoordinatorRecord(rounds, run_id, model_selection)
+
+
+def check_against_coordinator(
+    record: CoordinatorRecord, ledgers: Sequence[_LedgerFile], every_site: bool
+) -> list[Finding]:
+    """The coordinator's round records against the ledgers of the sites they name.
+
+    Catches cut-off last lines (fewer lines than a recorded head), a consistent
+    rewrite (the line at a recorded count hashes otherwise), a round the
+    coordinator saw a site train with no line for it, and an epsilon a site
+    reported that its ledger no longer recomputes to. With ``every_site`` (a
+    run folder, which holds every site's ledger) a named site without a ledger
+    counts as an empty one; otherwise (a site's ledger given with the
+    coordinator's record) the other sites are left out, and a note says so.
+    """
     findings: list[Finding] = []
-    path = run_folder / ROUNDS_FILE
+    by_site: dict[str, list[_LedgerFile]] = {}
+    for ledger in ledgers:
+        if ledger.site is not None:
+            by_site.setdefault(ledger.site, []).append(ledger)
+            ledger.records += 1
+    left_out: set[str] = set()
+    path = record.rounds
     for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():
             continue
+        where = f"{path}:{number}"
         try:
-            record = json.loads(text)
-            round_number, trained, epsilons = int(record["round"]), list(record["sites_trained"]), record["site_epsilon"]
+            line = json.loads(text)
+            round_number, trained = int(line["round"]), {str(site) for site in line["sites_trained"]}
+            epsilons, heads = dict(line["site_epsilon"]), dict(line.get("site_ledger_head") or {})
+            run_id = str(line.get("run_id") or record.run_id or "")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            findings.append(Finding("error", f"{path}:{number}", f"unreadable round record ({error})"))
+            findings.append(Finding("error", where, f"unreadable round record ({error})"))
             continue
-        for site in trained:
-            lines = [e for e in site_entries.get(str(site), []) if e.data["run_id"] == run_id and e.data["round"] == round_number]
-            if not lines:
-                findings.append(
-                    Finding(
-                        "error",
-                        f"{path}:{number}",
-                        f"the server recorded site {site} training round {round_number} of run {run_id}, but the site's "
-                        "ledger has no line for it (removed?)",
-                    )
+        if not run_id:
+            findings.append(Finding("error", where, f"the round record names no run (no run_id, no {RUN_FILE} here)"))
+            continue
+        for site in sorted(trained | set(heads)):
+            files = by_site.get(site, [])
+            if not files and every_site:  # a run folder's ledger that is not there: as if every line was cut off
+                files = [_LedgerFile(site_ledger(path.parent / LEDGER_DIR, site), [], [])]
+            elif not files:
+                left_out.add(site)
+            for ledger in files:
+                reported = epsilons.get(site)
+                findings += _check_site_round(
+                    ledger, site, round_number, run_id, site in trained, heads.get(site),
+                    None if reported is None else float(reported), where,
                 )
-                continue
-            reported = epsilons.get(str(site))
-            if reported is not None and _exceeds(float(reported), float(lines[-1].data["epsilon_so_far"])):
-                findings.append(
-                    Finding(
-                        "error",
-                        lines[-1].where,
-                        f"the site reported epsilon {float(reported):.4f} to the server after round {round_number}; "
-                        f"its ledger line claims only {float(lines[-1].data['epsilon_so_far']):.4f}",
-                    )
-                )
+    if left_out:
+        findings.append(
+            Finding(
+                "note",
+                str(path),
+                f"the record also names site(s) {', '.join(sorted(left_out))}, whose ledgers were not given: "
+                "not checked",
+            )
+        )
     return findings
+
+
+def _check_site_round(
+    ledger: _LedgerFile,
+    site: str,
+    round_number: int,
+    run_id: str,
+    trained: bool,
+    head: dict[str, Any] | None,
+    reported: float | None,
+    where: str,
+) -> list[Finding]:
+    """One site in one round record: its line for the round, its ledger head, and the epsilon it reported."""
+    findings: list[Finding] = []
+    round_lines = [e for e in ledger.entries if e.data["run_id"] == run_id and e.data["round"] == round_number]
+    if trained and not round_lines:
+        findings.append(
+            Finding(
+                "error",
+                where,
+                f"the server recorded site {site} training round {round_number} of run {run_id}, but the site's "
+                "ledger has no line for it (removed?)",
+            )
+        )
+    if head is None:  # a record from before heads were kept: only the round's own line can be compared
+        if round_lines and reported is not None and _exceeds(reported, float(round_lines[-1].data["epsilon_so_far"])):
+            findings.append(
+                Finding(
+                    "error",
+                    round_lines[-1].where,
+                    f"the site reported epsilon {reported:.4f} to the server after round {round_number}; "
+                    f"its ledger line claims only {float(round_lines[-1].data['epsilon_so_far']):.4f}",
+                )
+            )
+        return findings
+    ledger.heads += 1
+    count, head_hash = int(head["lines"]), head.get("hash")
+    if count > len(ledger.hashes):
+        ledger.contradicted = True
+        return findings + [
+            Finding(
+                "error",
+                str(ledger.path),
+                f"the coordinator recorded site {site}'s ledger at {count} lines after round {round_number} of run "
+                f"{run_id} ({where}); it has only {len(ledger.hashes)}: its last lines were cut off",
+            )
+        ]
+    if count and head_hash is not None and ledger.hashes[count - 1] != head_hash:
+        ledger.contradicted = True
+        return findings + [
+            Finding(
+                "error",
+                f"{ledger.path}:{count}",
+                f"not the line site {site} reported as its ledger head after round {round_number} of run {run_id} "
+                f"(the hash differs from the one the coordinator recorded, {where}): the ledger was rewritten",
+            )
+        ]
+    if head_hash is None:
+        ledger.counted_lines = max(ledger.counted_lines, count)
+    else:
+        ledger.witnessed_lines = max(ledger.witnessed_lines, count)
+    if reported is not None:
+        findings += _check_reported_epsilon(ledger, site, round_number, count, reported, where)
+    return findings
+
+
+def _check_reported_epsilon(
+    ledger: _LedgerFile, site: str, round_number: int, count: int, reported: float, where: str
+) -> list[Finding]:
+    """The epsilon a site reported with a head against a fresh accountant over the ledger's lines up to that head."""
+    entries = [e for e in ledger.entries if e.number <= count]
+    if len(entries) < count:
+        return []  # unusable lines below the head are errors already
+    deltas = sorted({float(e.data["delta"]) for e in entries})
+    if len(deltas) > 1:
+        return [
+            Finding("note", where, f"site {site}'s epsilon after round {round_number} is not compared with its ledger: "
+                    f"lines 1-{count} use several deltas {deltas}")
+        ]
+    history = [e.step for e in entries]
+    recomputed = epsilon_from_history(history, deltas[0], str(entries[-1].data["accountant"])) if entries else 0.0
+    if _exceeds(reported, recomputed):
+        return [
+            Finding(
+                "error",
+                f"{ledger.path}:{count}",
+                f"site {site} reported epsilon {reported:.4f} to the coordinator after round {round_number} ({where}); "
+                f"lines 1-{count} of its ledger now recompute to only {recomputed:.4f}: the ledger was rewritten",
+            )
+        ]
+    if _exceeds(recomputed, reported):
+        return [
+            Finding(
+                "warning",
+                where,
+                f"site {site} reported epsilon {reported:.4f} after round {round_number}, but lines 1-{count} of its "
+                f"ledger recompute to {recomputed:.4f}: the coordinator's record understates the site's spend",
+            )
+        ]
+    return []
+
+
+def _not_verified(ledger: _LedgerFile) -> str | None:
+    """What the given coordinator records could not show about this ledger, in words; None when they cover it all
+    or contradict it (then the findings say what is wrong)."""
+    total, name = len(ledger.hashes), f"{ledger.path} (site {ledger.site})"
+    if ledger.contradicted:
+        return None
+    if ledger.records == 0:
+        return (
+            f"{name}: audited alone, without the coordinator's record. A ledger rewritten and re-hashed consistently "
+            "(fewer steps or more noise on a line, every hash recomputed), or with its last lines cut off, passes "
+            "every check above. Audit it with the coordinator's record of each run (`fedtail audit LEDGER "
+            "--coordinator RUN_FOLDER_OR_ROUNDS_JSONL`) to compare it with the ledger heads the site reported."
+        )
+    if ledger.heads == 0:
+        return (
+            f"{name}: the coordinator's record given holds no ledger head of this site (written before heads were "
+            "recorded, or the site sent none): only that each round it was seen training has a line was checked; a "
+            "consistent rewrite or cut-off last lines would not show."
+        )
+    parts = []
+    if ledger.counted_lines > ledger.witnessed_lines:
+        parts.append(
+            f"lines {ledger.witnessed_lines + 1}-{ledger.counted_lines} were counted but not compared (the heads "
+            f"recorded then carried no hash: lines in format {UNSALTED_FORMAT})"
+        )
+    covered = max(ledger.witnessed_lines, ledger.counted_lines)
+    if covered < total:
+        parts.append(
+            f"lines {covered + 1}-{total} come after the last head the given records hold (later runs, or runs whose "
+            "records were not given): a consistent rewrite of them, or cutting them off, would not show"
+        )
+    return f"{name}: " + "; ".join(parts) + "." if parts else None
 
 
 @dataclass
 class _Source:
-    """One path given to the audit: its ledgers, and the run folder around them when there is one."""
+    """One path given to the audit: its ledgers, and the coordinator's record around them when there is one."""
 
     ledgers: list[Path]
+    record: CoordinatorRecord | None
     run_folder: Path | None
-    run_id: str | None
     dp: bool
+
+
+def _run_facts(folder: Path) -> tuple[str | None, bool, dict[str, Any] | None]:
+    """A run folder's run id, whether it trained with DP, and how its model was selected (summary.json)."""
+    record = read_run_record(folder)
+    run_id = None if record is None else record.run_id
+    privacy: dict[str, Any] = {}
+    if (folder / SUMMARY_FILE).exists():
+        privacy = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8")).get("privacy", {})
+    return run_id, bool(privacy.get("dp", True)), privacy.get("model_selection")
 
 
 def _source(path: Path) -> _Source:
@@ -445,48 +695,81 @@ def _source(path: Path) -> _Source:
         raise DataError("no such run folder or ledger file", path)
     ledger_dir = path / LEDGER_DIR
     ledgers = sorted(ledger_dir.glob("site-*.jsonl")) if ledger_dir.is_dir() else sorted(path.glob("site-*.jsonl"))
-    record = read_run_record(path)
-    run_id = None if record is None else record.run_id
-    dp = True
-    if (path / SUMMARY_FILE).exists():
-        dp = bool(json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8")).get("privacy", {}).get("dp", True))
+    run_id, dp, model_selection = _run_facts(path)
     if not ledgers and dp:
         raise DataError(f"no site ledgers (site-*.jsonl) here or in {LEDGER_DIR}/", path)
-    return _Source(ledgers, path if run_id is not None else None, run_id, dp)
+    run_folder = path if run_id is not None else None
+    record = (
+        CoordinatorRecord(path / ROUNDS_FILE, run_id, model_selection)
+        if run_folder is not None and (path / ROUNDS_FILE).exists()
+        else None
+    )
+    return _Source(ledgers, record, run_folder, dp)
 
 
-def audit(paths: Sequence[str | Path]) -> AuditReport:
-    """Audit one or several run folders or ledger files; ledgers of the same site are composed."""
+def _selection_not_covered(record: CoordinatorRecord) -> str | None:
+    selection = record.model_selection
+    if not selection:
+        return None
+    return model_selection_statement(
+        int(selection["kept_round"]), int(selection["candidate_rounds"]), int(selection["validation_users"])
+    )
+
+
+def audit(paths: Sequence[str | Path], coordinator: Sequence[str | Path] = ()) -> AuditReport:
+    """Audit run folders or ledger files, cross-checked with the coordinator's records of each run given.
+
+    Ledgers of the same site are composed. A run folder is its own coordinator
+    record; ``coordinator`` adds records (run folders or rounds.jsonl files) for
+    ledgers given on their own, as a deployed site's officer holds them.
+    """
     sources = [_source(Path(p)) for p in paths]
+    records = [coordinator_record(Path(p)) for p in coordinator]
     findings: list[Finding] = []
     by_site: dict[str, list[_Entry]] = {}
     files_by_site: dict[str, list[str]] = {}
     seen_lines: set[str] = set()
+    ledger_files: list[_LedgerFile] = []
     for source in sources:
-        source_entries: dict[str, list[_Entry]] = {}
+        source_files: list[_LedgerFile] = []
         for ledger in source.ledgers:
-            entries, chain_findings = check_chain(ledger)
+            ledger_file, chain_findings = check_chain(ledger)
+            entries = ledger_file.entries
+            source_files.append(ledger_file)
             findings += chain_findings + check_rounds(entries) + check_recorded_epsilons(entries)
             sites = {e.data["site"] for e in entries}
             if len(sites) > 1:
                 findings.append(Finding("error", str(ledger), f"one ledger holds lines of several sites: {sorted(sites)}"))
             for entry in entries:
                 site = str(entry.data["site"])
-                source_entries.setdefault(site, []).append(entry)
                 files_by_site.setdefault(site, [])
                 if str(ledger) not in files_by_site[site]:
                     files_by_site[site].append(str(ledger))
                 if entry.line_hash not in seen_lines:  # a deployed site's ledger given twice is not spent twice
                     seen_lines.add(entry.line_hash)
                     by_site.setdefault(site, []).append(entry)
-        if source.run_folder is not None and source.run_id is not None and source.dp:
-            if (source.run_folder / ROUNDS_FILE).exists():
-                findings += check_against_server(source.run_folder, source_entries, source.run_id)
-            else:
+        if source.dp:
+            if source.record is not None:
+                findings += check_against_coordinator(source.record, source_files, every_site=True)
+            elif source.run_folder is not None:
                 findings.append(Finding("warning", str(source.run_folder), f"no {ROUNDS_FILE}: not cross-checked"))
+            for record in records:
+                findings += check_against_coordinator(record, source_files, every_site=False)
+        ledger_files += source_files
     composed = len(sources) > 1
     sites = {site: _site_audit(site, entries, files_by_site[site], composed, findings) for site, entries in by_site.items()}
-    return AuditReport([str(p) for p in paths], dict(sorted(sites.items(), key=_site_order)), findings, any(s.dp for s in sources))
+    run_records = [source.record for source in sources if source.record is not None] + records
+    unverified = [text for text in map(_not_verified, ledger_files) if text]
+    return AuditReport(
+        [str(p) for p in paths],
+        [str(p) for p in coordinator],
+        dict(sorted(sites.items(), key=_site_order)),
+        findings,
+        any(s.dp for s in sources),
+        not_covered=[*NOT_COVERED, *dict.fromkeys(t for t in map(_selection_not_covered, run_records) if t)],
+        not_verified=[*LIMITS, *unverified],
+        witnessed=bool(ledger_files) and not unverified and not any(f.contradicted for f in ledger_files),
+    )
 
 
 def _site_order(item: tuple[str, Any]) -> tuple[bool, int, str]:
@@ -562,13 +845,23 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _verdict(report: AuditReport) -> str:
+    if not report.dp:
+        return "NO GUARANTEE (trained without DP)"
+    if not report.passed:
+        return "FAILED"
+    return "PASSED" if report.witnessed else "PASSED, NOT WITNESSED (see 'Not verified')"
+
+
 def format_markdown(report: AuditReport) -> str:
-    verdict = ("PASSED" if report.passed else "FAILED") if report.dp else "NO GUARANTEE (trained without DP)"
+    records = ", ".join(f"`{p}`" for p in report.coordinator)
     lines = [
-        f"# Privacy audit: {verdict}",
+        f"# Privacy audit: {_verdict(report)}",
         "",
-        f"Audited: {', '.join(f'`{p}`' for p in report.paths)}. Recomputed from the ledgers alone with "
-        f"Opacus {version('opacus')} and dp-accounting {version('dp-accounting')}.",
+        f"Audited: {', '.join(f'`{p}`' for p in report.paths)}"
+        + (f", against the coordinator's record {records}" if records else "")
+        + f". Recomputed from the ledgers with Opacus {version('opacus')} and dp-accounting "
+        f"{version('dp-accounting')}.",
         "",
         "## Guarantee",
         "",
@@ -598,7 +891,12 @@ def format_markdown(report: AuditReport) -> str:
             "",
         ]
     lines += ["## Findings", ""]
-    lines += [f"- {finding}" for finding in report.findings] or ["- none: every chain intact, every epsilon confirmed"]
+    lines += [f"- {finding}" for finding in report.findings] or [
+        "- none: every hash chain is intact and every epsilon the ledgers record matches its recomputation "
+        "(what these checks cannot show is listed below)"
+    ]
+    lines += ["", "## Not verified", ""]
+    lines += [f"- {text}" for text in report.not_verified]
     lines += ["", "## Assumptions", ""]
     lines += [f"- **{name}**: {text}" for name, text in assumptions().items()]
     lines += ["", "## Not covered by this guarantee", ""]

@@ -5,8 +5,15 @@ site has spent: across rounds, across runs, and across restarts of either side.
 Each line holds everything needed to recompute epsilon without trusting the
 training code (mechanism, sampling, noise, clipping, steps, delta, accountant,
 versions) and the SHA-256 of the previous line, so a deleted or edited line is
-detected. A chain cannot show that its *last* lines were cut off; an auditor
-checks the length against an outside record (the server's per-round epsilons).
+detected. A chain cannot show that its *last* lines were cut off, nor that the
+whole ledger was rewritten and re-hashed consistently: only an outside record of
+its head can. Each reply therefore carries the ledger's head (line count and the
+hash of the last line), which the coordinator records per round.
+
+The head hash is published, so it must not reveal a line's private fields
+(``users``): every line since format 2 holds a secret random ``nonce`` that
+never leaves the site, which makes its hash a hiding commitment. Without it,
+anyone knowing the rest of the line could hash every candidate user count.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +30,12 @@ from typing import Any
 from common.errors import DataError
 from common.privacy import MechanismStep, epsilon_from_history
 
-LEDGER_FORMAT = "fedtail-ledger/1"
+LEDGER_FORMAT = "fedtail-ledger/2"
+UNSALTED_FORMAT = "fedtail-ledger/1"
+"""Lines written before the nonce: still read and audited, but their hash is never published."""
+LEDGER_FORMATS = (UNSALTED_FORMAT, LEDGER_FORMAT)
 GENESIS_HASH = "0" * 64
+NONCE_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,16 @@ class Ledger:
         entries, last, _ = self._read()
         return len(entries), last
 
+    def public_head(self) -> tuple[int, str]:
+        """The head a site may publish: the line count, and the last line's hash when that line carries a nonce.
+
+        A line without a nonce (format 1) would give its ``users`` away to a
+        brute force over its hash, so its hash is withheld (an empty string).
+        """
+        entries, last, _ = self._read()
+        hiding = not entries or isinstance(entries[-1].get("nonce"), str)
+        return len(entries), last if hiding else ""
+
     def continues(self, count: int, last_hash: str) -> bool:
         """Whether the ledger still holds, unchanged, the first ``count`` lines it had when ``last_hash`` was read."""
         hashes = self._read()[2]
@@ -140,6 +162,7 @@ class Ledger:
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "epsilon_so_far": epsilon_from_history(history, spend.delta, spend.accountant),
             "prev_hash": previous,
+            "nonce": secrets.token_hex(NONCE_BYTES),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:

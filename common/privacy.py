@@ -76,6 +76,11 @@ def calibrate_noise(
     )
 
 
+def delta_below_one_over_users(num_users: int, delta: float) -> bool:
+    """The rule for delta, shared by a site's checks and the audit."""
+    return delta < 1.0 / max(num_users, 1)
+
+
 def check_delta(num_users: int, delta: float) -> None:
     """Delta must be below 1/users: a larger one allows a mechanism that publishes one user's data outright.
 
@@ -84,8 +89,23 @@ def check_delta(num_users: int, delta: float) -> None:
     audit (from the ledger, on the site's side). Never in a round: a decline
     for it would tell the coordinator about the count.
     """
-    if delta >= 1.0 / max(num_users, 1):
+    if not delta_below_one_over_users(num_users, delta):
         raise ConfigError(
             f"delta={delta:g} is not below 1/users = 1/{num_users} at this site; "
             "a delta that large allows releasing a user's data outright"
         )
+
+
+def model_selection_statement(kept_round: int, candidate_rounds: int, validation_users: int) -> str:
+    """What choosing the kept model on validation items releases, with its size: a "not covered" entry.
+
+    The released rounds are DP outputs, but picking one of them by the held-out
+    items of the same users is a function of those items outside any ledger.
+    """
+    return (
+        f"Model selection (best-validation): the kept model is round {kept_round}, chosen among {candidate_rounds} "
+        f"released rounds by NDCG@10 on the held-out validation items of {validation_users} users. In simulation "
+        "these are the same users whose training data the sites hold, so the choice is a non-private function of "
+        "their held-out items, not post-processing of the DP releases alone; it is in no ledger "
+        "(model-selection=last keeps the last round and avoids it)."
+    )

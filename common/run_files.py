@@ -32,8 +32,19 @@ ROUND_PLOT_FILE = "rounds.svg"
 LEDGER_DIR = "ledgers"
 
 
+LEDGER_PREFIX, LEDGER_SUFFIX = "site-", ".jsonl"
+
+
 def site_ledger(ledger_dir: Path, site_id: str) -> Path:
-    return ledger_dir / f"site-{site_id}.jsonl"
+    return ledger_dir / f"{LEDGER_PREFIX}{site_id}{LEDGER_SUFFIX}"
+
+
+def ledger_site(path: Path) -> str | None:
+    """The site a ledger's file name names (None for another name): the inverse of ``site_ledger``."""
+    name = path.name
+    if not (name.startswith(LEDGER_PREFIX) and name.endswith(LEDGER_SUFFIX)):
+        return None
+    return name[len(LEDGER_PREFIX) : -len(LEDGER_SUFFIX)]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Run folder (``out-dir`` in the run config)::
     run.json              the run id (sites' ledgers are keyed by it); from `fedtail simulate`, also the settings,
                           sites and partition a resume must keep (common.run_files.RunRecord)
     checkpoint.pt         global weights after the last finished round (resume point), and the best round's
-    rounds.jsonl          one line per finished round: validation metrics, sites, epsilons
+    rounds.jsonl          one line per finished round: validation metrics, sites, epsilons, sites' ledger heads
     item_vectors.pt       (with item-text) the public content vectors, for the content cold-start prior
     global_model.pt       the kept global model    \\  loadable together with
     catalog.json          its item catalogue       /   common.artifacts.load_model
@@ -14,7 +14,9 @@ Run folder (``out-dir`` in the run config)::
     ledgers/site-<id>.jsonl   (simulation) each site's own privacy ledger, written by the site
 
 The kept model is the round with the best validation NDCG@10 (``model-selection``,
-the default) or the last round; summary.json's "run" names which round it is.
+the default) or the last round; summary.json's "run" names which round it is. A
+best-validation choice is made on held-out items of the same users, outside any
+ledger: summary.json's "privacy" counts it ("model_selection", with its size).
 
 Evaluation uses the held-out validation / test users, which only a simulation's
 server has; the sites never send local metrics (they would be unaccounted releases).
@@ -44,6 +46,7 @@ from common.files import write_json
 from common.model import SASRec
 from common.processes import die_with_parent, lock_run_folder
 from common.plot import write_round_plot
+from common.privacy import model_selection_statement
 from common.progress import log
 from common.run_files import (
     GLOBAL_MODEL_FILE,
@@ -212,6 +215,8 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "sites_declined": replies.declined,
             "sites_failed": len(replies.failures),
             "site_epsilon": dict(strategy.site_epsilon),
+            "site_ledger_head": replies.ledger_heads,
+            "run_id": run_id,
             "epsilon": max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
             "seconds": time.perf_counter() - round_started[0],
             "evaluation_seconds": evaluation_seconds,  # the server's validation pass, included in "seconds"
@@ -281,6 +286,15 @@ def finish_run(
         )
     summary["privacy"] = privacy_summary(settings, site_epsilon)
     rounds = read_rounds(out_dir)
+    if kept_round is not None and evaluator is not None:
+        candidates = sum(r["valid"] is not None for r in rounds)
+        summary["privacy"]["model_selection"] = {
+            "rule": settings.model_selection,
+            "kept_round": kept_round,
+            "candidate_rounds": candidates,
+            "validation_users": len(evaluator.valid),
+            "not_covered": model_selection_statement(kept_round, candidates, len(evaluator.valid)),
+        }
     summary["run"] = {
         "kind": "federated, " + ("DP-SGD at every site" if settings.dp else "NON-PRIVATE"),
         "stage": "test" if evaluator is not None else "not evaluated: the coordinator holds no held-out users",

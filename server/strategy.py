@@ -4,7 +4,8 @@ Sites may decline a round (their budget would be exceeded); their replies carry
 no weights and are left out of the average, and the round goes on with the
 others. Replies are averaged by a declared public weight (1.0 by default), never
 by private user counts. The sites' epsilons reported in replies are kept per
-site for checkpoints and the summary.
+site for checkpoints and the summary, and each replying site's ledger head per
+round (the coordinator's witness of the site's ledger, for ``fedtail audit``).
 
 ``round_offset`` lets a resumed run continue its round numbering: Flower's
 ``Strategy.start`` always counts from 1.
@@ -36,6 +37,8 @@ class RoundReplies:
     declined: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     """Error reasons of sites whose ClientApp failed (or that dropped out) this round."""
+    ledger_heads: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
+    """Per replying site, its ledger after the round: ``lines`` and ``hash`` of the last line (None: withheld)."""
 
     @property
     def everyone_failed(self) -> bool:
@@ -102,6 +105,11 @@ class PrivateAggregation(FedAvg):
             metrics = reply.content["metrics"]
             if "epsilon" in metrics:
                 self.site_epsilon[site] = float(metrics["epsilon"])
+            if "ledger-lines" in metrics:  # a site of an older fedtail sends none: its ledger goes unwitnessed
+                report.ledger_heads[site] = {
+                    "lines": int(metrics["ledger-lines"]),
+                    "hash": str(reply.content["site"].get("ledger-hash", "")) or None,
+                }
             if metrics["declined"]:
                 report.declined[site] = str(reply.content["site"]["reason"])
             else:

@@ -214,7 +214,7 @@ def _audit(args: argparse.Namespace) -> int:
     if args.out is None and len(paths) > 1:
         raise ConfigError("several paths are composed into one audit: name its folder with --out")
     out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent)
-    report = audit(paths)
+    report = audit(paths, args.coordinator)
     written = write_audit(report, out)
     print(format_markdown(report).split("\n## Assumptions")[0].rstrip())
     print(f"\nwrote {', '.join(str(p) for p in written)}")
@@ -351,11 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     audit_parser = commands.add_parser(
-        "audit", help="recompute every site's epsilon from the ledgers alone; exit 1 if a ledger is broken or understated"
+        "audit", help="recompute every site's epsilon from the ledgers, cross-checked with the coordinator's record; "
+        "exit 1 if a ledger is broken, rewritten, cut off or understated"
     )
     audit_parser.add_argument("paths", nargs="*", metavar="PATH",
                               help="run folder(s) or site ledger file(s), composed per site; with --empirical: "
                               "the DATASET to plant canaries in (default: synthetic)")
+    audit_parser.add_argument("--coordinator", action="append", default=[], metavar="RECORD",
+                              help="the coordinator's run folder or rounds.jsonl of a run the ledgers took part in "
+                              "(repeat per run): its recorded ledger heads catch a rewritten or cut-off ledger")
     audit_parser.add_argument("--out", default=None,
                               help="where audit.json / audit.md go (default: the run folder, or the ledger's folder)")
     audit_parser.add_argument("--empirical", action="store_true",

@@ -16,7 +16,7 @@ from client.shard import simulated_shard
 from common.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
-from common.ledger import Ledger
+from common.ledger import GENESIS_HASH, Ledger
 from common.model import SASRec
 
 @pytest.fixture(autouse=True)
@@ -50,18 +50,20 @@ def _call(settings: RunSettings, node_config: dict, round_number: int = 1, **con
     return train(message, context)
 
 
-def test_reply_contains_only_weights_site_id_epsilon_and_flags(tmp_path: Path) -> None:
+def test_reply_contains_only_weights_site_id_epsilon_flags_and_ledger_head(tmp_path: Path) -> None:
     settings = RunSettings(**{**SETTINGS.__dict__, "out_dir": str(tmp_path)})
     reply = _call(settings, {"partition-id": 0, "num-partitions": 2})
     content = reply.content
     assert set(content.keys()) == {"arrays", "metrics", "site"}
     assert set(content["metrics"].keys()) == set(REPLY_METRICS)
-    assert set(content["site"].keys()) == {"site-id"}
+    assert set(content["site"].keys()) == {"site-id", "ledger-hash"}
     assert content["metrics"]["weight"] == 1.0, "a declared weight, never the site's user count"
     model_keys = set(SASRec(settings.model_config(78)).state_dict().keys())
     assert set(content["arrays"].keys()) == model_keys, "model weights and nothing else"
     ledger = Ledger(tmp_path / "ledgers" / "site-0.jsonl")
     assert content["metrics"]["epsilon"] == pytest.approx(ledger.epsilon(settings.delta))
+    lines, last_hash = ledger.head()
+    assert lines == 1 and (content["metrics"]["ledger-lines"], content["site"]["ledger-hash"]) == (lines, last_hash)
 
 
 def test_declined_reply_carries_no_weights_and_says_why(tmp_path: Path) -> None:
@@ -72,6 +74,7 @@ def test_declined_reply_carries_no_weights_and_says_why(tmp_path: Path) -> None:
     assert set(content["site"].keys()) == set(REPLY_SITE_FIELDS)
     assert "budget of 0.5" in content["site"]["reason"]
     assert content["metrics"]["declined"] == 1 and content["metrics"]["epsilon"] == 0.0
+    assert content["metrics"]["ledger-lines"] == 0 and content["site"]["ledger-hash"] == GENESIS_HASH
 
 
 def test_non_private_reply_has_no_epsilon(tmp_path: Path) -> None:

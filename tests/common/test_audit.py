@@ -1,25 +1,38 @@
-"""The privacy audit: broken ledgers fail precisely, understated epsilons are caught, accountants agree."""
+"""The privacy audit: broken ledgers fail precisely, understated epsilons are caught, accountants agree, forged ledgers
+are caught with the coordinator's record and said to be unverifiable without it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from common.audit import AUDIT_JSON, AUDIT_MARKDOWN, AUDIT_PLOT, audit, independent_epsilons, write_audit
+from common.audit import (
+    AUDIT_JSON,
+    AUDIT_MARKDOWN,
+    AUDIT_PLOT,
+    LIMITS,
+    audit,
+    format_markdown,
+    independent_epsilons,
+    write_audit,
+)
 from common.errors import DataError
-from common.ledger import GENESIS_HASH, Ledger, Spend
+from common.ledger import GENESIS_HASH, UNSALTED_FORMAT, Ledger, Spend
 from common.privacy import epsilon_from_history
 
 SIGMA, RATE, STEPS, DELTA = 1.1, 0.1, 20, 1e-5
 
 
-def _spend(round_number: int, run_id: str = "run-a", site: str = "3", users: int = 500) -> Spend:
-    return Spend(run_id, round_number, site, RATE, SIGMA, 1.0, STEPS, DELTA, "rdp", {"opacus": "1.6.0"}, users=users)
+def _spend(round_number: int, run_id: str = "run-a", site: str = "3", users: int = 500, steps: int = STEPS) -> Spend:
+    return Spend(run_id, round_number, site, RATE, SIGMA, 1.0, steps, DELTA, "rdp", {"opacus": "1.6.0"}, users=users)
 
 
 def _ledger(path: Path, rounds: int = 4, **spend: object) -> Path:
@@ -186,3 +199,140 @@ def test_the_command_exits_1_on_a_broken_ledger_and_0_on_a_good_one(tmp_path: Pa
     assert ok.returncode == 0, ok.stderr
     assert broken.returncode == 1 and "hash chain broken" in broken.stdout and "AUDIT FAILED" in broken.stderr
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+RUN_ID = "the-run"
+
+
+def _witnessed_run(root: Path, rounds: int = 4, unsalted: bool = False) -> Path:
+    """A run folder as the coordinator leaves it: site 3's ledger (2 steps a round), and per round what the site
+    reported: its epsilon and its ledger head. ``unsalted``: as format 1 wrote it (no nonce, no head hash)."""
+    (root / "ledgers").mkdir(parents=True)
+    (root / "run.json").write_text(json.dumps({"run_id": RUN_ID}))
+    ledger = Ledger(root / "ledgers" / "site-3.jsonl")
+    records = []
+    for number in range(1, rounds + 1):
+        ledger.append(_spend(number, run_id=RUN_ID, steps=2))
+        if unsalted:
+            ledger.path.write_text(_rechain([_without_nonce(e) for e in ledger.entries()]))
+        lines, head_hash = ledger.public_head()
+        records.append({"round": number, "run_id": RUN_ID, "sites_trained": ["3"],
+                        "site_epsilon": {"3": ledger.epsilon(DELTA)},
+                        "site_ledger_head": {"3": {"lines": lines, "hash": head_hash or None}}})
+    (root / "rounds.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return root
+
+
+def _without_nonce(entry: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in entry.items() if k != "nonce"}, "format": UNSALTED_FORMAT}
+
+
+FORGERIES: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
+    "steps 2 -> 1": lambda entries: [{**e, "steps": 1} for e in entries],
+    "noise multiplier 5": lambda entries: [{**e, "noise_multiplier": 5.0} for e in entries],
+    "last line cut": lambda entries: entries[:-1],
+}
+
+
+def _forge(path: Path, forgery: str) -> None:
+    """A careful forger with the site's disk: lines rewritten, every epsilon and hash recomputed, nonces kept."""
+    entries, history = FORGERIES[forgery](Ledger(path).entries()), []
+    for entry in entries:
+        history.append((entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        entry["epsilon_so_far"] = epsilon_from_history(history, entry["delta"])
+    path.write_text(_rechain(entries))
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_forged_ledger_audited_alone_is_reported_as_unverifiable(tmp_path: Path, forgery: str) -> None:
+    ledger = _witnessed_run(tmp_path / "run") / "ledgers" / "site-3.jsonl"
+    _forge(ledger, forgery)
+    report = audit([ledger])
+    assert report.passed and not report.witnessed, "a chain rewritten consistently is intact: a lone ledger's limit"
+    (unverified,) = report.not_verified[len(LIMITS) :]
+    for said in (str(ledger), "audited alone", "rewritten and re-hashed consistently", "last lines cut off",
+                 "--coordinator"):
+        assert said in unverified, said
+    markdown = format_markdown(report)
+    assert "# Privacy audit: PASSED, NOT WITNESSED" in markdown and "## Not verified" in markdown
+    assert "every epsilon confirmed" not in markdown
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_forged_ledger_is_caught_with_the_coordinators_record(tmp_path: Path, forgery: str) -> None:
+    run = _witnessed_run(tmp_path / "run")
+    ledger = run / "ledgers" / "site-3.jsonl"
+    _forge(ledger, forgery)
+    handed = tmp_path / "officer" / "rounds.jsonl"  # the record alone, as the coordinator hands it to a site
+    handed.parent.mkdir()
+    shutil.copy(run / "rounds.jsonl", handed)
+    expected = "its last lines were cut off" if forgery == "last line cut" else "the ledger was rewritten"
+    for paths, coordinator in (([ledger], [run]), ([ledger], [handed]), ([run], [])):
+        errors = [f"{f.where}: {f.message}" for f in audit(paths, coordinator).findings if f.severity == "error"]
+        assert any(expected in error for error in errors), (paths, coordinator, errors)
+
+
+def test_an_intact_ledger_with_the_coordinators_record_is_witnessed_up_to_its_last_head(tmp_path: Path) -> None:
+    run = _witnessed_run(tmp_path / "run")
+    ledger = run / "ledgers" / "site-3.jsonl"
+    report = audit([ledger], [run / "rounds.jsonl"])
+    assert report.passed and report.witnessed, report.findings
+    assert report.not_verified == list(LIMITS)
+    assert format_markdown(report).startswith("# Privacy audit: PASSED\n")
+    Ledger(ledger).append(_spend(1, run_id="a-later-run", steps=2))  # a run whose record is not given
+    (unverified,) = audit([ledger], [run]).not_verified[len(LIMITS) :]
+    assert "lines 5-5 come after the last head the given records hold" in unverified
+
+
+def test_an_epsilon_the_site_reported_above_what_its_ledger_recomputes_is_an_error(tmp_path: Path) -> None:
+    run = _witnessed_run(tmp_path / "run", unsalted=True)  # heads without hashes: the count and epsilon still tell
+    ledger = run / "ledgers" / "site-3.jsonl"
+    report = audit([ledger], [run])
+    assert report.passed, report.findings
+    assert any(f.severity == "note" and f"older format {UNSALTED_FORMAT}" in f.message for f in report.findings)
+    (unverified,) = report.not_verified[len(LIMITS) :]
+    assert "lines 1-4 were counted but not compared" in unverified
+    _forge(ledger, "noise multiplier 5")
+    errors = [f.message for f in audit([ledger], [run]).findings if f.severity == "error"]
+    assert any("reported epsilon" in e and "now recompute to only" in e for e in errors), errors
+
+
+def test_a_record_naming_other_sites_checks_only_the_ledgers_given(tmp_path: Path) -> None:
+    run = _witnessed_run(tmp_path / "run")
+    lines = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["sites_trained"].append("east")
+        line["site_ledger_head"]["east"] = {"lines": line["round"], "hash": "ab" * 32}
+    (run / "rounds.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = audit([run / "ledgers" / "site-3.jsonl"], [run / "rounds.jsonl"])
+    assert report.passed and report.witnessed, report.findings
+    assert any("site(s) east, whose ledgers were not given" in f.message for f in report.findings)
+    errors = [f.message for f in audit([run]).findings if f.severity == "error"]  # a run folder holds every site's
+    assert any("site east's ledger at 4 lines" in e and "cut off" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("selection", ["best-validation", "last"])
+def test_model_selection_on_validation_items_is_listed_as_not_covered(tmp_path: Path, selection: str) -> None:
+    run = _witnessed_run(tmp_path / "run")
+    privacy: dict[str, Any] = {"dp": True}
+    if selection == "best-validation":  # what the server writes when best-validation picked the kept model
+        privacy["model_selection"] = {"rule": selection, "kept_round": 3, "candidate_rounds": 4, "validation_users": 40}
+    (run / "summary.json").write_text(json.dumps({"privacy": privacy}))
+    selection_entries = [text for text in audit([run]).not_covered if text.startswith("Model selection")]
+    if selection == "last":
+        assert selection_entries == []
+    else:
+        (entry,) = selection_entries
+        for said in ("round 3", "among 4 released rounds", "of 40 users", "non-private", "held-out"):
+            assert said in entry, said
+
+
+def test_the_command_audits_a_sites_ledger_against_the_coordinators_record(tmp_path: Path) -> None:
+    run = _witnessed_run(tmp_path / "run")
+    ledger = run / "ledgers" / "site-3.jsonl"
+    _forge(ledger, "noise multiplier 5")
+    command = [sys.executable, "-m", "simulations.cli", "audit", str(ledger), "--out", str(tmp_path / "out")]
+    alone = subprocess.run(command, capture_output=True, text=True)
+    witnessed = subprocess.run([*command, "--coordinator", str(run / "rounds.jsonl")], capture_output=True, text=True)
+    assert alone.returncode == 0 and "NOT WITNESSED" in alone.stdout and "audited alone" in alone.stdout, alone.stderr
+    assert witnessed.returncode == 1 and "the ledger was rewritten" in witnessed.stdout, witnessed.stderr

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from common.errors import DataError
-from common.ledger import Ledger, Spend
+from common.ledger import GENESIS_HASH, LEDGER_FORMAT, UNSALTED_FORMAT, Ledger, Spend
 from common.privacy import calibrate_noise, epsilon_from_history
 
 
@@ -64,3 +66,61 @@ def test_calibrated_noise_meets_the_cumulative_target() -> None:
     spent = epsilon_from_history([(sigma, 0.05, 500)], 1e-5)
     assert spent <= 4.0 and spent == pytest.approx(4.0, abs=0.03)
     assert calibrate_noise(1.0, 1e-5, 0.05, 500) > sigma, "a smaller budget needs more noise"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _guess_users(public: dict[str, object], head_hash: str, candidates: range) -> int | None:
+    """The coordinator's brute force: every field of the line but ``users`` is known to it (same second too)."""
+    for users in candidates:
+        if _sha256(json.dumps({**public, "users": users}, sort_keys=True)) == head_hash:
+            return users
+    return None
+
+
+def test_every_line_carries_its_own_secret_nonce(tmp_path: Path) -> None:
+    entries = _ledger(tmp_path).entries()
+    assert {entry["format"] for entry in entries} == {LEDGER_FORMAT}
+    nonces = [entry["nonce"] for entry in entries]
+    assert all(len(nonce) == 32 and int(nonce, 16) >= 0 for nonce in nonces)
+    assert len(set(nonces)) == len(nonces)
+
+
+def test_two_ledgers_that_differ_only_in_users_give_unrelated_heads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "gmtime", lambda *_: time.struct_time((2025, 1, 2, 3, 4, 5, 3, 2, 0)))  # same second
+    heads = {}
+    for users in (128, 129, 129):
+        ledger = Ledger(tmp_path / f"{users}-{len(heads)}" / "site-3.jsonl")
+        ledger.append(Spend("run", 1, "3", 0.1, 1.1, 1.0, 20, 1e-5, "rdp", {"opacus": "1.6.0"}, users=users))
+        lines, head_hash = ledger.public_head()
+        assert lines == 1 and head_hash == _sha256(ledger.path.read_text().rstrip("\n"))
+        known = {k: v for k, v in ledger.entries()[0].items() if k not in ("users", "nonce")}
+        heads[(users, len(heads))] = head_hash, known
+    assert len({head for head, _ in heads.values()}) == 3, "even equal ledgers differ: the nonce is fresh per line"
+    (head, public), *_ = heads.values()
+    assert _guess_users(public, head, range(1, 5_000)) is None, "the head hides the user count"
+    # The control: the same line without its nonce (format 1) gives its user count away to the same search.
+    unsalted = {**public, "format": UNSALTED_FORMAT}
+    unsalted_head = _sha256(json.dumps({**unsalted, "users": 128}, sort_keys=True))
+    assert _guess_users(unsalted, unsalted_head, range(1, 5_000)) == 128
+
+
+def test_a_ledger_written_before_nonces_still_reads_and_withholds_its_head_hash(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path, rounds=2)
+    previous, lines = GENESIS_HASH, []
+    for entry in ledger.entries():  # the same ledger as format 1 wrote it: no nonce
+        entry = {**{k: v for k, v in entry.items() if k != "nonce"}, "format": UNSALTED_FORMAT, "prev_hash": previous}
+        lines.append(json.dumps(entry, sort_keys=True))
+        previous = _sha256(lines[-1])
+    ledger.path.write_text("\n".join(lines) + "\n")
+    assert [entry["round"] for entry in ledger.entries()] == [1, 2]
+    assert ledger.head() == (2, previous), "the site itself still remembers the full head"
+    assert ledger.public_head() == (2, ""), "but never publishes the hash of a line without a nonce"
+    ledger.append(_spend(3))
+    lines_now, published = ledger.public_head()
+    assert lines_now == 3 and published == ledger.head()[1] and ledger.entries()[2]["prev_hash"] == previous
+    assert Ledger(tmp_path / "empty.jsonl").public_head() == (0, GENESIS_HASH)

@@ -66,12 +66,15 @@ def test_a_small_dp_federation_runs_through_flower_and_writes_everything(tmp_pat
     valid = [r["valid"]["ndcg@10"] for r in rounds]
     best_round = 1 + valid.index(max(valid))
     assert summary["run"]["model_round"] == best_round and summary["run"]["model_selection"] == "best-validation"
+    assert summary["privacy"]["model_selection"]["kept_round"] == best_round
+    # Each round the coordinator recorded every site's ledger head: one more line per round trained.
+    assert [r["site_ledger_head"]["0"]["lines"] for r in rounds] == [1, 2]
     checkpoint = load_checkpoint(out, settings.to_run_config())
     assert checkpoint is not None and checkpoint.round == 2 and checkpoint.best is not None
     assert checkpoint.best.round == best_round and checkpoint.best.valid_ndcg == max(valid)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint.best.state_dict.items())
     report = audit([out])  # the auditor's view of the same folder: intact, cross-checked with rounds.jsonl
-    assert report.passed, [str(f) for f in report.findings]
+    assert report.passed and report.witnessed, [str(f) for f in report.findings]
     assert report.epsilon == pytest.approx(summary["privacy"]["epsilon"])
     assert all(site.users is not None and site.delta_below_one_over_users for site in report.sites.values())
 
