@@ -167,7 +167,7 @@ def train(msg: Message, context: Context) -> Message:
     global_weights = msg.content["arrays"].to_torch_state_dict()
     refusal = site.policy.decline_reason(settings) or incoming_weights_problem(global_weights, site.policy)
     if refusal:  # decided on public input alone, before the site's data is read
-        spent = site.ledger.epsilon(min(settings.delta, site.policy.delta))
+        spent = site.ledger.epsilon(site.policy.delta)
         logger.warning("site %s round %d: %s", site.site_id, round_number, refusal)
         return Message(reply_content(RoundOutcome(None, spent, refusal), site, settings.dp), reply_to=msg)
     shard = site.load_shard()

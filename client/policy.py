@@ -12,8 +12,10 @@ the file ``fedtail simulate`` writes for its simulated sites, see
 ``simulated_node_config``):
 
 - ``max-epsilon``: the site's epsilon budget over all runs on its users;
-- ``delta``: the site's delta: the ledger composes, and the budget is checked,
-  at this delta, whatever a run asks; a run asking a larger delta is declined;
+- ``delta``: the site's delta: the noise is calibrated, the ledger composes,
+  the budget is checked and replies state epsilon at this delta; a run asking
+  another delta is declined (a larger one would make past spending look
+  smaller, and one delta per site keeps ledger, replies and audit in step);
 - ``allow-non-private``: whether this site ever trains without DP (default
   false: a run with ``dp = false`` is declined);
 - ``max-abs-weight``: the largest weight magnitude accepted from the
@@ -87,10 +89,11 @@ class SitePolicy:
                 "declined: the run asks for training without differential privacy (dp = false); this site's "
                 "node config does not allow it (allow-non-private = false)"
             )
-        if settings.dp and settings.delta > self.delta:
+        if settings.dp and settings.delta != self.delta:
             return (
-                f"declined: the run asks delta={settings.delta:g}, larger than this site's delta={self.delta:g} "
-                "(node config); the site's budget holds at its own delta"
+                f"declined: the run asks delta={settings.delta:g}; this site's budget, ledger and replies are at its "
+                f"own delta={self.delta:g} (node config), and a larger delta would make its past spending look "
+                "smaller; ask for the site's delta"
             )
         bound = activation_bound(settings.model_config(1), self.max_abs_weight)
         if not bound < SAFE_ACTIVATION:

@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 from client.policy import SitePolicy
-from common.errors import ConfigError
 from common.federation import RunSettings
 from common.model import LossName
 from common.privacy import GradSampleMode, calibrate_noise
@@ -58,14 +57,7 @@ class LocalTraining:
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """The run's privacy target and the site's own budget; ``enabled=False`` is the non-private baseline.
-
-    ``delta`` is the run's: the noise is calibrated, and replies report
-    epsilon, at it. ``site_delta`` is the site's (node config): its ledger
-    composes and its budget is checked at that delta, whatever a run asks, so
-    a coordinator cannot make past spending look smaller by asking a larger
-    delta (``client.policy`` declines such a run).
-    """
+    """The run's privacy target at the site's delta and under its budget; ``enabled=False`` is non-private."""
 
     enabled: bool = RunSettings.dp
     target_epsilon: float = RunSettings.epsilon
@@ -74,33 +66,18 @@ class PrivacyPlan:
     planned_rounds: int = RunSettings.rounds
     max_epsilon: float | None = None
     """The site's budget over all runs on these users; defaults to the target."""
-    site_delta: float | None = None
-    """The delta of the site's budget and ledger; defaults to ``delta``."""
-
-    def __post_init__(self) -> None:
-        if self.enabled and self.delta > self.budget_delta:
-            raise ConfigError(f"the run's delta={self.delta:g} is above the site's delta={self.budget_delta:g}")
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
-        """The run's target under the site's own budget and delta (from its node config)."""
-        return cls(
-            settings.dp,
-            settings.epsilon,
-            settings.delta,
-            settings.max_grad_norm,
-            settings.rounds,
-            None if policy is None else policy.max_epsilon,
-            None if policy is None else policy.delta,
-        )
+        """The run's target under the site's own budget and delta (``client.policy`` declined any other delta)."""
+        if policy is None:
+            return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds)
+        return cls(settings.dp, settings.epsilon, policy.delta, settings.max_grad_norm, settings.rounds,
+                   policy.max_epsilon)
 
     @property
     def budget(self) -> float:
         return self.target_epsilon if self.max_epsilon is None else self.max_epsilon
-
-    @property
-    def budget_delta(self) -> float:
-        return self.delta if self.site_delta is None else self.site_delta
 
 
 @dataclass(frozen=True)

@@ -67,17 +67,17 @@ def train_site_round(
     released = ReleasedUpdate(ledger.path.with_suffix(".last-update.pt"))
     global_fingerprint = weights_fingerprint(model.state_dict())
     history = ledger.history()
+    spent = epsilon_from_history(history, privacy.delta)
     replay = released.find(run_id, round_number, global_fingerprint)
     if replay is not None:
-        return RoundOutcome(replay, epsilon_from_history(history, privacy.delta))
-    spent = epsilon_from_history(history, privacy.budget_delta)
-    after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.budget_delta)
+        return RoundOutcome(replay, spent)
+    after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.delta)
     if after > privacy.budget + BUDGET_TOLERANCE:
         return RoundOutcome(
             None,
-            epsilon_from_history(history, privacy.delta),
-            f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f} at its delta "
-            f"{privacy.budget_delta:g}, above its budget of {privacy.budget:g}",
+            spent,
+            f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
+            f"{privacy.delta:g}, above its budget of {privacy.budget:g}",
         )
     noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
     ledger.append(
@@ -89,7 +89,7 @@ def train_site_round(
             noise_multiplier=noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
             steps=steps,
-            delta=privacy.budget_delta,
+            delta=privacy.delta,
             accountant=ACCOUNTANT,
             library_versions={name: version(name) for name in ("opacus", "torch", "flwr")},
             users=len(examples),

@@ -213,7 +213,7 @@ def test_dp_false_is_declined_unless_the_sites_node_config_allows_it(tmp_path: P
     assert allowed.content["metrics"]["declined"] == 0 and "arrays" in allowed.content
 
 
-def test_a_run_asking_a_larger_delta_is_declined_and_the_budget_holds_at_the_sites_delta(tmp_path: Path) -> None:
+def test_a_run_asking_another_delta_is_declined_and_the_budget_holds_at_the_sites_delta(tmp_path: Path) -> None:
     """Issue 16, attack 3: raising delta recomputed past spending smaller, and the site trained over its budget."""
     data, catalog = _site(tmp_path, 40)
     settings = _settings(epsilon=4.0)
@@ -225,7 +225,9 @@ def test_a_run_asking_a_larger_delta_is_declined_and_the_budget_holds_at_the_sit
     raised = _settings(epsilon=4.0, delta=0.9 / 40)
     reply = _train(raised, node, catalog, weights, 4)
     assert reply.content["metrics"]["declined"] == 1
-    assert "larger than this site's delta=1e-05" in reply.content["site"]["reason"]
+    assert "at its own delta=1e-05" in reply.content["site"]["reason"]
+    smaller = _train(_settings(epsilon=4.0, delta=1e-7), node, catalog, weights, 4)
+    assert smaller.content["metrics"]["declined"] == 1, "one delta per site: ledger, replies and audit agree"
     more = _train(_settings(epsilon=4.0, rounds=4), node, catalog, weights, 4)
     assert more.content["metrics"]["declined"] == 1 and "above its budget of 4" in more.content["site"]["reason"]
     assert (tmp_path / "ledger" / "site-north.jsonl").read_text() == ledger_before
