@@ -32,7 +32,7 @@ from common.ranking import COLD_START_PRIORS, RankingOptions
 from common.readers import FORMATS, ColumnNames
 from common.training import TrainConfig, pick_device
 from common.model import ModelOptions
-from simulations import bench as bench_suite
+from simulations.bench import suite as bench_suite
 from simulations.canary import CanaryConfig, format_empirical, run_empirical_audit
 from simulations.centralized import evaluate_saved, train_centralized
 from simulations.report import format_federated_summary, format_metrics_table
@@ -392,8 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-len", type=int, default=ModelOptions().max_len)
     check.set_defaults(handler=_deploy_check)
 
-    # Listed for --help only: main() hands `fedtail bench ...` to the suite's own parser before parsing.
-    commands.add_parser("bench", add_help=False, help="the benchmark suite (same as python -m simulations.bench)")
+    bench = commands.add_parser("bench", add_help=False,
+                                help="the benchmark suite (same as python -m simulations.bench)")
+    bench_suite.add_arguments(bench)
+    bench.set_defaults(handler=bench_suite.run_arguments)
     return parser
 
 
@@ -401,8 +403,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     # `kill` (SIGTERM) stops a command like Ctrl-C does, so that what it started (a SuperLink, Ray) is stopped too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if arguments[:1] == ["bench"]:
-        return bench_suite.main(arguments[1:])
     args = build_parser().parse_args(arguments)
     try:
         return int(args.handler(args))

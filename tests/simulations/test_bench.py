@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +13,21 @@ import pytest
 import torch
 
 from common.privacy import GRAD_SAMPLE_MODES
-from simulations import bench
+from simulations import cli
+from simulations.bench import core, dp_step, frontier, pieces, registry, serving, suite
 
 
 def test_peak_rss_sees_a_large_allocation() -> None:
-    with bench.peak_rss() as before:
+    with core.peak_rss() as before:
         pass
-    with bench.peak_rss() as during:
+    with core.peak_rss() as during:
         block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
         block.sum()
     assert during[0] - before[0] > 48 * 2**20
 
 
 def test_dp_step_benchmark_measures_every_mode_against_non_private() -> None:
-    results = bench.bench_dp_step([40], steps=2, device=torch.device("cpu"), batch=4)
+    results = dp_step.bench_dp_step([40], steps=2, device=torch.device("cpu"), batch=4)
     assert [r.mode for r in results] == ["non-private", *GRAD_SAMPLE_MODES]
     baseline = results[0]
     assert baseline.time_ratio == 1.0 and baseline.memory_ratio == 1.0
@@ -33,26 +37,108 @@ def test_dp_step_benchmark_measures_every_mode_against_non_private() -> None:
 
 
 def test_pieces_benchmark_steps_the_same_batches_whole_and_in_pieces() -> None:
-    results = bench.bench_pieces([("synthetic", 50)], steps=2, device=torch.device("cpu"))
-    assert [r.piece_users for r in results] == list(bench.PIECE_SIZES)
-    whole, *pieces = results
+    results = pieces.bench_pieces([("synthetic", 50)], steps=2, device=torch.device("cpu"))
+    assert [r.piece_users for r in results] == list(pieces.PIECE_SIZES)
+    whole, *in_pieces = results
     assert whole.time_ratio == 1.0 and whole.mean_pieces == 1.0
     assert all(r.median_s > 0 for r in results)
-    assert pieces[-1].mean_pieces > 1.0, "batches of 64 users with long-tailed lengths are cut in pieces of 8"
+    assert in_pieces[-1].mean_pieces > 1.0, "batches of 64 users with long-tailed lengths are cut in pieces of 8"
 
 
 def test_the_page_is_assembled_from_the_saved_results(tmp_path: Path) -> None:
-    point = bench.FrontierPoint("synthetic", 8.0, 0.12, 0.13, 0.05, 60.0)
+    point = frontier.FrontierPoint("synthetic", 8.0, 0.12, 0.13, 0.05, 60.0)
     (tmp_path / "frontier.json").write_text(json.dumps({
         "benchmark": "frontier", "mode": "quick", "seconds": 61.0, "machine": {"cores": 2, "gpu": None},
         "device": "cpu", "results": [point.__dict__],
     }))
-    page = bench.write_page(tmp_path).read_text()
+    page = suite.write_page(tmp_path).read_text()
     assert "## frontier" in page and "| synthetic | 8 | 0.1200 | 0.1300 | 0.0500 | 60 |" in page
     assert "## dp-step" not in page, "sections only for benchmarks that were run"
 
 
-def test_unknown_benchmark_names_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", [suite.main, lambda argv: cli.main(["bench", *argv])])
+def test_unknown_benchmark_names_are_refused(
+    command: Callable[[list[str]], int], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit):
-        bench.main(["dp-steps"])
+        command(["dp-steps"])
     assert "unknown benchmark(s) dp-steps" in capsys.readouterr().err
+
+
+def test_help_lists_every_benchmark_and_after_a_name_only_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    everything = capsys.readouterr().out
+    assert all(f"\n{name}:\n" in everything for name in registry.BENCHMARKS)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "serving", "--help"])
+    serving_only = capsys.readouterr().out
+    assert "\nserving:\n" in serving_only and "--requests" in serving_only and "\ndp-step:\n" not in serving_only
+
+
+@dataclass(frozen=True)
+class Tiny:
+    level: int
+    full: bool
+
+
+def _tiny_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--level", type=int, default=1)
+
+
+def _tiny_plot(path: Path, results: list[Tiny]) -> None:
+    path.write_text("<svg/>")
+
+
+@pytest.fixture
+def tiny_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A benchmark of the test's own in the registry, as a new module would declare it: instant to run."""
+    monkeypatch.setitem(registry.BENCHMARKS, "tiny", core.Benchmark(
+        name="tiny", help="a benchmark of the test", description="Measures nothing.", result=Tiny,
+        run=lambda context: [Tiny(context.options.level, context.full)],
+        format_table=lambda results: "\n".join(f"| {r.level} | {r.full} |" for r in results),
+        plot=_tiny_plot, add_options=_tiny_options,
+    ))
+
+
+@pytest.mark.usefixtures("tiny_registered")
+def test_an_option_of_a_benchmark_not_run_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["bench", "tiny", "--requests", "5", "--out", str(tmp_path / "out")]) == 2
+    assert "--requests is an option of the serving benchmark" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["bench", "tiny", "--level", "2", "--out", str(tmp_path / "out")]) == 0
+
+
+@pytest.mark.usefixtures("tiny_registered")
+def test_a_registered_module_is_run_with_its_option_saved_plotted_and_paged(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert suite.main(["tiny", "--level", "3", "--full", "--out", str(out)]) == 0
+    record = json.loads((out / "tiny.json").read_text())
+    assert record["benchmark"] == "tiny" and record["mode"] == "full" and record["results"] == [
+        {"level": 3, "full": True}
+    ]
+    page = (out / "benchmarks.md").read_text()
+    assert "## tiny --full\n\nMeasures nothing." in page and "| 3 | True |" in page and "![tiny](tiny.svg)" in page
+
+
+def test_serving_sizes_follow_quick_full_and_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(serving, "measure", lambda *args: calls.append(args))
+    parser = argparse.ArgumentParser(add_help=False)
+    suite.add_arguments(parser)
+
+    def run(argv: list[str]) -> list[tuple[object, ...]]:
+        args = parser.parse_args(["serving", *argv])
+        calls.clear()
+        serving.run(core.Context(args.full, Path("unused"), torch.device("cpu"), args))
+        return list(calls)
+
+    assert run([]) == [(3_000, 300, 1, 50, 10, True), (3_000, 300, 1, 50, 10, False)]
+    assert run(["--full"]) == [
+        (size, 1000, 1, 50, 10, explain) for size in (3_000, 30_000) for explain in (True, False)
+    ]
+    assert run(["--requests", "60", "--concurrency", "1", "4", "--k", "5"]) == [
+        (3_000, 60, concurrency, 50, 5, explain) for explain in (True, False) for concurrency in (1, 4)
+    ]

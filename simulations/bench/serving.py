@@ -1,4 +1,4 @@
-"""Serving latency under a bounded local load: ``python -m simulations.bench_serving [--out FILE]``.
+"""``serving``: latency of ``fedtail serve`` under a bounded local load.
 
 For each catalogue size a model of that size is saved, ``fedtail serve`` is
 started as a real process pinned to one CPU core, and a fixed number of
@@ -14,14 +14,13 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +28,10 @@ import torch
 
 from common.artifacts import save_model
 from common.catalog import Catalog
-from common.files import write_json
 from common.model import ModelOptions, SASRec
 from common.processes import free_loopback_port
 from server.serving import Recommender
+from simulations.bench.core import Benchmark, Context
 from simulations.report import markdown_table
 
 
@@ -135,37 +134,43 @@ def _in_process_ms(model_dir: Path, histories: list[list[str]], k: int, explain:
 
 def format_table(results: list[LoadResult]) -> str:
     return markdown_table(
-        ["catalogue", "explain", "concurrency", "requests", "p50 ms", "p99 ms", "requests/s", "in-process ms (no HTTP)"],
+        ["catalogue", "explain", "concurrency", "requests", "p50 ms", "p99 ms", "requests/s",
+         "in-process ms (no HTTP)"],
         [[str(r.catalog_size), "yes" if r.explain else "no", str(r.concurrency), str(r.requests), f"{r.p50_ms:.1f}",
           f"{r.p99_ms:.1f}", f"{r.requests_per_second:.0f}", f"{r.in_process_ms:.1f}"] for r in results],
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--catalogs", type=int, nargs="+", default=[3000, 30000])
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--history", type=int, default=50)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--out", default="runs/bench/serving.json")
-    args = parser.parse_args()
+def run(context: Context) -> list[LoadResult]:
+    options = context.options
+    catalogs = options.catalogs if options.catalogs is not None else [3_000, 30_000] if context.full else [3_000]
+    requests = options.requests if options.requests is not None else 1000 if context.full else 300
     results = []
-    for size in args.catalogs:
+    for size in catalogs:
         for explain in (True, False):
-            for concurrency in args.concurrency:
-                results.append(measure(size, args.requests, concurrency, args.history, args.k, explain))
-                print(f"measured {size} items, explain {explain}, concurrency {concurrency}", flush=True)
-    print(format_table(results))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "server": "one process pinned to CPU core 0, 1 torch thread"},
-        "results": [asdict(r) for r in results],
-    })
-    print(f"wrote {out}")
+            for concurrency in options.concurrency:
+                results.append(measure(size, requests, concurrency, options.history, options.k, explain))
+                print(f"  serving: measured {size} items, explain {explain}, concurrency {concurrency}", flush=True)
+    return results
 
 
-if __name__ == "__main__":
-    main()
+def add_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--catalogs", type=int, nargs="+", metavar="ITEMS",
+                       help="catalogue sizes (default: 3000; 3000 30000 with --full)")
+    group.add_argument("--requests", type=int, metavar="N",
+                       help="requests per measurement (default: 300; 1000 with --full)")
+    group.add_argument("--concurrency", type=int, nargs="+", default=[1], metavar="CLIENTS",
+                       help="clients sending at once, one measurement per value (default: 1)")
+    group.add_argument("--history", type=int, default=50, help="known items in each request's history (default: 50)")
+    group.add_argument("--k", type=int, default=10, help="recommendations per request (default: 10)")
+
+
+BENCHMARK = Benchmark(
+    name="serving",
+    help="HTTP latency of `fedtail serve` pinned to one core, with and without explanations",
+    description="`fedtail serve` pinned to one core, k = 10, histories of 50, one client on loopback.",
+    result=LoadResult,
+    run=run,
+    format_table=format_table,
+    add_options=add_options,
+)

@@ -1,0 +1,19 @@
+"""The benchmarks ``fedtail bench`` knows, in the order it runs them and the page shows them.
+
+Adding a benchmark: a module declaring ``BENCHMARK = Benchmark(...)`` (``simulations.bench.core``), listed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from simulations.bench import deployment, dp_step, frontier, pieces, serving, sites
+from simulations.bench.core import Benchmark
+
+BENCHMARKS: dict[str, Benchmark[Any]] = {
+    benchmark.name: benchmark
+    for benchmark in (
+        dp_step.BENCHMARK, pieces.BENCHMARK, sites.BENCHMARK, frontier.BENCHMARK, serving.BENCHMARK,
+        deployment.BENCHMARK,
+    )
+}
