@@ -234,11 +234,18 @@ def test_a_run_asking_another_delta_is_declined_and_the_budget_holds_at_the_site
 
 
 def _public_reply(reply: Message) -> dict:
+    """Everything in a reply but the noisy weights' values and the ledger head's hash.
+
+    The hash covers a secret random nonce in the ledger line (``common.ledger``), so it is a fresh random
+    string for every line: it differs between any two sites, whatever their users, and hides the count.
+    """
     content = reply.content
+    site = dict(content["site"])
+    assert len(site.pop("ledger-hash")) == 64
     return {
         "keys": sorted(content.keys()),
         "metrics": dict(content["metrics"]),
-        "site": dict(content["site"]),
+        "site": site,
         "arrays": sorted(content["arrays"].keys()) if "arrays" in content else None,
         "shapes": {k: tuple(v.shape) for k, v in content["arrays"].items()} if "arrays" in content else None,
     }
