@@ -203,6 +203,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "sites_trained": sorted(replies.trained),
             "sites_declined": replies.declined,
             "sites_failed": len(replies.failures),
+            "failures": replies.failures,  # each failed site's error reply, e.g. a refused app bundle
             "site_epsilon": dict(strategy.site_epsilon),
             "epsilon": max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
             "seconds": time.perf_counter() - round_started[0],
