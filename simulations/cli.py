@@ -28,6 +28,7 @@ from common.errors import ConfigError, FedtailError
 from common.federation import MODEL_SELECTIONS, SERVER_OPTIMIZERS, RunSettings
 from common.partition import SCHEMES
 from common.privacy import GRAD_SAMPLE_MODES
+from common.processes import APP_DIR
 from common.files import write_json
 from common.ranking import COLD_START_PRIORS, RankingOptions
 from common.readers import FORMATS, ColumnNames
@@ -36,7 +37,6 @@ from common.model import ModelOptions
 from simulations import bench as bench_suite
 from simulations.canary import CanaryConfig, format_empirical, run_empirical_audit
 from simulations.centralized import evaluate_saved, train_centralized
-from simulations.flower_cli import APP_DIR
 from simulations.report import format_federated_summary, format_metrics_table
 from simulations.simulate import Resources, simulate
 

@@ -27,12 +27,10 @@ import pandas as pd
 
 from common.catalog import Catalog
 from common.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
-from common.processes import die_with_parent, free_loopback_port
+from common.processes import APP_DIR, die_with_parent, executable, free_loopback_port
 from common.progress import log
 from simulations.flower_cli import (
-    APP_DIR,
     FlowerFailed,
-    executable,
     flower_env,
     list_runs,
     stop_process_group,

@@ -22,12 +22,10 @@ from client.dp import check_delta
 from client.shard import simulated_shard
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.processes import die_with_parent, free_loopback_port
+from common.processes import APP_DIR, die_with_parent, executable, free_loopback_port
 from common.progress import log
 from simulations.flower_cli import (
-    APP_DIR,
     FlowerFailed,
-    executable,
     flower_env,
     list_runs,
     stop_process_group,
