@@ -15,8 +15,9 @@ SuperNode computes it itself and stores bundles under it: ``store_fab`` in ``flw
 - approved: by default the bundle Flower builds from this installed fedtail (the release the site installed and
   audited; ``flwr run`` of the same release uploads the same bytes), plus any hash the operator passes with
   ``--approve``. Flower's own ``flwr-clientapp`` of this environment then runs the task, with a Flower home owned by
-  this process, in which only approved bundles are ever installed (Flower keeps an installed app folder that exists
-  and names it by 8 hex digits of the hash only, so a shared Flower home could hold another bundle under that name);
+  this process, in which only approved bundles are ever installed (``install_from_fab`` reuses an app folder that
+  already exists, named by only 8 hex digits of the hash, so a shared Flower home could hold other code under an
+  approved bundle's name);
 - not approved: this process pulls the task's message, answers it with an error naming the bundle (the coordinator's
   ServerApp sees it as the site's reply) and finishes the task as failed. Nothing of the bundle is installed or
   imported, and the site's data, catalogue and ledger are never opened.
@@ -142,19 +143,19 @@ def refuse(address: str, token: str, reason: str, root_certificates: Path | None
 
 
 def start_clientapp(
-    address: str, token: str, flower_home: Path, root_certificates: Path | None = None
+    program: str, address: str, token: str, flower_home: Path, root_certificates: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """Flower's ``flwr-clientapp`` of this environment (never one found elsewhere on PATH) for an approved task."""
+    """Flower's ``flwr-clientapp`` (``program``) for an approved task, as flower-superexec would start it."""
     security = ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     return subprocess.Popen(
-        [executable("flwr-clientapp"), "--runtime-api-address", address, "--token", token, *security,
-         "--parent-pid", str(os.getpid())],
+        [program, "--runtime-api-address", address, "--token", token, *security, "--parent-pid", str(os.getpid())],
         env={**os.environ, "FLWR_HOME": str(flower_home)},
     )
 
 
 def serve(address: str, approval: Approval, root_certificates: Path | None = None) -> None:
     """Take ClientApp tasks from the SuperNode at ``address`` until stopped; run approved ones, refuse the others."""
+    program = executable("flwr-clientapp")  # this environment's, the one beside its Python
     client = _runtime_client(
         address, root_certificates, [RuntimeVersionHttpInterceptor(component_name="SuperExec")], retry=True
     )
@@ -169,7 +170,8 @@ def serve(address: str, approval: Approval, root_certificates: Path | None = Non
                 reason = approval.refusal(task.fab_hash)
                 if reason is None:
                     log(f"fedtail-site runtime: run {task.run_id}: bundle {task.fab_hash[:12]} approved, starting it")
-                    running.append(start_clientapp(address, answer.token, Path(flower_home), root_certificates))
+                    running.append(start_clientapp(program, address, answer.token, Path(flower_home),
+                                                   root_certificates))
                 else:
                     log(f"fedtail-site runtime: run {task.run_id}: REFUSED: {reason}")
                     try:
