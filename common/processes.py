@@ -1,4 +1,4 @@
-"""Process lifetime helpers for the Flower processes fedtail starts or runs inside.
+"""Process helpers for the Flower processes fedtail starts or runs inside: which program, and its lifetime.
 
 Flower's simulation runs in a process (`flwr-simulation`) that a SuperExec starts
 in its own session; killing the `fedtail simulate` that started everything
@@ -12,14 +12,28 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import shutil
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import IO
 
 from common.errors import ConfigError
 
 PR_SET_PDEATHSIG = 1
+
+APP_DIR = Path(__file__).resolve().parent.parent
+"""The Flower app (pyproject.toml with [tool.flwr.app]) that `flwr run` submits: the installed fedtail checkout."""
+
+
+def executable(name: str) -> str:
+    """A Flower program of this environment, also when it was not activated (e.g. `.venv/bin/fedtail`)."""
+    beside_python = Path(sys.executable).parent / name
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
+    if not found:
+        raise ConfigError(f"'{name}' not found; is flwr installed in this environment?")
+    return found
 
 
 def free_loopback_port() -> int:

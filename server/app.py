@@ -214,6 +214,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "sites_trained": sorted(replies.trained),
             "sites_declined": replies.declined,
             "sites_failed": len(replies.failures),
+            "failures": replies.failures,  # each failed site's error reply, e.g. a refused app bundle
             "site_epsilon": dict(strategy.site_epsilon),
             "site_ledger_head": replies.ledger_heads,
             "run_id": run_id,

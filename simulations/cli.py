@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from client.check import check_site
+from client.runtime import bundle_sha256
 from common.audit import audit, format_markdown, write_audit
 from common.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
 from common.datasets import DEFAULT_DATASET, load_dataset
@@ -27,6 +28,7 @@ from common.errors import ConfigError, FedtailError
 from common.federation import MODEL_SELECTIONS, SERVER_OPTIMIZERS, RunSettings
 from common.partition import SCHEMES
 from common.privacy import GRAD_SAMPLE_MODES
+from common.processes import APP_DIR
 from common.files import write_json
 from common.ranking import COLD_START_PRIORS, RankingOptions
 from common.readers import FORMATS, ColumnNames
@@ -205,6 +207,11 @@ def _deploy_check(args: argparse.Namespace) -> int:
     return 0 if check.ready else EXIT_SITE_NOT_READY
 
 
+def _deploy_bundle_hash(args: argparse.Namespace) -> int:
+    print(bundle_sha256(Path(args.path)))
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     if args.empirical:
         return _empirical_audit(args)
@@ -370,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_arguments(audit_parser)
     audit_parser.set_defaults(handler=_audit)
 
-    deploy = commands.add_parser("deploy", help="set up a real federation: certificates, site keys, site check")
+    deploy = commands.add_parser(
+        "deploy", help="set up a real federation: certificates, site keys, site check, app bundle hashes"
+    )
     deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
     certs = deploy_commands.add_parser("certs", help="(coordinator) a CA and the SuperLink's TLS certificate")
     certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
@@ -391,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--delta", type=float, default=RunSettings().delta, help="the federation's delta")
     check.add_argument("--max-len", type=int, default=ModelOptions().max_len)
     check.set_defaults(handler=_deploy_check)
+    bundle = deploy_commands.add_parser(
+        "bundle-hash", help="(site) the sha256 of an app bundle, as `python -m client.runtime --approve` takes it"
+    )
+    bundle.add_argument("path", nargs="?", default=str(APP_DIR),
+                        help="an app folder (the bundle `flwr run FOLDER` uploads) or a .fab file "
+                        "(default: the installed fedtail, which the runtime approves by itself)")
+    bundle.set_defaults(handler=_deploy_bundle_hash)
 
     bench = commands.add_parser("bench", add_help=False,
                                 help="the benchmark suite (same as python -m simulations.bench)")

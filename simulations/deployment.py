@@ -4,7 +4,9 @@ What a coordinator and its partner sites run (``docs/deploy.md``), driven from
 Python so that tests and benchmarks can start, kill and restart each part:
 Flower's Deployment Engine with TLS (a private CA from ``fedtail deploy
 certs``) and SuperNode authentication (keys from ``fedtail deploy keys``,
-registered with ``flwr supernode register``) unless ``secure=False``.
+registered with ``flwr supernode register``) unless ``secure=False``. Each
+site runs its SuperNode with ``--isolation process`` and its own ClientApp
+runtime (``client.runtime``), so that it runs only the app bundles it approved.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +27,10 @@ import pandas as pd
 
 from common.catalog import Catalog
 from common.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
-from common.processes import die_with_parent, free_loopback_port
+from common.processes import APP_DIR, die_with_parent, executable, free_loopback_port
 from common.progress import log
 from simulations.flower_cli import (
-    APP_DIR,
     FlowerFailed,
-    executable,
     flower_env,
     list_runs,
     stop_process_group,
@@ -71,6 +72,8 @@ class LocalDeployment:
     port: int = field(default_factory=free_loopback_port)
     superlink: subprocess.Popen[bytes] | None = None
     supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    runtimes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    """Each site's ClientApp runtime (``client.runtime``), beside its SuperNode."""
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -121,25 +124,36 @@ class LocalDeployment:
 
     def start_supernode(
         self, name: str, node_config: Mapping[str, Any], private_key: Path | None, ca_file: Path | None = None,
-        max_wait_s: float | None = None,
+        max_wait_s: float | None = None, approve: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """A site's SuperNode; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one)."""
+        """A site's SuperNode and its ClientApp runtime, which runs the installed fedtail's app bundle and those
+        in ``approve`` (sha256) only; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one)."""
         ca_file = ca_file or self.ca_file
         security = ["--root-certificates", str(ca_file)] if self.secure else ["--insecure"]
         if private_key is not None:
             security += ["--auth-supernode-private-key", str(private_key)]
         config = " ".join(f"{key}={toml_value(value)}" for key, value in node_config.items())
+        runtime_port = free_loopback_port()
         command = [
             executable("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
-            "--node-config", config, "--port", str(free_loopback_port()),
+            "--node-config", config, "--isolation", "process", "--port", str(runtime_port),
         ]
         if max_wait_s is not None:
             command += ["--max-wait-time", str(max_wait_s)]
+        env = flower_env(self.root / f"site-{name}-flower-home")
+        site_log = self._log(f"supernode-{name}")  # the site's SuperNode, runtime and ClientApps, in one file
         process = subprocess.Popen(
-            command, env=flower_env(self.root / f"site-{name}-flower-home"), stdout=self._log(f"supernode-{name}"),
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+            command, env=env, stdout=site_log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self.supernodes[name] = process
+        runtime = [sys.executable, "-m", "client.runtime", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+        for digest in approve:
+            runtime += ["--approve", digest]
+        self.runtimes[name] = subprocess.Popen(  # from the checkout: `python -m` imports from the working folder
+            runtime, env=env, cwd=APP_DIR, stdout=site_log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         return process
 
     def connected_nodes(self) -> int:
@@ -154,11 +168,12 @@ class LocalDeployment:
             raise FlowerFailed(f"could not list the SuperNodes: {result.stdout}{result.stderr}") from None
         return sum(node["status"] == "online" for node in nodes)
 
-    def submit(self, run_config: Mapping[str, Any]) -> int:
-        """`flwr run` the app against this SuperLink; returns the run id (the run goes on in the background)."""
+    def submit(self, run_config: Mapping[str, Any], app: Path = APP_DIR) -> int:
+        """`flwr run` the app (its folder) against this SuperLink; returns the run id (the run goes on in the
+        background)."""
         config_file = write_run_config(self.root / "run-config.toml", run_config)
         result = subprocess.run(
-            [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(config_file)],
+            [executable("flwr"), "run", str(app), CONNECTION, "--run-config", str(config_file)],
             env=self.env, capture_output=True, text=True, check=False, timeout=300,
         )
         match = STARTED_RUN.search(result.stdout + result.stderr)
@@ -189,11 +204,14 @@ class LocalDeployment:
             self.superlink = None
 
     def kill_supernode(self, name: str) -> None:
+        """The site's machine dies: its SuperNode and its runtime (with any ClientApp), without warning."""
         stop_process_group(self.supernodes.pop(name), signal.SIGKILL)
+        stop_process_group(self.runtimes.pop(name), signal.SIGKILL)
 
     def stop(self) -> None:
         for name in list(self.supernodes):
             stop_process_group(self.supernodes.pop(name))
+            stop_process_group(self.runtimes.pop(name))
         if self.superlink is not None:
             stop_process_group(self.superlink)
             self.superlink = None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -19,23 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError, FedtailError
-
-APP_DIR = Path(__file__).resolve().parent.parent
-"""The Flower app (pyproject.toml with [tool.flwr.app]) that `flwr run` submits."""
-
+from common.errors import FedtailError
+from common.processes import executable
 
 class FlowerFailed(FedtailError):
     """A Flower process or run did not do what was asked; the message carries Flower's reason."""
-
-
-def executable(name: str) -> str:
-    """A Flower program of this environment, also when it was not activated (e.g. `.venv/bin/fedtail`)."""
-    beside_python = Path(sys.executable).parent / name
-    found = str(beside_python) if beside_python.exists() else shutil.which(name)
-    if not found:
-        raise ConfigError(f"'{name}' not found; is flwr installed in this environment?")
-    return found
 
 
 def flower_env(flower_home: Path) -> dict[str, str]:

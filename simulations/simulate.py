@@ -29,13 +29,11 @@ from common.errors import ConfigError
 from common.federation import RunSettings
 from common.files import write_json
 from common.privacy import check_delta
-from common.processes import LAUNCHER_LOCK, die_with_parent, free_loopback_port, lock_run_folder
+from common.processes import APP_DIR, LAUNCHER_LOCK, die_with_parent, executable, free_loopback_port, lock_run_folder
 from common.progress import log
 from common.run_files import LEDGER_DIR, RunRecord, check_same_settings, read_run_record, write_run_record
 from simulations.flower_cli import (
-    APP_DIR,
     FlowerFailed,
-    executable,
     flower_env,
     list_runs,
     stop_process_group,

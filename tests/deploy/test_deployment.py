@@ -1,4 +1,5 @@
-"""Flower's Deployment Engine on loopback, every part a real process: TLS, SuperNode authentication, faults.
+"""Flower's Deployment Engine on loopback, every part a real process: TLS, SuperNode authentication, faults, and
+sites that run only the app bundles they approved.
 
 Slow (a ClientApp is a fresh process per message, importing torch each time):
 run with ``pytest -m slow tests/deploy``.
@@ -8,18 +9,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from client.runtime import bundle_sha256
 from common.audit import audit
 from common.credentials import write_certificates
 from common.ledger import Ledger
 from common.synthetic import SyntheticConfig, generate
 from server.app import read_rounds
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
+from tests.apps import app_copy
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +51,18 @@ def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
         yield federation
 
 
-def _join(federation: LocalDeployment, data: dict[str, Path], sites: tuple[str, ...] = SITES) -> None:
+def _join(
+    federation: LocalDeployment, data: dict[str, Path], sites: tuple[str, ...] = SITES,
+    approve: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """``approve``: app bundles (sha256) a site runs besides the installed release's."""
     for site in sites:
         private, public = federation.site_keys(site)
         registered = federation.register(public)
         assert registered.returncode == 0, registered.stdout + registered.stderr
-        federation.start_supernode(site, site_node_config(site, data, federation.root), private)
+        federation.start_supernode(
+            site, site_node_config(site, data, federation.root), private, approve=(approve or {}).get(site, ())
+        )
     _wait_for(lambda: federation.connected_nodes() >= len(sites), f"{len(sites)} SuperNodes online", 120)
 
 
@@ -164,3 +173,51 @@ def test_a_coordinator_killed_mid_run_resumes_without_counting_any_round_twice(
         assert _ledger_rounds(deployment.root, site) == [1, 2, 3, 4], f"{site}: each round charged exactly once"
         ledger = Ledger(deployment.root / f"{site}-ledger" / f"site-{site}.jsonl")
         assert summary["privacy"]["per_site"][site] == pytest.approx(ledger.epsilon(RUN["delta"]))
+
+
+TRACE_ON_IMPORT = (
+    "import os as _os\n"
+    "with open({marker!r}, 'a', encoding='utf-8') as _marker:\n"
+    "    _marker.write(f'{{_os.getppid()}}\\n')  # who started this ClientApp: a site's runtime\n"
+)
+
+
+def test_a_site_runs_only_app_bundles_it_approved_and_tells_the_coordinator_why(
+    deployment: LocalDeployment, site_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """The coordinator submits its own copy of the app with client/dp_sgd.py changed (here the change only leaves a
+    trace when the module is imported). north approved only the release it installed: it refuses the bundle
+    without running any of it and without training, and the coordinator reads why. south approved the changed
+    bundle by its hash and runs it, which shows the trace would have caught north running it. Then the release
+    itself trains at both sites."""
+    marker = tmp_path / "changed-app-ran"
+    changed = app_copy(tmp_path / "coordinator", TRACE_ON_IMPORT.format(marker=str(marker)))
+    changed_hash = bundle_sha256(changed)
+    _join(deployment, site_data, ("north", "south"), approve={"south": [changed_hash]})
+    runtime_pids = {site: str(process.pid) for site, process in deployment.runtimes.items()}
+
+    changed_run = deployment.root / "changed-run"
+    config = _run_config(site_data, changed_run, rounds=1, **{"min-sites": 2})
+    status = deployment.wait(deployment.submit(config, app=changed), timeout_s=600)
+    assert status["status"] == "finished:completed", status
+    [line] = read_rounds(changed_run)
+    assert line["sites_trained"] == ["south"] and line["sites_failed"] == 1
+    [failure] = line["failures"]
+    assert f"app bundle sha256 {changed_hash} is not approved by this site" in failure, failure
+    ran_at = marker.read_text().split()
+    assert runtime_pids["south"] in ran_at, "south, which approved the changed bundle, ran it"
+    assert runtime_pids["north"] not in ran_at, "north never imported the changed code"
+    north_ledger = deployment.root / "north-ledger" / "site-north.jsonl"
+    assert not north_ledger.exists(), "north charged nothing: its train handler never ran"
+    north_log = (deployment.root / "supernode-north.log").read_text(errors="replace")
+    assert f"REFUSED: app bundle sha256 {changed_hash}" in north_log
+    assert "fedtail-site north round" not in north_log
+
+    release_run = deployment.root / "release-run"
+    status = deployment.wait(deployment.submit(_run_config(site_data, release_run, rounds=1, **{"min-sites": 2})),
+                             timeout_s=600)
+    assert status["status"] == "finished:completed", status
+    [line] = read_rounds(release_run)
+    assert line["sites_trained"] == ["north", "south"] and line["failures"] == []
+    assert _ledger_rounds(deployment.root, "north") == [1]
+    assert marker.read_text().split() == ran_at, "the release is not the changed code"

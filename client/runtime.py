@@ -1,0 +1,216 @@
+"""The site's ClientApp runtime: it runs only app bundles the site approved, and refuses the rest.
+
+Why: in a Flower deployment the coordinator's ``flwr run`` uploads an app bundle (FAB) that the SuperLink hands to
+every SuperNode, and Flower's ``flwr-clientapp`` installs and imports whatever arrived
+(``flwr/supernode/runtime/run_clientapp.py``: ``install_from_fab``, then the bundle's ``client.app:app``). A
+coordinator that edits ``client/dp_sgd.py`` in its copy would receive un-noised updates from every site, whatever the
+site's node config says; Flower's own guard (``--trusted-entities``) needs verifications that the open-source
+SuperLink does not supply.
+
+How: the site starts its SuperNode with ``--isolation process``, so that the SuperNode starts no ClientApp itself, and
+runs this process (``python -m client.runtime``) in place of Flower's ``flower-superexec``. It takes each ClientApp
+task from the SuperNode's Runtime API and checks the task's bundle hash, the sha256 of the bundle's bytes (the
+SuperNode computes it itself and stores bundles under it: ``store_fab`` in ``flwr/supercore/corestate``):
+
+- approved: by default the bundle Flower builds from this installed fedtail (the release the site installed and
+  audited; ``flwr run`` of the same release uploads the same bytes), plus any hash the operator passes with
+  ``--approve``. Flower's own ``flwr-clientapp`` of this environment then runs the task, with a Flower home owned by
+  this process, in which only approved bundles are ever installed (``install_from_fab`` reuses an app folder that
+  already exists, named by only 8 hex digits of the hash, so a shared Flower home could hold other code under an
+  approved bundle's name);
+- not approved: this process pulls the task's message, answers it with an error naming the bundle (the coordinator's
+  ServerApp sees it as the site's reply) and finishes the task as failed. Nothing of the bundle is installed or
+  imported, and the site's data, catalogue and ledger are never opened.
+
+One long-running, site-owned process per site that decides what code runs is also where a warm ClientApp (one
+process kept across rounds) can later live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Error, Message
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS, TaskType
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.protobuf.client import ProtobufClientInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from common.errors import ConfigError, FedtailError
+from common.processes import APP_DIR, executable
+from common.progress import log
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+POLL_SECONDS = 1.0
+"""How often an idle runtime asks its SuperNode for a task (flower-superexec's default interval)."""
+
+
+def bundle_sha256(path: Path) -> str:
+    """The sha256 a SuperNode knows an app bundle by: of a ``.fab`` file's bytes, or of the bundle Flower builds
+    from an app folder (``flwr run FOLDER`` uploads exactly that build: fixed timestamps, sorted files)."""
+    if path.is_dir():
+        try:
+            return hashlib.sha256(build_fab_from_disk(path)).hexdigest()
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"{path}: Flower cannot build an app bundle from this folder: {error}") from None
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the app bundle: {error.strerror}") from None
+
+
+def approved_sha256(text: str) -> str:
+    digest = text.strip().lower()
+    if not SHA256_HEX.match(digest):
+        raise ConfigError(f"--approve {text!r}: not a sha256 (64 hex digits); `fedtail deploy bundle-hash` prints one")
+    return digest
+
+
+@dataclass(frozen=True)
+class Approval:
+    """The app bundles this site runs: its installed release's, and those its operator approved by hash."""
+
+    installed: str
+    approved: frozenset[str]
+
+    @classmethod
+    def for_site(cls, approved: Iterable[str], installed_app: Path = APP_DIR) -> Approval:
+        """``installed_app``: the installed fedtail's folder (an editable install of a checkout, see .ci/install)."""
+        listed = {approved_sha256(text) for text in approved}
+        installed = bundle_sha256(installed_app)
+        return cls(installed, frozenset({installed, *listed}))
+
+    def refusal(self, fab_hash: str) -> str | None:
+        """None if the bundle may run here, else the reason the coordinator reads (public values only)."""
+        if fab_hash in self.approved:
+            return None
+        return (
+            f"app bundle sha256 {fab_hash or '(none)'} is not approved by this site, which runs only bundles it "
+            f"approved ({', '.join(sorted(digest[:12] for digest in self.approved))}); none of its code was run"
+        )
+
+    def describe(self) -> str:
+        lines = [f"  {digest}{'  (the installed fedtail)' if digest == self.installed else ''}"
+                 for digest in sorted(self.approved)]
+        return "\n".join(["approved app bundles (sha256):", *lines])
+
+
+def _runtime_client(
+    address: str, root_certificates: Path | None, interceptors: list[ProtobufClientInterceptor], retry: bool
+) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API; ``retry``: wait for it to come (back) up, as flower-superexec does."""
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=root_certificates is None,
+        root_certificates=None if root_certificates is None else str(root_certificates),
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker() if retry else None,
+    )
+
+
+def refuse(address: str, token: str, reason: str, root_certificates: Path | None = None) -> None:
+    """Answer the task's message with an error the coordinator sees, then finish the task as failed.
+
+    The same reply Flower's SuperNode sends for a bundle its trusted entities cannot verify
+    (``ErrorCode.INVALID_FAB``), sent through the calls ``flwr-clientapp`` uses (``pull_task_input``,
+    ``push_message``, ``push_task_output``). No retries: if the SuperNode cannot be reached the task expires, as a
+    dead ClientApp's would.
+    """
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)]
+    client = _runtime_client(address, root_certificates, interceptors, retry=False)
+    try:
+        message, context, _, _ = pull_task_input(client)
+        push_message(client, Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message), context)
+        push_task_output(client, None, SubStatus.FAILED, reason)
+    finally:
+        client.close()
+
+
+def start_clientapp(
+    program: str, address: str, token: str, flower_home: Path, root_certificates: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Flower's ``flwr-clientapp`` (``program``) for an approved task, as flower-superexec would start it."""
+    security = ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
+    return subprocess.Popen(
+        [program, "--runtime-api-address", address, "--token", token, *security, "--parent-pid", str(os.getpid())],
+        env={**os.environ, "FLWR_HOME": str(flower_home)},
+    )
+
+
+def serve(address: str, approval: Approval, root_certificates: Path | None = None) -> None:
+    """Take ClientApp tasks from the SuperNode at ``address`` until stopped; run approved ones, refuse the others."""
+    program = executable("flwr-clientapp")  # this environment's, the one beside its Python
+    client = _runtime_client(
+        address, root_certificates, [RuntimeVersionHttpInterceptor(component_name="SuperExec")], retry=True
+    )
+    running: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="fedtail-site-apps-") as flower_home:
+        log(f"fedtail-site runtime: taking ClientApp tasks from the SuperNode at {address}\n{approval.describe()}")
+        while True:
+            running = [process for process in running if process.poll() is None]
+            answer = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if answer.HasField("task") and answer.token:
+                task = answer.task
+                reason = approval.refusal(task.fab_hash)
+                if reason is None:
+                    log(f"fedtail-site runtime: run {task.run_id}: bundle {task.fab_hash[:12]} approved, starting it")
+                    running.append(start_clientapp(program, address, answer.token, Path(flower_home),
+                                                   root_certificates))
+                else:
+                    log(f"fedtail-site runtime: run {task.run_id}: REFUSED: {reason}")
+                    try:
+                        refuse(address, answer.token, reason, root_certificates)
+                    except Exception as error:  # noqa: BLE001 - one failed refusal must not stop the site's runtime
+                        log(f"fedtail-site runtime: run {task.run_id}: the refusal could not be sent ({error!r}); "
+                            "the coordinator will see the task time out")
+            time.sleep(POLL_SECONDS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client.runtime",
+        description="Run the ClientApp tasks of a SuperNode started with --isolation process, but only for app "
+        "bundles this site approved; refuse the others with a reason the coordinator sees.",
+    )
+    parser.add_argument("--runtime-api-address", default=SUPERNODE_DEFAULT_CLIENT_ADDRESS,
+                        help="the SuperNode's Runtime API: 127.0.0.1 and flower-supernode's --port "
+                        f"(default {SUPERNODE_DEFAULT_CLIENT_ADDRESS})")
+    parser.add_argument("--approve", action="append", default=[], metavar="SHA256",
+                        help="also run this app bundle (repeatable); `fedtail deploy bundle-hash` computes it")
+    parser.add_argument("--root-certificates", type=Path, default=None,
+                        help="CA of the Runtime API's TLS certificate, if flower-supernode serves it with TLS")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # `kill` (SIGTERM) stops the runtime like Ctrl-C, so that its Flower home of installed bundles is removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        serve(args.runtime_api_address, Approval.for_site(args.approve), args.root_certificates)
+    except FedtailError as error:
+        print(f"fedtail-site runtime: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        log("fedtail-site runtime: stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
