@@ -17,8 +17,8 @@ import torch
 
 from common.errors import ConfigError, DataError
 from common.files import load_torch, save_torch
+from common.run_files import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fedtail-checkpoint/2"
 
 
