@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+import uvicorn
 
 from common.artifacts import save_model
 from common.catalog import Catalog
@@ -247,6 +248,17 @@ def test_the_content_prior_needs_vectors_and_names_itself(model_dir: Path, tmp_p
     assert "model prior" in recommender.recommend([], k=3).strategy  # nothing known: the model's prior
 
 
+@pytest.fixture
+def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test of refusals fails, rather than serving forever, if the service starts after all."""
+    def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the service started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    monkeypatch.setattr(uvicorn, "run", started)
+
+
+@pytest.mark.usefixtures("never_serve")
 def test_a_port_outside_1_to_65535_is_refused(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for port in ("70000", "0", "-1", "http"):  # 70000 printed one port and listened on 70000 - 65536
         with pytest.raises(SystemExit) as stopped:
@@ -254,6 +266,7 @@ def test_a_port_outside_1_to_65535_is_refused(model_dir: Path, capsys: pytest.Ca
         assert stopped.value.code == 2 and "argument --port" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("never_serve")
 def test_a_port_in_use_is_one_line_and_exit_2(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
