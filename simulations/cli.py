@@ -262,7 +262,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _port(text: str) -> int:
-    """argparse type of --port: a TCP port one can listen on (the kernel would take 70000 as 70000 - 65536)."""
+    """argparse type of --port: a TCP port one can listen on (uvicorn on uvloop took 70000 as 70000 - 65536)."""
     try:
         port = int(text)
     except ValueError:
