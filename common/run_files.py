@@ -28,6 +28,8 @@ RUN_FILE = "run.json"
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
 GLOBAL_MODEL_FILE = "global_model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+FLOWER_LOG_FILE = "flower.log"
 ROUND_PLOT_FILE = "rounds.svg"
 LEDGER_DIR = "ledgers"
 

@@ -17,9 +17,8 @@ import torch
 
 from common.errors import DataError
 from common.files import load_torch, save_torch
-from common.run_files import check_same_settings
+from common.run_files import CHECKPOINT_FILE, check_same_settings
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fedtail-checkpoint/2"
 
 

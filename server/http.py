@@ -1,39 +1,116 @@
 """The recommendation HTTP service: FastAPI over ``server.serving.Recommender``.
 
-Bad requests get a 4xx with a message (422 for a body of the wrong shape,
-400 for values out of range, 413 for an oversized body), never a 5xx.
+A request the service cannot answer gets a 4xx with a one-line message in ``detail``,
+never a 5xx: 400 for a body that is not valid (not JSON, wrong types, unknown fields,
+k outside 1..1000, an item id that is not valid Unicode text), 413 for a body over 1 MB.
 OpenAPI docs are at /docs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import ConfigError
-from server.serving import MAX_K, Recommender
+from server.serving import MAX_K, ModelInfo, Recommender, RecommendationList
 
 MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 10_000
 MAX_BATCH = 1_000
+MAX_PROBLEMS = 3
+"""At most this many wrong fields are named in a 400's message (a 10,000-item history can hold as many)."""
+LONE_SURROGATE = "not valid Unicode text (it holds a lone surrogate)"
+
+
+def _item_id(value: Any) -> str:
+    """An item id as text: integers are read as their decimal text; a lone surrogate (JSON allows ``"\\ud800"``)
+    is refused, as it could not even be sent back as UTF-8."""
+    if type(value) is int:  # not a bool
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError("an item id is a string or an integer")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(LONE_SURROGATE) from None
+    return value
+
+
+ItemId = Annotated[
+    str,
+    BeforeValidator(_item_id),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}], "description": "a raw item id"}),
+]
 
 
 class RecommendRequest(BaseModel):
-    history: list[str | int] = Field(default_factory=list, max_length=MAX_HISTORY, description="raw item ids, oldest first")
-    k: int = Field(10, ge=1, le=MAX_K)
-    exclude_history: bool = True
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    history: list[ItemId] = Field(max_length=MAX_HISTORY, description="raw item ids, oldest first ([] for none)")
+    k: int = Field(10, ge=1, le=MAX_K, description="how many items to recommend")
+    exclude_history: bool = Field(True, description="never recommend an item of the history")
     explain: bool = Field(True, description="name the history item behind each recommendation (costs one forward "
                           "pass per history item)")
 
 
 class BatchRequest(BaseModel):
-    histories: list[list[str | int]] = Field(max_length=MAX_BATCH)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    histories: list[list[ItemId]] = Field(max_length=MAX_BATCH, description="one history per user, as in /recommend")
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_history: bool = True
     explain: bool = True
+
+
+class BatchResponse(BaseModel):
+    results: list[RecommendationList] = Field(description="one list per history, in the request's order")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="what is wrong with the request, in one line")
+
+
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "the body is not valid: not JSON, a wrong type, an unknown field, or a "
+          "value out of range (the message names the field)"},
+    413: {"model": Problem, "description": f"the body is over {MAX_BODY_BYTES} bytes"},
+}
+
+
+def _problem(errors: Sequence[Any]) -> str:
+    """One line naming each wrong field and why, without echoing the input (it may be NaN, or not even text)."""
+    lines = []
+    for error in errors[:MAX_PROBLEMS]:
+        if error["type"] == "json_invalid":
+            lines.append(f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])} "
+                         f"(at character {error['loc'][-1]})")
+            continue
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:])
+        where = where.lstrip(".")
+        if error["type"] == "string_unicode":  # a field name holding a lone surrogate
+            lines.append(f"{where or 'a field name'}: {LONE_SURROGATE}")
+        elif not where:
+            lines.append("the body must be a JSON object, sent as application/json; the fields are in the API docs, "
+                         "/docs")
+        elif error["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown field (the fields are in the API docs, /docs)")
+        elif error["type"] == "value_error":  # ours: the message without pydantic's "Value error, " prefix
+            lines.append(f"{where}: {error['ctx']['error']}")
+        else:
+            lines.append(f"{where}: {error['msg']}")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"and {len(errors) - MAX_PROBLEMS} more")
+    return "; ".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class LimitBody:
@@ -87,32 +164,47 @@ async def _too_large(send: Send, limit: int) -> None:
 def create_app(recommender: Recommender) -> FastAPI:
     app = FastAPI(title="fedtail recommendations", description=__doc__)
 
+    @app.exception_handler(RequestValidationError)
+    async def refuse(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _problem(error.errors())}, status_code=400)
+
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> Health:
+        return Health(status="ok")
 
     @app.get("/model")
-    def model() -> dict[str, Any]:
-        return recommender.info.as_dict()
+    def model() -> ModelInfo:
+        return recommender.info
 
-    @app.post("/recommend")
-    def recommend(request: RecommendRequest) -> dict[str, Any]:
+    @app.post("/recommend", responses=REFUSALS)
+    def recommend(request: RecommendRequest) -> RecommendationList:
         try:
-            return recommender.recommend(
-                [str(i) for i in request.history], request.k, request.exclude_history, request.explain
-            ).as_dict()
+            return recommender.recommend(request.history, request.k, request.exclude_history, request.explain)
         except ConfigError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
 
-    @app.post("/recommend/batch")
-    def recommend_batch(request: BatchRequest) -> dict[str, Any]:
+    @app.post("/recommend/batch", responses=REFUSALS)
+    def recommend_batch(request: BatchRequest) -> BatchResponse:
         try:
-            lists = recommender.recommend_many(
-                [[str(i) for i in h] for h in request.histories], request.k, request.exclude_history, request.explain
-            )
+            lists = recommender.recommend_many(request.histories, request.k, request.exclude_history, request.explain)
         except ConfigError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        return {"results": [result.as_dict() for result in lists]}
+        return BatchResponse(results=lists)
 
+    document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI documents a 422 for every body; this service answers 400 instead (``refuse``), as REFUSALS says."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = document()  # also kept as app.openapi_schema: the edits below are made once
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(LimitBody)
     return app

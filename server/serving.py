@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.artifacts import MODEL_FILE, load_model
+from common.artifacts import load_model, saved_model_file
 from common.catalog import Catalog
 from common.content import ITEM_VECTORS_FILE, load_item_vectors
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError
 from common.model import PADDING_INDEX, SASRec
 from common.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
-from common.run_files import GLOBAL_MODEL_FILE, SUMMARY_FILE
+from common.run_files import SUMMARY_FILE
 from common.split import left_pad
 from common.training import pick_device
 
@@ -93,9 +93,7 @@ class Recommender:
     ) -> Recommender:
         """A federated run folder (global_model.pt) or a centralized one (model.pt), with its catalog.json."""
         run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise DataError("no such run folder", run_dir)
-        model_file = GLOBAL_MODEL_FILE if (run_dir / GLOBAL_MODEL_FILE).exists() else MODEL_FILE
+        model_file = saved_model_file(run_dir)
         device = device or pick_device()
         model, catalog = load_model(run_dir, model_file, device)
         summary_path = run_dir / SUMMARY_FILE

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from common.artifacts import MODEL_FILE, load_model, save_model
+from common.artifacts import load_model, save_model, saved_model_file
 from common.content import initialise_from_text, save_item_vectors
 from common.datasets import Dataset
 from common.evaluation import evaluate_with_baselines, model_scorer
@@ -73,9 +73,13 @@ def train_centralized(
 
 
 def evaluate_saved(model_dir: Path, dataset: Dataset, device: torch.device | None = None) -> dict[str, Any]:
-    """Test-split metrics of a saved model on a dataset; items unknown to its catalogue are dropped and counted."""
+    """Test-split metrics of a saved model (``fedtail train``'s or a federated run's) on a dataset.
+
+    Items unknown to the model's catalogue are dropped and counted.
+    """
     device = device or pick_device()
-    model, catalog = load_model(model_dir, MODEL_FILE, device)
+    model_file = saved_model_file(model_dir)
+    model, catalog = load_model(model_dir, model_file, device)
     dataset, unknown = dataset.restricted_to(catalog)
     if unknown:
         log(f"warning: {unknown} interactions name items outside the model's catalogue; they are ignored")
@@ -88,6 +92,7 @@ def evaluate_saved(model_dir: Path, dataset: Dataset, device: torch.device | Non
         "kind": "evaluation of a saved model",
         "stage": "test",
         "model_dir": str(model_dir),
+        "model_file": model_file,
         "dataset": dataset.spec,
         "unknown_item_interactions_ignored": unknown,
         "seconds": time.perf_counter() - started,

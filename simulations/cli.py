@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ DATASET_HELP = (
 )
 
 
-def _add_dataset_arguments(parser: argparse.ArgumentParser, optional: bool) -> None:
+def _add_dataset_arguments(parser: argparse._ActionsContainer, optional: bool) -> None:
     if optional:
         parser.add_argument("dataset", nargs="?", default=DEFAULT_DATASET, help=DATASET_HELP)
     else:
@@ -58,7 +59,7 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser, optional: bool) -> N
     _add_data_options(parser)
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
+def _add_data_options(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--kcore", type=int, default=0, help="keep only users and items with at least K interactions")
     for role in ("user", "item", "time", "site"):
         parser.add_argument(f"--{role}-col", default=None, help=f"{role} column of a CSV/TSV/Parquet file")
@@ -118,7 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse._ActionsContainer) -> None:
     defaults = ModelOptions()
     parser.add_argument("--max-len", type=int, default=defaults.max_len, help="most recent items per user")
     parser.add_argument("--hidden", type=int, default=defaults.hidden)
@@ -251,14 +252,44 @@ def _serve(args: argparse.Namespace) -> int:
     ranking = RankingOptions(
         args.cold_start_weight, args.cold_start_fade, args.tail_penalty, args.cold_start_prior, args.content_temperature
     )
-    recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None, ranking)
-    print(f"fedtail: serving {args.run_dir} (model {recommender.info.model_id}, {recommender.info.catalog_size} items) "
-          f"on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
-    uvicorn.run(create_app(recommender), host=args.host, port=args.port, log_level="warning")
+    with _listen(args.host, args.port) as listening:
+        recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None, ranking)
+        print(f"fedtail: serving {args.run_dir} (model {recommender.info.model_id}, {recommender.info.catalog_size} "
+              f"items) on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
+        config = uvicorn.Config(create_app(recommender), log_level="warning")
+        uvicorn.Server(config).run(sockets=[listening])
     return 0
 
 
-def _add_federation_arguments(parser: argparse.ArgumentParser) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """The service's socket, bound here so that a port in use or an unknown host is one clear line (uvicorn would
+    log it and exit 1), and before the model loads, so that this fails at once."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    listening = socket.socket(family, kind, protocol)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
+        listening.bind(address)
+    except OSError as error:
+        listening.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listening
+
+
+def _port(text: str) -> int:
+    """argparse type of --port: a TCP port one can listen on (uvicorn on uvloop took 70000 as 70000 - 65536)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535")
+    return port
+
+
+def _add_federation_arguments(parser: argparse._ActionsContainer) -> None:
     run = RunSettings()
     parser.add_argument("--sites", type=int, default=5, help="number of simulated sites")
     parser.add_argument("--rounds", type=int, default=run.rounds)
@@ -332,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(handler=_simulate)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
-    evaluate.add_argument("model_dir", help="folder with model.pt and catalog.json")
+    evaluate.add_argument("model_dir", help="a trained model folder (model.pt) or a finished federated run folder "
+                          "(global_model.pt), with its catalog.json")
     _add_dataset_arguments(evaluate, optional=False)
     evaluate.add_argument("--out", default=None, help="write the metrics JSON here")
     evaluate.add_argument("--device", default=None)
@@ -341,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="HTTP recommendation service over a run folder's model")
     serve.add_argument("run_dir", help="a federated run folder (global_model.pt) or a trained model folder (model.pt)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535")
     serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     ranking = RankingOptions()
     serve.add_argument("--cold-start-weight", type=float, default=ranking.cold_start_weight,
@@ -359,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_parser = commands.add_parser(
         "audit", help="recompute every site's epsilon from the ledgers, cross-checked with the coordinator's record; "
-        "exit 1 if a ledger is broken, rewritten, cut off or understated"
+        "exit 1 if a ledger is broken, rewritten, cut off or understated",
+        usage="%(prog)s PATH [PATH ...] [--coordinator RECORD] [--out DIR]\n"
+        "       %(prog)s --empirical [DATASET] --out DIR [options for --empirical only]",
     )
     audit_parser.add_argument("paths", nargs="*", metavar="PATH",
                               help="run folder(s) or site ledger file(s), composed per site; with --empirical: "
@@ -371,10 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
                               help="where audit.json / audit.md go (default: the run folder, or the ledger's folder)")
     audit_parser.add_argument("--empirical", action="store_true",
                               help="plant canary users, train through Flower, and bound epsilon from below")
-    audit_parser.add_argument("--canaries", type=int, default=CanaryConfig().canaries, help="(--empirical)")
-    audit_parser.add_argument("--canary-length", type=int, default=CanaryConfig().length, help="(--empirical)")
-    _add_data_options(audit_parser)
-    _add_federation_arguments(audit_parser)
+    empirical = audit_parser.add_argument_group(
+        "options for --empirical only", "the canaries, and the federation that trains on them through Flower"
+    )
+    empirical.add_argument("--canaries", type=int, default=CanaryConfig().canaries, help="canary users to plant")
+    empirical.add_argument("--canary-length", type=int, default=CanaryConfig().length, help="items per canary user")
+    _add_data_options(empirical)
+    _add_federation_arguments(empirical)
     audit_parser.set_defaults(handler=_audit)
 
     deploy = commands.add_parser(

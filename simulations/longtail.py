@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from common.artifacts import MODEL_FILE, load_model
+from common.artifacts import load_model
 from common.content import item_content_vectors, load_item_vectors
 from common.datasets import load_dataset
 from common.evaluation import evaluate, model_scorer, popularity_scorer, reranked_scorer
 from common.files import write_json
 from common.model import PADDING_INDEX
 from common.ranking import RankingOptions, model_prior
-from common.run_files import GLOBAL_MODEL_FILE
 from common.split import EvaluationCases, evaluation_cases, item_popularity, training_history
 from common.training import pick_device
 from simulations.report import markdown_table
@@ -48,8 +47,7 @@ def longtail_table(
     model_dir: Path, dataset_spec: str, max_len: int | None = None, item_text: Path | None = None
 ) -> list[dict[str, Any]]:
     device = pick_device()
-    model_file = GLOBAL_MODEL_FILE if (model_dir / GLOBAL_MODEL_FILE).exists() else MODEL_FILE
-    model, catalog = load_model(model_dir, model_file, device)
+    model, catalog = load_model(model_dir, device=device)
     dataset, _ = load_dataset(dataset_spec).restricted_to(catalog)
     _, sequences = dataset.sequences(catalog)
     cases = evaluation_cases(sequences, "test", max_len or model.config.max_len)

@@ -37,5 +37,5 @@ def test_mismatched_or_corrupt_files_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / CATALOG_FILE).write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         load_model(tmp_path)
-    with pytest.raises(DataError, match="no model.pt"):
+    with pytest.raises(DataError, match="elsewhere: no such folder"):
         load_model(tmp_path / "elsewhere")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+import uvicorn
 
 from common.artifacts import save_model
 from common.catalog import Catalog
@@ -27,6 +29,7 @@ from common.processes import free_loopback_port
 from common.ranking import RankingOptions
 from server.http import MAX_BODY_BYTES
 from server.serving import PRIOR_STRATEGY, Recommender
+from simulations.cli import main
 
 ITEMS = [f"item-{i}" for i in range(1, 41)]
 
@@ -96,13 +99,16 @@ def service(model_dir: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        deadline = time.monotonic() + 300  # the import of torch alone can take a minute on a loaded machine
+        while True:
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=1)
                 break
             except OSError:
                 if process.poll() is not None:
                     raise RuntimeError(process.stderr.read().decode() if process.stderr else "server exited") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the service did not answer /health within 300 s") from None
                 time.sleep(0.1)
         yield url
     finally:
@@ -133,22 +139,58 @@ def test_the_service_answers_over_http(service: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "message"),
     [
-        b'{"history": "item-1"}',  # not a list
-        b'{"history": [["nested"]]}',
-        b'{"history": [], "k": 0}',
-        b'{"history": [], "k": 100000}',
-        b'{"history": [], "k": "ten"}',
-        b"not json at all",
-        b"[]",
-        b'{"histories": "x"}',
+        (b'{"history": "item-1"}', "history: Input should be a valid list"),
+        (b'{"history": [["nested"]]}', "history[0]: an item id is a string or an integer"),
+        (b'{"history": [], "k": 0}', "k: Input should be greater than or equal to 1"),
+        (b'{"history": [], "k": 100000}', "k: Input should be less than or equal to 1000"),
+        (b'{"history": [], "k": "ten"}', "k: Input should be a valid integer"),
+        (b"not json at all", "the body is not valid JSON"),
+        (b"[]", "the body must be a JSON object"),
+        (b'{"histories": "x"}', "histories: Input should be a valid list"),
+        # Hostile bodies that got a 500 before: nothing in them can be echoed back as JSON or UTF-8.
+        (b'{"history": [], "k": NaN}', "k: Input should be a valid integer"),
+        (b'{"history": [], "k": 1e400}', "k: Input should be a valid integer"),
+        (b'{"history": ["item-1", NaN]}', "history[1]: an item id is a string or an integer"),
+        (b'{"histories": [[Infinity]]}', "histories[0][0]: an item id is a string or an integer"),
+        (b'{"history": ["\\ud800"]}', "history[0]: not valid Unicode text"),
+        (b'{"history": [], "\\udc00": -Infinity}', "a field name: not valid Unicode text"),
+        (b'[' * 100_000 + b']' * 100_000, "error parsing the body"),
+        # Unknown fields, which were ignored: a typo served cold-start recommendations as if the history were empty.
+        (b'{"nope": 1}', "nope: unknown field"),
+        (b'{"hist": ["item-1"], "k": 3}', "hist: unknown field"),
+        (b'{"history": ["item-1"], "exclude": false}', "exclude: unknown field"),
+        (b'{"histories": [], "history": []}', "history: unknown field"),
+        (b"{}", "history: Field required"),
     ],
 )
-def test_bad_bodies_get_a_4xx_with_a_message(service: str, body: bytes) -> None:
+def test_bad_and_hostile_bodies_get_the_documented_400_naming_the_problem(
+    service: str, body: bytes, message: str
+) -> None:
     endpoint = "/recommend/batch" if b"histories" in body else "/recommend"
     status, payload = _post(f"{service}{endpoint}", body)
-    assert 400 <= status < 500 and payload["detail"]
+    assert status == 400 and message in payload["detail"], payload
+
+
+def test_the_openapi_schema_types_every_answer_and_documents_the_statuses_sent(service: str) -> None:
+    with urllib.request.urlopen(f"{service}/openapi.json") as response:
+        schema = json.loads(response.read())
+    assert "422" not in json.dumps(schema) and "400 for a body that is not valid" in schema["info"]["description"]
+    for path in ("/recommend", "/recommend/batch"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "413"}
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/Problem")
+    answers = {path: operations[method]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+               for path, operations in schema["paths"].items() for method in operations}
+    assert {path: ref.rsplit("/", 1)[1] for path, ref in answers.items()} == {
+        "/health": "Health", "/model": "ModelInfo", "/recommend": "RecommendationList",
+        "/recommend/batch": "BatchResponse",
+    }
+    components = schema["components"]["schemas"]
+    assert components["RecommendRequest"]["additionalProperties"] is False
+    assert components["RecommendRequest"]["required"] == ["history"]
+    assert set(components["Recommendation"]["properties"]) == {"item", "score", "because_of"}
 
 
 def _refusal_status(url: str, headers: dict[str, str], sent: bytes) -> int:
@@ -204,3 +246,29 @@ def test_the_content_prior_needs_vectors_and_names_itself(model_dir: Path, tmp_p
     assert "content prior" in short.strategy
     assert sum(int(r.item.split("-")[1]) > 20 for r in short.items) >= 8, "mostly items like item-25"
     assert "model prior" in recommender.recommend([], k=3).strategy  # nothing known: the model's prior
+
+
+@pytest.fixture
+def never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test of refusals fails, rather than serving forever, if the service starts after all."""
+    def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the service started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    monkeypatch.setattr(uvicorn, "run", started)
+
+
+@pytest.mark.usefixtures("never_serve")
+def test_a_port_outside_1_to_65535_is_refused(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for port in ("70000", "0", "-1", "http"):  # 70000 printed one port and listened on 70000 - 65536
+        with pytest.raises(SystemExit) as stopped:
+            main(["serve", str(model_dir), "--port", port])
+        assert stopped.value.code == 2 and "argument --port" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("never_serve")
+def test_a_port_in_use_is_one_line_and_exit_2(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", str(model_dir), "--port", str(port), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"fedtail: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"

@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from common.artifacts import save_model
+from common.datasets import load_dataset
+from common.model import ModelConfig, SASRec
+from common.processes import free_loopback_port
+from common.run_files import CHECKPOINT_FILE, FLOWER_LOG_FILE, GLOBAL_MODEL_FILE, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE
+from server.serving import Recommender
 from simulations.cli import main
 
 SMALL = "synthetic:users=300,items=120,seed=3"
@@ -61,7 +68,7 @@ def test_malformed_input_exits_non_zero_with_file_and_line_and_no_traceback(tmp_
         (["data", "stats", "synthetic:users=abc"], "not a"),
         (["train", SMALL, "--out", "unused", "--heads", "3"], "not divisible"),
         (["train", SMALL, "--out", "unused", "--lr", "0"], "learning rate"),
-        (["evaluate", "no-such-model-dir", SMALL], "no model.pt"),
+        (["evaluate", "no-such-model-dir", SMALL], "no-such-model-dir: no such folder"),
     ],
 )
 def test_wrong_options_are_one_clear_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,6 +126,61 @@ def test_evaluate_ignores_and_counts_items_unknown_to_the_catalogue(tmp_path: Pa
     report_path = tmp_path / "e.json"
     assert main(["evaluate", str(out), str(data), "--out", str(report_path)]) == 0
     assert json.loads(report_path.read_text())["run"]["unknown_item_interactions_ignored"] == 1
+
+
+def test_evaluate_and_serve_load_a_federated_run_folders_global_model(tmp_path: Path) -> None:
+    """The README's promise: a finished run folder's global_model.pt loads with fedtail evaluate (and serve)."""
+    catalog = load_dataset(SMALL).catalog()
+    model = SASRec(ModelConfig(num_items=catalog.num_items, max_len=20, hidden=16, heads=1, blocks=1))
+    trained, federated = tmp_path / "trained", tmp_path / "federated"
+    save_model(trained, model, catalog)
+    save_model(federated, model, catalog, GLOBAL_MODEL_FILE)  # as server/app.py's finish_run does
+    (federated / RUN_FILE).write_text('{"run_id": "r1"}')
+    (federated / SUMMARY_FILE).write_text('{"run": {"run_id": "r1"}}')
+    reports = {}
+    for folder in (trained, federated):
+        assert main(["evaluate", str(folder), SMALL, "--out", str(folder / "eval.json")]) == 0
+        reports[folder] = json.loads((folder / "eval.json").read_text())
+    assert reports[federated]["run"]["model_file"] == GLOBAL_MODEL_FILE
+    assert reports[federated]["overall"] == reports[trained]["overall"], "the same model, whichever file holds it"
+    assert Recommender.load(federated, torch.device("cpu")).info.run_id == "r1"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "serve"])
+def test_an_unfinished_run_folder_is_told_so_and_pointed_at_its_log_and_checkpoint(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (RUN_FILE, ROUNDS_FILE, CHECKPOINT_FILE, FLOWER_LOG_FILE):  # what a run that failed in round 3 leaves
+        (run / name).write_text("")
+    args = [str(run), SMALL] if command == "evaluate" else [str(run), "--port", str(free_loopback_port())]
+    assert main([command, *args]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "this federated run has not finished" in error, error
+    assert f"its log is {run / FLOWER_LOG_FILE}" in error
+    assert f"{CHECKPOINT_FILE} holds its last finished round" in error
+    assert "train a model first" not in error
+    (run / CHECKPOINT_FILE).unlink()  # failed before its first round ended
+    assert main([command, *args]) == 2
+    assert "it finished no round" in capsys.readouterr().err
+
+
+def test_a_folder_without_any_model_is_told_how_to_make_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(tmp_path), SMALL]) == 2
+    error = capsys.readouterr().err
+    assert "no model.pt or global_model.pt here; train a model first" in error and "fedtail simulate" in error
+
+
+def test_audit_help_sets_the_empirical_only_options_apart(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    general, _, empirical = capsys.readouterr().out.partition("options for --empirical only:")
+    assert empirical, "a group titled for --empirical"
+    for option in ("--out", "--empirical"):
+        assert option in general
+    for option in ("--canaries", "--canary-length", "--kcore", "--sites", "--rounds", "--epsilon", "--lr", "--hidden"):
+        assert f"  {option} " in empirical and f"  {option} " not in general, option
 
 
 def test_console_script_is_installed() -> None:
