@@ -38,7 +38,17 @@ from common.files import atomic_write_text, write_json
 from common.ledger import GENESIS_HASH, LEDGER_FORMAT, LEDGER_FORMATS, NONCE_BYTES, UNSALTED_FORMAT, LedgerLine, scan
 from common.plot import Panel, Series, write_line_charts
 from common.privacy import MechanismStep, delta_below_one_over_users, epsilon_from_history, model_selection_statement
-from common.run_files import LEDGER_DIR, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE, ledger_site, read_run_record, site_ledger
+from common.run_files import (
+    LEDGER_DIR,
+    ROUNDS_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    ledger_site,
+    read_run_record,
+    round_lines,
+    site_ledger,
+    site_order,
+)
 
 RELATIVE_TOLERANCE = 0.02
 """Accountants differ by their numerics; 2% is far above that and far below any real understatement."""
@@ -495,18 +505,14 @@ def check_against_coordinator(
             ledger.records += 1
     left_out: set[str] = set()
     path = record.rounds
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
+    for number, line, problem in round_lines(path):
         where = f"{path}:{number}"
-        try:
-            line = json.loads(text)
-            round_number, trained = int(line["round"]), {str(site) for site in line["sites_trained"]}
-            epsilons, heads = dict(line["site_epsilon"]), dict(line.get("site_ledger_head") or {})
-            run_id = str(line.get("run_id") or record.run_id or "")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            findings.append(Finding("error", where, f"unreadable round record ({error})"))
+        if line is None:
+            findings.append(Finding("error", where, f"unreadable round record ({problem})"))
             continue
+        round_number, trained = line.round, set(line.sites_trained)
+        epsilons, heads = line.site_epsilon, line.site_ledger_head
+        run_id = line.run_id or record.run_id or ""
         if not run_id:
             findings.append(Finding("error", where, f"the round record names no run (no run_id, no {RUN_FILE} here)"))
             continue
@@ -763,18 +769,13 @@ def audit(paths: Sequence[str | Path], coordinator: Sequence[str | Path] = ()) -
     return AuditReport(
         [str(p) for p in paths],
         [str(p) for p in coordinator],
-        dict(sorted(sites.items(), key=_site_order)),
+        dict(sorted(sites.items(), key=lambda item: site_order(item[0]))),
         findings,
         any(s.dp for s in sources),
         not_covered=[*NOT_COVERED, *dict.fromkeys(t for t in map(_selection_not_covered, run_records) if t)],
         not_verified=[*LIMITS, *unverified],
         witnessed=bool(ledger_files) and not unverified and not any(f.contradicted for f in ledger_files),
     )
-
-
-def _site_order(item: tuple[str, Any]) -> tuple[bool, int, str]:
-    """Numbered sites (simulation) in numeric order, named sites (deployment) after them by name."""
-    return (not item[0].isdigit(), int(item[0]) if item[0].isdigit() else 0, item[0])
 
 
 def _site_audit(site: str, entries: list[_Entry], ledgers: list[str], composed: bool, findings: list[Finding]) -> SiteAudit:

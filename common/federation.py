@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ConfigError
@@ -25,47 +25,94 @@ MODEL_SELECTIONS = ("best-validation", "last")
 post-processing of released models, so it costs no privacy; without an evaluator it is the last round."""
 
 
+def setting(default: Any, help: str, flag: str = "", choices: tuple[str, ...] = (), cli: bool = True) -> Any:
+    """One run setting, declared once: its default, its help line, and how the command line spells it.
+
+    ``flag`` is the option when it is not the key itself (``--clip`` for
+    ``max-grad-norm``); ``cli=False`` marks settings the command line sets
+    another way (the dataset argument, ``--out``) or not at all (deployment only).
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli": cli})
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    dataset: str = "synthetic"
-    """Simulation: the data split into sites. Deployment: the coordinator's own held-out users to evaluate on
-    (mapped onto catalog-path), or "" when it has none."""
-    catalog_path: str = ""
-    """Deployment: the public catalogue file the model is built on; every site holds the same file."""
-    item_text: str = ""
-    """Public item metadata (MovieLens u.item, an item2attributes JSON) to initialise the global model's items
-    from; "" for random."""
-    kcore: int = 0
-    partitioning: str = "uniform"
-    seed: int = 0
-    out_dir: str = "runs/flwr-run"
-    rounds: int = 10
-    model_selection: str = "best-validation"
-    fraction_sites: float = 1.0
-    min_sites: int = 1
-    server_optimizer: str = "fedavg"
-    server_learning_rate: float = 0.0  # 0: the optimizer's usual default (see server.strategy)
-    server_momentum: float = 0.9  # fedavgm's momentum, fedadam's beta_1
-    dp: bool = True
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    sample_rate: float = 0.1
-    """Under DP, the probability that a site samples a given user into a step (public: the same at every site,
-    never derived from a site's user count); a round is ceil(local-epochs / sample-rate) steps."""
-    batch_size: int = 64
-    """Under DP, the public number each step's noisy sum is divided by; without DP, the batch size."""
-    local_epochs: float = 1.0
-    learning_rate: float = 5e-3  # under DP noise, 1e-3 learns far slower (measured on the synthetic default)
-    loss: str = "ce"
-    grad_sample_mode: str = "ghost"  # how Opacus measures per-user gradient norms (common.privacy.GradSampleMode)
-    max_physical_batch_size: int = 0  # split bigger Poisson batches to bound memory; 0: never
-    # Model options, flat because Flower's run config is flat; defaults from ModelOptions.
-    max_len: int = ModelOptions.max_len
-    hidden: int = ModelOptions.hidden
-    heads: int = ModelOptions.heads
-    blocks: int = ModelOptions.blocks
-    dropout: float = ModelOptions.dropout
+    """Every setting of a federated run: Flower's run config, the ServerApp and ClientApp, and `fedtail simulate`.
+
+    The command line's options (``simulations.cli``), the run config's keys
+    (``to_run_config``) and pyproject's defaults (checked by
+    tests/common/test_federation.py) all come from these declarations.
+    """
+
+    dataset: str = setting(
+        "synthetic",
+        "simulation: the data split into sites; deployment: the coordinator's own held-out users to evaluate on "
+        "(mapped onto catalog-path), or '' when it has none",
+        cli=False,
+    )
+    catalog_path: str = setting(
+        "", "deployment: the public catalogue file the model is built on; every site holds the same file", cli=False
+    )
+    item_text: str = setting(
+        "",
+        "public item metadata to initialise item embeddings from: MovieLens folder, u.item, movies.csv or CSV "
+        "item,text (needs pip install 'fedtail[content]'), or an item -> attribute-ids JSON such as "
+        "Beauty_item2attributes.json (or its folder); '' for random",
+    )
+    kcore: int = setting(0, "keep only users and items with at least K interactions", cli=False)
+    partitioning: str = setting("uniform", "how users are split into sites", flag="partition", choices=SCHEMES)
+    seed: int = setting(0, "seed of the partition, the initial model and dropout (public randomness only)")
+    out_dir: str = setting("runs/flwr-run", "the run folder", cli=False)
+    rounds: int = setting(10, "federated rounds (noise is calibrated on all of them together)")
+    model_selection: str = setting(
+        "best-validation", "keep the round with the best validation NDCG@10, or the last round",
+        choices=MODEL_SELECTIONS,
+    )
+    fraction_sites: float = setting(1.0, "share of sites sampled per round")
+    min_sites: int = setting(1, "at least this many sites per round")
+    server_optimizer: str = setting(
+        "fedavg", "applied to the averaged update: fedavg (none), fedavgm (momentum), fedadam",
+        choices=SERVER_OPTIMIZERS,
+    )
+    server_learning_rate: float = setting(
+        0.0, "server learning rate (0: the optimizer's usual default, 1.0 for fedavgm, 0.01 for fedadam)",
+        flag="server-lr",
+    )
+    server_momentum: float = setting(0.9, "fedavgm's momentum, fedadam's beta_1")
+    dp: bool = setting(True, "NON-PRIVATE federated baseline: no clipping, no noise (each site must allow it)",
+                       flag="no-dp")
+    epsilon: float = setting(8.0, "each site's target epsilon after ALL rounds (noise is calibrated on it)")
+    delta: float = setting(1e-5, "the delta epsilon is stated at; must be below 1/users at every site")
+    max_grad_norm: float = setting(1.0, "per-user gradient clipping norm C", flag="clip")
+    sample_rate: float = setting(
+        0.1,
+        "DP: probability that a site samples a user into a step (public, the same at every site, never derived "
+        "from a site's user count); a round is ceil(local-epochs / sample-rate) steps",
+    )
+    batch_size: int = setting(
+        64, "DP: the public divisor of each step's noisy sum (about users x sample-rate); without DP: users per step"
+    )
+    local_epochs: float = setting(1.0, "local passes over a site's users per round")
+    learning_rate: float = setting(
+        5e-3, "the sites' Adam learning rate (under DP noise 1e-3 learns far slower on the synthetic default)",
+        flag="lr",
+    )
+    loss: str = setting("ce", "ce: full softmax cross-entropy; bce: one sampled negative per position",
+                        choices=("ce", "bce"))
+    grad_sample_mode: str = setting(
+        "ghost", "how per-user gradient norms are measured (ghost: fast, catalogue-independent memory)",
+        choices=GRAD_SAMPLE_MODES,
+    )
+    max_physical_batch_size: int = setting(
+        0, "split bigger Poisson batches into pieces of this many users to bound memory (0: never)",
+        flag="max-physical-batch",
+    )
+    # Model options, flat because Flower's run config is flat; one declaration, in ModelOptions.
+    max_len: int = setting(ModelOptions.max_len, "most recent items per user")
+    hidden: int = setting(ModelOptions.hidden, "hidden size of the transformer and the item embeddings")
+    heads: int = setting(ModelOptions.heads, "attention heads (must divide --hidden)")
+    blocks: int = setting(ModelOptions.blocks, "transformer blocks")
+    dropout: float = setting(ModelOptions.dropout, "dropout rate in [0, 1)")
 
     def __post_init__(self) -> None:
         # Every float field, first: NaN and inf pass checks such as `epsilon <= 0` (--epsilon inf trained).
@@ -112,8 +159,8 @@ class RunSettings:
             raise ConfigError(f"unknown run config keys {unknown}; known: {sorted(known)}")
         values: dict[str, Any] = {}
         for key, value in config.items():
-            field = cls.__dataclass_fields__[known[key]]
-            expected = {"int": int, "float": float, "bool": bool, "str": str}[str(field.type)]
+            declared = cls.__dataclass_fields__[known[key]]
+            expected = {"int": int, "float": float, "bool": bool, "str": str}[str(declared.type)]
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):

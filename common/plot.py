@@ -24,6 +24,8 @@ class Panel:
     title: str
     x_label: str
     series: Sequence[Series]
+    marker: tuple[float, str] | None = None
+    """(x, label): a dashed vertical line, e.g. the round a run kept."""
 
 
 def _panel(x0: int, panel: Panel) -> str:
@@ -41,6 +43,12 @@ def _panel(x0: int, panel: Panel) -> str:
         f'<text x="{x0 + WIDTH - MARGIN}" y="{HEIGHT - MARGIN + 14}" text-anchor="end" font-size="10">'
         f"{panel.x_label} {right:g}</text>",
     ]
+    if panel.marker is not None:
+        x = x0 + MARGIN + inner_w * panel.marker[0] / right
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{MARGIN}" x2="{x:.1f}" y2="{HEIGHT - MARGIN}" stroke="grey" stroke-dasharray="4 3"/>'
+            f'<text x="{x + 3:.1f}" y="{MARGIN + 10}" font-size="9" fill="grey">{panel.marker[1]}</text>'
+        )
     for index, series in enumerate(panel.series):
         colour = COLOURS[index % len(COLOURS)]
         points = [
@@ -67,10 +75,16 @@ def write_line_charts(path: Path, panels: Sequence[Panel]) -> None:
 
 
 def write_round_plot(
-    path: Path, rounds: Sequence[int], ndcg: Sequence[float] | None, epsilon: Sequence[float] | None
+    path: Path,
+    rounds: Sequence[int],
+    ndcg: Sequence[float] | None,
+    epsilon: Sequence[float] | None,
+    kept_round: int | None = None,
 ) -> None:
-    """The run's own picture: validation NDCG@10 where the server evaluates, epsilon (max over sites) under DP."""
-    panels = [] if ndcg is None else [Panel("validation NDCG@10", "round", [Series("NDCG@10", rounds, ndcg)])]
+    """The run's own picture: validation NDCG@10 where the server evaluates (with the round the run kept),
+    epsilon (max over sites) under DP."""
+    marker = None if kept_round is None else (float(kept_round), f"kept: round {kept_round}")
+    panels = [] if ndcg is None else [Panel("validation NDCG@10", "round", [Series("NDCG@10", rounds, ndcg)], marker)]
     if epsilon is not None:
         panels.append(Panel("epsilon (max over sites)", "round", [Series("epsilon", rounds, epsilon)]))
     if panels:

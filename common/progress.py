@@ -1,42 +1,36 @@
-"""Progress output for long work: a live bar on a terminal, plain lines in logs and CI."""
+"""Progress output for long work: a live bar on a terminal (rich, which ships with Flower), plain lines in logs."""
 
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-class ProgressBar:
-    """``with ProgressBar(total, "epoch 3") as bar: bar.advance()``; silent when ``enabled`` is False."""
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled: bool = True) -> None:
-        self.total = max(total, 1)
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and self.stream.isatty()
-        self.done = 0
-        self.started = time.perf_counter()
+@contextmanager
+def progress_bar(total: int, label: str, stream: TextIO | None = None) -> Iterator[Callable[[str], None]]:
+    """``with progress_bar(n, "epoch 3") as advance: advance("loss 0.3")``; drawn only on a terminal.
 
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def advance(self, steps: int = 1, note: str = "") -> None:
-        self.done += steps
-        if not self.enabled:
-            return
-        width = 30
-        filled = int(width * self.done / self.total)
-        elapsed = time.perf_counter() - self.started
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {elapsed:5.1f}s {note}"
-        )
-        self.stream.flush()
-
-    def __exit__(self, *_: object) -> None:
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+    The bar is transient: it disappears when the work is done, so logs and
+    terminals keep only the lines that ``log`` writes.
+    """
+    console = Console(file=stream or sys.stderr)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=max(total, 1), note="")
+        yield lambda note: bar.update(task, advance=1, note=note)
 
 
 def log(message: str, stream: TextIO | None = None) -> None:

@@ -1,5 +1,6 @@
-"""A run folder's files: their names, shared by the server that writes them and the auditor that reads them, and
-the run record (``run.json``) that pins what a resumed run must keep.
+"""A run folder's files and formats: their names, the run record (``run.json``) that pins what a resumed run must
+keep, and the round record (one line of ``rounds.jsonl``), shared by the server that writes them and the auditor and
+benchmarks that read them.
 
 ``run.json`` holds the run's id (sites key their ledger lines by it). When ``fedtail simulate`` started the run it
 also holds, written before Flower starts, everything that decides who is at which site and how they are trained::
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,102 @@ def check_same_settings(out_dir: Path, saved: Mapping[str, Any], now: Mapping[st
             f"{out_dir} holds a run with other settings: {', '.join(differences)}; "
             "resume with the same settings or use another --out"
         )
+
+
+def site_order(site: str) -> tuple[int, int, str]:
+    """Sort key for site ids: numbered sites in numeric order, then named ones, whatever the mix."""
+    return (0, int(site), "") if site.isdigit() else (1, 0, site)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One line of ``rounds.jsonl``: what the coordinator saw in one finished round.
+
+    Sites are named by their ids. ``site_epsilon`` is every site's epsilon as
+    last reported (the sites' own accounting), ``site_ledger_head`` each
+    replying site's ledger head (``lines``, ``hash``), which the audit compares
+    with the site's ledger. Lines written before a field existed read with its
+    default.
+    """
+
+    round: int
+    run_id: str | None = None
+    valid: dict[str, float] | None = None
+    """Validation metrics of the round's global model (None: the coordinator holds no held-out users)."""
+    sites_trained: list[str] = field(default_factory=list)
+    sites_declined: dict[str, str] = field(default_factory=dict)
+    """Declining site -> its reason."""
+    failures: list[str] = field(default_factory=list)
+    """Each failed site's error, as its reply gave it."""
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    site_ledger_head: dict[str, dict[str, Any]] = field(default_factory=dict)
+    epsilon: float | None = None
+    """The largest site epsilon (None without DP)."""
+    seconds: float = 0.0
+    evaluation_seconds: float = 0.0
+    """The server's validation pass, included in ``seconds``."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundRecord:
+        """Parse one line; raises ``ValueError`` naming what is wrong."""
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not JSON ({error.msg})") from None
+        if not isinstance(line, dict) or "round" not in line:
+            raise ValueError("not a round record (no 'round')")
+        try:
+            return cls(
+                round=int(line["round"]),
+                run_id=None if line.get("run_id") is None else str(line["run_id"]),
+                valid=None if line.get("valid") is None else {str(k): float(v) for k, v in line["valid"].items()},
+                sites_trained=[str(site) for site in line.get("sites_trained", [])],
+                sites_declined={str(k): str(v) for k, v in dict(line.get("sites_declined", {})).items()},
+                failures=[str(failure) for failure in line.get("failures", [])],
+                site_epsilon={str(k): float(v) for k, v in dict(line.get("site_epsilon", {})).items()},
+                site_ledger_head={str(k): dict(v) for k, v in dict(line.get("site_ledger_head") or {}).items()},
+                epsilon=None if line.get("epsilon") is None else float(line["epsilon"]),
+                seconds=float(line.get("seconds", 0.0)),
+                evaluation_seconds=float(line.get("evaluation_seconds", 0.0)),
+            )
+        except (AttributeError, TypeError, ValueError) as error:
+            raise ValueError(f"a field has the wrong type ({error})") from None
+
+
+def append_round(out_dir: Path, record: RoundRecord) -> None:
+    with (out_dir / ROUNDS_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(record.to_json() + "\n")
+
+
+def round_lines(path: Path) -> Iterator[tuple[int, RoundRecord | None, str]]:
+    """Every non-blank line of a ``rounds.jsonl`` as (line number, record or None, what is wrong with it)."""
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            yield number, RoundRecord.from_json(text), ""
+        except ValueError as error:
+            yield number, None, str(error)
+
+
+def read_rounds(out_dir: Path, up_to: int | None = None) -> list[RoundRecord]:
+    """The run folder's round records (up to round ``up_to``); a malformed line is an error naming it."""
+    path = out_dir / ROUNDS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for number, record, problem in round_lines(path):
+        if record is None:
+            raise DataError(problem, path, number)
+        if up_to is None or record.round <= up_to:
+            records.append(record)
+    return records
+
+
+def truncate_rounds(out_dir: Path, up_to: int) -> None:
+    """Keep the lines of rounds up to ``up_to``: a run killed between its two writes redoes that round."""
+    kept = read_rounds(out_dir, up_to)
+    (out_dir / ROUNDS_FILE).write_text("".join(record.to_json() + "\n" for record in kept), encoding="utf-8")

@@ -13,7 +13,7 @@ import torch
 from common.errors import ConfigError
 from common.evaluation import evaluate, model_scorer
 from common.model import LossName, SASRec, sequence_loss
-from common.progress import ProgressBar, log
+from common.progress import log, progress_bar
 from common.split import EvaluationCases, TrainingExamples, length_buckets, trim_left_padding
 
 
@@ -64,7 +64,7 @@ def train_one_epoch(
     model.train()
     batches_of_rows = length_buckets(examples.lengths(), batch_size, generator)
     total, batches = 0.0, 0
-    with ProgressBar(len(batches_of_rows), label) as bar:
+    with progress_bar(len(batches_of_rows), label) as advance:
         for rows in batches_of_rows:
             inputs, targets = trim_left_padding(examples.inputs[rows], examples.targets[rows])
             inputs, targets = inputs.to(device), targets.to(device)
@@ -74,7 +74,7 @@ def train_one_epoch(
             optimizer.step()
             total += float(value.detach())
             batches += 1
-            bar.advance(note=f"loss {total / batches:.4f}")
+            advance(f"loss {total / batches:.4f}")
     return total / max(batches, 1)
 
 

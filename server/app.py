@@ -24,14 +24,12 @@ server has; the sites never send local metrics (they would be unaccounted releas
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass, field
 from importlib.metadata import version
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -39,72 +37,34 @@ from flwr.serverapp import Grid, ServerApp
 from common.artifacts import save_model
 from common.catalog import Catalog
 from common.content import initialise_from_text, save_item_vectors
-from common.datasets import load_dataset
-from common.evaluation import evaluate, evaluate_with_baselines, model_scorer
+from common.evaluation import evaluate_with_baselines, model_scorer
 from common.federation import RunSettings
 from common.files import write_json
 from common.model import SASRec
-from common.processes import die_with_parent, lock_run_folder
 from common.plot import write_round_plot
 from common.privacy import model_selection_statement
+from common.processes import die_with_parent, lock_run_folder
 from common.progress import log
 from common.run_files import (
     GLOBAL_MODEL_FILE,
     ROUND_PLOT_FILE,
     ROUNDS_FILE,
     SUMMARY_FILE,
+    RoundRecord,
     RunRecord,
+    append_round,
+    read_rounds,
     read_run_record,
+    site_order,
+    truncate_rounds,
     write_run_record,
 )
-from common.split import EvaluationCases, evaluation_cases, item_popularity
 from common.training import pick_device
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
-from server.strategy import private_strategy
+from server.evaluator import Evaluator, server_catalog, validation_line
+from server.strategy import PrivateAggregation, private_strategy
 
 app = ServerApp()
-
-
-@dataclass(frozen=True)
-class Evaluator:
-    """The server's held-out view of users: validation per round, test at the end.
-
-    A simulation's server holds every user's last items; a deployed
-    coordinator evaluates on its own held-out users when it has some
-    (``dataset``, mapped onto ``catalog-path``), and otherwise not at all.
-    """
-
-    catalog: Catalog
-    valid: EvaluationCases
-    test: EvaluationCases
-    popularity: np.ndarray
-    num_users: int
-
-    @classmethod
-    def from_settings(cls, settings: RunSettings) -> Evaluator:
-        dataset = load_dataset(settings.dataset, kcore=settings.kcore)
-        if settings.catalog_path:
-            catalog = Catalog.load(settings.catalog_path)
-            dataset, unknown = dataset.restricted_to(catalog)
-            if unknown:
-                log(f"fedtail: {unknown} evaluation interactions name items outside the catalogue; ignored")
-        else:
-            catalog = dataset.catalog()
-        _, sequences = dataset.sequences(catalog)
-        return cls(
-            catalog,
-            evaluation_cases(sequences, "valid", settings.max_len),
-            evaluation_cases(sequences, "test", settings.max_len),
-            item_popularity(sequences, catalog.num_items),
-            len(sequences),
-        )
-
-
-def server_catalog(settings: RunSettings) -> tuple[Catalog, Evaluator | None]:
-    if not settings.dataset:
-        return Catalog.load(settings.catalog_path), None
-    evaluator = Evaluator.from_settings(settings)
-    return evaluator.catalog, evaluator
 
 
 def run_id_for(out_dir: Path) -> str:
@@ -117,20 +77,6 @@ def run_id_for(out_dir: Path) -> str:
     return record.run_id
 
 
-def read_rounds(out_dir: Path, up_to: int | None = None) -> list[dict[str, Any]]:
-    path = out_dir / ROUNDS_FILE
-    if not path.exists():
-        return []
-    rounds = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rounds if up_to is None or r["round"] <= up_to]
-
-
-def truncate_rounds(out_dir: Path, up_to: int) -> None:
-    """Drop lines of rounds after the checkpoint: a run killed between the two writes redoes that round."""
-    kept = read_rounds(out_dir, up_to)
-    (out_dir / ROUNDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-
-
 def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> dict[str, Any]:
     if not settings.dp:
         return {"dp": False, "epsilon": None, "delta": None, "per_site": {}, "guarantee": "NONE: trained without DP"}
@@ -139,7 +85,7 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
         "dp": True,
         "epsilon": epsilon,
         "delta": settings.delta,
-        "per_site": dict(sorted(site_epsilon.items(), key=lambda item: int(item[0]) if item[0].isdigit() else item[0])),
+        "per_site": dict(sorted(site_epsilon.items(), key=lambda item: site_order(item[0]))),
         "unit": "user",
         "guarantee": (
             f"({epsilon:.3f}, {settings.delta:g})-DP for every user: users are disjoint across sites, so the global "
@@ -147,6 +93,15 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
             "from the sites' ledgers)"
         ),
     }
+
+
+@dataclass
+class RunState:
+    """Where a run stands at the server: the rounds finished, each site's epsilon, the best round so far."""
+
+    done: int = 0
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    best: BestRound | None = None
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
@@ -160,96 +115,51 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
 def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any]:
     device = pick_device()
     catalog, evaluator = server_catalog(settings)
-    torch.manual_seed(settings.seed)
-    model = SASRec(settings.model_config(catalog.num_items))
-    if settings.item_text:  # public metadata only: the initial model costs no privacy
-        save_item_vectors(out_dir, initialise_from_text(model, catalog, Path(settings.item_text)))
-    model.to(device)
-
-    run_config = settings.to_run_config()
-    checkpoint = load_checkpoint(out_dir, run_config)
+    model = initial_model(settings, catalog, out_dir).to(device)
     run_id = run_id_for(out_dir)
-    done = 0
-    site_epsilon: dict[str, float] = {}
-    best: BestRound | None = None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint.state_dict)
-        done, site_epsilon, best = checkpoint.round, checkpoint.site_epsilon, checkpoint.best
-        truncate_rounds(out_dir, done)
-        log(f"fedtail: resuming run {run_id} after round {done} of {settings.rounds}")
-    elif (out_dir / ROUNDS_FILE).exists():
-        truncate_rounds(out_dir, 0)
+    state = resume(out_dir, settings, model, run_id)
     if not settings.dp:
         log("fedtail: WARNING: dp = false: sites train WITHOUT differential privacy; the model has no privacy guarantee")
-
     strategy = private_strategy(
         settings.server_optimizer,
         settings.fraction_sites,
         settings.min_sites,
-        round_offset=done,
-        site_epsilon=site_epsilon,
+        round_offset=state.done,
+        site_epsilon=state.site_epsilon,
         server_learning_rate=settings.server_learning_rate,
         server_momentum=settings.server_momentum,
     )
     round_started = [time.perf_counter()]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        nonlocal best
+        """Flower calls this with each round's new global weights (and once with the initial ones, round 0)."""
         if server_round == 0:
             return None
-        number = server_round + done
-        if strategy.last_round.everyone_failed:
-            raise RuntimeError(
-                f"round {number}: every sampled site failed, so the run stops here. First error: "
-                f"{strategy.last_round.failures[0][:2000]}"
-            )
-        evaluation_started = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
-        valid = None if evaluator is None else validation_line(model, device, evaluator)
-        evaluation_seconds = time.perf_counter() - evaluation_started
-        replies = strategy.last_round
-        line = {
-            "round": number,
-            "valid": valid,
-            "sites_trained": sorted(replies.trained),
-            "sites_declined": replies.declined,
-            "sites_failed": len(replies.failures),
-            "failures": replies.failures,  # each failed site's error reply, e.g. a refused app bundle
-            "site_epsilon": dict(strategy.site_epsilon),
-            "site_ledger_head": replies.ledger_heads,
-            "run_id": run_id,
-            "epsilon": max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
-            "seconds": time.perf_counter() - round_started[0],
-            "evaluation_seconds": evaluation_seconds,  # the server's validation pass, included in "seconds"
-        }
-        with (out_dir / ROUNDS_FILE).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if valid is not None and (best is None or valid["ndcg@10"] > best.valid_ndcg):
-            # A copy: on the CPU ``weights`` share memory with the model, which the next round overwrites.
-            best = BestRound(number, valid["ndcg@10"], {k: v.clone() for k, v in weights.items()})
-        Checkpoint(run_id, number, weights, run_config, line["site_epsilon"], best).save(out_dir)
-        epsilon_note = f"  epsilon {line['epsilon']:.3f}" if settings.dp else "  NON-PRIVATE"
-        declined_note = f"  declined: {', '.join(replies.declined)}" if replies.declined else ""
-        valid_note = "" if valid is None else f"  valid NDCG@10 {valid['ndcg@10']:.4f}"
-        log(
-            f"fedtail: round {number}/{settings.rounds}{valid_note}  "
-            f"sites {len(replies.trained)}{epsilon_note}{declined_note}  {line['seconds']:.1f}s"
+        record = finish_round(
+            server_round + state.done, model, device, evaluator, strategy, settings, run_id, round_started[0]
         )
+        append_round(out_dir, record)
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state.best = keep_if_best(state.best, record, weights)
+        Checkpoint(run_id, record.round, weights, settings.to_run_config(), record.site_epsilon, state.best).save(
+            out_dir
+        )
+        log_round(record, settings)
         round_started[0] = time.perf_counter()
-        return None if valid is None else MetricRecord({"valid-ndcg@10": valid["ndcg@10"]})
+        return None if record.valid is None else MetricRecord({"valid-ndcg@10": record.valid["ndcg@10"]})
 
-    if settings.rounds > done:
+    if settings.rounds > state.done:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}),
-            num_rounds=settings.rounds - done,
+            num_rounds=settings.rounds - state.done,
             train_config=ConfigRecord(
                 {"run-id": run_id, "catalog-sha256": catalog.fingerprint(), "flwr-version": version("flwr")}
             ),
             evaluate_fn=after_round,
         )
-    kept = best if settings.model_selection == "best-validation" else None
+    kept = state.best if settings.model_selection == "best-validation" else None
     if kept is not None:
         model.load_state_dict(kept.state_dict)
         log(
@@ -260,13 +170,78 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     return finish_run(out_dir, settings, model, catalog, evaluator, device, strategy.site_epsilon, kept_round)
 
 
-def validation_line(model: SASRec, device: torch.device, evaluator: Evaluator) -> dict[str, float]:
-    metrics = evaluate(model_scorer(model, device), evaluator.valid, evaluator.popularity, evaluator.num_users)
-    return {
-        "ndcg@10": metrics["overall"]["ndcg@10"],
-        "hr@10": metrics["overall"]["hr@10"],
-        **{f"{g}_ndcg@10": metrics["groups"][g]["ndcg@10"] for g in ("tail", "torso", "head")},
-    }
+def initial_model(settings: RunSettings, catalog: Catalog, out_dir: Path) -> SASRec:
+    """Round 0's global model: seeded from the run's seed, items from public metadata when the run names some."""
+    torch.manual_seed(settings.seed)
+    model = SASRec(settings.model_config(catalog.num_items))
+    if settings.item_text:  # public metadata only: the initial model costs no privacy
+        save_item_vectors(out_dir, initialise_from_text(model, catalog, Path(settings.item_text)))
+    return model
+
+
+def resume(out_dir: Path, settings: RunSettings, model: SASRec, run_id: str) -> RunState:
+    """Load the checkpoint into ``model`` when there is one; drop round records the checkpoint does not cover."""
+    checkpoint = load_checkpoint(out_dir, settings.to_run_config())
+    if checkpoint is None:
+        if (out_dir / ROUNDS_FILE).exists():
+            truncate_rounds(out_dir, 0)
+        return RunState()
+    model.load_state_dict(checkpoint.state_dict)
+    truncate_rounds(out_dir, checkpoint.round)
+    log(f"fedtail: resuming run {run_id} after round {checkpoint.round} of {settings.rounds}")
+    return RunState(checkpoint.round, checkpoint.site_epsilon, checkpoint.best)
+
+
+def finish_round(
+    number: int,
+    model: SASRec,
+    device: torch.device,
+    evaluator: Evaluator | None,
+    strategy: PrivateAggregation,
+    settings: RunSettings,
+    run_id: str,
+    started: float,
+) -> RoundRecord:
+    """Validate the round's global model (already in ``model``) and record what the round's replies said."""
+    replies = strategy.last_round
+    if replies.everyone_failed:
+        raise RuntimeError(
+            f"round {number}: every sampled site failed, so the run stops here. First error: {replies.failures[0][:2000]}"
+        )
+    evaluation_started = time.perf_counter()
+    valid = None if evaluator is None else validation_line(model, device, evaluator)
+    evaluation_seconds = time.perf_counter() - evaluation_started
+    return RoundRecord(
+        round=number,
+        run_id=run_id,
+        valid=valid,
+        sites_trained=sorted(replies.trained, key=site_order),
+        sites_declined=replies.declined,
+        failures=replies.failures,
+        site_epsilon=dict(strategy.site_epsilon),
+        site_ledger_head=replies.ledger_heads,
+        epsilon=max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
+        seconds=time.perf_counter() - started,
+        evaluation_seconds=evaluation_seconds,
+    )
+
+
+def keep_if_best(best: BestRound | None, record: RoundRecord, weights: dict[str, torch.Tensor]) -> BestRound | None:
+    """The best round so far by validation NDCG@10, with a copy of its weights (the model is overwritten next round)."""
+    if record.valid is None or (best is not None and record.valid["ndcg@10"] <= best.valid_ndcg):
+        return best
+    return BestRound(record.round, record.valid["ndcg@10"], {k: v.clone() for k, v in weights.items()})
+
+
+def log_round(record: RoundRecord, settings: RunSettings) -> None:
+    epsilon_note = f"  epsilon {record.epsilon:.3f}" if record.epsilon is not None else "  NON-PRIVATE"
+    declined_note = f"  declined: {', '.join(record.sites_declined)}" if record.sites_declined else ""
+    failed_note = f"  failed: {len(record.failures)}" if record.failures else ""
+    valid_note = "" if record.valid is None else f"  valid NDCG@10 {record.valid['ndcg@10']:.4f}"
+    log(
+        f"fedtail: round {record.round}/{settings.rounds}{valid_note}  sites {len(record.sites_trained)}"
+        f"{epsilon_note}{declined_note}{failed_note}  {record.seconds:.1f}s"
+    )
 
 
 def finish_run(
@@ -288,7 +263,7 @@ def finish_run(
     summary["privacy"] = privacy_summary(settings, site_epsilon)
     rounds = read_rounds(out_dir)
     if kept_round is not None and evaluator is not None:
-        candidates = sum(r["valid"] is not None for r in rounds)
+        candidates = sum(r.valid is not None for r in rounds)
         summary["privacy"]["model_selection"] = {
             "rule": settings.model_selection,
             "kept_round": kept_round,
@@ -305,15 +280,16 @@ def finish_run(
         "rounds_completed": len(rounds),
         "model_selection": settings.model_selection if kept_round is not None else "last",
         "model_round": kept_round if kept_round is not None else len(rounds),
-        "seconds_per_round": [r["seconds"] for r in rounds],
+        "seconds_per_round": [r.seconds for r in rounds],
     }
     save_model(out_dir, model, catalog, GLOBAL_MODEL_FILE)
     write_json(out_dir / SUMMARY_FILE, summary)
     write_round_plot(
         out_dir / ROUND_PLOT_FILE,
-        [r["round"] for r in rounds],
-        None if evaluator is None else [r["valid"]["ndcg@10"] for r in rounds],
-        [r["epsilon"] for r in rounds] if settings.dp else None,
+        [r.round for r in rounds],
+        None if evaluator is None else [r.valid["ndcg@10"] if r.valid else 0.0 for r in rounds],
+        [r.epsilon or 0.0 for r in rounds] if settings.dp else None,
+        kept_round,
     )
     log(f"fedtail: run finished; wrote {out_dir / SUMMARY_FILE}")
     return summary

@@ -15,6 +15,8 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,7 @@ from common.audit import audit, format_markdown, write_audit
 from common.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
 from common.datasets import DEFAULT_DATASET, load_dataset
 from common.errors import ConfigError, FedtailError
-from common.federation import MODEL_SELECTIONS, SERVER_OPTIMIZERS, RunSettings
-from common.partition import SCHEMES
-from common.privacy import GRAD_SAMPLE_MODES
+from common.federation import RunSettings
 from common.processes import APP_DIR
 from common.files import write_json
 from common.ranking import COLD_START_PRIORS, RankingOptions
@@ -119,56 +119,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_arguments(parser: argparse._ActionsContainer) -> None:
-    defaults = ModelOptions()
-    parser.add_argument("--max-len", type=int, default=defaults.max_len, help="most recent items per user")
-    parser.add_argument("--hidden", type=int, default=defaults.hidden)
-    parser.add_argument("--heads", type=int, default=defaults.heads)
-    parser.add_argument("--blocks", type=int, default=defaults.blocks)
-    parser.add_argument("--dropout", type=float, default=defaults.dropout)
-    parser.add_argument("--loss", choices=("ce", "bce"), default=TrainConfig().loss,
-                        help="ce: full softmax cross-entropy; bce: one sampled negative per position")
-    parser.add_argument("--item-text", default="",
-                        help="public item metadata to initialise item embeddings from: MovieLens folder, u.item, "
-                        "movies.csv or CSV item,text (needs pip install 'fedtail[content]'), or an item -> "
-                        "attribute-ids JSON such as Beauty_item2attributes.json (or its folder)")
+MODEL_SETTINGS = ("max_len", "hidden", "heads", "blocks", "dropout", "loss", "item_text")
+"""The run settings that describe the model, which centralized training takes too."""
+
+
+def _add_run_settings(parser: argparse._ActionsContainer, names: tuple[str, ...] = ()) -> None:
+    """An option for each run setting (or only ``names``), from its one declaration in ``RunSettings``."""
+    for declared in fields(RunSettings):
+        meta = declared.metadata
+        if not meta["cli"] or (names and declared.name not in names):
+            continue
+        flag = "--" + (meta["flag"] or declared.name.replace("_", "-"))
+        if declared.type == "bool":  # a flag that turns the default off (--no-dp)
+            parser.add_argument(flag, dest=declared.name, action="store_false", help=meta["help"])
+            continue
+        kind = {"int": int, "float": float, "str": str}[str(declared.type)]
+        parser.add_argument(
+            flag, dest=declared.name, type=kind, default=declared.default, choices=meta["choices"] or None,
+            metavar=None if meta["choices"] else flag[2:].upper().replace("-", "_"), help=meta["help"],
+        )
 
 
 def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettings:
     if args.user_col or args.item_col or args.time_col or args.site_col:
         raise ConfigError("federated runs read files with detected columns only; name columns the detector knows")
     _check_out_folder(out)
-    settings = RunSettings(
-        dataset=dataset,
-        kcore=args.kcore,
-        partitioning=args.partition,
-        seed=args.seed,
-        out_dir=out,
-        rounds=args.rounds,
-        model_selection=args.model_selection,
-        fraction_sites=args.fraction_sites,
-        min_sites=args.min_sites,
-        server_optimizer=args.server_optimizer,
-        server_learning_rate=args.server_lr,
-        server_momentum=args.server_momentum,
-        dp=not args.no_dp,
-        epsilon=args.epsilon,
-        delta=args.delta,
-        max_grad_norm=args.clip,
-        sample_rate=args.sample_rate,
-        batch_size=args.batch_size,
-        local_epochs=args.local_epochs,
-        learning_rate=args.lr,
-        loss=args.loss,
-        grad_sample_mode=args.grad_sample_mode,
-        max_physical_batch_size=args.max_physical_batch,
-        max_len=args.max_len,
-        hidden=args.hidden,
-        heads=args.heads,
-        blocks=args.blocks,
-        dropout=args.dropout,
-        item_text=str(Path(args.item_text).resolve()) if args.item_text else "",
-    )
+    chosen = {f.name: getattr(args, f.name) for f in fields(RunSettings) if f.metadata["cli"]}
+    chosen["item_text"] = str(Path(args.item_text).resolve()) if args.item_text else ""
+    settings = RunSettings(**chosen, dataset=dataset, kcore=args.kcore, out_dir=out)
     load_dataset(dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
     return settings
 
@@ -290,47 +268,33 @@ def _port(text: str) -> int:
 
 
 def _add_federation_arguments(parser: argparse._ActionsContainer) -> None:
-    run = RunSettings()
     parser.add_argument("--sites", type=int, default=5, help="number of simulated sites")
-    parser.add_argument("--rounds", type=int, default=run.rounds)
-    parser.add_argument("--model-selection", choices=MODEL_SELECTIONS, default=run.model_selection,
-                        help="keep the round with the best validation NDCG@10, or the last round")
-    parser.add_argument("--partition", choices=SCHEMES, default=run.partitioning, help="how users are split into sites")
-    parser.add_argument("--epsilon", type=float, default=run.epsilon,
-                          help="each site's target epsilon after ALL rounds (noise is calibrated on it)")
-    parser.add_argument("--delta", type=float, default=run.delta, help="must be below 1/users at every site")
-    parser.add_argument("--no-dp", action="store_true", help="NON-PRIVATE federated baseline: no clipping, no noise")
-    parser.add_argument("--clip", type=float, default=run.max_grad_norm, help="per-user gradient clipping norm C")
-    parser.add_argument("--sample-rate", type=float, default=run.sample_rate,
-                        help="DP: probability that a site samples a user into a step (public, the same at every "
-                        "site); a round is ceil(local-epochs / sample-rate) steps")
-    parser.add_argument("--batch-size", type=int, default=run.batch_size,
-                        help="DP: the public divisor of each step's noisy sum (about users x sample-rate); "
-                        "without DP: users per step")
-    parser.add_argument("--local-epochs", type=float, default=run.local_epochs, help="local passes per round")
-    parser.add_argument("--lr", type=float, default=run.learning_rate)
-    parser.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=run.grad_sample_mode,
-                        help="how per-user gradient norms are measured (ghost: fast, catalogue-independent memory)")
-    parser.add_argument("--max-physical-batch", type=int, default=run.max_physical_batch_size,
-                        help="split bigger Poisson batches into pieces of this many users to bound memory (0: never)")
-    parser.add_argument("--fraction-sites", type=float, default=run.fraction_sites, help="share of sites per round")
-    parser.add_argument("--min-sites", type=int, default=run.min_sites, help="at least this many sites per round")
-    parser.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default=run.server_optimizer,
-                        help="applied to the averaged update: fedavg (none), fedavgm (momentum), fedadam")
-    parser.add_argument("--server-lr", type=float, default=run.server_learning_rate,
-                        help="server learning rate (0: 1.0 for fedavgm, 0.01 for fedadam)")
-    parser.add_argument("--server-momentum", type=float, default=run.server_momentum,
-                        help="fedavgm's momentum / fedadam's beta_1")
-    parser.add_argument("--seed", type=int, default=run.seed)
     parser.add_argument("--cpus-per-site", type=int, default=Resources(1).cpus_per_site,
-                          help="CPU cores reserved per simulated site (how many train at once)")
+                        help="CPU cores reserved per simulated site (how many train at once)")
     parser.add_argument("--gpus-per-site", type=float, default=None,
-                          help="GPU share per site (default: 0.5 when CUDA is present, else 0)")
-    _add_model_arguments(parser)
+                        help="GPU share per site (default: 0.5 when CUDA is present, else 0)")
+    _add_run_settings(parser)
+
+
+DESCRIPTION = (
+    "fedtail: federated, privacy-preserving sequential recommendation. Sites keep their users' histories at home "
+    "and train one SASRec recommender together with differential privacy (Opacus DP-SGD on Flower); each site's "
+    "privacy budget is kept and audited on its own disk, and the global model serves long-tail users too. "
+    "Simulate a federation on one machine, deploy a site, audit what was spent, serve recommendations."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every fedtail command's parser (subcommands inherit it): help shows each option's default."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedtail", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="fedtail", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"fedtail {version('fedtail')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="inspect interaction data").add_subparsers(dest="data_command", required=True)
@@ -342,15 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train SASRec centrally (non-private ceiling)")
     _add_dataset_arguments(train, optional=True)
     train.add_argument("--out", required=True, help="folder for model.pt, catalog.json, metrics.json")
-    _add_model_arguments(train)
+    _add_run_settings(train, MODEL_SETTINGS)
     defaults_train = TrainConfig()
     train.add_argument("--epochs", type=int, default=defaults_train.epochs, help="at most this many (early stopping)")
-    train.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
-    train.add_argument("--lr", type=float, default=defaults_train.learning_rate)
-    train.add_argument("--weight-decay", type=float, default=defaults_train.weight_decay)
-    train.add_argument("--patience", type=int, default=defaults_train.patience)
-    train.add_argument("--eval-every", type=int, default=defaults_train.eval_every)
-    train.add_argument("--seed", type=int, default=defaults_train.seed)
+    train.add_argument("--batch-size", type=int, default=defaults_train.batch_size, help="users per step")
+    train.add_argument("--lr", type=float, default=defaults_train.learning_rate, help="Adam learning rate")
+    train.add_argument("--weight-decay", type=float, default=defaults_train.weight_decay, help="Adam weight decay")
+    train.add_argument("--patience", type=int, default=defaults_train.patience,
+                       help="stop after this many evaluations without a better validation NDCG@10")
+    train.add_argument("--eval-every", type=int, default=defaults_train.eval_every,
+                       help="evaluate on the validation split every this many epochs")
+    train.add_argument("--seed", type=int, default=defaults_train.seed, help="seed of the model and the batches")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     train.set_defaults(handler=_train)
 
@@ -367,13 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "(global_model.pt), with its catalog.json")
     _add_dataset_arguments(evaluate, optional=False)
     evaluate.add_argument("--out", default=None, help="write the metrics JSON here")
-    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     evaluate.set_defaults(handler=_evaluate)
 
     serve = commands.add_parser("serve", help="HTTP recommendation service over a run folder's model")
     serve.add_argument("run_dir", help="a federated run folder (global_model.pt) or a trained model folder (model.pt)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean it)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port to listen on, 1-65535")
     serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     ranking = RankingOptions()
     serve.add_argument("--cold-start-weight", type=float, default=ranking.cold_start_weight,
@@ -435,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-epsilon", type=float, required=True, help="this site's budget (node config)")
     check.add_argument("--site-id", default=None, help="node config site-id (default: the data file's name)")
     check.add_argument("--delta", type=float, default=RunSettings().delta, help="the federation's delta")
-    check.add_argument("--max-len", type=int, default=ModelOptions().max_len)
+    check.add_argument("--max-len", type=int, default=ModelOptions().max_len,
+                       help="the run's max-len: users need two items within it to train")
     check.set_defaults(handler=_deploy_check)
     bundle = deploy_commands.add_parser(
         "bundle-hash", help="(site) the sha256 of an app bundle, as `python -m client.runtime --approve` takes it"

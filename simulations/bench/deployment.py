@@ -13,7 +13,7 @@ from typing import Any
 from client.app import TRAINING_TIME
 from common.datasets import load_dataset
 from common.federation import RunSettings
-from server.app import read_rounds
+from common.run_files import read_rounds
 from simulations.bench.core import REPO_ROOT, Benchmark, Context, site_training_seconds
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 from simulations.report import markdown_table
@@ -48,8 +48,8 @@ def bench_deployment(sites: int, out: Path) -> list[EngineRound]:
     simulated_lines = read_rounds(Path(simulated.out_dir))[1:]
     training = site_training_seconds(Path(simulated.out_dir) / "flower.log")
     results = [EngineRound(
-        "simulation", sites, statistics.median(line["seconds"] for line in simulated_lines),
-        statistics.median(training[line["round"]] for line in simulated_lines), 0.0,
+        "simulation", sites, statistics.median(line.seconds for line in simulated_lines),
+        statistics.median(training[line.round] for line in simulated_lines), 0.0,
     )]
     root = out / "engine-deployment"
     data = write_site_files(load_dataset(spec).frame, names, root / "data")
@@ -75,8 +75,8 @@ def bench_deployment(sites: int, out: Path) -> list[EngineRound]:
                 slowest[int(match["round"])] = max(slowest.get(int(match["round"]), 0.0), float(match["seconds"]))
     deployed_lines = read_rounds(run_dir)[1:]
     results.append(EngineRound(
-        "deployment (TLS, authenticated)", sites, statistics.median(line["seconds"] for line in deployed_lines),
-        statistics.median(slowest[line["round"]] for line in deployed_lines), _clientapp_start_seconds(),
+        "deployment (TLS, authenticated)", sites, statistics.median(line.seconds for line in deployed_lines),
+        statistics.median(slowest[line.round] for line in deployed_lines), _clientapp_start_seconds(),
     ))
     return results
 

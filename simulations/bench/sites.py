@@ -24,7 +24,7 @@ from common.ledger import Ledger
 from common.model import SASRec
 from common.plot import Panel, Series, write_line_charts
 from common.training import pick_device
-from server.app import read_rounds
+from common.run_files import read_rounds
 from simulations.bench.core import Benchmark, Context, peak_rss, site_training_seconds
 from simulations.report import markdown_table
 from simulations.simulate import Resources, simulate
@@ -60,11 +60,11 @@ def bench_sites(site_counts: list[int], rounds: int, out: Path) -> list[SitesRes
         lines = read_rounds(Path(settings.out_dir))
         training = site_training_seconds(Path(settings.out_dir) / "flower.log")
         later = lines[1:] or lines
-        round_s = statistics.median(line["seconds"] for line in later)
-        evaluation_s = statistics.median(line["evaluation_seconds"] for line in later)
-        training_s = statistics.median(training.get(line["round"], 0.0) for line in later)
+        round_s = statistics.median(line.seconds for line in later)
+        evaluation_s = statistics.median(line.evaluation_seconds for line in later)
+        training_s = statistics.median(training.get(line.round, 0.0) for line in later)
         overhead = statistics.median(
-            line["seconds"] - line["evaluation_seconds"] - training.get(line["round"], 0.0) for line in later
+            line.seconds - line.evaluation_seconds - training.get(line.round, 0.0) for line in later
         )
         in_process_s = _in_process_training_seconds(settings, sites, rounds=min(3, rounds))
         results.append(

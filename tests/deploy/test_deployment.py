@@ -20,7 +20,7 @@ from common.audit import audit
 from common.credentials import write_certificates
 from common.ledger import Ledger
 from common.synthetic import SyntheticConfig, generate
-from server.app import read_rounds
+from common.run_files import read_rounds
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 from tests.apps import app_copy
 
@@ -84,8 +84,8 @@ def test_a_tls_authenticated_federation_of_three_sites_trains_with_dp(
     assert status["status"] == "finished:completed", status
     assert (out_dir / "global_model.pt").exists()
     rounds = read_rounds(out_dir)
-    assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert all(sorted(r["sites_trained"]) == sorted(SITES) for r in rounds)
+    assert [r.round for r in rounds] == [1, 2, 3]
+    assert all(sorted(r.sites_trained) == sorted(SITES) for r in rounds)
     summary = json.loads((out_dir / "summary.json").read_text())
     for site in SITES:
         ledger = Ledger(deployment.root / f"{site}-ledger" / f"site-{site}.jsonl")
@@ -140,13 +140,13 @@ def test_a_site_killed_in_round_two_is_left_out_consistently_and_rejoins(
     status = deployment.wait(run_id, timeout_s=900)
     assert status["status"] == "finished:completed", status
     rounds = read_rounds(out_dir)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
-    without_east = [r["round"] for r in rounds if "east" not in r["sites_trained"]]
-    assert killed_during in without_east and all(len(r["sites_trained"]) >= 2 for r in rounds)
-    assert "east" in rounds[-1]["sites_trained"], "the restarted site rejoined a later round"
+    assert [r.round for r in rounds] == [1, 2, 3, 4, 5]
+    without_east = [r.round for r in rounds if "east" not in r.sites_trained]
+    assert killed_during in without_east and all(len(r.sites_trained) >= 2 for r in rounds)
+    assert "east" in rounds[-1].sites_trained, "the restarted site rejoined a later round"
     east = _ledger_rounds(deployment.root, "east")
     assert killed_during not in east and east == sorted(set(east)), "no round recorded that east did not finish"
-    assert set(east) == {r["round"] for r in rounds if "east" in r["sites_trained"]}
+    assert set(east) == {r.round for r in rounds if "east" in r.sites_trained}
     summary = json.loads((out_dir / "summary.json").read_text())
     ledger = Ledger(deployment.root / "east-ledger" / "site-east.jsonl")
     assert summary["privacy"]["per_site"]["east"] == pytest.approx(ledger.epsilon(RUN["delta"]))
@@ -167,7 +167,7 @@ def test_a_coordinator_killed_mid_run_resumes_without_counting_any_round_twice(
     status = deployment.wait(deployment.submit(config), timeout_s=900)
     assert status["status"] == "finished:completed", status
     rounds = read_rounds(out_dir)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4] and done_before < 4
+    assert [r.round for r in rounds] == [1, 2, 3, 4] and done_before < 4
     summary = json.loads((out_dir / "summary.json").read_text())
     for site in SITES:
         assert _ledger_rounds(deployment.root, site) == [1, 2, 3, 4], f"{site}: each round charged exactly once"

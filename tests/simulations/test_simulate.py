@@ -21,6 +21,7 @@ from common.errors import ConfigError
 from common.federation import RunSettings
 from common.ledger import Ledger, Spend
 from common.processes import LAUNCHER_LOCK
+from common.run_files import read_rounds
 from server.checkpoint import Checkpoint, load_checkpoint
 from simulations.simulate import Resources, SimulationFailed, preflight, simulate
 
@@ -52,9 +53,9 @@ def test_a_small_dp_federation_runs_through_flower_and_writes_everything(tmp_pat
     assert {"global_model.pt", "catalog.json", "rounds.jsonl", "summary.json", "rounds.svg", "checkpoint.pt"} <= {
         p.name for p in out.iterdir()
     }
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["sites_trained"] == ["0", "1"] for r in rounds)
+    rounds = read_rounds(out)
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(r.sites_trained == ["0", "1"] for r in rounds)
     recomputed = {site: _fresh_epsilon(out / "ledgers" / f"site-{site}.jsonl") for site in ("0", "1")}
     assert summary["privacy"]["per_site"] == pytest.approx(recomputed)
     assert summary["privacy"]["epsilon"] == pytest.approx(max(recomputed.values()))
@@ -63,12 +64,12 @@ def test_a_small_dp_federation_runs_through_flower_and_writes_everything(tmp_pat
     model, catalog = load_model(out, "global_model.pt")
     assert model.config.num_items == catalog.num_items
     # The kept model is the round with the best validation NDCG@10, and it is the one that was tested.
-    valid = [r["valid"]["ndcg@10"] for r in rounds]
+    valid = [r.valid["ndcg@10"] for r in rounds]
     best_round = 1 + valid.index(max(valid))
     assert summary["run"]["model_round"] == best_round and summary["run"]["model_selection"] == "best-validation"
     assert summary["privacy"]["model_selection"]["kept_round"] == best_round
     # Each round the coordinator recorded every site's ledger head: one more line per round trained.
-    assert [r["site_ledger_head"]["0"]["lines"] for r in rounds] == [1, 2]
+    assert [r.site_ledger_head["0"]["lines"] for r in rounds] == [1, 2]
     checkpoint = load_checkpoint(out, settings.to_run_config())
     assert checkpoint is not None and checkpoint.round == 2 and checkpoint.best is not None
     assert checkpoint.best.round == best_round and checkpoint.best.valid_ndcg == max(valid)
@@ -206,9 +207,9 @@ def test_a_site_without_budget_declines_and_the_run_still_finishes(tmp_path: Pat
     assert 0 < spent < 4.0
     settings = RunSettings(**SMALL, out_dir=str(out))
     summary = simulate(settings, Resources(sites=3))
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    rounds = read_rounds(out)
     assert len(rounds) == 2
-    assert all("0" in r["sites_declined"] and "budget" in r["sites_declined"]["0"] for r in rounds)
-    assert all(r["sites_trained"] == ["1", "2"] for r in rounds)
+    assert all("0" in r.sites_declined and "budget" in r.sites_declined["0"] for r in rounds)
+    assert all(r.sites_trained == ["1", "2"] for r in rounds)
     assert summary["privacy"]["per_site"]["0"] == pytest.approx(spent)
     assert len(earlier.entries()) == 1

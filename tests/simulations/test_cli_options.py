@@ -1,0 +1,68 @@
+"""The command line: each run setting declared once (RunSettings), every option documented with its default."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+from common.federation import RunSettings
+from simulations.cli import _run_settings, build_parser, main
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    found = [(parser.prog, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _parsers(child)
+    return found
+
+
+def test_every_option_of_every_command_has_a_help_line() -> None:
+    missing = [
+        f"{prog} {action.option_strings[0]}"
+        for prog, parser in _parsers(build_parser())
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert not missing
+
+
+def test_simulate_with_no_options_runs_the_declared_defaults(tmp_path) -> None:
+    args = build_parser().parse_args(["simulate", "--out", str(tmp_path / "run")])
+    settings = _run_settings(args, "synthetic:users=200,items=80", str(tmp_path / "run"))
+    defaults = RunSettings()
+    for declared in fields(RunSettings):
+        if declared.metadata["cli"]:
+            assert getattr(settings, declared.name) == getattr(defaults, declared.name), declared.name
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "setting", "expected"),
+    [("--clip", "0.5", "max_grad_norm", 0.5), ("--lr", "0.01", "learning_rate", 0.01),
+     ("--partition", "taste", "partitioning", "taste"), ("--server-lr", "0.3", "server_learning_rate", 0.3),
+     ("--max-physical-batch", "8", "max_physical_batch_size", 8), ("--sample-rate", "0.2", "sample_rate", 0.2),
+     ("--hidden", "32", "hidden", 32)],
+)
+def test_each_option_sets_its_run_setting(tmp_path, option: str, value: str, setting: str, expected: object) -> None:
+    args = build_parser().parse_args(["simulate", "--out", str(tmp_path / "run"), option, value])
+    assert getattr(_run_settings(args, "synthetic:users=200,items=80", str(tmp_path / "run")), setting) == expected
+
+
+def test_no_dp_turns_dp_off(tmp_path) -> None:
+    args = build_parser().parse_args(["simulate", "--out", str(tmp_path / "run"), "--no-dp"])
+    assert _run_settings(args, "synthetic:users=200,items=80", str(tmp_path / "run")).dp is False
+
+
+def test_help_says_what_fedtail_is_and_version_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "fedtail: federated, privacy-preserving sequential recommendation" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0 and capsys.readouterr().out.startswith("fedtail ")
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    assert "(default: 0.1)" in capsys.readouterr().out, "help shows defaults"
