@@ -27,6 +27,7 @@ import pandas as pd
 
 from common.catalog import Catalog
 from common.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
+from common.federation import RunSettings
 from common.processes import APP_DIR, die_with_parent, executable, free_loopback_port
 from common.progress import log
 from simulations.flower_cli import (
@@ -58,10 +59,13 @@ def write_site_files(frame: pd.DataFrame, sites: Sequence[str], folder: Path) ->
     return paths
 
 
-def site_node_config(site: str, data: Mapping[str, Path], ledger_root: Path, max_epsilon: float = 8.0) -> dict[str, Any]:
+def site_node_config(
+    site: str, data: Mapping[str, Path], ledger_root: Path, max_epsilon: float = 8.0, delta: float = RunSettings.delta
+) -> dict[str, Any]:
+    """A site's node config: its data and its own privacy settings (the run must ask for this delta)."""
     return {
         "data-path": str(data[site]), "catalog-path": str(data["catalog"]),
-        "ledger-dir": str(ledger_root / f"{site}-ledger"), "max-epsilon": max_epsilon, "site-id": site,
+        "ledger-dir": str(ledger_root / f"{site}-ledger"), "max-epsilon": max_epsilon, "delta": delta, "site-id": site,
     }
 
 

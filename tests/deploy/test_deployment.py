@@ -60,9 +60,8 @@ def _join(
         private, public = federation.site_keys(site)
         registered = federation.register(public)
         assert registered.returncode == 0, registered.stdout + registered.stderr
-        federation.start_supernode(
-            site, site_node_config(site, data, federation.root), private, approve=(approve or {}).get(site, ())
-        )
+        node_config = site_node_config(site, data, federation.root, delta=RUN["delta"])
+        federation.start_supernode(site, node_config, private, approve=(approve or {}).get(site, ()))
     _wait_for(lambda: federation.connected_nodes() >= len(sites), f"{len(sites)} SuperNodes online", 120)
 
 
@@ -115,7 +114,7 @@ def test_unregistered_keys_and_unverified_servers_are_refused(
     assert "No SuperNode found with the given public key" in superlink_log, "the stranger was refused by the SuperLink"
     # Control: the same registered key with the right CA joins, so the refusal above was the CA's doing.
     deployment.kill_supernode("wrong-ca")
-    deployment.start_supernode("south", site_node_config("south", site_data, deployment.root), private)
+    deployment.start_supernode("south", site_node_config("south", site_data, deployment.root, delta=RUN["delta"]), private)
     _wait_for(lambda: deployment.connected_nodes() == 1, "the correctly configured site online", 90)
     assert deployment.connected_nodes() == 1, "and only it: the stranger never got in"
 
@@ -136,7 +135,7 @@ def test_a_site_killed_in_round_two_is_left_out_consistently_and_rejoins(
     killed_during = len(read_rounds(out_dir)) + 1
     _wait_for(lambda: len(read_rounds(out_dir)) >= killed_during, f"round {killed_during} without east", 400)
     private = deployment.root / "keys" / "east"
-    deployment.start_supernode("east", site_node_config("east", site_data, deployment.root), private)
+    deployment.start_supernode("east", site_node_config("east", site_data, deployment.root, delta=RUN["delta"]), private)
     status = deployment.wait(run_id, timeout_s=900)
     assert status["status"] == "finished:completed", status
     rounds = read_rounds(out_dir)
