@@ -19,7 +19,7 @@ weights are finite and bounded; otherwise it declines and says why.
 A reply holds only: the trained weights, the site's id, its epsilon so far,
 whether it trained with DP, the declared weight, when it declines, why, and
 its ledger's head after the round (line count and the last line's hash, a
-hiding commitment: see ``common.ledger``), which the coordinator records so
+hiding commitment: see ``common.privacy.ledger``), which the coordinator records so
 that an auditor can later tell a rewritten or cut-off ledger.
 """
 
@@ -41,14 +41,14 @@ from client.round_plan import LocalTraining, PrivacyPlan
 from client.site_round import RoundOutcome, train_site_round
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
 from client.shard import SiteShard, deployed_shard, simulated_shard
-from common.catalog import Catalog
+from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
-from common.ledger import Ledger
-from common.model import SASRec
-from common.progress import log
+from common.privacy.ledger import Ledger
+from common.recommender.model import SASRec
+from common.utils.progress import log
 from common.run_files import LEDGER_DIR, site_ledger
-from common.training import pick_device
+from common.recommender.training import pick_device
 
 app = ClientApp()
 logger = logging.getLogger("fedtail.client")

@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.clipping import HooksClipping
 from client.ghost_clipping import GhostClipping, use_fast_norm_samplers
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
-from common.model import SASRec, per_user_loss
-from common.privacy import ACCOUNTANT, MechanismStep
-from common.split import TrainingExamples, length_sorted_pieces, trim_left_padding
+from common.recommender.model import SASRec, per_user_loss
+from common.privacy.accounting import ACCOUNTANT, MechanismStep
+from common.data.split import TrainingExamples, length_sorted_pieces, trim_left_padding
 
 PIECE_USERS = 16
-"""Batches are run in length-sorted pieces of this many users (``common.split.length_sorted_pieces``)."""
+"""Batches are run in length-sorted pieces of this many users (``common.data.split.length_sorted_pieces``)."""
 
 # Opacus' hooks on the embedding tables, whose inputs (item ids) take no gradient, make PyTorch warn on every
 # backward pass; the hook still gets the output gradient it needs (tests/client/test_dp.py checks the clipping).

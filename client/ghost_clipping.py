@@ -19,7 +19,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_no
 from torch import nn
 
 from client.clipping import clip_coefficients
-from common.model import LossName, SASRec, per_user_loss
+from common.recommender.model import LossName, SASRec, per_user_loss
 
 
 @dataclass

@@ -20,7 +20,7 @@ the file ``fedtail simulate`` writes for its simulated sites, see
   false: a run with ``dp = false`` is declined);
 - ``max-abs-weight``: the largest weight magnitude accepted from the
   coordinator; with it the forward pass provably stays finite
-  (``common.model.activation_bound``);
+  (``common.recommender.model.activation_bound``);
 - ``fedavg-weight``: the public weight of this site's update in FedAvg (the
   exact user count is never sent).
 """
@@ -39,7 +39,7 @@ import torch
 
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.model import activation_bound
+from common.recommender.model import activation_bound
 
 SIMULATED_SITES_ENV = "FEDTAIL_SIMULATED_SITES"
 """Path of the JSON file with each simulated site's node config (Flower's simulation sets only the partition)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.files import save_torch
+from common.utils.files import save_torch
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:

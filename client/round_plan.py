@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from client.policy import SitePolicy
 from common.federation import RunSettings
-from common.model import LossName
-from common.privacy import GradSampleMode, calibrate_noise
+from common.recommender.model import LossName
+from common.privacy.accounting import GradSampleMode, calibrate_noise
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.catalog import Catalog
-from common.datasets import load_dataset
+from common.data.catalog import Catalog
+from common.data.datasets import load_dataset
 from common.errors import DataError
-from common.partition import partition_users, user_site_names
-from common.progress import log
-from common.split import TrainingExamples, training_examples
+from common.data.partition import partition_users, user_site_names
+from common.utils.progress import log
+from common.data.split import TrainingExamples, training_examples
 
 
 @dataclass(frozen=True)

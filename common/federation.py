@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ConfigError
-from common.model import ModelConfig, ModelOptions
-from common.partition import SCHEMES
-from common.privacy import GRAD_SAMPLE_MODES
+from common.recommender.model import ModelConfig, ModelOptions
+from common.data.partition import SCHEMES
+from common.privacy.accounting import GRAD_SAMPLE_MODES
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""

@@ -8,7 +8,7 @@ Run folder (``out-dir`` in the run config)::
     rounds.jsonl          one line per finished round: validation metrics, sites, epsilons, sites' ledger heads
     item_vectors.pt       (with item-text) the public content vectors, for the content cold-start prior
     global_model.pt       the kept global model    \\  loadable together with
-    catalog.json          its item catalogue       /   common.artifacts.load_model
+    catalog.json          its item catalogue       /   common.recommender.artifacts.load_model
     summary.json          test metrics (metrics.json layout) + "privacy"
     rounds.svg            validation NDCG@10 and epsilon per round
     ledgers/site-<id>.jsonl   (simulation) each site's own privacy ledger, written by the site
@@ -34,17 +34,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.artifacts import save_model
-from common.catalog import Catalog
-from common.content import initialise_from_text, save_item_vectors
-from common.evaluation import evaluate_with_baselines, model_scorer
+from common.recommender.artifacts import save_model
+from common.data.catalog import Catalog
+from common.recommender.content import initialise_from_text, save_item_vectors
+from common.recommender.evaluation import evaluate_with_baselines, model_scorer
 from common.federation import RunSettings
-from common.files import write_json
-from common.model import SASRec
-from common.plot import write_round_plot
-from common.privacy import model_selection_statement
-from common.processes import die_with_parent, lock_run_folder
-from common.progress import log
+from common.utils.files import write_json
+from common.recommender.model import SASRec
+from common.utils.plot import write_round_plot
+from common.privacy.accounting import model_selection_statement
+from common.utils.processes import die_with_parent, lock_run_folder
+from common.utils.progress import log
 from common.run_files import (
     GLOBAL_MODEL_FILE,
     ROUND_PLOT_FILE,
@@ -59,7 +59,7 @@ from common.run_files import (
     truncate_rounds,
     write_run_record,
 )
-from common.training import pick_device
+from common.recommender.training import pick_device
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
 from server.evaluator import Evaluator, server_catalog, validation_line
 from server.strategy import PrivateAggregation, private_strategy

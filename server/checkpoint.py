@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from common.errors import DataError
-from common.files import load_torch, save_torch
+from common.utils.files import load_torch, save_torch
 from common.run_files import CHECKPOINT_FILE, check_same_settings
 
 CHECKPOINT_FORMAT = "fedtail-checkpoint/2"

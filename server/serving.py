@@ -22,15 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.artifacts import load_model, saved_model_file
-from common.catalog import Catalog
-from common.content import ITEM_VECTORS_FILE, load_item_vectors
+from common.recommender.artifacts import load_model, saved_model_file
+from common.data.catalog import Catalog
+from common.recommender.content import ITEM_VECTORS_FILE, load_item_vectors
 from common.errors import ConfigError
-from common.model import PADDING_INDEX, SASRec
-from common.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
+from common.recommender.model import PADDING_INDEX, SASRec
+from common.recommender.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
 from common.run_files import SUMMARY_FILE
-from common.split import left_pad
-from common.training import pick_device
+from common.data.split import left_pad
+from common.recommender.training import pick_device
 
 MAX_K = 1000
 MODEL_STRATEGY, PRIOR_STRATEGY = "model", "model prior (cold start: no known history item)"

@@ -24,17 +24,17 @@ import torch
 
 from client.check import check_site
 from client.runtime import bundle_sha256
-from common.audit import audit, format_markdown, write_audit
-from common.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
-from common.datasets import DEFAULT_DATASET, load_dataset
+from simulations.audit import audit, format_markdown, write_audit
+from simulations.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
+from common.data.datasets import DEFAULT_DATASET, load_dataset
 from common.errors import ConfigError, FedtailError
 from common.federation import RunSettings
-from common.processes import APP_DIR
-from common.files import write_json
-from common.ranking import COLD_START_PRIORS, RankingOptions
-from common.readers import FORMATS, ColumnNames
-from common.training import TrainConfig, pick_device
-from common.model import ModelOptions
+from common.utils.processes import APP_DIR
+from common.utils.files import write_json
+from common.recommender.ranking import COLD_START_PRIORS, RankingOptions
+from common.data.readers import FORMATS, ColumnNames
+from common.recommender.training import TrainConfig, pick_device
+from common.recommender.model import ModelOptions
 from simulations.bench import suite as bench_suite
 from simulations.canary import CanaryConfig, format_empirical, run_empirical_audit
 from simulations.centralized import evaluate_saved, train_centralized

@@ -25,10 +25,10 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from common.catalog import Catalog
-from common.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
-from common.processes import APP_DIR, die_with_parent, executable, free_loopback_port
-from common.progress import log
+from common.data.catalog import Catalog
+from simulations.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
+from common.utils.processes import APP_DIR, die_with_parent, executable, free_loopback_port
+from common.utils.progress import log
 from simulations.flower_cli import (
     FlowerFailed,
     flower_env,

@@ -27,10 +27,10 @@ from client.policy import SIMULATED_SITES_ENV
 from client.shard import simulated_partition_sha256, simulated_shard
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.files import write_json
-from common.privacy import check_delta
-from common.processes import APP_DIR, LAUNCHER_LOCK, die_with_parent, executable, free_loopback_port, lock_run_folder
-from common.progress import log
+from common.utils.files import write_json
+from common.privacy.accounting import check_delta
+from common.utils.processes import APP_DIR, LAUNCHER_LOCK, die_with_parent, executable, free_loopback_port, lock_run_folder
+from common.utils.progress import log
 from common.run_files import LEDGER_DIR, RunRecord, check_same_settings, read_run_record, write_run_record
 from simulations.flower_cli import (
     FlowerFailed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.processes import APP_DIR
+from common.utils.processes import APP_DIR
 
 APP_PACKAGES = ("common", "client", "server")
 """What pyproject.toml's fab-include puts in the bundle, besides pyproject.toml itself."""

@@ -15,9 +15,9 @@ import torch
 from client.dp_sgd import PIECE_USERS, make_private, private_step
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from client.shard import simulated_shard
-from common.datasets import DEFAULT_DATASET
-from common.model import ModelOptions, SASRec
-from common.split import length_sorted_pieces
+from common.data.datasets import DEFAULT_DATASET
+from common.recommender.model import ModelOptions, SASRec
+from common.data.split import length_sorted_pieces
 from simulations.bench.core import AMAZON_BEAUTY, ML_100K, Benchmark, Context, timed
 from simulations.report import markdown_table
 
@@ -88,7 +88,7 @@ BENCHMARK = Benchmark(
     help="one DP step on a site's Poisson batches whole against length-sorted pieces of 32 / 16 / 8 users",
     description="One DP-SGD step (ghost clipping, expected batch 64, the default model) on site 0 of 5 uniform "
     "sites, on the same Poisson batches run whole (trimmed to the batch's longest history) and in length-sorted "
-    "pieces (`common.split.length_sorted_pieces`; the clipped sum is the same, tests/client/test_dp.py). "
+    "pieces (`common.data.split.length_sorted_pieces`; the clipped sum is the same, tests/client/test_dp.py). "
     "Interleaved batch by batch; medians after a warm-up batch.",
     result=PiecesResult,
     run=run,

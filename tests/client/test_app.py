@@ -13,11 +13,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import REPLY_METRICS, REPLY_SITE_FIELDS, train
 from client.shard import simulated_shard
-from common.catalog import Catalog
+from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
-from common.ledger import GENESIS_HASH, Ledger
-from common.model import SASRec
+from common.privacy.ledger import GENESIS_HASH, Ledger
+from common.recommender.model import SASRec
 
 @pytest.fixture(autouse=True)
 def flower_task_identity() -> None:

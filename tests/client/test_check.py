@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from client.check import check_site
-from common.catalog import Catalog
-from common.ledger import Ledger, Spend
+from common.data.catalog import Catalog
+from common.privacy.ledger import Ledger, Spend
 from simulations.cli import main
 
 

@@ -16,11 +16,11 @@ from client.dp_sgd import make_private, physical_batches, private_step
 from client.ghost_clipping import embedding_norm_sample, linear_norm_sample
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
 from client.site_round import train_site_round
-from common.privacy import GRAD_SAMPLE_MODES, check_delta
+from common.privacy.accounting import GRAD_SAMPLE_MODES, check_delta
 from common.errors import ConfigError
-from common.ledger import Ledger
-from common.model import ModelConfig, SASRec, sequence_loss
-from common.split import training_examples
+from common.privacy.ledger import Ledger
+from common.recommender.model import ModelConfig, SASRec, sequence_loss
+from common.data.split import training_examples
 from tests.gradients import mean_of_clipped, true_per_user_gradients
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from client.runtime import bundle_sha256
-from common.audit import audit
-from common.credentials import write_certificates
-from common.ledger import Ledger
-from common.synthetic import SyntheticConfig, generate
+from simulations.audit import audit
+from simulations.credentials import write_certificates
+from common.privacy.ledger import Ledger
+from common.data.synthetic import SyntheticConfig, generate
 from common.run_files import read_rounds
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 from tests.apps import app_copy

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.audit import audit
+from simulations.audit import audit
 from common.federation import RunSettings
-from common.ledger import Ledger, Spend
-from common.model import SASRec
+from common.privacy.ledger import Ledger, Spend
+from common.recommender.model import SASRec
 from server.app import finish_run, run_id_for
 from server.evaluator import Evaluator
 

@@ -20,13 +20,13 @@ import pytest
 import torch
 import uvicorn
 
-from common.artifacts import save_model
-from common.catalog import Catalog
-from common.content import save_item_vectors
+from common.recommender.artifacts import save_model
+from common.data.catalog import Catalog
+from common.recommender.content import save_item_vectors
 from common.errors import ConfigError
-from common.model import ModelConfig, SASRec
-from common.processes import free_loopback_port
-from common.ranking import RankingOptions
+from common.recommender.model import ModelConfig, SASRec
+from common.utils.processes import free_loopback_port
+from common.recommender.ranking import RankingOptions
 from server.http import MAX_BODY_BYTES
 from server.serving import PRIOR_STRATEGY, Recommender
 from simulations.cli import main

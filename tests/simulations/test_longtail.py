@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from common.artifacts import save_model
-from common.datasets import load_dataset
-from common.model import PADDING_INDEX, ModelConfig, SASRec
-from common.split import evaluation_cases
+from common.recommender.artifacts import save_model
+from common.data.datasets import load_dataset
+from common.recommender.model import PADDING_INDEX, ModelConfig, SASRec
+from common.data.split import evaluation_cases
 from simulations.longtail import SHORT_HISTORIES, TAIL_PENALTIES, last_items, longtail_table
 
 DATA = "synthetic:users=200,items=90,seed=4"

@@ -15,12 +15,12 @@ from opacus.accountants import RDPAccountant
 
 import torch
 
-from common.artifacts import load_model
-from common.audit import audit
+from common.recommender.artifacts import load_model
+from simulations.audit import audit
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.ledger import Ledger, Spend
-from common.processes import LAUNCHER_LOCK
+from common.privacy.ledger import Ledger, Spend
+from common.utils.processes import LAUNCHER_LOCK
 from common.run_files import read_rounds
 from server.checkpoint import Checkpoint, load_checkpoint
 from simulations.simulate import Resources, SimulationFailed, preflight, simulate
