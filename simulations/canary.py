@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from common.recommender.artifacts import load_model
-from simulations.audit import audit, write_audit
+from simulations.audit import audit
+from simulations.audit.report import write_audit
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
 from simulations.empirical import EmpiricalBound, audit_guesses

@@ -14,16 +14,9 @@ from typing import Any
 
 import pytest
 
-from simulations.audit import (
-    AUDIT_JSON,
-    AUDIT_MARKDOWN,
-    AUDIT_PLOT,
-    LIMITS,
-    audit,
-    format_markdown,
-    independent_epsilons,
-    write_audit,
-)
+from simulations.audit import audit
+from simulations.audit.accounting import independent_epsilons
+from simulations.audit.report import AUDIT_JSON, AUDIT_MARKDOWN, AUDIT_PLOT, LIMITS, format_markdown, write_audit
 from common.errors import DataError
 from common.privacy.ledger import GENESIS_HASH, UNSALTED_FORMAT, Ledger, Spend
 from common.privacy.accounting import epsilon_from_history
