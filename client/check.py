@@ -15,11 +15,11 @@ import torch
 
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
-from common.errors import ConfigError, FedtailError
-from common.privacy.ledger import Ledger
-from common.privacy.accounting import check_delta
-from common.run_files import site_ledger
 from common.data.split import training_examples
+from common.errors import ConfigError, FedtailError
+from common.privacy.accounting import check_delta
+from common.privacy.ledger import Ledger
+from common.run_files import site_ledger
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""What a site decides for itself: its node config's privacy settings, and the checks it runs on a coordinator's request.
+"""What a site decides for itself: its node config's privacy settings, and its checks of a coordinator's request.
 
 The coordinator (the server side: run config, global weights, every message)
 may be curious or malicious, so everything it sends is hostile input. A run
@@ -156,5 +156,7 @@ def simulated_node_config(partition_id: int) -> dict[str, Any]:
     try:
         sites = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{SIMULATED_SITES_ENV}={path}: cannot read the simulated sites' node config ({error})")
+        raise ConfigError(
+            f"{SIMULATED_SITES_ENV}={path}: cannot read the simulated sites' node config ({error})"
+        ) from None
     return dict(sites.get(str(partition_id), {}))

@@ -132,7 +132,9 @@ def refuse(address: str, token: str, reason: str, root_certificates: Path | None
     ``push_message``, ``push_task_output``). No retries: if the SuperNode cannot be reached the task expires, as a
     dead ClientApp's would.
     """
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)]
+    interceptors: list[ProtobufClientInterceptor] = [
+        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)
+    ]
     client = _runtime_client(address, root_certificates, interceptors, retry=False)
     try:
         message, context, _, _ = pull_task_input(client)

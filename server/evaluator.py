@@ -15,11 +15,11 @@ import torch
 
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
-from common.recommender.evaluation import evaluate, model_scorer
+from common.data.split import EvaluationCases, evaluation_cases, item_popularity
 from common.federation import RunSettings
+from common.recommender.evaluation import evaluate, model_scorer
 from common.recommender.model import SASRec
 from common.utils.progress import log
-from common.data.split import EvaluationCases, evaluation_cases, item_popularity
 
 
 @dataclass(frozen=True)

@@ -22,20 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.recommender.artifacts import load_model
-from simulations.audit import audit
-from simulations.audit.report import write_audit
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
-from simulations.empirical import EmpiricalBound, audit_guesses
+from common.data.split import item_popularity, training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.utils.files import atomic_write_text, write_json
+from common.recommender.artifacts import load_model
 from common.recommender.model import per_user_loss
-from common.utils.progress import log
-from common.run_files import GLOBAL_MODEL_FILE
-from common.data.split import item_popularity, training_examples
 from common.recommender.training import pick_device
+from common.run_files import GLOBAL_MODEL_FILE
+from common.utils.files import atomic_write_text, write_json
+from common.utils.progress import log
+from simulations.audit import audit
+from simulations.audit.report import write_audit
+from simulations.empirical import EmpiricalBound, audit_guesses
 from simulations.simulate import Resources, simulate
 
 CANARY_DATA, CANARY_SECRET, EMPIRICAL_JSON, EMPIRICAL_MARKDOWN = (
@@ -79,7 +79,7 @@ def draw_canaries(popularity: np.ndarray, config: CanaryConfig) -> Canaries:
 
 def write_planted_data(path: Path, sequences: list[np.ndarray], canaries: Canaries, catalog: Catalog) -> None:
     """The training data with the member canaries added, in the ``sequences`` format (one user per line)."""
-    planted = [seq for seq, member in zip(canaries.sequences, canaries.members) if member]
+    planted = [seq for seq, member in zip(canaries.sequences, canaries.members, strict=True) if member]
     lines = [
         f"{user} " + " ".join(catalog.raw_id(int(i)) for i in sequence)
         for user, sequence in enumerate([*sequences, *planted], start=1)

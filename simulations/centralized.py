@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
+from common.data.datasets import Dataset
+from common.data.split import evaluation_cases, item_popularity, training_examples
 from common.recommender.artifacts import load_model, save_model, saved_model_file
 from common.recommender.content import initialise_from_text, save_item_vectors
-from common.data.datasets import Dataset
 from common.recommender.evaluation import evaluate_with_baselines, model_scorer
-from common.utils.files import write_json
 from common.recommender.model import ModelOptions, SASRec
-from common.utils.progress import log
-from common.data.split import evaluation_cases, item_popularity, training_examples
 from common.recommender.training import TrainConfig, fit, pick_device
+from common.utils.files import write_json
+from common.utils.progress import log
 
 METRICS_FILE = "metrics.json"
 

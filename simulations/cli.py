@@ -22,20 +22,20 @@ from typing import Any
 
 import torch
 
-from simulations.audit import audit
-from simulations.audit.report import format_markdown, write_audit
 from common.data.datasets import DEFAULT_DATASET, load_dataset
+from common.data.readers import FORMATS, ColumnNames
 from common.errors import ConfigError, FedtailError
 from common.federation import RunSettings
-from common.utils.files import write_json
-from common.data.readers import FORMATS, ColumnNames
-from common.recommender.training import TrainConfig, pick_device
 from common.recommender.model import ModelOptions
+from common.recommender.training import TrainConfig, pick_device
+from common.utils.files import write_json
+from simulations.audit import audit
+from simulations.audit.report import format_markdown, write_audit
 from simulations.bench import suite as bench_suite
 from simulations.canary import CanaryConfig, format_empirical, run_empirical_audit
 from simulations.centralized import evaluate_saved, train_centralized
-from simulations.cli_deploy import add_deploy_command
-from simulations.cli_serve import add_serve_command
+from simulations.cli_deploy import add_deploy_commands
+from simulations.cli_serve import add_serve_arguments
 from simulations.report import format_federated_summary, format_metrics_table
 from simulations.simulate import Resources, simulate
 
@@ -157,8 +157,10 @@ def _simulate(args: argparse.Namespace) -> int:
     settings = _run_settings(args, args.dataset, args.out)
     started = time.perf_counter()
     summary = simulate(settings, _resources(args))
-    print(format_federated_summary(summary, title=f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"))
-    print(f"\nwrote {args.out}/global_model.pt, summary.json, rounds.jsonl, ledgers/ ({time.perf_counter() - started:.0f}s)")
+    title = f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"
+    print(format_federated_summary(summary, title=title))
+    seconds = time.perf_counter() - started
+    print(f"\nwrote {args.out}/global_model.pt, summary.json, rounds.jsonl, ledgers/ ({seconds:.0f}s)")
     return 0
 
 
@@ -222,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedtail {version('fedtail')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="inspect interaction data").add_subparsers(dest="data_command", required=True)
-    stats = data.add_parser("stats", help="users, items, history lengths, popularity concentration")
+    data = commands.add_parser("data", help="inspect interaction data")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    stats = data_commands.add_parser("stats", help="users, items, history lengths, popularity concentration")
     _add_dataset_arguments(stats, optional=True)
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(handler=_data_stats)
@@ -261,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     evaluate.set_defaults(handler=_evaluate)
 
-    add_serve_command(commands)
+    serve = commands.add_parser("serve", help="HTTP recommendation service over a run folder's model")
+    add_serve_arguments(serve)
 
     audit_parser = commands.add_parser(
         "audit", help="recompute every site's epsilon from the ledgers, cross-checked with the coordinator's record; "
@@ -288,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_arguments(empirical)
     audit_parser.set_defaults(handler=_audit)
 
-    add_deploy_command(commands)
+    deploy = commands.add_parser(
+        "deploy", help="set up a real federation: certificates, site keys, site check, app bundle hashes"
+    )
+    add_deploy_commands(deploy)
 
     bench = commands.add_parser("bench", add_help=False,
                                 help="the benchmark suite (same as python -m simulations.bench)")

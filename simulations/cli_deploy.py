@@ -1,4 +1,4 @@
-"""``fedtail deploy``: what a real federation is set up with (certificates, site keys, the site check, bundle hashes)."""
+"""``fedtail deploy``: what a real federation is set up with: certificates, site keys, the site check, bundle hashes."""
 
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ from simulations.credentials import CA_CERT, CA_KEY, write_certificates, write_s
 EXIT_SITE_NOT_READY = 1
 
 
-def add_deploy_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    deploy = commands.add_parser(
-        "deploy", help="set up a real federation: certificates, site keys, site check, app bundle hashes"
-    )
+def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
     deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
     certs = deploy_commands.add_parser("certs", help="(coordinator) a CA and the SuperLink's TLS certificate")
     certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")

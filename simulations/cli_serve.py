@@ -12,8 +12,7 @@ from common.errors import ConfigError
 from common.recommender.ranking import COLD_START_PRIORS, RankingOptions
 
 
-def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = commands.add_parser("serve", help="HTTP recommendation service over a run folder's model")
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("run_dir", help="a federated run folder (global_model.pt) or a trained model folder (model.pt)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean it)")
     serve.add_argument("--port", type=_port, default=8000, help="TCP port to listen on, 1-65535")

@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from common.data.catalog import Catalog
-from simulations.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
 from common.utils.processes import APP_DIR, die_with_parent, executable, free_loopback_port
 from common.utils.progress import log
+from simulations.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
 from simulations.flower_cli import (
     FlowerFailed,
     flower_env,
@@ -51,14 +51,16 @@ def write_site_files(frame: pd.DataFrame, sites: Sequence[str], folder: Path) ->
     paths = {"catalog": folder / "catalog.json"}
     catalog.save(paths["catalog"])
     users = frame["user"].unique()
-    owner = frame["user"].map(dict(zip(users, np.arange(len(users)) % len(sites))))
+    owner = frame["user"].map(dict(zip(users, np.arange(len(users)) % len(sites), strict=True)))
     for index, site in enumerate(sites):
         paths[site] = folder / f"{site}.csv"
         frame.loc[owner == index, ["user", "item", "timestamp"]].to_csv(paths[site], index=False)
     return paths
 
 
-def site_node_config(site: str, data: Mapping[str, Path], ledger_root: Path, max_epsilon: float = 8.0) -> dict[str, Any]:
+def site_node_config(
+    site: str, data: Mapping[str, Path], ledger_root: Path, max_epsilon: float = 8.0
+) -> dict[str, Any]:
     return {
         "data-path": str(data[site]), "catalog-path": str(data["catalog"]),
         "ledger-dir": str(ledger_root / f"{site}-ledger"), "max-epsilon": max_epsilon, "site-id": site,
@@ -99,7 +101,8 @@ class LocalDeployment:
     def start_superlink(self) -> None:
         """The coordinator's SuperLink: TLS and registered SuperNodes only, unless insecure."""
         security = (
-            ["--ssl-ca-certfile", str(self.certificates / CA_CERT), "--ssl-certfile", str(self.certificates / SERVER_CERT),
+            ["--ssl-ca-certfile", str(self.certificates / CA_CERT),
+             "--ssl-certfile", str(self.certificates / SERVER_CERT),
              "--ssl-keyfile", str(self.certificates / SERVER_KEY), "--enable-supernode-auth"]
             if self.secure else ["--insecure"]
         )

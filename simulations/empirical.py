@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 from common.errors import ConfigError
@@ -75,7 +76,7 @@ class EmpiricalBound:
 
 
 def audit_guesses(
-    scores: Sequence[float], members: Sequence[bool], delta: float, confidence: float = 0.95,
+    scores: ArrayLike, members: ArrayLike, delta: float, confidence: float = 0.95,
     fractions: Sequence[float] = GUESS_FRACTIONS,
 ) -> EmpiricalBound:
     """Guess "in" for the highest-scored canaries and "out" for the lowest, at each declared share.

@@ -21,6 +21,7 @@ from typing import Any
 from common.errors import FedtailError
 from common.utils.processes import executable
 
+
 class FlowerFailed(FedtailError):
     """A Flower process or run did not do what was asked; the message carries Flower's reason."""
 

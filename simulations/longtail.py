@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
+from common.data.datasets import load_dataset
+from common.data.split import EvaluationCases, evaluation_cases, item_popularity, training_history
 from common.recommender.artifacts import load_model
 from common.recommender.content import item_content_vectors, load_item_vectors
-from common.data.datasets import load_dataset
 from common.recommender.evaluation import evaluate, model_scorer, popularity_scorer, reranked_scorer
-from common.utils.files import write_json
 from common.recommender.model import PADDING_INDEX
 from common.recommender.ranking import RankingOptions, model_prior
-from common.data.split import EvaluationCases, evaluation_cases, item_popularity, training_history
 from common.recommender.training import pick_device
+from common.utils.files import write_json
 from simulations.report import markdown_table
 
 TAIL_PENALTIES = (0.2, 0.5)

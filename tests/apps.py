@@ -12,7 +12,7 @@ APP_PACKAGES = ("common", "client", "server")
 
 
 def app_copy(folder: Path, dp_appendix: str = "") -> Path:
-    """The app's bundled files copied to ``folder/fedtail``, with ``dp_appendix`` added to the end of client/dp_sgd.py."""
+    """The app's bundled files copied to ``folder/fedtail``, ``dp_appendix`` added to the end of client/dp_sgd.py."""
     app = folder / "fedtail"
     app.mkdir(parents=True)
     shutil.copy(APP_DIR / "pyproject.toml", app / "pyproject.toml")

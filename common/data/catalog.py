@@ -75,7 +75,9 @@ class Catalog:
         return hashlib.sha256("\n".join(self.items).encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        payload = {"format": CATALOG_FORMAT, "source": self.source, "num_items": self.num_items, "items": list(self.items)}
+        payload = {
+            "format": CATALOG_FORMAT, "source": self.source, "num_items": self.num_items, "items": list(self.items)
+        }
         write_json(Path(path), payload)
 
     @classmethod

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 
 from common.data.catalog import Catalog
-from common.errors import DataError
 from common.data.interactions import CleanReport, DataStats, clean_interactions, data_stats, user_sequences
 from common.data.readers import FORMATS, ColumnNames, read_interactions
 from common.data.synthetic import SyntheticConfig, generate
+from common.errors import DataError
 
 DEFAULT_DATASET = "synthetic"
 

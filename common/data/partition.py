@@ -52,7 +52,8 @@ def partition_users(
     if scheme == "skewed":
         large = max(1, num_sites // 5)
         weights = np.where(np.arange(num_sites) < large, SKEW_FACTOR, 1.0)
-        sites = np.concatenate([np.arange(num_sites), rng.choice(num_sites, users - num_sites, p=weights / weights.sum())])
+        extra = rng.choice(num_sites, users - num_sites, p=weights / weights.sum())
+        sites = np.concatenate([np.arange(num_sites), extra])
         return sites[rng.permutation(users)]
     group_of_item = rng.integers(0, num_sites, size=num_items + 1)
     favourite = np.array([np.bincount(group_of_item[s], minlength=num_sites).argmax() for s in sequences])
@@ -76,7 +77,9 @@ def _by_column(user_sites: Sequence[str] | None, num_sites: int) -> np.ndarray:
         raise DataError("partitioning 'column' needs a site column in the data (see --site-col)")
     names = sorted(set(user_sites))
     if len(names) != num_sites:
-        raise ConfigError(f"the data names {len(names)} sites ({', '.join(names[:10])}), but {num_sites} were asked for")
+        raise ConfigError(
+            f"the data names {len(names)} sites ({', '.join(names[:10])}), but {num_sites} were asked for"
+        )
     index = {name: position for position, name in enumerate(names)}
     return np.array([index[name] for name in user_sites])
 

@@ -1,6 +1,7 @@
 """Saving and loading a model together with the catalogue it was trained on.
 
-Files are written atomically (``common.utils.files``). Models are loaded with ``weights_only=True``: a model file from elsewhere cannot run code.
+Files are written atomically (``common.utils.files``). Models are loaded with ``weights_only=True``: a model file
+from elsewhere cannot run code.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import torch
 
 from common.data.catalog import Catalog
 from common.errors import DataError
-from common.utils.files import load_torch, save_torch
 from common.recommender.model import ModelConfig, SASRec
 from common.run_files import CHECKPOINT_FILE, FLOWER_LOG_FILE, GLOBAL_MODEL_FILE, ROUNDS_FILE, RUN_FILE
+from common.utils.files import load_torch, save_torch
 
 MODEL_FORMAT = "fedtail-model/1"
 MODEL_FILE = "model.pt"

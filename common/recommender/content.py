@@ -19,10 +19,9 @@ ids instead; the same PCA then places items that share attributes together.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import json
 
 import numpy as np
 import pandas as pd
@@ -30,8 +29,8 @@ import torch
 
 from common.data.catalog import PADDING_INDEX, Catalog
 from common.errors import ConfigError, DataError
-from common.utils.files import load_torch, save_torch
 from common.recommender.model import INIT_STD, SASRec
+from common.utils.files import load_torch, save_torch
 from common.utils.progress import log
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
@@ -58,7 +57,7 @@ def read_item_texts(path: Path) -> dict[str, str]:
     if {"movieId", "title", "genres"} <= set(frame.columns):
         return {row.movieId: f"{row.title}. Genres: {row.genres.replace('|', ', ')}" for row in frame.itertuples()}
     if {"item", "text"} <= set(frame.columns):
-        return dict(zip(frame["item"], frame["text"]))
+        return dict(zip(frame["item"], frame["text"], strict=True))
     raise DataError("expected MovieLens u.item, movies.csv, or a CSV with 'item' and 'text' columns", path)
 
 
@@ -89,7 +88,9 @@ def read_item_attributes(path: Path) -> dict[str, str]:
         raise DataError("expected a JSON object mapping item id -> list of attribute ids", path)
     attributes = {}
     for item, values in mapping.items():
-        if not isinstance(values, list) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in values):
+        if not isinstance(values, list) or not all(
+            isinstance(v, (int, str)) and not isinstance(v, bool) for v in values
+        ):
             raise DataError(f"item {item!r}: expected a list of attribute ids, got {values!r:.80}", path)
         attributes[str(item)] = " ".join(str(v) for v in values)
     return attributes

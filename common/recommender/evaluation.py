@@ -16,11 +16,18 @@ import numpy as np
 import torch
 
 from common.data.catalog import PADDING_INDEX
+from common.data.split import EvaluationCases, trim_left_padding
 from common.errors import ConfigError
-from common.recommender.metrics import exclusion_mask, grouped_ranking_metrics, item_metrics, rank_targets, ranking_metrics, top_k
+from common.recommender.metrics import (
+    exclusion_mask,
+    grouped_ranking_metrics,
+    item_metrics,
+    rank_targets,
+    ranking_metrics,
+    top_k,
+)
 from common.recommender.model import SASRec
 from common.recommender.ranking import RankingOptions, content_prior, rerank, unit_rows
-from common.data.split import EvaluationCases, trim_left_padding
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 """Maps left-padded inputs [B, L] to scores over the catalogue [B, N] (on the CPU)."""
@@ -88,7 +95,11 @@ def evaluate(
         recommended.append(top_k(scores, excluded, ITEM_METRICS_K))
     if not ranks:
         empty = np.zeros(0)
-        return {"overall": {**ranking_metrics(empty), "users": 0}, "groups": grouped_ranking_metrics(empty, empty), "items": {}}
+        return {
+            "overall": {**ranking_metrics(empty), "users": 0},
+            "groups": grouped_ranking_metrics(empty, empty),
+            "items": {},
+        }
     all_ranks = np.empty(len(cases), dtype=np.int64)
     all_ranks[order.numpy()] = torch.cat(ranks).numpy()
     return {

@@ -27,7 +27,6 @@ import torch
 from common.errors import ConfigError
 from common.recommender.model import PADDING_INDEX, SASRec
 
-
 COLD_START_PRIORS = ("model", "content")
 
 

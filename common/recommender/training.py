@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.data.split import EvaluationCases, TrainingExamples, length_buckets, trim_left_padding
 from common.errors import ConfigError
 from common.recommender.evaluation import evaluate, model_scorer
 from common.recommender.model import LossName, SASRec, sequence_loss
 from common.utils.progress import log, progress_bar
-from common.data.split import EvaluationCases, TrainingExamples, length_buckets, trim_left_padding
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ def _panel(x0: int, panel: Panel) -> str:
     inner_w, inner_h = WIDTH - 2 * MARGIN, HEIGHT - 2 * MARGIN
     parts = [
         f'<text x="{x0 + WIDTH / 2}" y="20" text-anchor="middle" font-size="13">{panel.title}</text>',
-        f'<line x1="{x0 + MARGIN}" y1="{HEIGHT - MARGIN}" x2="{x0 + WIDTH - MARGIN}" y2="{HEIGHT - MARGIN}" stroke="black"/>',
+        f'<line x1="{x0 + MARGIN}" y1="{HEIGHT - MARGIN}" x2="{x0 + WIDTH - MARGIN}" y2="{HEIGHT - MARGIN}" '
+        'stroke="black"/>',
         f'<line x1="{x0 + MARGIN}" y1="{MARGIN}" x2="{x0 + MARGIN}" y2="{HEIGHT - MARGIN}" stroke="black"/>',
         f'<text x="{x0 + MARGIN - 4}" y="{MARGIN + 4}" text-anchor="end" font-size="10">{top:.3g}</text>',
         f'<text x="{x0 + MARGIN - 4}" y="{HEIGHT - MARGIN}" text-anchor="end" font-size="10">0</text>',
@@ -46,13 +47,15 @@ def _panel(x0: int, panel: Panel) -> str:
     if panel.marker is not None:
         x = x0 + MARGIN + inner_w * panel.marker[0] / right
         parts.append(
-            f'<line x1="{x:.1f}" y1="{MARGIN}" x2="{x:.1f}" y2="{HEIGHT - MARGIN}" stroke="grey" stroke-dasharray="4 3"/>'
+            f'<line x1="{x:.1f}" y1="{MARGIN}" x2="{x:.1f}" y2="{HEIGHT - MARGIN}" '
+            'stroke="grey" stroke-dasharray="4 3"/>'
             f'<text x="{x + 3:.1f}" y="{MARGIN + 10}" font-size="9" fill="grey">{panel.marker[1]}</text>'
         )
     for index, series in enumerate(panel.series):
         colour = COLOURS[index % len(COLOURS)]
         points = [
-            (x0 + MARGIN + inner_w * x / right, HEIGHT - MARGIN - inner_h * y / top) for x, y in zip(series.x, series.y)
+            (x0 + MARGIN + inner_w * x / right, HEIGHT - MARGIN - inner_h * y / top)
+            for x, y in zip(series.x, series.y, strict=True)
         ]
         line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
         parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')

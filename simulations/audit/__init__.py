@@ -96,9 +96,11 @@ def audit(paths: Sequence[str | Path], coordinator: Sequence[str | Path] = ()) -
             entries = ledger_file.entries
             source_files.append(ledger_file)
             findings += chain_findings + check_rounds(entries) + check_recorded_epsilons(entries)
-            sites = {e.data["site"] for e in entries}
-            if len(sites) > 1:
-                findings.append(Finding("error", str(ledger), f"one ledger holds lines of several sites: {sorted(sites)}"))
+            named = {e.data["site"] for e in entries}
+            if len(named) > 1:
+                findings.append(
+                    Finding("error", str(ledger), f"one ledger holds lines of several sites: {sorted(named)}")
+                )
             for entry in entries:
                 site = str(entry.data["site"])
                 files_by_site.setdefault(site, [])
@@ -116,7 +118,9 @@ def audit(paths: Sequence[str | Path], coordinator: Sequence[str | Path] = ()) -
                 findings += check_against_coordinator(record, source_files, every_site=False)
         ledger_files += source_files
     composed = len(sources) > 1
-    sites = {site: _site_audit(site, entries, files_by_site[site], composed, findings) for site, entries in by_site.items()}
+    sites = {
+        site: _site_audit(site, entries, files_by_site[site], composed, findings) for site, entries in by_site.items()
+    }
     run_records = [source.record for source in sources if source.record is not None] + records
     unverified = [text for text in map(not_verified, ledger_files) if text]
     return AuditReport(
@@ -131,7 +135,9 @@ def audit(paths: Sequence[str | Path], coordinator: Sequence[str | Path] = ()) -
     )
 
 
-def _site_audit(site: str, entries: list[Entry], ledgers: list[str], composed: bool, findings: list[Finding]) -> SiteAudit:
+def _site_audit(
+    site: str, entries: list[Entry], ledgers: list[str], composed: bool, findings: list[Finding]
+) -> SiteAudit:
     deltas = sorted({float(e.data["delta"]) for e in entries})
     delta = deltas[-1]
     if len(deltas) > 1:
@@ -170,10 +176,14 @@ def _site_audit(site: str, entries: list[Entry], ledgers: list[str], composed: b
     )
     if audit_.delta_below_one_over_users is False:
         findings.append(
-            Finding("error", f"site {site}", f"delta {delta:g} is not below 1/users = 1/{site_users}: the guarantee is void")
+            Finding(
+                "error", f"site {site}", f"delta {delta:g} is not below 1/users = 1/{site_users}: the guarantee is void"
+            )
         )
     elif audit_.users is None:
-        findings.append(Finding("note", f"site {site}", "the ledger does not record the site's users: delta < 1/users unchecked"))
+        findings.append(
+            Finding("note", f"site {site}", "the ledger does not record the site's users: delta < 1/users unchecked")
+        )
     return audit_
 
 

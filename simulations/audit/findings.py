@@ -1,4 +1,4 @@
-"""What the audit finds: one finding per problem, with its severity and where it is; and the tolerance it compares at."""
+"""What the audit finds (one finding per problem: its severity and where it is), and the tolerance it compares at."""
 
 from __future__ import annotations
 

@@ -175,19 +175,23 @@ def check_rounds(entries: Sequence[Entry]) -> list[Finding]:
             before = previous.data["round"]
             if number == before:
                 findings.append(
-                    Finding("error", entry.where, f"round {number} of run {run_id} recorded twice (also {previous.where})")
+                    Finding(
+                        "error", entry.where, f"round {number} of run {run_id} recorded twice (also {previous.where})"
+                    )
                 )
             elif number < before:
                 findings.append(
-                    Finding("error", entry.where, f"round {number} of run {run_id} comes after round {before}: out of order")
+                    Finding(
+                        "error", entry.where, f"round {number} of run {run_id} comes after round {before}: out of order"
+                    )
                 )
             elif number > before + 1:
                 findings.append(
                     Finding(
                         "note",
                         entry.where,
-                        f"run {run_id}: no line for round(s) {before + 1}-{number - 1} (not sampled, declined or failed "
-                        "there; a run folder's rounds.jsonl confirms which)",
+                        f"run {run_id}: no line for round(s) {before + 1}-{number - 1} (not sampled, declined or "
+                        "failed there; a run folder's rounds.jsonl confirms which)",
                     )
                 )
         last[run_id] = entry

@@ -24,7 +24,8 @@ NOT_COVERED = (
     "Releases that are not DP-SGD steps and so are not in any ledger: anything a site or the server published "
     "besides the trained weights (metrics, counts, logs). fedtail sites send only weights, public parameters and "
     "their epsilon; their FedAvg weights are declared or uniform, not user counts.",
-    "Which rounds each site took part in, declined, or failed, and how long it took: visible to the server, not noised.",
+    "Which rounds each site took part in, declined, or failed, and how long it took: visible to the server, "
+    "not noised.",
     "Hyper-parameter tuning: every earlier run on the same users spends budget too. Only the runs and ledgers given "
     "to this audit are composed.",
     "A catalogue (item list) derived from private interactions. In simulation the catalogue is built from the whole "
@@ -212,8 +213,8 @@ def format_markdown(report: AuditReport) -> str:
     ]
     if report.sites:
         lines += [
-            "| site | epsilon (stated) | recorded | Opacus RDP | Opacus PRV | dp-accounting PLD | delta | delta < 1/users | "
-            "mechanism | steps | ledger lines | tier |",
+            "| site | epsilon (stated) | recorded | Opacus RDP | Opacus PRV | dp-accounting PLD | delta "
+            "| delta < 1/users | mechanism | steps | ledger lines | tier |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for site in report.sites.values():
@@ -221,7 +222,8 @@ def format_markdown(report: AuditReport) -> str:
             lines.append(
                 f"| {site.site} | {site.epsilon:.4f} | {_number(site.recorded_epsilon)} | "
                 + " | ".join(_number(site.recomputed[name]) for name in ACCOUNTANTS)
-                + f" | {site.delta:g} | {below} | {site.mechanism} | {site.steps} | {site.entries} | {tier(site.epsilon)} |"
+                + f" | {site.delta:g} | {below} | {site.mechanism} | {site.steps} | {site.entries} "
+                f"| {tier(site.epsilon)} |"
             )
         lines += [
             "",

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.recommender.artifacts import save_model
 from common.data.catalog import Catalog
+from common.recommender.artifacts import save_model
 from common.recommender.model import ModelOptions, SASRec
 from common.utils.processes import free_loopback_port
 from server.serving import Recommender

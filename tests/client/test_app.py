@@ -19,6 +19,7 @@ from common.federation import RunSettings
 from common.privacy.ledger import GENESIS_HASH, Ledger
 from common.recommender.model import SASRec
 
+
 @pytest.fixture(autouse=True)
 def flower_task_identity() -> None:
     """Flower stamps messages with the running task's identity; a test is its own task."""
@@ -46,7 +47,9 @@ def _call(settings: RunSettings, node_config: dict, round_number: int = 1, **con
         {"arrays": ArrayRecord(model.state_dict()), "config": _train_config(round_number, shard.catalog, **config)}
     )
     message = Message(content=content, dst_node_id=1, message_type="train")
-    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=settings.to_run_config())
+    context = Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=settings.to_run_config()
+    )
     return train(message, context)
 
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from client.runtime import bundle_sha256
+from common.data.synthetic import SyntheticConfig, generate
+from common.privacy.ledger import Ledger
+from common.run_files import read_rounds
 from simulations.audit import audit
 from simulations.credentials import write_certificates
-from common.privacy.ledger import Ledger
-from common.data.synthetic import SyntheticConfig, generate
-from common.run_files import read_rounds
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 from tests.apps import app_copy
 
@@ -94,7 +94,7 @@ def test_a_tls_authenticated_federation_of_three_sites_trains_with_dp(
     ledgers = [deployment.root / f"{site}-ledger" / f"site-{site}.jsonl" for site in SITES]
     alone = audit(ledgers)
     assert alone.passed and not alone.witnessed, "the sites' own ledgers cannot vouch for their last lines"
-    for site, ledger in zip(SITES, ledgers):  # each site's officer, with the coordinator's rounds.jsonl
+    for site, ledger in zip(SITES, ledgers, strict=True):  # each site's officer, with the coordinator's rounds.jsonl
         report = audit([ledger], [out_dir / "rounds.jsonl"])
         assert report.passed and report.witnessed, (site, report.findings, report.not_verified)
 

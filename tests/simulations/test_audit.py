@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from common.errors import DataError
+from common.privacy.accounting import epsilon_from_history
+from common.privacy.ledger import GENESIS_HASH, UNSALTED_FORMAT, Ledger, Spend
 from simulations.audit import audit
 from simulations.audit.accounting import independent_epsilons
 from simulations.audit.report import AUDIT_JSON, AUDIT_MARKDOWN, AUDIT_PLOT, LIMITS, format_markdown, write_audit
-from common.errors import DataError
-from common.privacy.ledger import GENESIS_HASH, UNSALTED_FORMAT, Ledger, Spend
-from common.privacy.accounting import epsilon_from_history
 
 SIGMA, RATE, STEPS, DELTA = 1.1, 0.1, 20, 1e-5
 

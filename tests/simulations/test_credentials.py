@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from simulations.credentials import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
 from common.errors import ConfigError
+from simulations.credentials import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
 
 
 def test_the_server_certificate_is_signed_by_the_ca_for_exactly_the_given_hosts(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from common.data.datasets import load_dataset
-from common.errors import ConfigError, DataError
 from common.data.partition import partition_users, user_site_names
+from common.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")

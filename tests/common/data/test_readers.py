@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from common.data.datasets import load_dataset
-from common.errors import DataError
 from common.data.readers import ColumnNames, detect_format, read_interactions
+from common.errors import DataError
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

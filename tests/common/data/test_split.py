@@ -6,7 +6,14 @@ import numpy as np
 import torch
 
 from common.data.catalog import PADDING_INDEX
-from common.data.split import evaluation_cases, item_popularity, left_pad, length_sorted_pieces, training_examples, trim_left_padding
+from common.data.split import (
+    evaluation_cases,
+    item_popularity,
+    left_pad,
+    length_sorted_pieces,
+    training_examples,
+    trim_left_padding,
+)
 
 
 def test_last_item_is_test_the_one_before_is_validation() -> None:

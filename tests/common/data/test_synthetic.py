@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from common.data.datasets import load_dataset
-from common.errors import ConfigError
 from common.data.synthetic import SyntheticConfig, generate
+from common.errors import ConfigError
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from common.errors import DataError
-from common.privacy.ledger import GENESIS_HASH, LEDGER_FORMAT, UNSALTED_FORMAT, Ledger, Spend
 from common.privacy.accounting import calibrate_noise, epsilon_from_history
+from common.privacy.ledger import GENESIS_HASH, LEDGER_FORMAT, UNSALTED_FORMAT, Ledger, Spend
 
 
 def _spend(round_number: int, sigma: float = 1.1) -> Spend:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.recommender.artifacts import CATALOG_FILE, MODEL_FILE, load_model, save_model
 from common.data.catalog import Catalog
 from common.errors import DataError
+from common.recommender.artifacts import CATALOG_FILE, MODEL_FILE, load_model, save_model
 from common.recommender.model import ModelConfig, SASRec
 
 

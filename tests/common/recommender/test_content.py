@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.data.catalog import PADDING_INDEX, Catalog
+from common.errors import DataError
 from common.recommender.content import (
     content_vectors,
     initialise_from_text,
@@ -20,7 +21,6 @@ from common.recommender.content import (
     read_item_texts,
     save_item_vectors,
 )
-from common.errors import DataError
 from common.recommender.model import INIT_STD, ModelConfig, SASRec
 
 
@@ -48,7 +48,8 @@ def test_items_alike_in_text_start_alike_and_untexted_items_keep_their_random_st
     vectors = content_vectors(catalog, texts, hidden=8, encoder=_genre_encoder)
     assert vectors.shape == (41, 8)
     assert float(vectors[1:40].std()) == pytest.approx(INIT_STD, rel=1e-4), "the model's own initial scale"
-    similarity = torch.nn.functional.normalize(vectors[1:40], dim=1) @ torch.nn.functional.normalize(vectors[1:40], dim=1).T
+    unit = torch.nn.functional.normalize(vectors[1:40], dim=1)
+    similarity = unit @ unit.T
     same_genre = torch.tensor([[a % 4 == b % 4 for b in range(1, 40)] for a in range(1, 40)])
     assert float(similarity[same_genre].mean()) > 0.9 > float(similarity[~same_genre].mean()) + 0.5
 

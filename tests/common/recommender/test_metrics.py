@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.data.split import EvaluationCases
 from common.recommender.evaluation import evaluate, popularity_scorer
 from common.recommender.metrics import exclusion_mask, item_metrics, rank_targets, ranking_metrics, top_k, user_groups
-from common.data.split import EvaluationCases
 
 
 def test_known_ranks_give_known_hr_ndcg_mrr() -> None:

@@ -30,8 +30,12 @@ def test_the_cold_start_blend_is_the_prior_at_zero_items_and_gone_at_the_fade() 
 
 def test_the_tail_penalty_moves_rare_items_up() -> None:
     scores = torch.log(torch.tensor([[1e-9, 0.5, 0.3, 0.2]]))
-    plain = torch.argsort(rerank(scores, torch.tensor([5]), PRIOR, RankingOptions(tail_penalty=0.0))[0, 1:], descending=True)
-    lifted = torch.argsort(rerank(scores, torch.tensor([5]), PRIOR, RankingOptions(tail_penalty=1.0))[0, 1:], descending=True)
+
+    def order(penalty: float) -> torch.Tensor:
+        reranked = rerank(scores, torch.tensor([5]), PRIOR, RankingOptions(tail_penalty=penalty))
+        return torch.argsort(reranked[0, 1:], descending=True)
+
+    plain, lifted = order(0.0), order(1.0)
     assert plain.tolist() == [0, 1, 2] and lifted.tolist()[0] == 2  # item 3, the rarest, comes first
 
 
