@@ -19,7 +19,7 @@ weights are finite and bounded; otherwise it declines and says why.
 A reply holds only: the trained weights, the site's id, its epsilon so far,
 whether it trained with DP, the declared weight, when it declines, why, and
 its ledger's head after the round (line count and the last line's hash, a
-hiding commitment: see ``common.ledger``), which the coordinator records so
+hiding commitment: see ``common.privacy.ledger``), which the coordinator records so
 that an auditor can later tell a rewritten or cut-off ledger.
 """
 
@@ -37,18 +37,19 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.round_plan import LocalTraining, PrivacyPlan
-from client.site_round import RoundOutcome, train_site_round
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
+from client.round_plan import LocalTraining, PrivacyPlan
 from client.shard import SiteShard, deployed_shard, simulated_shard
-from common.catalog import Catalog
+from client.site_round import RoundOutcome, train_site_round
+from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
-from common.ledger import Ledger
-from common.model import SASRec
-from common.progress import log
+from common.privacy.ledger import Ledger
+from common.recommender.model import SASRec
+from common.recommender.training import pick_device
 from common.run_files import LEDGER_DIR, site_ledger
-from common.training import pick_device
+from common.utils.progress import log
+from common.utils.records import scalar
 
 app = ClientApp()
 logger = logging.getLogger("fedtail.client")
@@ -110,7 +111,7 @@ def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:
     site_fields = ConfigRecord({"site-id": site.site_id, "ledger-hash": head_hash})
     content = RecordDict({"metrics": metrics, "site": site_fields})
     if outcome.state_dict is None:
-        content["site"]["reason"] = outcome.declined_reason
+        site_fields["reason"] = outcome.declined_reason
     else:
         content["arrays"] = ArrayRecord(outcome.state_dict)
     return content
@@ -123,10 +124,11 @@ def check_ledger_continuity(state: RecordDict, ledger: Ledger) -> None:
     remembered in Flower's context state (kept between rounds of a run) can.
     """
     if LEDGER_HEAD in state:
-        head = state[LEDGER_HEAD]
-        if not ledger.continues(int(head["entries"]), str(head["hash"])):
+        head = state.config_records[LEDGER_HEAD]
+        entries = int(scalar(head["entries"]))
+        if not ledger.continues(entries, str(head["hash"])):
             raise DataError(
-                f"the ledger lost or changed entries since the last round (it held {head['entries']}); "
+                f"the ledger lost or changed entries since the last round (it held {entries}); "
                 "refusing to train on an understated privacy history",
                 ledger.path,
             )
@@ -147,7 +149,8 @@ def check_coordinator(config: ConfigRecord, catalog: Catalog) -> None:
     if str(config.get("catalog-sha256", "")) != catalog.fingerprint():
         raise ConfigError(
             f"catalogue mismatch: this site's catalogue ({catalog.num_items} items, sha256 "
-            f"{catalog.fingerprint()[:12]}) is not the coordinator's (sha256 {str(config.get('catalog-sha256'))[:12]}); "
+            f"{catalog.fingerprint()[:12]}) is not the coordinator's "
+            f"(sha256 {str(config.get('catalog-sha256'))[:12]}); "
             "every site needs the coordinator's catalog.json"
         )
 
@@ -162,9 +165,9 @@ def train(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     site = site_from_context(dict(context.node_config), settings)
     check_ledger_continuity(context.state, site.ledger)
-    config = msg.content["config"]
-    round_number = int(config["server-round"])
-    global_weights = msg.content["arrays"].to_torch_state_dict()
+    config = msg.content.config_records["config"]
+    round_number = int(scalar(config["server-round"]))
+    global_weights = msg.content.array_records["arrays"].to_torch_state_dict()
     refusal = site.policy.decline_reason(settings) or incoming_weights_problem(global_weights, site.policy)
     if refusal:  # decided on public input alone, before the site's data is read
         spent = site.ledger.epsilon(site.policy.delta)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from common.catalog import Catalog
-from common.datasets import load_dataset
+from common.data.catalog import Catalog
+from common.data.datasets import load_dataset
+from common.data.split import training_examples
 from common.errors import ConfigError, FedtailError
-from common.ledger import Ledger
-from common.privacy import check_delta
+from common.privacy.accounting import check_delta
+from common.privacy.ledger import Ledger
 from common.run_files import site_ledger
-from common.split import training_examples
 
 
 @dataclass

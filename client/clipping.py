@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from opacus.grad_sample import GradSampleModule
 
-from common.model import LossName, per_user_loss
+from common.recommender.model import LossName, per_user_loss
 
 
 def clip_coefficients(norms: torch.Tensor, per_user: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.clipping import HooksClipping
 from client.ghost_clipping import GhostClipping, use_fast_norm_samplers
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
-from common.model import SASRec, per_user_loss
-from common.privacy import ACCOUNTANT, MechanismStep
-from common.split import TrainingExamples, length_sorted_pieces, trim_left_padding
+from common.data.split import TrainingExamples, length_sorted_pieces, trim_left_padding
+from common.privacy.accounting import ACCOUNTANT, MechanismStep
+from common.recommender.model import SASRec, per_user_loss
 
 PIECE_USERS = 16
-"""Batches are run in length-sorted pieces of this many users (``common.split.length_sorted_pieces``)."""
+"""Batches are run in length-sorted pieces of this many users (``common.data.split.length_sorted_pieces``)."""
 
 # Opacus' hooks on the embedding tables, whose inputs (item ids) take no gradient, make PyTorch warn on every
 # backward pass; the hook still gets the output gradient it needs (tests/client/test_dp.py checks the clipping).
@@ -59,7 +59,7 @@ class PrivateTraining:
     """
 
     engine: PrivacyEngine
-    model: torch.nn.Module
+    model: GradSampleModule
     optimizer: DPOptimizer
     loader: DataLoader[Any]
     loss: Callable[[torch.Tensor, torch.Tensor], Any]
@@ -124,7 +124,7 @@ def _stack_users(examples: TrainingExamples) -> Callable[[list[tuple[torch.Tenso
     def collate(rows: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
         if not rows:
             return [examples.inputs[:0], examples.targets[:0]]
-        return [torch.stack(column) for column in zip(*rows)]
+        return [torch.stack(column) for column in zip(*rows, strict=True)]
 
     return collate
 
@@ -186,7 +186,7 @@ def train_private(
     private.model.cleanup()  # the model goes back to plain PyTorch (no hooks, no grad_sample attributes)
     recorded = private.engine.accountant.history
     planned = (plan.noise_multiplier, plan.sample_rate, plan.steps)
-    if len(recorded) != 1 or not all(math.isclose(a, b) for a, b in zip(recorded[0], planned)):
+    if len(recorded) != 1 or not all(math.isclose(a, b) for a, b in zip(recorded[0], planned, strict=True)):
         raise RuntimeError(f"Opacus recorded {recorded}, the plan was {planned}: refusing to release these weights")
     return recorded[0]
 

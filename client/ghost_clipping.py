@@ -19,7 +19,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_no
 from torch import nn
 
 from client.clipping import clip_coefficients
-from common.model import LossName, SASRec, per_user_loss
+from common.recommender.model import LossName, SASRec, per_user_loss
 
 
 @dataclass
@@ -80,7 +80,7 @@ class GhostClippedLoss:
         batch = len(self.per_user)
         (score_gradients,) = torch.autograd.grad(self.per_user.sum(), self.detached_scores)  # row b: user b's alone
         for parameter in self.module.trainable_parameters:
-            parameter._norm_sample = None  # type: ignore[attr-defined]
+            parameter._norm_sample = None
         entry = [m.weight for m in self.module.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
         # The gradient of the batch mean: the convention the hooks were built with ("mean": they rescale by B).
         hidden_gradient, *_ = torch.autograd.grad(
@@ -114,13 +114,13 @@ def _hooks_off(module: GradSampleModuleFastGradientClipping) -> Iterator[None]:
         module.enable_hooks()
 
 
-def _accumulate(parameter: nn.Parameter, gradient: torch.Tensor) -> None:
+def _accumulate(parameter: torch.Tensor, gradient: torch.Tensor) -> None:
     parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
 
 
 def embedding_norm_sample(
     layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-user gradient norms of an embedding table in one batched product (replaces Opacus' own).
 
     A user's gradient for row r is the sum of the output gradients at the
@@ -140,7 +140,7 @@ def embedding_norm_sample(
 
 def linear_norm_sample(
     layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-user gradient norms of a linear layer over sequences (replaces Opacus' own).
 
     The weight's squared norm is <g g^T, a a^T> over position pairs (Opacus'
@@ -151,7 +151,7 @@ def linear_norm_sample(
     """
     inputs = activations[0].to(backprops.dtype).reshape(len(backprops), -1, activations[0].shape[-1])  # [B, T, in]
     grads = backprops.reshape(len(backprops), -1, backprops.shape[-1])  # [B, T, out]
-    norms = {}
+    norms: dict[torch.Tensor, torch.Tensor] = {}
     if layer.weight.requires_grad:
         grad_gram = grads @ grads.transpose(1, 2)  # [B, T, T]
         input_gram = inputs @ inputs.transpose(1, 2)  # [B, T, T]

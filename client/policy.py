@@ -1,4 +1,4 @@
-"""What a site decides for itself: its node config's privacy settings, and the checks it runs on a coordinator's request.
+"""What a site decides for itself: its node config's privacy settings, and its checks of a coordinator's request.
 
 The coordinator (the server side: run config, global weights, every message)
 may be curious or malicious, so everything it sends is hostile input. A run
@@ -20,7 +20,7 @@ the file ``fedtail simulate`` writes for its simulated sites, see
   false: a run with ``dp = false`` is declined);
 - ``max-abs-weight``: the largest weight magnitude accepted from the
   coordinator; with it the forward pass provably stays finite
-  (``common.model.activation_bound``);
+  (``common.recommender.model.activation_bound``);
 - ``fedavg-weight``: the public weight of this site's update in FedAvg (the
   exact user count is never sent).
 """
@@ -39,7 +39,7 @@ import torch
 
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.model import activation_bound
+from common.recommender.model import activation_bound
 
 SIMULATED_SITES_ENV = "FEDTAIL_SIMULATED_SITES"
 """Path of the JSON file with each simulated site's node config (Flower's simulation sets only the partition)."""
@@ -156,5 +156,7 @@ def simulated_node_config(partition_id: int) -> dict[str, Any]:
     try:
         sites = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{SIMULATED_SITES_ENV}={path}: cannot read the simulated sites' node config ({error})")
+        raise ConfigError(
+            f"{SIMULATED_SITES_ENV}={path}: cannot read the simulated sites' node config ({error})"
+        ) from None
     return dict(sites.get(str(partition_id), {}))

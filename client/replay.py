@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.files import save_torch
+from common.utils.files import save_torch
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -41,7 +41,9 @@ class ReleasedUpdate:
             return None
         return dict(saved["state_dict"])
 
-    def save(self, run_id: str, round_number: int, global_fingerprint: str, state_dict: dict[str, torch.Tensor]) -> None:
+    def save(
+        self, run_id: str, round_number: int, global_fingerprint: str, state_dict: dict[str, torch.Tensor]
+    ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"run_id": run_id, "round": round_number, "global": global_fingerprint, "state_dict": state_dict}
         save_torch(self.path, payload)

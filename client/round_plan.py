@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from client.policy import SitePolicy
 from common.federation import RunSettings
-from common.model import LossName
-from common.privacy import GradSampleMode, calibrate_noise
+from common.privacy.accounting import GradSampleMode, calibrate_noise
+from common.recommender.model import LossName
 
 
 @dataclass(frozen=True)
@@ -93,5 +93,7 @@ def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
     steps = max(1, math.ceil(training.local_epochs / training.sample_rate))
     noise = 0.0
     if privacy.enabled:
-        noise = calibrate_noise(privacy.target_epsilon, privacy.delta, training.sample_rate, steps * privacy.planned_rounds)
+        noise = calibrate_noise(
+            privacy.target_epsilon, privacy.delta, training.sample_rate, steps * privacy.planned_rounds
+        )
     return RoundPlan(training.sample_rate, steps, noise)

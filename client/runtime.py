@@ -53,8 +53,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from common.errors import ConfigError, FedtailError
-from common.processes import APP_DIR, executable
-from common.progress import log
+from common.utils.processes import APP_DIR, executable
+from common.utils.progress import log
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 POLL_SECONDS = 1.0
@@ -132,7 +132,9 @@ def refuse(address: str, token: str, reason: str, root_certificates: Path | None
     ``push_message``, ``push_task_output``). No retries: if the SuperNode cannot be reached the task expires, as a
     dead ClientApp's would.
     """
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)]
+    interceptors: list[ProtobufClientInterceptor] = [
+        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)
+    ]
     client = _runtime_client(address, root_certificates, interceptors, retry=False)
     try:
         message, context, _, _ = pull_task_input(client)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.catalog import Catalog
-from common.datasets import load_dataset
+from common.data.catalog import Catalog
+from common.data.datasets import load_dataset
+from common.data.partition import partition_users, user_site_names
+from common.data.split import TrainingExamples, training_examples
 from common.errors import DataError
-from common.partition import partition_users, user_site_names
-from common.progress import log
-from common.split import TrainingExamples, training_examples
+from common.utils.progress import log
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,9 @@ class SiteShard:
 
 
 @lru_cache(maxsize=4)
-def _federation(spec: str, kcore: int, scheme: str, seed: int, num_sites: int) -> tuple[Catalog, list[np.ndarray], np.ndarray]:
+def _federation(
+    spec: str, kcore: int, scheme: str, seed: int, num_sites: int
+) -> tuple[Catalog, list[np.ndarray], np.ndarray]:
     dataset = load_dataset(spec, kcore=kcore)
     catalog = dataset.catalog()
     user_ids, sequences = dataset.sequences(catalog)
@@ -56,7 +58,7 @@ def simulated_partition_sha256(spec: str, kcore: int, scheme: str, seed: int, nu
     """
     catalog, sequences, sites = _federation(spec, kcore, scheme, seed, num_partitions)
     digest = hashlib.sha256(catalog.fingerprint().encode("utf-8"))
-    for site, sequence in zip(sites, sequences):
+    for site, sequence in zip(sites, sequences, strict=True):
         digest.update(np.array([site, len(sequence)], dtype=np.int64).tobytes())
         digest.update(np.asarray(sequence, dtype=np.int64).tobytes())
     return digest.hexdigest()

@@ -18,11 +18,11 @@ import torch
 from client.dp_sgd import train_non_private, train_private
 from client.replay import ReleasedUpdate, weights_fingerprint
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
+from common.data.split import TrainingExamples
 from common.errors import ConfigError
-from common.ledger import Ledger, Spend
-from common.model import SASRec
-from common.privacy import ACCOUNTANT, epsilon_from_history
-from common.split import TrainingExamples
+from common.privacy.accounting import ACCOUNTANT, epsilon_from_history
+from common.privacy.ledger import Ledger, Spend
+from common.recommender.model import SASRec
 
 BUDGET_TOLERANCE = 1e-9
 

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.data.partition import SCHEMES
 from common.errors import ConfigError
-from common.model import ModelConfig, ModelOptions
-from common.partition import SCHEMES
-from common.privacy import GRAD_SAMPLE_MODES
+from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.recommender.model import ModelConfig, ModelOptions
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
@@ -122,7 +122,8 @@ class RunSettings:
             raise ConfigError(f"run config: {', '.join(not_finite)}: must be a finite number")
         problems = [
             f"partitioning='{self.partitioning}': use one of {', '.join(SCHEMES)}" * (self.partitioning not in SCHEMES),
-            "dataset='' (no evaluation at the server) needs catalog-path" * (not self.dataset and not self.catalog_path),
+            "dataset='' (no evaluation at the server) needs catalog-path"
+            * (not self.dataset and not self.catalog_path),
             f"rounds={self.rounds}: must be at least 1" * (self.rounds < 1),
             f"model-selection='{self.model_selection}': use one of {', '.join(MODEL_SELECTIONS)}"
             * (self.model_selection not in MODEL_SELECTIONS),

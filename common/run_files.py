@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, DataError
-from common.files import write_json
+from common.utils.files import write_json
 
 RUN_FILE = "run.json"
 ROUNDS_FILE = "rounds.jsonl"

@@ -8,7 +8,7 @@ Run folder (``out-dir`` in the run config)::
     rounds.jsonl          one line per finished round: validation metrics, sites, epsilons, sites' ledger heads
     item_vectors.pt       (with item-text) the public content vectors, for the content cold-start prior
     global_model.pt       the kept global model    \\  loadable together with
-    catalog.json          its item catalogue       /   common.artifacts.load_model
+    catalog.json          its item catalogue       /   common.recommender.artifacts.load_model
     summary.json          test metrics (metrics.json layout) + "privacy"
     rounds.svg            validation NDCG@10 and epsilon per round
     ledgers/site-<id>.jsonl   (simulation) each site's own privacy ledger, written by the site
@@ -34,17 +34,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.artifacts import save_model
-from common.catalog import Catalog
-from common.content import initialise_from_text, save_item_vectors
-from common.evaluation import evaluate_with_baselines, model_scorer
+from common.data.catalog import Catalog
 from common.federation import RunSettings
-from common.files import write_json
-from common.model import SASRec
-from common.plot import write_round_plot
-from common.privacy import model_selection_statement
-from common.processes import die_with_parent, lock_run_folder
-from common.progress import log
+from common.privacy.accounting import model_selection_statement
+from common.recommender.artifacts import save_model
+from common.recommender.content import initialise_from_text, save_item_vectors
+from common.recommender.evaluation import evaluate_with_baselines, model_scorer
+from common.recommender.model import SASRec
+from common.recommender.training import pick_device
 from common.run_files import (
     GLOBAL_MODEL_FILE,
     ROUND_PLOT_FILE,
@@ -59,7 +56,10 @@ from common.run_files import (
     truncate_rounds,
     write_run_record,
 )
-from common.training import pick_device
+from common.utils.files import write_json
+from common.utils.plot import write_round_plot
+from common.utils.processes import die_with_parent, lock_run_folder
+from common.utils.progress import log
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
 from server.evaluator import Evaluator, server_catalog, validation_line
 from server.strategy import PrivateAggregation, private_strategy
@@ -119,7 +119,10 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     run_id = run_id_for(out_dir)
     state = resume(out_dir, settings, model, run_id)
     if not settings.dp:
-        log("fedtail: WARNING: dp = false: sites train WITHOUT differential privacy; the model has no privacy guarantee")
+        log(
+            "fedtail: WARNING: dp = false: sites train WITHOUT differential privacy; "
+            "the model has no privacy guarantee"
+        )
     strategy = private_strategy(
         settings.server_optimizer,
         settings.fraction_sites,
@@ -206,7 +209,8 @@ def finish_round(
     replies = strategy.last_round
     if replies.everyone_failed:
         raise RuntimeError(
-            f"round {number}: every sampled site failed, so the run stops here. First error: {replies.failures[0][:2000]}"
+            f"round {number}: every sampled site failed, so the run stops here. "
+            f"First error: {replies.failures[0][:2000]}"
         )
     evaluation_started = time.perf_counter()
     valid = None if evaluator is None else validation_line(model, device, evaluator)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.catalog import Catalog
-from common.datasets import load_dataset
-from common.evaluation import evaluate, model_scorer
+from common.data.catalog import Catalog
+from common.data.datasets import load_dataset
+from common.data.split import EvaluationCases, evaluation_cases, item_popularity
 from common.federation import RunSettings
-from common.model import SASRec
-from common.progress import log
-from common.split import EvaluationCases, evaluation_cases, item_popularity
+from common.recommender.evaluation import evaluate, model_scorer
+from common.recommender.model import SASRec
+from common.utils.progress import log
 
 
 @dataclass(frozen=True)

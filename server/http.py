@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import ConfigError
-from server.serving import MAX_K, ModelInfo, Recommender, RecommendationList
+from server.serving import MAX_K, ModelInfo, RecommendationList, Recommender
 
 MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 10_000

@@ -22,15 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.artifacts import load_model, saved_model_file
-from common.catalog import Catalog
-from common.content import ITEM_VECTORS_FILE, load_item_vectors
+from common.data.catalog import Catalog
+from common.data.split import left_pad
 from common.errors import ConfigError
-from common.model import PADDING_INDEX, SASRec
-from common.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
+from common.recommender.artifacts import load_model, saved_model_file
+from common.recommender.content import ITEM_VECTORS_FILE, load_item_vectors
+from common.recommender.model import PADDING_INDEX, SASRec
+from common.recommender.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
+from common.recommender.training import pick_device
 from common.run_files import SUMMARY_FILE
-from common.split import left_pad
-from common.training import pick_device
 
 MAX_K = 1000
 MODEL_STRATEGY, PRIOR_STRATEGY = "model", "model prior (cold start: no known history item)"
@@ -119,7 +119,9 @@ class Recommender:
             raise ConfigError(f"k={k}: must be between 1 and {MAX_K}")
         return [self._recommend_one(history, k, exclude_history, explain) for history in histories]
 
-    def _recommend_one(self, history: Sequence[str], k: int, exclude_history: bool, explain: bool) -> RecommendationList:
+    def _recommend_one(
+        self, history: Sequence[str], k: int, exclude_history: bool, explain: bool
+    ) -> RecommendationList:
         known, unknown = self.catalog.indices([str(item) for item in history])
         known = known[-self.model.config.max_len :]
         with torch.no_grad():

@@ -21,12 +21,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from common.errors import ConfigError
+from common.utils.records import scalar
 
 WEIGHT_KEY = "weight"
 
@@ -62,7 +64,11 @@ def _count_trained(contents: list[RecordDict], _weight_key: str) -> MetricRecord
 
 
 class PrivateAggregation(FedAvg):
-    """The privacy-respecting reply handling, placed in front of a Flower strategy of the FedAvg family."""
+    """The privacy-respecting reply handling, placed in front of a Flower strategy of the FedAvg family.
+
+    ``server_optimizer`` goes on to the strategy after this class in the method resolution order (FedAvgM's
+    ``server_momentum``, FedAdam's ``eta``): its parameters, not FedAvg's, say what they are.
+    """
 
     def __init__(
         self,
@@ -70,7 +76,7 @@ class PrivateAggregation(FedAvg):
         min_sites: int,
         round_offset: int = 0,
         site_epsilon: dict[str, float] | None = None,
-        **server_optimizer: float,
+        **server_optimizer: Any,
     ) -> None:
         super().__init__(
             fraction_train=fraction_sites,
@@ -98,16 +104,16 @@ class PrivateAggregation(FedAvg):
         to_average: list[Message] = []
         for reply in replies:
             if reply.has_error():
-                report.failures.append(f"node {reply.metadata.src_node_id}: {root_cause(reply.error.reason)}")
+                report.failures.append(f"node {reply.metadata.src_node_id}: {root_cause(reply.error.reason or '')}")
                 to_average.append(reply)  # FedAvg logs the error and skips it
                 continue
             site = str(reply.content["site"]["site-id"])
             metrics = reply.content["metrics"]
             if "epsilon" in metrics:
-                self.site_epsilon[site] = float(metrics["epsilon"])
+                self.site_epsilon[site] = float(scalar(metrics["epsilon"]))
             if "ledger-lines" in metrics:  # a site of an older fedtail sends none: its ledger goes unwitnessed
                 report.ledger_heads[site] = {
-                    "lines": int(metrics["ledger-lines"]),
+                    "lines": int(scalar(metrics["ledger-lines"])),
                     "hash": str(reply.content["site"].get("ledger-hash", "")) or None,
                 }
             if metrics["declined"]:
@@ -147,11 +153,11 @@ def private_strategy(
 ) -> PrivateAggregation:
     """The strategy for ``server_optimizer``; a learning rate of 0 means that optimizer's usual default."""
     rate = server_learning_rate or DEFAULT_SERVER_LEARNING_RATE[server_optimizer]
-    common = dict(fraction_sites=fraction_sites, min_sites=min_sites, round_offset=round_offset, site_epsilon=site_epsilon)
+    common = (fraction_sites, min_sites, round_offset, site_epsilon)
     if server_optimizer == "fedavgm":
-        return PrivateFedAvgM(**common, server_learning_rate=rate, server_momentum=server_momentum)  # type: ignore[arg-type]
+        return PrivateFedAvgM(*common, server_learning_rate=rate, server_momentum=server_momentum)
     if server_optimizer == "fedadam":
-        return PrivateFedAdam(**common, eta=rate, beta_1=server_momentum)  # type: ignore[arg-type]
+        return PrivateFedAdam(*common, eta=rate, beta_1=server_momentum)
     if rate != 1.0:
         raise ConfigError("fedavg has no server learning rate: use fedavgm (momentum 0) to scale the update")
-    return PrivateFedAvg(**common)  # type: ignore[arg-type]
+    return PrivateFedAvg(*common)

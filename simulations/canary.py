@@ -6,7 +6,7 @@ canary's items higher than a non-member's has memorised that user. Each
 canary is planted with probability 1/2 (the coin flips are the auditor's
 secret, kept in ``canaries.json``), the federation trains as usual (real
 Simulation Engine, real DP at the sites), and the global model scores every
-canary by the log-likelihood of its training items. ``common.empirical`` turns
+canary by the log-likelihood of its training items. ``simulations.empirical`` turns
 the guesses into an epsilon lower bound valid at the stated confidence.
 
 That bound must stay at or below the accountant's epsilon; a non-private run
@@ -22,19 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.artifacts import load_model
-from common.audit import audit, write_audit
-from common.catalog import Catalog
-from common.datasets import load_dataset
-from common.empirical import EmpiricalBound, audit_guesses
+from common.data.catalog import Catalog
+from common.data.datasets import load_dataset
+from common.data.split import item_popularity, training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.files import atomic_write_text, write_json
-from common.model import per_user_loss
-from common.progress import log
+from common.recommender.artifacts import load_model
+from common.recommender.model import per_user_loss
+from common.recommender.training import pick_device
 from common.run_files import GLOBAL_MODEL_FILE
-from common.split import item_popularity, training_examples
-from common.training import pick_device
+from common.utils.files import atomic_write_text, write_json
+from common.utils.progress import log
+from simulations.audit import audit
+from simulations.audit.report import write_audit
+from simulations.empirical import EmpiricalBound, audit_guesses
 from simulations.simulate import Resources, simulate
 
 CANARY_DATA, CANARY_SECRET, EMPIRICAL_JSON, EMPIRICAL_MARKDOWN = (
@@ -78,7 +79,7 @@ def draw_canaries(popularity: np.ndarray, config: CanaryConfig) -> Canaries:
 
 def write_planted_data(path: Path, sequences: list[np.ndarray], canaries: Canaries, catalog: Catalog) -> None:
     """The training data with the member canaries added, in the ``sequences`` format (one user per line)."""
-    planted = [seq for seq, member in zip(canaries.sequences, canaries.members) if member]
+    planted = [seq for seq, member in zip(canaries.sequences, canaries.members, strict=True) if member]
     lines = [
         f"{user} " + " ".join(catalog.raw_id(int(i)) for i in sequence)
         for user, sequence in enumerate([*sequences, *planted], start=1)

@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
-from common.artifacts import load_model, save_model, saved_model_file
-from common.content import initialise_from_text, save_item_vectors
-from common.datasets import Dataset
-from common.evaluation import evaluate_with_baselines, model_scorer
-from common.files import write_json
-from common.model import ModelOptions, SASRec
-from common.progress import log
-from common.split import evaluation_cases, item_popularity, training_examples
-from common.training import TrainConfig, fit, pick_device
+from common.data.datasets import Dataset
+from common.data.split import evaluation_cases, item_popularity, training_examples
+from common.recommender.artifacts import load_model, save_model, saved_model_file
+from common.recommender.content import initialise_from_text, save_item_vectors
+from common.recommender.evaluation import evaluate_with_baselines, model_scorer
+from common.recommender.model import ModelOptions, SASRec
+from common.recommender.training import TrainConfig, fit, pick_device
+from common.utils.files import write_json
+from common.utils.progress import log
 
 METRICS_FILE = "metrics.json"
 
@@ -32,7 +32,7 @@ def train_centralized(
 ) -> dict[str, Any]:
     """Train on all users, pick the best epoch on validation, report on test; writes model, catalogue, metrics.
 
-    ``item_text``: public item metadata to initialise item embeddings from (``common.content``).
+    ``item_text``: public item metadata to initialise item embeddings from (``common.recommender.content``).
     """
     device = device or pick_device()
     catalog = dataset.catalog()

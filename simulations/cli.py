@@ -2,7 +2,8 @@
 
 It sits above everything it dispatches to (see DESIGN.md, "Layout"), turns
 ``FedtailError`` into one clear line on stderr and a non-zero exit, and keeps
-stdout for results.
+stdout for results. ``fedtail serve`` and ``fedtail deploy`` declare their options in ``cli_serve`` and
+``cli_deploy``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -22,28 +22,25 @@ from typing import Any
 
 import torch
 
-from client.check import check_site
-from client.runtime import bundle_sha256
-from common.audit import audit, format_markdown, write_audit
-from common.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
-from common.datasets import DEFAULT_DATASET, load_dataset
+from common.data.datasets import DEFAULT_DATASET, load_dataset
+from common.data.readers import FORMATS, ColumnNames
 from common.errors import ConfigError, FedtailError
 from common.federation import RunSettings
-from common.processes import APP_DIR
-from common.files import write_json
-from common.ranking import COLD_START_PRIORS, RankingOptions
-from common.readers import FORMATS, ColumnNames
-from common.training import TrainConfig, pick_device
-from common.model import ModelOptions
+from common.recommender.model import ModelOptions
+from common.recommender.training import TrainConfig, pick_device
+from common.utils.files import write_json
+from simulations.audit import audit
+from simulations.audit.report import format_markdown, write_audit
 from simulations.bench import suite as bench_suite
 from simulations.canary import CanaryConfig, format_empirical, run_empirical_audit
 from simulations.centralized import evaluate_saved, train_centralized
+from simulations.cli_deploy import add_deploy_commands
+from simulations.cli_serve import add_serve_arguments
 from simulations.report import format_federated_summary, format_metrics_table
 from simulations.simulate import Resources, simulate
 
 EXIT_USER_ERROR = 2
 EXIT_AUDIT_FAILED = 1
-EXIT_SITE_NOT_READY = 1
 
 DATASET_HELP = (
     "'synthetic' (built-in default), 'synthetic:users=5000,items=3000,seed=7', a file or MovieLens folder "
@@ -160,34 +157,10 @@ def _simulate(args: argparse.Namespace) -> int:
     settings = _run_settings(args, args.dataset, args.out)
     started = time.perf_counter()
     summary = simulate(settings, _resources(args))
-    print(format_federated_summary(summary, title=f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"))
-    print(f"\nwrote {args.out}/global_model.pt, summary.json, rounds.jsonl, ledgers/ ({time.perf_counter() - started:.0f}s)")
-    return 0
-
-
-def _deploy_certs(args: argparse.Namespace) -> int:
-    paths = write_certificates(Path(args.out), args.host, args.days)
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    print(f"keep {paths[CA_KEY]} on this machine only; give sites {paths[CA_CERT]}")
-    return 0
-
-
-def _deploy_keys(args: argparse.Namespace) -> int:
-    private, public = write_site_keys(Path(args.out), args.name)
-    print(f"wrote {private} (keep it here: flower-supernode --auth-supernode-private-key {private})")
-    print(f"wrote {public} (send it to the coordinator: flwr supernode register {public.name})")
-    return 0
-
-
-def _deploy_check(args: argparse.Namespace) -> int:
-    check = check_site(Path(args.data), Path(args.catalog), Path(args.ledger_dir), args.max_epsilon, args.delta,
-                       args.max_len, args.site_id)
-    print(check.format())
-    return 0 if check.ready else EXIT_SITE_NOT_READY
-
-
-def _deploy_bundle_hash(args: argparse.Namespace) -> int:
-    print(bundle_sha256(Path(args.path)))
+    title = f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"
+    print(format_federated_summary(summary, title=title))
+    seconds = time.perf_counter() - started
+    print(f"\nwrote {args.out}/global_model.pt, summary.json, rounds.jsonl, ledgers/ ({seconds:.0f}s)")
     return 0
 
 
@@ -221,52 +194,6 @@ def _empirical_audit(args: argparse.Namespace) -> int:
     return EXIT_AUDIT_FAILED if report["verdict"].startswith("PRIVACY BUG") else 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn  # the service's own dependencies load only when serving
-
-    from server.http import create_app
-    from server.serving import Recommender
-
-    ranking = RankingOptions(
-        args.cold_start_weight, args.cold_start_fade, args.tail_penalty, args.cold_start_prior, args.content_temperature
-    )
-    with _listen(args.host, args.port) as listening:
-        recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None, ranking)
-        print(f"fedtail: serving {args.run_dir} (model {recommender.info.model_id}, {recommender.info.catalog_size} "
-              f"items) on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
-        config = uvicorn.Config(create_app(recommender), log_level="warning")
-        uvicorn.Server(config).run(sockets=[listening])
-    return 0
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """The service's socket, bound here so that a port in use or an unknown host is one clear line (uvicorn would
-    log it and exit 1), and before the model loads, so that this fails at once."""
-    try:
-        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except OSError as error:
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    listening = socket.socket(family, kind, protocol)
-    try:
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
-        listening.bind(address)
-    except OSError as error:
-        listening.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    return listening
-
-
-def _port(text: str) -> int:
-    """argparse type of --port: a TCP port one can listen on (uvicorn on uvloop took 70000 as 70000 - 65536)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535")
-    return port
-
-
 def _add_federation_arguments(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--sites", type=int, default=5, help="number of simulated sites")
     parser.add_argument("--cpus-per-site", type=int, default=Resources(1).cpus_per_site,
@@ -297,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedtail {version('fedtail')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="inspect interaction data").add_subparsers(dest="data_command", required=True)
-    stats = data.add_parser("stats", help="users, items, history lengths, popularity concentration")
+    data = commands.add_parser("data", help="inspect interaction data")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    stats = data_commands.add_parser("stats", help="users, items, history lengths, popularity concentration")
     _add_dataset_arguments(stats, optional=True)
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(handler=_data_stats)
@@ -337,23 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_evaluate)
 
     serve = commands.add_parser("serve", help="HTTP recommendation service over a run folder's model")
-    serve.add_argument("run_dir", help="a federated run folder (global_model.pt) or a trained model folder (model.pt)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean it)")
-    serve.add_argument("--port", type=_port, default=8000, help="TCP port to listen on, 1-65535")
-    serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
-    ranking = RankingOptions()
-    serve.add_argument("--cold-start-weight", type=float, default=ranking.cold_start_weight,
-                       help="blend short histories with a prior at this weight (0: off)")
-    serve.add_argument("--cold-start-prior", choices=COLD_START_PRIORS, default=ranking.cold_start_prior,
-                       help="model: the model's own empty-history prediction; content: items whose public metadata "
-                       "resembles the user's (needs a model trained with --item-text)")
-    serve.add_argument("--content-temperature", type=float, default=ranking.content_temperature,
-                       help="sharpness of the content prior (softmax of cosine similarity / temperature)")
-    serve.add_argument("--cold-start-fade", type=int, default=ranking.cold_start_fade,
-                       help="history length at which the blend has faded out")
-    serve.add_argument("--tail-penalty", type=float, default=ranking.tail_penalty,
-                       help="lift rare items: score - penalty * log(prior) (0: off)")
-    serve.set_defaults(handler=_serve)
+    add_serve_arguments(serve)
 
     audit_parser = commands.add_parser(
         "audit", help="recompute every site's epsilon from the ledgers, cross-checked with the coordinator's record; "
@@ -383,34 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser(
         "deploy", help="set up a real federation: certificates, site keys, site check, app bundle hashes"
     )
-    deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
-    certs = deploy_commands.add_parser("certs", help="(coordinator) a CA and the SuperLink's TLS certificate")
-    certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
-    certs.add_argument("--host", action="append", required=True,
-                       help="a host name or IP address sites reach the SuperLink at (repeatable)")
-    certs.add_argument("--days", type=int, default=365, help="validity")
-    certs.set_defaults(handler=_deploy_certs)
-    keys = deploy_commands.add_parser("keys", help="(site) the SuperNode's authentication key pair")
-    keys.add_argument("--out", required=True, help="folder for NAME (private, stays here) and NAME.pub (to send)")
-    keys.add_argument("--name", required=True, help="file name, e.g. the site id")
-    keys.set_defaults(handler=_deploy_keys)
-    check = deploy_commands.add_parser("check", help="(site) check data, catalogue, budget and device before joining")
-    check.add_argument("--data", required=True, help="the site's interaction file (node config data-path)")
-    check.add_argument("--catalog", required=True, help="the coordinator's catalog.json (node config catalog-path)")
-    check.add_argument("--ledger-dir", required=True, help="where this site's privacy ledger lives (node config)")
-    check.add_argument("--max-epsilon", type=float, required=True, help="this site's budget (node config)")
-    check.add_argument("--site-id", default=None, help="node config site-id (default: the data file's name)")
-    check.add_argument("--delta", type=float, default=RunSettings().delta, help="the federation's delta")
-    check.add_argument("--max-len", type=int, default=ModelOptions().max_len,
-                       help="the run's max-len: users need two items within it to train")
-    check.set_defaults(handler=_deploy_check)
-    bundle = deploy_commands.add_parser(
-        "bundle-hash", help="(site) the sha256 of an app bundle, as `python -m client.runtime --approve` takes it"
-    )
-    bundle.add_argument("path", nargs="?", default=str(APP_DIR),
-                        help="an app folder (the bundle `flwr run FOLDER` uploads) or a .fab file "
-                        "(default: the installed fedtail, which the runtime approves by itself)")
-    bundle.set_defaults(handler=_deploy_bundle_hash)
+    add_deploy_commands(deploy)
 
     bench = commands.add_parser("bench", add_help=False,
                                 help="the benchmark suite (same as python -m simulations.bench)")

@@ -25,11 +25,11 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from common.catalog import Catalog
-from common.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
+from common.data.catalog import Catalog
 from common.federation import RunSettings
-from common.processes import APP_DIR, die_with_parent, executable, free_loopback_port
-from common.progress import log
+from common.utils.processes import APP_DIR, die_with_parent, executable, free_loopback_port
+from common.utils.progress import log
+from simulations.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
 from simulations.flower_cli import (
     FlowerFailed,
     flower_env,
@@ -52,7 +52,7 @@ def write_site_files(frame: pd.DataFrame, sites: Sequence[str], folder: Path) ->
     paths = {"catalog": folder / "catalog.json"}
     catalog.save(paths["catalog"])
     users = frame["user"].unique()
-    owner = frame["user"].map(dict(zip(users, np.arange(len(users)) % len(sites))))
+    owner = frame["user"].map(dict(zip(users, np.arange(len(users)) % len(sites), strict=True)))
     for index, site in enumerate(sites):
         paths[site] = folder / f"{site}.csv"
         frame.loc[owner == index, ["user", "item", "timestamp"]].to_csv(paths[site], index=False)
@@ -103,7 +103,8 @@ class LocalDeployment:
     def start_superlink(self) -> None:
         """The coordinator's SuperLink: TLS and registered SuperNodes only, unless insecure."""
         security = (
-            ["--ssl-ca-certfile", str(self.certificates / CA_CERT), "--ssl-certfile", str(self.certificates / SERVER_CERT),
+            ["--ssl-ca-certfile", str(self.certificates / CA_CERT),
+             "--ssl-certfile", str(self.certificates / SERVER_CERT),
              "--ssl-keyfile", str(self.certificates / SERVER_KEY), "--enable-supernode-auth"]
             if self.secure else ["--insecure"]
         )

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedtailError
-from common.processes import executable
+from common.utils.processes import executable
+
 
 class FlowerFailed(FedtailError):
     """A Flower process or run did not do what was asked; the message carries Flower's reason."""

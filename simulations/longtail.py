@@ -3,7 +3,7 @@
 Rows: most-popular, the plain model, the model with tail penalties, and the
 cold-start blend on histories cut to their last 1 and 3 items (what a new user
 shows). Columns: NDCG@10 per user group and overall, coverage@10, tail-item
-share@10. The prior is the model's own (``common.ranking.model_prior``), so
+share@10. The prior is the model's own (``common.recommender.ranking.model_prior``), so
 every row is servable without private statistics; most-popular uses the
 training data's popularity, as the baseline always does. When the model was
 trained from content (its ``item_vectors.pt``) or ``--item-text`` names public
@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from common.artifacts import load_model
-from common.content import item_content_vectors, load_item_vectors
-from common.datasets import load_dataset
-from common.evaluation import evaluate, model_scorer, popularity_scorer, reranked_scorer
-from common.files import write_json
-from common.model import PADDING_INDEX
-from common.ranking import RankingOptions, model_prior
-from common.split import EvaluationCases, evaluation_cases, item_popularity, training_history
-from common.training import pick_device
+from common.data.datasets import load_dataset
+from common.data.split import EvaluationCases, evaluation_cases, item_popularity, training_history
+from common.recommender.artifacts import load_model
+from common.recommender.content import item_content_vectors, load_item_vectors
+from common.recommender.evaluation import evaluate, model_scorer, popularity_scorer, reranked_scorer
+from common.recommender.model import PADDING_INDEX
+from common.recommender.ranking import RankingOptions, model_prior
+from common.recommender.training import pick_device
+from common.utils.files import write_json
 from simulations.report import markdown_table
 
 TAIL_PENALTIES = (0.2, 0.5)

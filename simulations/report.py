@@ -9,11 +9,14 @@ COLUMNS = ("overall", "tail", "torso", "head")
 
 
 def _row(name: str, report: dict[str, Any], metric: str) -> str:
-    cells = [report["overall"].get(metric, float("nan"))] + [report["groups"][g].get(metric, float("nan")) for g in COLUMNS[1:]]
+    cells = [report["overall"].get(metric, float("nan"))]
+    cells += [report["groups"][g].get(metric, float("nan")) for g in COLUMNS[1:]]
     return f"{name:<28}" + "".join(f"{value:>10.4f}" for value in cells)
 
 
-def format_metrics_table(report: dict[str, Any], title: str = "", metrics: tuple[str, ...] = ("ndcg@10", "hr@10")) -> str:
+def format_metrics_table(
+    report: dict[str, Any], title: str = "", metrics: tuple[str, ...] = ("ndcg@10", "hr@10")
+) -> str:
     """Model and baselines side by side, overall and per user group, with group sizes."""
     sizes = [report["overall"].get("users", 0)] + [report["groups"][g]["users"] for g in COLUMNS[1:]]
     lines = [title] if title else []
@@ -39,7 +42,9 @@ def format_federated_summary(summary: dict[str, Any], title: str = "") -> str:
     if not privacy["dp"]:
         lines.append("privacy: NONE. This model was trained WITHOUT differential privacy.")
         return "\n".join(lines)
-    lines.append(f"privacy: epsilon {privacy['epsilon']:.3f} (max over sites), delta {privacy['delta']:g}, unit: one user")
+    lines.append(
+        f"privacy: epsilon {privacy['epsilon']:.3f} (max over sites), delta {privacy['delta']:g}, unit: one user"
+    )
     lines.append("site epsilon: " + "  ".join(f"{site}={eps:.3f}" for site, eps in privacy["per_site"].items()))
     return "\n".join(lines)
 

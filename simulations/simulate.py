@@ -27,11 +27,18 @@ from client.policy import SIMULATED_SITES_ENV
 from client.shard import simulated_partition_sha256, simulated_shard
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.files import write_json
-from common.privacy import check_delta
-from common.processes import APP_DIR, LAUNCHER_LOCK, die_with_parent, executable, free_loopback_port, lock_run_folder
-from common.progress import log
+from common.privacy.accounting import check_delta
 from common.run_files import LEDGER_DIR, RunRecord, check_same_settings, read_run_record, write_run_record
+from common.utils.files import write_json
+from common.utils.processes import (
+    APP_DIR,
+    LAUNCHER_LOCK,
+    die_with_parent,
+    executable,
+    free_loopback_port,
+    lock_run_folder,
+)
+from common.utils.progress import log
 from simulations.flower_cli import (
     FlowerFailed,
     flower_env,
@@ -154,7 +161,8 @@ def _run_on_flower(settings: RunSettings, resources: Resources, out_dir: Path) -
     port = free_loopback_port()
     write_connection(flower_home, CONNECTION, port, root_certificates=None)
     run_config_file = write_run_config(flower_home / "run-config.toml", settings.to_run_config())
-    env = {**flower_env(flower_home), SIMULATED_SITES_ENV: str(write_site_node_configs(flower_home, settings, resources))}
+    node_configs = write_site_node_configs(flower_home, settings, resources)
+    env = {**flower_env(flower_home), SIMULATED_SITES_ENV: str(node_configs)}
     superlink_log = flower_home / "superlink.log"
     superlink_output = (flower_home / "superlink.out").open("ab")
     superlink = subprocess.Popen(
@@ -180,13 +188,18 @@ def _run_on_flower(settings: RunSettings, resources: Resources, out_dir: Path) -
     )
     try:
         wait_for_superlink(port, superlink, superlink_log)
-        log(f"fedtail: simulating {resources.sites} sites, {settings.rounds} rounds on Flower (log: {out_dir / 'flower.log'})")
+        log(
+            f"fedtail: simulating {resources.sites} sites, {settings.rounds} rounds on Flower "
+            f"(log: {out_dir / 'flower.log'})"
+        )
         federation = [
             f"num-supernodes={resources.sites}",
             f"client-resources-num-cpus={resources.cpus_per_site}",
             f"client-resources-num-gpus={resources.gpus_per_site}",
         ]
-        command = [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_config_file)]
+        command = [
+            executable("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_config_file)
+        ]
         for item in federation:
             command += ["--federation-config", item]
         _stream_run(command, env, out_dir / "flower.log", resources.timeout_s)
@@ -199,7 +212,8 @@ def _run_on_flower(settings: RunSettings, resources: Resources, out_dir: Path) -
         superlink_output.close()
     if status.get("status") != "finished:completed":
         raise SimulationFailed(
-            f"the run ended as '{status.get('status')}': {status.get('status-details')} (full log: {out_dir / 'flower.log'})"
+            f"the run ended as '{status.get('status')}': {status.get('status-details')} "
+            f"(full log: {out_dir / 'flower.log'})"
         )
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():

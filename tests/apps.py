@@ -5,14 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.processes import APP_DIR
+from common.utils.processes import APP_DIR
 
 APP_PACKAGES = ("common", "client", "server")
 """What pyproject.toml's fab-include puts in the bundle, besides pyproject.toml itself."""
 
 
 def app_copy(folder: Path, dp_appendix: str = "") -> Path:
-    """The app's bundled files copied to ``folder/fedtail``, with ``dp_appendix`` added to the end of client/dp_sgd.py."""
+    """The app's bundled files copied to ``folder/fedtail``, ``dp_appendix`` added to the end of client/dp_sgd.py."""
     app = folder / "fedtail"
     app.mkdir(parents=True)
     shutil.copy(APP_DIR / "pyproject.toml", app / "pyproject.toml")

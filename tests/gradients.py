@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from common.model import SASRec, sequence_loss
+from common.recommender.model import SASRec, sequence_loss
 
 Gradient = dict[str, torch.Tensor]
 

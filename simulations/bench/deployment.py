@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from client.app import TRAINING_TIME
-from common.datasets import load_dataset
+from common.data.datasets import load_dataset
 from common.federation import RunSettings
 from common.run_files import read_rounds
 from simulations.bench.core import REPO_ROOT, Benchmark, Context, site_training_seconds

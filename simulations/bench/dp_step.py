@@ -20,10 +20,10 @@ import torch
 
 from client.dp_sgd import make_private, private_step
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
-from common.model import ModelOptions, SASRec, sequence_loss
-from common.plot import Panel, Series, write_line_charts
-from common.privacy import GRAD_SAMPLE_MODES
-from common.split import training_examples
+from common.data.split import training_examples
+from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.recommender.model import ModelOptions, SASRec, sequence_loss
+from common.utils.plot import Panel, Series, write_line_charts
 from simulations.bench.core import Benchmark, Context, peak_rss, rss_bytes, timed
 from simulations.report import markdown_table
 

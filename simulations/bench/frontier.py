@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.datasets import DEFAULT_DATASET
+from common.data.datasets import DEFAULT_DATASET
 from common.federation import RunSettings
-from common.plot import Panel, Series, write_line_charts
+from common.utils.plot import Panel, Series, write_line_charts
 from simulations.bench.core import ML_100K, Benchmark, Context
 from simulations.report import markdown_table
 from simulations.simulate import Resources, simulate

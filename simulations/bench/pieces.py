@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -15,9 +17,9 @@ import torch
 from client.dp_sgd import PIECE_USERS, make_private, private_step
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from client.shard import simulated_shard
-from common.datasets import DEFAULT_DATASET
-from common.model import ModelOptions, SASRec
-from common.split import length_sorted_pieces
+from common.data.datasets import DEFAULT_DATASET
+from common.data.split import length_sorted_pieces
+from common.recommender.model import ModelOptions, SASRec
 from simulations.bench.core import AMAZON_BEAUTY, ML_100K, Benchmark, Context, timed
 from simulations.report import markdown_table
 
@@ -51,12 +53,12 @@ def bench_pieces(datasets: list[tuple[str, int]], steps: int, device: torch.devi
             SASRec(options.for_catalog(shard.catalog.num_items)), shard.examples, training, PrivacyPlan(), plan,
             torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0),
         )
-        batches = [batch for _, batch in zip(range(steps + 1), private.loader)]
+        batches = list(islice(private.loader, steps + 1))
         times: dict[int, list[float]] = {size: [] for size in PIECE_SIZES}
         for index, (inputs, targets) in enumerate(batches):
             inputs, targets = inputs.to(device), targets.to(device)
             for size in PIECE_SIZES:
-                seconds = timed(device, lambda: private_step(private, inputs, targets, size or len(inputs) + 1))
+                seconds = timed(device, partial(private_step, private, inputs, targets, size or len(inputs) + 1))
                 if index > 0:  # the first batch warms caches and the allocator up
                     times[size].append(seconds)
             print(f"  pieces {Path(dataset).name}: batch {index}/{steps} done", flush=True)
@@ -88,7 +90,7 @@ BENCHMARK = Benchmark(
     help="one DP step on a site's Poisson batches whole against length-sorted pieces of 32 / 16 / 8 users",
     description="One DP-SGD step (ghost clipping, expected batch 64, the default model) on site 0 of 5 uniform "
     "sites, on the same Poisson batches run whole (trimmed to the batch's longest history) and in length-sorted "
-    "pieces (`common.split.length_sorted_pieces`; the clipped sum is the same, tests/client/test_dp.py). "
+    "pieces (`common.data.split.length_sorted_pieces`; the clipped sum is the same, tests/client/test_dp.py). "
     "Interleaved batch by batch; medians after a warm-up batch.",
     result=PiecesResult,
     run=run,

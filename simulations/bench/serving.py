@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.artifacts import save_model
-from common.catalog import Catalog
-from common.model import ModelOptions, SASRec
-from common.processes import free_loopback_port
+from common.data.catalog import Catalog
+from common.recommender.artifacts import save_model
+from common.recommender.model import ModelOptions, SASRec
+from common.utils.processes import free_loopback_port
 from server.serving import Recommender
 from simulations.bench.core import Benchmark, Context
 from simulations.report import markdown_table

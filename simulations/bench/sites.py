@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from client.round_plan import LocalTraining, PrivacyPlan
-from client.site_round import train_site_round
 from client.shard import simulated_shard
+from client.site_round import train_site_round
 from common.federation import RunSettings
-from common.ledger import Ledger
-from common.model import SASRec
-from common.plot import Panel, Series, write_line_charts
-from common.training import pick_device
+from common.privacy.ledger import Ledger
+from common.recommender.model import SASRec
+from common.recommender.training import pick_device
 from common.run_files import read_rounds
+from common.utils.plot import Panel, Series, write_line_charts
 from simulations.bench.core import Benchmark, Context, peak_rss, site_training_seconds
 from simulations.report import markdown_table
 from simulations.simulate import Resources, simulate

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.files import write_json
-from common.training import pick_device
+from common.recommender.training import pick_device
+from common.utils.files import write_json
 from simulations.bench.core import Context, machine
 from simulations.bench.registry import BENCHMARKS
 

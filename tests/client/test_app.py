@@ -13,11 +13,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import REPLY_METRICS, REPLY_SITE_FIELDS, train
 from client.shard import simulated_shard
-from common.catalog import Catalog
+from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
-from common.ledger import GENESIS_HASH, Ledger
-from common.model import SASRec
+from common.privacy.ledger import GENESIS_HASH, Ledger
+from common.recommender.model import SASRec
+
 
 @pytest.fixture(autouse=True)
 def flower_task_identity() -> None:
@@ -46,7 +47,9 @@ def _call(settings: RunSettings, node_config: dict, round_number: int = 1, **con
         {"arrays": ArrayRecord(model.state_dict()), "config": _train_config(round_number, shard.catalog, **config)}
     )
     message = Message(content=content, dst_node_id=1, message_type="train")
-    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=settings.to_run_config())
+    context = Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=settings.to_run_config()
+    )
     return train(message, context)
 
 

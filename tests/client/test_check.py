@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from client.check import check_site
-from common.catalog import Catalog
-from common.ledger import Ledger, Spend
+from common.data.catalog import Catalog
+from common.privacy.ledger import Ledger, Spend
 from simulations.cli import main
 
 
@@ -45,7 +45,9 @@ def test_a_spent_budget_a_too_large_delta_and_a_missing_catalogue_are_problems(
     assert any("catalogue file not found" in problem for problem in missing.problems)
 
 
-def test_the_command_exits_1_when_the_site_is_not_ready(site: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_exits_1_when_the_site_is_not_ready(
+    site: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     common = ["deploy", "check", "--data", str(site["data"]), "--catalog", str(site["catalog"]),
               "--ledger-dir", str(site["ledger"]), "--delta", "1e-3"]
     assert main([*common, "--max-epsilon", "8"]) == 0

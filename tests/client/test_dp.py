@@ -16,11 +16,11 @@ from client.dp_sgd import make_private, physical_batches, private_step
 from client.ghost_clipping import embedding_norm_sample, linear_norm_sample
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
 from client.site_round import train_site_round
-from common.privacy import GRAD_SAMPLE_MODES, check_delta
+from common.data.split import training_examples
 from common.errors import ConfigError
-from common.ledger import Ledger
-from common.model import ModelConfig, SASRec, sequence_loss
-from common.split import training_examples
+from common.privacy.accounting import GRAD_SAMPLE_MODES, check_delta
+from common.privacy.ledger import Ledger
+from common.recommender.model import ModelConfig, SASRec, sequence_loss
 from tests.gradients import mean_of_clipped, true_per_user_gradients
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -58,7 +58,7 @@ def test_noise_zero_and_huge_clip_make_one_dp_step_equal_the_non_private_step(mo
     dp.loss(examples.inputs, examples.targets).backward()
     dp.optimizer.pre_step()  # what DP-SGD hands to Adam
     sequence_loss(plain(examples.inputs), examples.targets).backward()
-    for (name, a), b in zip(private.named_parameters(), plain.parameters()):
+    for (name, a), b in zip(private.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
@@ -261,7 +261,7 @@ def test_noise_and_sampling_cannot_be_reproduced_from_the_public_run_parameters(
 
 @pytest.mark.parametrize("mode", MODES)
 def test_physical_batch_splitting_gives_the_same_clipped_sum_as_one_batch(mode: str) -> None:
-    """BatchMemoryManager: a logical batch of 9 users in pieces of 4, 4 and 1; one optimizer step, one accounted step."""
+    """BatchMemoryManager: a logical batch of 9 users in pieces of 4, 4 and 1: one optimizer step, one accounted."""
     torch.manual_seed(7)
     examples = _examples(9, seed=7)
     clip = 0.01

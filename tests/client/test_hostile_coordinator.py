@@ -22,13 +22,13 @@ from torch import nn
 
 from client.app import train
 from client.dp_sgd import make_private, physical_batches, private_step
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from client.policy import SitePolicy, incoming_weights_problem
-from common.catalog import Catalog
+from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
+from common.data.catalog import Catalog
+from common.data.split import training_examples
 from common.federation import RunSettings
-from common.model import ModelConfig, SASRec
-from common.privacy import GRAD_SAMPLE_MODES
-from common.split import training_examples
+from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.recommender.model import ModelConfig, SASRec
 
 CONFIG = ModelConfig(num_items=25, max_len=6, hidden=16, heads=2, blocks=1, dropout=0.0)
 POISONED_ITEM = 13
@@ -147,7 +147,7 @@ def test_non_finite_or_overflowing_weights_are_refused_before_any_data_is_read(
 
 def test_the_site_bound_keeps_every_forward_pass_finite() -> None:
     """Weights at the site's bound, arranged to grow activations as fast as possible, stay finite and bounded."""
-    from common.model import activation_bound
+    from common.recommender.model import activation_bound
 
     policy = SitePolicy()
     config = ModelConfig(num_items=30, max_len=8, hidden=64, heads=2, blocks=2, dropout=0.2)
@@ -236,7 +236,7 @@ def test_a_run_asking_another_delta_is_declined_and_the_budget_holds_at_the_site
 def _public_reply(reply: Message) -> dict:
     """Everything in a reply but the noisy weights' values and the ledger head's hash.
 
-    The hash covers a secret random nonce in the ledger line (``common.ledger``), so it is a fresh random
+    The hash covers a secret random nonce in the ledger line (``common.privacy.ledger``), so it is a fresh random
     string for every line: it differs between any two sites, whatever their users, and hides the count.
     """
     content = reply.content

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from common.errors import ConfigError
 from common.federation import RunSettings
@@ -33,14 +33,19 @@ def test_wrong_types_and_unknown_keys_are_named() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("epsilon", -1.0), ("delta", 1.5), ("max-grad-norm", 0.0), ("batch-size", 0), ("learning-rate", 0.0), ("heads", 3)],
+    [
+        ("epsilon", -1.0), ("delta", 1.5), ("max-grad-norm", 0.0), ("batch-size", 0), ("learning-rate", 0.0),
+        ("heads", 3),
+    ],
 )
 def test_bad_values_fail_at_start_naming_the_key(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=key.split("-")[0] if key != "heads" else "divisible"):
         RunSettings.from_run_config({key: value})
 
 
-FLOAT_KEYS = [name.replace("_", "-") for name, field in RunSettings.__dataclass_fields__.items() if field.type == "float"]
+FLOAT_KEYS = [
+    name.replace("_", "-") for name, field in RunSettings.__dataclass_fields__.items() if field.type == "float"
+]
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])

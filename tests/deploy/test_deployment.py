@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from client.runtime import bundle_sha256
-from common.audit import audit
-from common.credentials import write_certificates
-from common.ledger import Ledger
-from common.synthetic import SyntheticConfig, generate
+from common.data.synthetic import SyntheticConfig, generate
+from common.privacy.ledger import Ledger
 from common.run_files import read_rounds
+from simulations.audit import audit
+from simulations.credentials import write_certificates
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 from tests.apps import app_copy
 
@@ -93,7 +93,7 @@ def test_a_tls_authenticated_federation_of_three_sites_trains_with_dp(
     ledgers = [deployment.root / f"{site}-ledger" / f"site-{site}.jsonl" for site in SITES]
     alone = audit(ledgers)
     assert alone.passed and not alone.witnessed, "the sites' own ledgers cannot vouch for their last lines"
-    for site, ledger in zip(SITES, ledgers):  # each site's officer, with the coordinator's rounds.jsonl
+    for site, ledger in zip(SITES, ledgers, strict=True):  # each site's officer, with the coordinator's rounds.jsonl
         report = audit([ledger], [out_dir / "rounds.jsonl"])
         assert report.passed and report.witnessed, (site, report.findings, report.not_verified)
 
@@ -114,7 +114,8 @@ def test_unregistered_keys_and_unverified_servers_are_refused(
     assert "No SuperNode found with the given public key" in superlink_log, "the stranger was refused by the SuperLink"
     # Control: the same registered key with the right CA joins, so the refusal above was the CA's doing.
     deployment.kill_supernode("wrong-ca")
-    deployment.start_supernode("south", site_node_config("south", site_data, deployment.root, delta=RUN["delta"]), private)
+    south_config = site_node_config("south", site_data, deployment.root, delta=RUN["delta"])
+    deployment.start_supernode("south", south_config, private)
     _wait_for(lambda: deployment.connected_nodes() == 1, "the correctly configured site online", 90)
     assert deployment.connected_nodes() == 1, "and only it: the stranger never got in"
 
@@ -135,7 +136,8 @@ def test_a_site_killed_in_round_two_is_left_out_consistently_and_rejoins(
     killed_during = len(read_rounds(out_dir)) + 1
     _wait_for(lambda: len(read_rounds(out_dir)) >= killed_during, f"round {killed_during} without east", 400)
     private = deployment.root / "keys" / "east"
-    deployment.start_supernode("east", site_node_config("east", site_data, deployment.root, delta=RUN["delta"]), private)
+    east_config = site_node_config("east", site_data, deployment.root, delta=RUN["delta"])
+    deployment.start_supernode("east", east_config, private)
     status = deployment.wait(run_id, timeout_s=900)
     assert status["status"] == "finished:completed", status
     rounds = read_rounds(out_dir)

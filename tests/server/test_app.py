@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.audit import audit
 from common.federation import RunSettings
-from common.ledger import Ledger, Spend
-from common.model import SASRec
+from common.privacy.ledger import Ledger, Spend
+from common.recommender.model import SASRec
 from server.app import finish_run, run_id_for
 from server.evaluator import Evaluator
+from simulations.audit import audit
 
 SETTINGS = dict(dataset="synthetic:users=120,items=80,seed=3", rounds=3, epsilon=4.0, delta=1e-4, hidden=16, heads=1,
                 blocks=1, max_len=10)

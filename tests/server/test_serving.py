@@ -20,13 +20,13 @@ import pytest
 import torch
 import uvicorn
 
-from common.artifacts import save_model
-from common.catalog import Catalog
-from common.content import save_item_vectors
+from common.data.catalog import Catalog
 from common.errors import ConfigError
-from common.model import ModelConfig, SASRec
-from common.processes import free_loopback_port
-from common.ranking import RankingOptions
+from common.recommender.artifacts import save_model
+from common.recommender.content import save_item_vectors
+from common.recommender.model import ModelConfig, SASRec
+from common.recommender.ranking import RankingOptions
+from common.utils.processes import free_loopback_port
 from server.http import MAX_BODY_BYTES
 from server.serving import PRIOR_STRATEGY, Recommender
 from simulations.cli import main
@@ -39,7 +39,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("model")
     catalog = Catalog.from_items(ITEMS)
-    save_model(directory, SASRec(ModelConfig(num_items=catalog.num_items, max_len=8, hidden=16, heads=2, blocks=1)), catalog)
+    model = SASRec(ModelConfig(num_items=catalog.num_items, max_len=8, hidden=16, heads=2, blocks=1))
+    save_model(directory, model, catalog)
     return directory
 
 
@@ -70,7 +71,11 @@ def test_the_explanation_is_the_item_whose_removal_costs_the_most(model_dir: Pat
     index = recommender.catalog.index_of(top.item)
     with torch.no_grad():
         without = {
-            h: float(recommender.model.last_scores(torch.tensor([[recommender.catalog.index_of(x) for x in history if x != h]]))[0, index])
+            h: float(
+                recommender.model.last_scores(
+                    torch.tensor([[recommender.catalog.index_of(x) for x in history if x != h]])
+                )[0, index]
+            )
             for h in history
         }
     assert top.because_of == min(without, key=without.get)
@@ -224,7 +229,8 @@ def test_an_oversized_body_is_refused_with_413_declared_or_not(service: str) -> 
 
 
 def test_ranking_options_reach_the_recommendations_and_say_so(model_dir: Path) -> None:
-    recommender = Recommender.load(model_dir, torch.device("cpu"), RankingOptions(cold_start_weight=0.5, tail_penalty=0.5))
+    ranking = RankingOptions(cold_start_weight=0.5, tail_penalty=0.5)
+    recommender = Recommender.load(model_dir, torch.device("cpu"), ranking)
     short = recommender.recommend(["item-3"], k=5)
     assert "cold-start blend" in short.strategy and "tail penalty 0.5" in short.strategy
     assert "cold-start blend" not in recommender.recommend([f"item-{i}" for i in range(1, 8)], k=5).strategy

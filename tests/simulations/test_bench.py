@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.privacy import GRAD_SAMPLE_MODES
+from common.privacy.accounting import GRAD_SAMPLE_MODES
 from simulations import cli
 from simulations.bench import core, dp_step, frontier, pieces, registry, serving, suite
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from common.federation import RunSettings
-from simulations.canary import CANARY_DATA, CANARY_SECRET, EMPIRICAL_JSON, CanaryConfig, draw_canaries, run_empirical_audit
+from simulations.canary import (
+    CANARY_DATA,
+    CANARY_SECRET,
+    EMPIRICAL_JSON,
+    CanaryConfig,
+    draw_canaries,
+    run_empirical_audit,
+)
 from simulations.simulate import Resources
 
 TINY = dict(dataset="synthetic:users=240,items=90,seed=2", rounds=2, epsilon=2.0, delta=1e-4, hidden=16, heads=1,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from common.content import load_item_vectors
-from common.datasets import load_dataset
-from common.training import TrainConfig
-from common.model import ModelOptions
+from common.data.datasets import load_dataset
+from common.recommender.content import load_item_vectors
+from common.recommender.model import ModelOptions
+from common.recommender.training import TrainConfig
 from simulations.centralized import train_centralized
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.artifacts import save_model
-from common.datasets import load_dataset
-from common.model import ModelConfig, SASRec
-from common.processes import free_loopback_port
+from common.data.datasets import load_dataset
+from common.recommender.artifacts import save_model
+from common.recommender.model import ModelConfig, SASRec
 from common.run_files import CHECKPOINT_FILE, FLOWER_LOG_FILE, GLOBAL_MODEL_FILE, ROUNDS_FILE, RUN_FILE, SUMMARY_FILE
+from common.utils.processes import free_loopback_port
 from server.serving import Recommender
 from simulations.cli import main
 

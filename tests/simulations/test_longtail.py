@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from common.artifacts import save_model
-from common.datasets import load_dataset
-from common.model import PADDING_INDEX, ModelConfig, SASRec
-from common.split import evaluation_cases
+from common.data.datasets import load_dataset
+from common.data.split import evaluation_cases
+from common.recommender.artifacts import save_model
+from common.recommender.model import PADDING_INDEX, ModelConfig, SASRec
 from simulations.longtail import SHORT_HISTORIES, TAIL_PENALTIES, last_items, longtail_table
 
 DATA = "synthetic:users=200,items=90,seed=4"
@@ -29,7 +29,8 @@ def test_the_table_has_every_variant(tmp_path: Path) -> None:
     dataset = load_dataset(DATA)
     catalog = dataset.catalog()
     torch.manual_seed(0)
-    save_model(tmp_path, SASRec(ModelConfig(num_items=catalog.num_items, max_len=10, hidden=16, heads=1, blocks=1)), catalog)
+    model = SASRec(ModelConfig(num_items=catalog.num_items, max_len=10, hidden=16, heads=1, blocks=1))
+    save_model(tmp_path, model, catalog)
     rows = longtail_table(tmp_path, DATA)
     assert len(rows) == 2 + len(TAIL_PENALTIES) + 2 * len(SHORT_HISTORIES)
     assert [r["variant"] for r in rows[:2]] == ["most-popular", "SASRec"]

@@ -16,7 +16,7 @@ import simulations.simulate as simulate_module
 from client.shard import _federation
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.processes import LAUNCHER_LOCK, lock_run_folder
+from common.utils.processes import LAUNCHER_LOCK, lock_run_folder
 from server.app import run_id_for
 from server.checkpoint import Checkpoint, load_checkpoint
 from simulations.cli import main

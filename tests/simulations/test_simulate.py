@@ -11,18 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
 
-import torch
-
-from common.artifacts import load_model
-from common.audit import audit
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.ledger import Ledger, Spend
-from common.processes import LAUNCHER_LOCK
+from common.privacy.ledger import Ledger, Spend
+from common.recommender.artifacts import load_model
 from common.run_files import read_rounds
+from common.utils.processes import LAUNCHER_LOCK
 from server.checkpoint import Checkpoint, load_checkpoint
+from simulations.audit import audit
 from simulations.simulate import Resources, SimulationFailed, preflight, simulate
 
 SMALL = dict(
@@ -94,7 +93,8 @@ def test_a_run_where_every_site_fails_stops_and_says_why(tmp_path: Path) -> None
     for site in ("0", "1"):  # both sites' ledgers are corrupt: no site may train on an unknown history
         (out / "ledgers").mkdir(parents=True, exist_ok=True)
         (out / "ledgers" / f"site-{site}.jsonl").write_text("{not json\n")
-    with pytest.raises(SimulationFailed, match="every sampled site failed.*DataError: .*site-[01].jsonl, line 1: not a JSON ledger line"):
+    failure = "every sampled site failed.*DataError: .*site-[01].jsonl, line 1: not a JSON ledger line"
+    with pytest.raises(SimulationFailed, match=failure):
         simulate(RunSettings(**SMALL, out_dir=str(out)), Resources(sites=2))
 
 

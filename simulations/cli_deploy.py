@@ -1,0 +1,72 @@
+"""``fedtail deploy``: what a real federation is set up with: certificates, site keys, the site check, bundle hashes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from client.check import check_site
+from client.runtime import bundle_sha256
+from common.federation import RunSettings
+from common.recommender.model import ModelOptions
+from common.utils.processes import APP_DIR
+from simulations.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
+
+EXIT_SITE_NOT_READY = 1
+
+
+def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
+    deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
+    certs = deploy_commands.add_parser("certs", help="(coordinator) a CA and the SuperLink's TLS certificate")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
+    certs.add_argument("--host", action="append", required=True,
+                       help="a host name or IP address sites reach the SuperLink at (repeatable)")
+    certs.add_argument("--days", type=int, default=365, help="validity")
+    certs.set_defaults(handler=_deploy_certs)
+    keys = deploy_commands.add_parser("keys", help="(site) the SuperNode's authentication key pair")
+    keys.add_argument("--out", required=True, help="folder for NAME (private, stays here) and NAME.pub (to send)")
+    keys.add_argument("--name", required=True, help="file name, e.g. the site id")
+    keys.set_defaults(handler=_deploy_keys)
+    check = deploy_commands.add_parser("check", help="(site) check data, catalogue, budget and device before joining")
+    check.add_argument("--data", required=True, help="the site's interaction file (node config data-path)")
+    check.add_argument("--catalog", required=True, help="the coordinator's catalog.json (node config catalog-path)")
+    check.add_argument("--ledger-dir", required=True, help="where this site's privacy ledger lives (node config)")
+    check.add_argument("--max-epsilon", type=float, required=True, help="this site's budget (node config)")
+    check.add_argument("--site-id", default=None, help="node config site-id (default: the data file's name)")
+    check.add_argument("--delta", type=float, default=RunSettings().delta, help="the federation's delta")
+    check.add_argument("--max-len", type=int, default=ModelOptions().max_len,
+                       help="the run's max-len: users need two items within it to train")
+    check.set_defaults(handler=_deploy_check)
+    bundle = deploy_commands.add_parser(
+        "bundle-hash", help="(site) the sha256 of an app bundle, as `python -m client.runtime --approve` takes it"
+    )
+    bundle.add_argument("path", nargs="?", default=str(APP_DIR),
+                        help="an app folder (the bundle `flwr run FOLDER` uploads) or a .fab file "
+                        "(default: the installed fedtail, which the runtime approves by itself)")
+    bundle.set_defaults(handler=_deploy_bundle_hash)
+
+
+def _deploy_certs(args: argparse.Namespace) -> int:
+    paths = write_certificates(Path(args.out), args.host, args.days)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"keep {paths[CA_KEY]} on this machine only; give sites {paths[CA_CERT]}")
+    return 0
+
+
+def _deploy_keys(args: argparse.Namespace) -> int:
+    private, public = write_site_keys(Path(args.out), args.name)
+    print(f"wrote {private} (keep it here: flower-supernode --auth-supernode-private-key {private})")
+    print(f"wrote {public} (send it to the coordinator: flwr supernode register {public.name})")
+    return 0
+
+
+def _deploy_check(args: argparse.Namespace) -> int:
+    check = check_site(Path(args.data), Path(args.catalog), Path(args.ledger_dir), args.max_epsilon, args.delta,
+                       args.max_len, args.site_id)
+    print(check.format())
+    return 0 if check.ready else EXIT_SITE_NOT_READY
+
+
+def _deploy_bundle_hash(args: argparse.Namespace) -> int:
+    print(bundle_sha256(Path(args.path)))
+    return 0

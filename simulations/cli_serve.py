@@ -1,0 +1,78 @@
+"""``fedtail serve``: the HTTP recommendation service over a run folder's model, on a port checked before it loads."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+import torch
+
+from common.errors import ConfigError
+from common.recommender.ranking import COLD_START_PRIORS, RankingOptions
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("run_dir", help="a federated run folder (global_model.pt) or a trained model folder (model.pt)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean it)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port to listen on, 1-65535")
+    serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
+    ranking = RankingOptions()
+    serve.add_argument("--cold-start-weight", type=float, default=ranking.cold_start_weight,
+                       help="blend short histories with a prior at this weight (0: off)")
+    serve.add_argument("--cold-start-prior", choices=COLD_START_PRIORS, default=ranking.cold_start_prior,
+                       help="model: the model's own empty-history prediction; content: items whose public metadata "
+                       "resembles the user's (needs a model trained with --item-text)")
+    serve.add_argument("--content-temperature", type=float, default=ranking.content_temperature,
+                       help="sharpness of the content prior (softmax of cosine similarity / temperature)")
+    serve.add_argument("--cold-start-fade", type=int, default=ranking.cold_start_fade,
+                       help="history length at which the blend has faded out")
+    serve.add_argument("--tail-penalty", type=float, default=ranking.tail_penalty,
+                       help="lift rare items: score - penalty * log(prior) (0: off)")
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn  # the service's own dependencies load only when serving
+
+    from server.http import create_app
+    from server.serving import Recommender
+
+    ranking = RankingOptions(
+        args.cold_start_weight, args.cold_start_fade, args.tail_penalty, args.cold_start_prior, args.content_temperature
+    )
+    with _listen(args.host, args.port) as listening:
+        recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None, ranking)
+        print(f"fedtail: serving {args.run_dir} (model {recommender.info.model_id}, {recommender.info.catalog_size} "
+              f"items) on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
+        config = uvicorn.Config(create_app(recommender), log_level="warning")
+        uvicorn.Server(config).run(sockets=[listening])
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The service's socket, bound here so that a port in use or an unknown host is one clear line (uvicorn would
+    log it and exit 1), and before the model loads, so that this fails at once."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    listening = socket.socket(family, kind, protocol)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
+        listening.bind(address)
+    except OSError as error:
+        listening.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listening
+
+
+def _port(text: str) -> int:
+    """argparse type of --port: a TCP port one can listen on (uvicorn on uvloop took 70000 as 70000 - 65536)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535")
+    return port
