@@ -202,8 +202,8 @@ def test_a_site_runs_only_app_bundles_it_approved_and_tells_the_coordinator_why(
     status = deployment.wait(deployment.submit(config, app=changed), timeout_s=600)
     assert status["status"] == "finished:completed", status
     [line] = read_rounds(changed_run)
-    assert line["sites_trained"] == ["south"] and line["sites_failed"] == 1
-    [failure] = line["failures"]
+    assert line.sites_trained == ["south"] and len(line.failures) == 1
+    [failure] = line.failures
     assert f"app bundle sha256 {changed_hash} is not approved by this site" in failure, failure
     ran_at = marker.read_text().split()
     assert runtime_pids["south"] in ran_at, "south, which approved the changed bundle, ran it"
@@ -219,6 +219,6 @@ def test_a_site_runs_only_app_bundles_it_approved_and_tells_the_coordinator_why(
                              timeout_s=600)
     assert status["status"] == "finished:completed", status
     [line] = read_rounds(release_run)
-    assert line["sites_trained"] == ["north", "south"] and line["failures"] == []
+    assert line.sites_trained == ["north", "south"] and line.failures == []
     assert _ledger_rounds(deployment.root, "north") == [1]
     assert marker.read_text().split() == ran_at, "the release is not the changed code"
