@@ -80,7 +80,7 @@ def train_site_round(
             f"{privacy.delta:g}, above its budget of {privacy.budget:g}",
         )
     noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
-    ledger.append(
+    entry = ledger.append(
         Spend(
             run_id=run_id,
             round=round_number,
@@ -97,7 +97,7 @@ def train_site_round(
     )
     weights = _weights(model)
     released.save(run_id, round_number, global_fingerprint, weights)
-    return RoundOutcome(weights, epsilon_from_history(ledger.history(), privacy.delta))
+    return RoundOutcome(weights, float(entry["epsilon_so_far"]))  # composed at privacy.delta, as the ledger line
 
 
 def _weights(model: SASRec) -> dict[str, torch.Tensor]:
