@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,8 +33,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.eval_every < 1:
             raise ConfigError("epochs, batch size, patience and eval-every must all be at least 1")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"learning rate must be a positive finite number, got {self.learning_rate}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
         if self.loss not in ("ce", "bce"):
             raise ConfigError(f"unknown loss '{self.loss}': use 'ce' or 'bce'")
 

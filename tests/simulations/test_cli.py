@@ -68,6 +68,7 @@ def test_malformed_input_exits_non_zero_with_file_and_line_and_no_traceback(tmp_
         (["data", "stats", "synthetic:users=abc"], "not a"),
         (["train", SMALL, "--out", "unused", "--heads", "3"], "not divisible"),
         (["train", SMALL, "--out", "unused", "--lr", "0"], "learning rate"),
+        (["train", SMALL, "--out", "unused", "--lr", "nan"], "learning rate must be a positive finite number"),
         (["evaluate", "no-such-model-dir", SMALL], "no-such-model-dir: no such folder"),
     ],
 )
