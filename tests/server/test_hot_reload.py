@@ -54,7 +54,8 @@ class Version:
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Version]:
-    """A and B: two models over the same catalogue; C: a model over that catalogue grown by 8 items."""
+    """A and B: two models over the same catalogue; C: a model over that catalogue grown by 8 items, its catalog.json
+    in the growing catalogue's format (version 2, naming the fingerprint of the version it extends)."""
     made = {}
     for seed, (name, items) in enumerate({"A": OLD_ITEMS, "B": OLD_ITEMS, "C": OLD_ITEMS + NEW_ITEMS}.items()):
         torch.manual_seed(seed)
@@ -62,6 +63,12 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Version]:
         folder = tmp_path_factory.mktemp(f"version-{name}")
         save_model(folder, SASRec(ModelConfig(num_items=catalog.num_items, max_len=8, hidden=16, heads=2, blocks=1)),
                    catalog, GLOBAL_MODEL_FILE)
+        if name == "C":
+            grown = json.loads((folder / CATALOG_FILE).read_text()) | {
+                "version": 2, "fingerprint": catalog.fingerprint(),
+                "previous_fingerprint": Catalog(tuple(OLD_ITEMS)).fingerprint(),
+            }
+            (folder / CATALOG_FILE).write_text(json.dumps(grown))
         made[name] = Version(folder, Recommender.load(folder, torch.device("cpu")))
     assert len({version.model_id for version in made.values()}) == 3
     return made
@@ -89,6 +96,19 @@ def test_an_unchanged_folder_is_not_reloaded_and_a_new_model_is(versions: dict[s
     result = live.reload()
     assert result.reloaded and live.current is result.served and live.current.info.model_id == versions["C"].model_id
     assert live.current.info.catalog_size == 48 and live.current.catalog.index_of("item-7") == 7  # old index kept
+    assert live.current.info.catalog_version == 2
+
+
+def test_a_served_link_switched_to_another_run_folder_is_followed(
+    versions: dict[str, Version], tmp_path: Path
+) -> None:
+    """Serving ``latest``, a link moved atomically from one window's run folder to the next (``mv -T``)."""
+    latest = tmp_path / "latest"
+    latest.symlink_to(versions["A"].folder)
+    live = LiveRecommender(latest, torch.device("cpu"), RankingOptions())
+    (tmp_path / "next").symlink_to(versions["C"].folder)
+    (tmp_path / "next").replace(latest)
+    assert live.reload().served.info.model_id == versions["C"].model_id
 
 
 def test_a_corrupt_model_keeps_the_old_version_serving_and_names_the_file(
@@ -359,6 +379,7 @@ def test_the_watcher_serves_a_new_model_and_skips_a_corrupt_one(
         wait_until_served(url, versions["C"].model_id)
         status, headers, info = client.call("GET", "/model")
         assert info["catalog_size"] == 48 and info["catalog_sha256"] == headers["x-fedtail-catalog"]
+        assert info["catalog_version"] == 2 and headers["x-fedtail-catalog-version"] == "2"
         assert info["catalog_sha256"] == versions["C"].reference.info.catalog_sha256
     finally:
         client.close()
