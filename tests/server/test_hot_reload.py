@@ -17,6 +17,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def install(run_dir: Path, version: Version, files: tuple[str, ...] = (GLOBAL_MO
     """Write ``version``'s files into the served folder as the server writes a run's: one atomic rename each."""
     run_dir.mkdir(exist_ok=True)
     for name in files:
-        atomic_write(run_dir / name, lambda temporary, name=name: shutil.copyfile(version.folder / name, temporary))
+        atomic_write(run_dir / name, partial(shutil.copyfile, version.folder / name))
 
 
 def corrupt_model(run_dir: Path) -> None:
@@ -207,7 +208,7 @@ class Client:
 
     def __init__(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
-        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.connection = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=60)
 
     def call(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
