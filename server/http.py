@@ -3,21 +3,28 @@
 A request the service cannot answer gets a 4xx with a one-line message in ``detail``,
 never a 5xx: 400 for a body that is not valid (not JSON, wrong types, unknown fields,
 k outside 1..1000, an item id that is not valid Unicode text), 413 for a body over 1 MB.
-OpenAPI docs are at /docs.
+Every answer of /recommend, /recommend/batch and /model names the version that computed
+all of it in the headers X-Fedtail-Model (the model file's sha256, 16 hex digits),
+X-Fedtail-Catalog (the catalogue's fingerprint) and, when the catalogue has one,
+X-Fedtail-Catalog-Version. POST /admin/reload loads a new model from the run folder now
+(only for a client on loopback that no proxy relayed: 403 otherwise; 409 when the new
+files cannot be served, and the old version keeps serving). OpenAPI docs are at /docs.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import ConfigError
+from server.reloading import LiveRecommender, ReloadError
 from server.serving import MAX_K, ModelInfo, RecommendationList, Recommender
 
 MAX_BODY_BYTES = 1_000_000
@@ -78,6 +85,15 @@ class Health(BaseModel):
 
 class Problem(BaseModel):
     detail: str = Field(description="what is wrong with the request, in one line")
+
+
+class Reloaded(BaseModel):
+    reloaded: bool = Field(description="false when the run folder's files had not changed: nothing was loaded")
+    model: ModelInfo = Field(description="the version serving from now on")
+
+
+PROXY_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+"""A request carrying one of these was relayed by a proxy: its loopback address is the proxy's, not the client's."""
 
 
 REFUSALS: dict[int | str, dict[str, Any]] = {
@@ -161,7 +177,25 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(recommender: Recommender) -> FastAPI:
+def _label(response: Response, served: Recommender) -> None:
+    """Name in ``response`` the version that computed it."""
+    response.headers["x-fedtail-model"] = served.info.model_id
+    response.headers["x-fedtail-catalog"] = served.info.catalog_sha256
+    if served.info.catalog_version is not None:
+        response.headers["x-fedtail-catalog-version"] = str(served.info.catalog_version)
+
+
+def _from_loopback(request: Request) -> bool:
+    """The client is on this machine and no proxy relayed it: ``--host 0.0.0.0`` does not open the admin endpoint."""
+    if request.client is None or any(name in PROXY_HEADERS for name, _ in request.scope["headers"]):
+        return False
+    try:
+        return ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(live: LiveRecommender) -> FastAPI:
     app = FastAPI(title="fedtail recommendations", description=__doc__)
 
     @app.exception_handler(RequestValidationError)
@@ -172,24 +206,48 @@ def create_app(recommender: Recommender) -> FastAPI:
     def health() -> Health:
         return Health(status="ok")
 
+    # Each handler reads live.current once: a reload during the request cannot change the version it computes with.
     @app.get("/model")
-    def model() -> ModelInfo:
-        return recommender.info
+    def model(response: Response) -> ModelInfo:
+        served = live.current
+        _label(response, served)
+        return served.info
 
     @app.post("/recommend", responses=REFUSALS)
-    def recommend(request: RecommendRequest) -> RecommendationList:
+    def recommend(request: RecommendRequest, response: Response) -> RecommendationList:
+        served = live.current
         try:
-            return recommender.recommend(request.history, request.k, request.exclude_history, request.explain)
+            answer = served.recommend(request.history, request.k, request.exclude_history, request.explain)
         except ConfigError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
+        _label(response, served)
+        return answer
 
     @app.post("/recommend/batch", responses=REFUSALS)
-    def recommend_batch(request: BatchRequest) -> BatchResponse:
+    def recommend_batch(request: BatchRequest, response: Response) -> BatchResponse:
+        served = live.current
         try:
-            lists = recommender.recommend_many(request.histories, request.k, request.exclude_history, request.explain)
+            lists = served.recommend_many(request.histories, request.k, request.exclude_history, request.explain)
         except ConfigError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
+        _label(response, served)
         return BatchResponse(results=lists)
+
+    @app.post("/admin/reload", responses={
+        403: {"model": Problem, "description": "the client is not on loopback, or a proxy relayed the request"},
+        409: {"model": Problem, "description": "the run folder's new files cannot be served (the message names the "
+              "file and why); the version that was serving still serves"},
+    })
+    def reload(request: Request, response: Response) -> Reloaded:
+        """Load the run folder's model and catalogue now if they changed, and serve them from the next request on."""
+        if not _from_loopback(request):
+            raise HTTPException(status_code=403, detail="/admin/reload answers only clients on loopback, unrelayed")
+        try:
+            result = live.reload()
+        except ReloadError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from None
+        _label(response, result.served)
+        return Reloaded(reloaded=result.reloaded, model=result.served.info)
 
     document = app.openapi
 

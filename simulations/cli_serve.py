@@ -1,4 +1,6 @@
-"""``fedtail serve``: the HTTP recommendation service over a run folder's model, on a port checked before it loads."""
+"""``fedtail serve``: the HTTP recommendation service over a run folder's model, on a port checked before it loads.
+
+A new model written into the run folder is picked up without a restart (``server.reloading``)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean it)")
     serve.add_argument("--port", type=_port, default=8000, help="TCP port to listen on, 1-65535")
     serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
+    serve.add_argument("--watch-interval", type=_seconds, default=1.0,
+                       help="check the run folder for a new model every this many seconds and serve it once its files "
+                       "have settled (0: never; POST /admin/reload from loopback reloads at once either way)")
     ranking = RankingOptions()
     serve.add_argument("--cold-start-weight", type=float, default=ranking.cold_start_weight,
                        help="blend short histories with a prior at this weight (0: off)")
@@ -36,17 +41,24 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn  # the service's own dependencies load only when serving
 
     from server.http import create_app
-    from server.serving import Recommender
+    from server.reloading import LiveRecommender
 
     ranking = RankingOptions(
         args.cold_start_weight, args.cold_start_fade, args.tail_penalty, args.cold_start_prior, args.content_temperature
     )
     with _listen(args.host, args.port) as listening:
-        recommender = Recommender.load(args.run_dir, torch.device(args.device) if args.device else None, ranking)
-        print(f"fedtail: serving {args.run_dir} (model {recommender.info.model_id}, {recommender.info.catalog_size} "
-              f"items) on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
-        config = uvicorn.Config(create_app(recommender), log_level="warning")
-        uvicorn.Server(config).run(sockets=[listening])
+        live = LiveRecommender(args.run_dir, torch.device(args.device) if args.device else None, ranking)
+        info = live.current.info
+        watching = f"checked every {args.watch_interval:g} s" if args.watch_interval else "not watched"
+        print(f"fedtail: serving {args.run_dir} (model {info.model_id}, {info.catalog_size} items; run folder "
+              f"{watching}) on http://{args.host}:{args.port}  (API docs: /docs)", file=sys.stderr)
+        if args.watch_interval:
+            live.watch(args.watch_interval)
+        config = uvicorn.Config(create_app(live), log_level="warning")
+        try:
+            uvicorn.Server(config).run(sockets=[listening])
+        finally:
+            live.stop()
     return 0
 
 
@@ -65,6 +77,17 @@ def _listen(host: str, port: int) -> socket.socket:
         listening.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     return listening
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --watch-interval: a finite number of seconds, 0 or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more seconds")
+    return seconds
 
 
 def _port(text: str) -> int:

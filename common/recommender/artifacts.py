@@ -93,10 +93,20 @@ def load_model(
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise DataError(f"not a fedtail model (expected format {MODEL_FORMAT!r})", path)
     if payload.get("catalog_sha256") != catalog_fingerprint(catalog):
-        raise DataError(f"the model was trained with a different catalogue than {CATALOG_FILE} beside it", path)
+        raise DataError(
+            f"the model was trained with a different catalogue (sha256 {str(payload.get('catalog_sha256'))[:16]}) than "
+            f"{CATALOG_FILE} beside it (sha256 {catalog_fingerprint(catalog)[:16]}, {catalog.num_items} items)", path
+        )
     config = ModelConfig(**payload["model_config"])
+    if config.num_items != catalog.num_items:
+        raise DataError(
+            f"the model scores {config.num_items} items, {CATALOG_FILE} beside it lists {catalog.num_items}", path
+        )
     model = SASRec(config)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError) as error:
+        raise DataError(f"the weights do not fit the model's own config: {str(error).splitlines()[0]}", path) from None
     if device is not None:
         model.to(device)
     model.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,11 @@ def save_torch(path: Path, payload: Any) -> None:
 
 
 def load_torch(path: Path, what: str) -> Any:
-    """Tensors and plain containers only (``weights_only``); a corrupt or foreign file is a DataError on ``what``."""
+    """Tensors and plain containers only (``weights_only``); a corrupt or foreign file is a one-line DataError on
+    ``what`` (torch's own messages run to paragraphs, and for a weights-only refusal advise loading unsafely)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"cannot read {what}: not a file of tensors (corrupt, or holding objects)", path) from None
     except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise DataError(f"cannot read {what}: {error}", path) from None
+        raise DataError(f"cannot read {what}: {str(error).splitlines()[0] if str(error) else error!r}", path) from None

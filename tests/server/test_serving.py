@@ -6,9 +6,6 @@ import http.client
 import json
 import shutil
 import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,10 +23,10 @@ from common.recommender.artifacts import save_model
 from common.recommender.content import save_item_vectors
 from common.recommender.model import ModelConfig, SASRec
 from common.recommender.ranking import RankingOptions
-from common.utils.processes import free_loopback_port
 from server.http import MAX_BODY_BYTES
 from server.serving import PRIOR_STRATEGY, Recommender
 from simulations.cli import main
+from tests.server.service import running_service
 
 ITEMS = [f"item-{i}" for i in range(1, 41)]
 
@@ -97,28 +94,8 @@ def test_k_out_of_range_is_refused(model_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def service(model_dir: Path) -> Iterator[str]:
-    port = free_loopback_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "serve", str(model_dir), "--port", str(port), "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300  # the import of torch alone can take a minute on a loaded machine
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if process.poll() is not None:
-                    raise RuntimeError(process.stderr.read().decode() if process.stderr else "server exited") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the service did not answer /health within 300 s") from None
-                time.sleep(0.1)
+    with running_service(model_dir) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -139,6 +116,7 @@ def test_the_service_answers_over_http(service: str) -> None:
     with urllib.request.urlopen(f"{service}/model") as response:
         info = json.loads(response.read())
     assert info["catalog_size"] == len(ITEMS) and len(info["model_id"]) == 16
+    assert response.headers["x-fedtail-model"] == info["model_id"] and info["catalog_version"] is None
     with urllib.request.urlopen(f"{service}/openapi.json") as response:
         assert "/recommend/batch" in json.loads(response.read())["paths"]
 
@@ -190,7 +168,7 @@ def test_the_openapi_schema_types_every_answer_and_documents_the_statuses_sent(s
                for path, operations in schema["paths"].items() for method in operations}
     assert {path: ref.rsplit("/", 1)[1] for path, ref in answers.items()} == {
         "/health": "Health", "/model": "ModelInfo", "/recommend": "RecommendationList",
-        "/recommend/batch": "BatchResponse",
+        "/recommend/batch": "BatchResponse", "/admin/reload": "Reloaded",
     }
     components = schema["components"]["schemas"]
     assert components["RecommendRequest"]["additionalProperties"] is False
