@@ -34,6 +34,7 @@ from common.utils.files import atomic_write, atomic_write_text
 from server.http import _from_loopback
 from server.reloading import LiveRecommender, ReloadError
 from server.serving import Recommender
+from simulations.cli import main
 from tests.server.service import running_service
 
 OLD_ITEMS = [f"item-{i}" for i in range(1, 41)]
@@ -403,3 +404,12 @@ def test_many_reloads_by_the_watcher_alone_under_heavier_load(
     assert failures == []
     assert mixed(versions, answers) == []
     assert len(answers) >= 100 * (len(order) + 1)
+
+
+def test_a_watch_interval_that_is_not_0_or_more_seconds_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for interval in ("-1", "nan", "inf", "often"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["serve", str(tmp_path), "--watch-interval", interval])
+        assert stopped.value.code == 2 and "argument --watch-interval" in capsys.readouterr().err
