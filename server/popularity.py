@@ -16,7 +16,7 @@ A resumed run reads the saved sum instead of asking again.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from common.data.catalog import PADDING_INDEX, Catalog
 from common.errors import DataError
 from common.federation import RunSettings
@@ -64,19 +65,26 @@ class PopularityFloor:
         return (counts / counts.sum()).float()
 
     def report(self, settings: RunSettings) -> dict[str, Any]:
-        """The summary's account of the release: its share of the budget and each site's epsilon after it."""
+        """The summary's account of the release: its share of the budget, each site's epsilon after it, and what it
+        cost training (the noise multiplier with and without the release, at the site policy's defaults)."""
+        training = LocalTraining.from_settings(settings)
+        with_release = plan_round(training, PrivacyPlan.from_settings(settings)).noise_multiplier
+        without = plan_round(training, replace(PrivacyPlan.from_settings(settings), popularity_share=0.0))
         return {
             "mechanism": "Gaussian sum of per-user item indicators scaled to L2 norm 1, per site, before round 1",
             "share_of_target_epsilon": settings.popularity_share,
             "epsilon_alone": settings.popularity_share * settings.epsilon,
             "site_epsilon_after_release": self.site_epsilon,
+            "training_noise_multiplier": with_release,
+            "training_noise_multiplier_without_release": without.noise_multiplier,
             "sites": self.sites,
             "declined": self.declined,
             "failures": self.failures,
             "statement": (
                 f"The popularity release took {settings.popularity_share:.0%} of each site's target epsilon "
                 f"{settings.epsilon:g} on its own; training's noise was calibrated so that the release and all "
-                "rounds together compose (RDP) to the target. Its ledger line is the site's round 0."
+                f"rounds together compose (RDP) to the target, which raised training's noise multiplier from "
+                f"{without.noise_multiplier:.3f} to {with_release:.3f}. Its ledger line is the site's round 0."
             ),
         }
 
