@@ -1,4 +1,4 @@
-"""fedtail's ClientApp: one site's local DP training per round.
+"""fedtail's ClientApp: one site's local DP training per round, and its DP popularity release before round 1.
 
 The handler only reads configuration and translates between Flower records
 and the plain functions in ``client.site_round`` and ``client.shard``.
@@ -20,7 +20,9 @@ A reply holds only: the trained weights, the site's id, its epsilon so far,
 whether it trained with DP, the declared weight, when it declines, why, and
 its ledger's head after the round (line count and the last line's hash, a
 hiding commitment: see ``common.privacy.ledger``), which the coordinator records so
-that an auditor can later tell a rewritten or cut-off ledger.
+that an auditor can later tell a rewritten or cut-off ledger. The one query a
+run may send before round 1 (``popularity``) is answered the same way, with the
+site's noisy popularity vector in place of weights (``client.popularity``).
 """
 
 from __future__ import annotations
