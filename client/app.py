@@ -1,4 +1,4 @@
-"""fedtail's ClientApp: one site's local DP training per round.
+"""fedtail's ClientApp: one site's local DP training per round, and its DP popularity release before round 1.
 
 The handler only reads configuration and translates between Flower records
 and the plain functions in ``client.site_round`` and ``client.shard``.
@@ -20,7 +20,9 @@ A reply holds only: the trained weights, the site's id, its epsilon so far,
 whether it trained with DP, the declared weight, when it declines, why, and
 its ledger's head after the round (line count and the last line's hash, a
 hiding commitment: see ``common.privacy.ledger``), which the coordinator records so
-that an auditor can later tell a rewritten or cut-off ledger.
+that an auditor can later tell a rewritten or cut-off ledger. The one query a
+run may send before round 1 (``popularity``) is answered the same way, with the
+site's noisy popularity vector in place of weights (``client.popularity``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
+from client.popularity import release_site_popularity
 from client.round_plan import LocalTraining, PrivacyPlan
 from client.shard import SiteShard, deployed_shard, simulated_shard
 from client.site_round import RoundOutcome, train_site_round
@@ -45,6 +48,7 @@ from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.privacy.ledger import Ledger
+from common.recommender.item_tables import apply_item_tables
 from common.recommender.model import SASRec
 from common.recommender.training import pick_device
 from common.run_files import LEDGER_DIR, site_ledger
@@ -177,6 +181,7 @@ def train(msg: Message, context: Context) -> Message:
     check_coordinator(config, shard.catalog)
     model = SASRec(settings.model_config(shard.catalog.num_items))
     model.load_state_dict(global_weights)
+    apply_item_tables(model, settings.item_tables)  # before Opacus wraps the model: it never sees frozen tables
     started = time.perf_counter()
     outcome = train_site_round(
         model,
@@ -196,4 +201,29 @@ def train(msg: Message, context: Context) -> Message:
         logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)
     elif not settings.dp:
         logger.warning("site %s round %d: NON-PRIVATE update sent (dp = false)", site.site_id, round_number)
+    return Message(reply_content(outcome, site, settings.dp), reply_to=msg)
+
+
+@app.query()
+def popularity(msg: Message, context: Context) -> Message:
+    """The DP popularity floor (``client.popularity``): asked once before round 1; the same checks as a round."""
+    settings = RunSettings.from_run_config(context.run_config)
+    site = site_from_context(dict(context.node_config), settings)
+    check_ledger_continuity(context.state, site.ledger)
+    refusal = site.policy.decline_reason(settings)
+    if not refusal and not (settings.dp and settings.popularity_share > 0):
+        refusal = "declined: a popularity release is answered only under DP with popularity-share > 0"
+    if refusal:  # public input alone, before the site's data is read
+        logger.warning("site %s popularity release: %s", site.site_id, refusal)
+        spent = site.ledger.epsilon(site.policy.delta)
+        return Message(reply_content(RoundOutcome(None, spent, refusal), site, settings.dp), reply_to=msg)
+    shard = site.load_shard()
+    check_coordinator(msg.content.config_records["config"], shard.catalog)
+    outcome = release_site_popularity(
+        shard.examples, shard.catalog.num_items, PrivacyPlan.from_settings(settings, site.policy), site.ledger,
+        run_id=str(msg.content.config_records["config"]["run-id"]), site=site.site_id,
+    )
+    remember_ledger_head(context.state, site.ledger)
+    if outcome.state_dict is None:
+        logger.warning("site %s popularity release: %s", site.site_id, outcome.declined_reason)
     return Message(reply_content(outcome, site, settings.dp), reply_to=msg)

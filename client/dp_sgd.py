@@ -29,6 +29,7 @@ from client.ghost_clipping import GhostClipping, use_fast_norm_samplers
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.data.split import TrainingExamples, length_sorted_pieces, trim_left_padding
 from common.privacy.accounting import ACCOUNTANT, MechanismStep
+from common.recommender.item_tables import trainable_parameters
 from common.recommender.model import SASRec, per_user_loss
 
 PIECE_USERS = 16
@@ -91,7 +92,7 @@ def make_private(
     loader = DataLoader(
         TensorDataset(examples.inputs, examples.targets), batch_sampler=sampler, collate_fn=_stack_users(examples)
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=training.learning_rate)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=ACCOUNTANT)
@@ -200,7 +201,7 @@ def train_non_private(
 ) -> None:
     """Shuffled batches of ``batch_size`` users for ``local_epochs`` epochs (only where the site allows it)."""
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=training.learning_rate)
     batch = training.batch_size
     steps = max(1, math.ceil(training.local_epochs * math.ceil(len(examples) / batch)))
     steps_done = 0

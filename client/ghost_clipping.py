@@ -94,8 +94,9 @@ class GhostClippedLoss:
         ).view(-1, 1, 1)  # [B, 1, 1]
         kept = coefficients > 0
         clipped_scores = torch.where(kept, score_gradients * coefficients, 0.0).flatten(0, 1)  # [B * L, N]
-        _accumulate(self.output_layer.weight, clipped_scores.T @ self.hidden.detach().flatten(0, 1))
-        if self.output_layer.bias is not None:
+        if self.output_layer.weight.requires_grad:  # a frozen output table (item-tables=frozen) takes no gradient
+            _accumulate(self.output_layer.weight, clipped_scores.T @ self.hidden.detach().flatten(0, 1))
+        if self.output_layer.bias is not None and self.output_layer.bias.requires_grad:
             _accumulate(self.output_layer.bias, clipped_scores.sum(dim=0))
         self._clipped_pass(self.hidden, torch.where(kept, hidden_gradient * (batch * coefficients), 0.0))
 

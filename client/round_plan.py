@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from client.policy import SitePolicy
 from common.federation import RunSettings
 from common.privacy.accounting import GradSampleMode, calibrate_noise
+from common.privacy.popularity import popularity_step, training_noise
 from common.recommender.model import LossName
 
 
@@ -66,14 +67,16 @@ class PrivacyPlan:
     planned_rounds: int = RunSettings.rounds
     max_epsilon: float | None = None
     """The site's budget over all runs on these users; defaults to the target."""
+    popularity_share: float = RunSettings.popularity_share
+    """Share of the target spent on the popularity release before round 1 (``common.privacy.popularity``)."""
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
         """The run's target under the site's own budget and delta (``client.policy`` declined any other delta)."""
-        if policy is None:
-            return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds)
-        return cls(settings.dp, settings.epsilon, policy.delta, settings.max_grad_norm, settings.rounds,
-                   policy.max_epsilon)
+        delta = settings.delta if policy is None else policy.delta
+        budget = None if policy is None else policy.max_epsilon
+        return cls(settings.dp, settings.epsilon, delta, settings.max_grad_norm, settings.rounds, budget,
+                   settings.popularity_share)
 
     @property
     def budget(self) -> float:
@@ -92,7 +95,12 @@ class RoundPlan:
 def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
     steps = max(1, math.ceil(training.local_epochs / training.sample_rate))
     noise = 0.0
-    if privacy.enabled:
+    if privacy.enabled and privacy.popularity_share > 0:  # the target covers the popularity release too
+        before = popularity_step(privacy.target_epsilon, privacy.delta, privacy.popularity_share)
+        noise = training_noise(
+            [before], privacy.target_epsilon, privacy.delta, training.sample_rate, steps * privacy.planned_rounds
+        )
+    elif privacy.enabled:
         noise = calibrate_noise(
             privacy.target_epsilon, privacy.delta, training.sample_rate, steps * privacy.planned_rounds
         )

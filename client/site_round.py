@@ -20,7 +20,7 @@ from client.replay import ReleasedUpdate, weights_fingerprint
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from common.data.split import TrainingExamples
 from common.errors import ConfigError
-from common.privacy.accounting import ACCOUNTANT, epsilon_from_history
+from common.privacy.accounting import ACCOUNTANT, MechanismStep, epsilon_from_history
 from common.privacy.ledger import Ledger, Spend
 from common.recommender.model import SASRec
 
@@ -71,14 +71,9 @@ def train_site_round(
     replay = released.find(run_id, round_number, global_fingerprint)
     if replay is not None:
         return RoundOutcome(replay, spent)
-    after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.delta)
-    if after > privacy.budget + BUDGET_TOLERANCE:
-        return RoundOutcome(
-            None,
-            spent,
-            f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
-            f"{privacy.delta:g}, above its budget of {privacy.budget:g}",
-        )
+    refusal = over_budget(history, (plan.noise_multiplier, plan.sample_rate, plan.steps), privacy, "round")
+    if refusal:
+        return RoundOutcome(None, spent, refusal)
     noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
     entry = ledger.append(
         Spend(
@@ -91,13 +86,29 @@ def train_site_round(
             steps=steps,
             delta=privacy.delta,
             accountant=ACCOUNTANT,
-            library_versions={name: version(name) for name in ("opacus", "torch", "flwr")},
+            library_versions=library_versions(),
             users=len(examples),
         )
     )
     weights = _weights(model)
     released.save(run_id, round_number, global_fingerprint, weights)
     return RoundOutcome(weights, float(entry["epsilon_so_far"]))  # composed at privacy.delta, as the ledger line
+
+
+def over_budget(history: list[MechanismStep], step: MechanismStep, privacy: PrivacyPlan, what: str) -> str:
+    """Why ``step`` after ``history`` would overspend the site's budget; "" when it fits."""
+    spent = epsilon_from_history(history, privacy.delta)
+    after = epsilon_from_history([*history, step], privacy.delta)
+    if after <= privacy.budget + BUDGET_TOLERANCE:
+        return ""
+    return (
+        f"declined: this {what} would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
+        f"{privacy.delta:g}, above its budget of {privacy.budget:g}"
+    )
+
+
+def library_versions() -> dict[str, str]:
+    return {name: version(name) for name in ("opacus", "torch", "flwr")}
 
 
 def _weights(model: SASRec) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import Any
 from common.data.partition import SCHEMES
 from common.errors import ConfigError
 from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.recommender.item_tables import ITEM_TABLES
 from common.recommender.model import ModelConfig, ModelOptions
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
@@ -58,6 +59,17 @@ class RunSettings:
         "public item metadata to initialise item embeddings from: MovieLens folder, u.item, movies.csv or CSV "
         "item,text (needs pip install 'fedtail[content]'), or an item -> attribute-ids JSON such as "
         "Beauty_item2attributes.json (or its folder); '' for random",
+    )
+    item_tables: str = setting(
+        "trained",
+        "trained: DP training updates the item tables; frozen: the item embedding and output weight keep their "
+        "public content initialisation (needs item-text) and only the rest trains: far fewer noised parameters",
+        choices=ITEM_TABLES,
+    )
+    popularity_share: float = setting(
+        0.0,
+        "DP: share of each site's target epsilon spent before round 1 on a Gaussian release of item popularity "
+        "(the output bias's initialisation and the cold-start prior); training gets the rest; 0: off",
     )
     kcore: int = setting(0, "keep only users and items with at least K interactions", cli=False)
     partitioning: str = setting("uniform", "how users are split into sites", flag="partition", choices=SCHEMES)
@@ -121,6 +133,11 @@ class RunSettings:
         if not_finite:
             raise ConfigError(f"run config: {', '.join(not_finite)}: must be a finite number")
         problems = [
+            f"item-tables='{self.item_tables}': use one of {', '.join(ITEM_TABLES)}"
+            * (self.item_tables not in ITEM_TABLES),
+            "item-tables=frozen needs item-text (public item content to initialise the frozen tables from; "
+            "frozen random tables cannot learn)" * (self.item_tables == "frozen" and not self.item_text),
+            f"popularity-share={self.popularity_share}: must be in [0, 1)" * (not 0 <= self.popularity_share < 1),
             f"partitioning='{self.partitioning}': use one of {', '.join(SCHEMES)}" * (self.partitioning not in SCHEMES),
             "dataset='' (no evaluation at the server) needs catalog-path"
             * (not self.dataset and not self.catalog_path),

@@ -7,6 +7,7 @@ Run folder (``out-dir`` in the run config)::
     checkpoint.pt         global weights after the last finished round (resume point), and the best round's
     rounds.jsonl          one line per finished round: validation metrics, sites, epsilons, sites' ledger heads
     item_vectors.pt       (with item-text) the public content vectors, for the content cold-start prior
+    popularity.json, popularity_prior.pt   (with popularity-share) the sites' DP popularity releases, summed
     global_model.pt       the kept global model    \\  loadable together with
     catalog.json          its item catalogue       /   common.recommender.artifacts.load_model
     summary.json          test metrics (metrics.json layout) + "privacy"
@@ -40,6 +41,7 @@ from common.privacy.accounting import model_selection_statement
 from common.recommender.artifacts import save_model
 from common.recommender.content import initialise_from_text, save_item_vectors
 from common.recommender.evaluation import evaluate_with_baselines, model_scorer
+from common.recommender.item_tables import frozen_parameters
 from common.recommender.model import SASRec
 from common.recommender.training import pick_device
 from common.run_files import (
@@ -62,6 +64,13 @@ from common.utils.processes import die_with_parent, lock_run_folder
 from common.utils.progress import log
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
 from server.evaluator import Evaluator, server_catalog, validation_line
+from server.popularity import (
+    PopularityFloor,
+    initialise_output_bias,
+    load_popularity,
+    request_popularity,
+    save_popularity,
+)
 from server.strategy import PrivateAggregation, private_strategy
 
 app = ServerApp()
@@ -117,7 +126,12 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     catalog, evaluator = server_catalog(settings)
     model = initial_model(settings, catalog, out_dir).to(device)
     run_id = run_id_for(out_dir)
+    floor = popularity_floor(grid, settings, run_id, catalog, out_dir)
+    if floor is not None:
+        initialise_output_bias(model, floor.prior())
     state = resume(out_dir, settings, model, run_id)
+    for site, epsilon in ({} if floor is None else floor.site_epsilon).items():
+        state.site_epsilon.setdefault(site, epsilon)  # a resumed run's later totals stay
     if not settings.dp:
         log(
             "fedtail: WARNING: dp = false: sites train WITHOUT differential privacy; "
@@ -131,6 +145,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
         site_epsilon=state.site_epsilon,
         server_learning_rate=settings.server_learning_rate,
         server_momentum=settings.server_momentum,
+        frozen=frozen_parameters(settings.item_tables),
     )
     round_started = [time.perf_counter()]
 
@@ -170,7 +185,22 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "the last round's weights stay in checkpoint.pt"
         )
     kept_round = None if kept is None else kept.round
-    return finish_run(out_dir, settings, model, catalog, evaluator, device, strategy.site_epsilon, kept_round)
+    return finish_run(out_dir, settings, model, catalog, evaluator, device, strategy.site_epsilon, kept_round, floor)
+
+
+def popularity_floor(
+    grid: Grid, settings: RunSettings, run_id: str, catalog: Catalog, out_dir: Path
+) -> PopularityFloor | None:
+    """The sites' DP popularity releases, asked once per run before round 1 (``server.popularity``); None when off."""
+    if not (settings.dp and settings.popularity_share > 0):
+        return None
+    floor = load_popularity(out_dir)
+    if floor is None:
+        floor = request_popularity(grid, settings, run_id, catalog)
+        if floor.failures and not floor.sites and not floor.declined:
+            raise RuntimeError(f"popularity release: every site failed. First error: {floor.failures[0][:2000]}")
+        save_popularity(out_dir, floor, settings)
+    return floor
 
 
 def initial_model(settings: RunSettings, catalog: Catalog, out_dir: Path) -> SASRec:
@@ -257,6 +287,7 @@ def finish_run(
     device: torch.device,
     site_epsilon: dict[str, float],
     kept_round: int | None = None,
+    floor: PopularityFloor | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (the kept one) on the test users and write the run's final files."""
     summary: dict[str, Any] = {}
@@ -265,6 +296,8 @@ def finish_run(
             model_scorer(model, device), evaluator.test, evaluator.popularity, evaluator.num_users
         )
     summary["privacy"] = privacy_summary(settings, site_epsilon)
+    if floor is not None:
+        summary["privacy"]["popularity_floor"] = floor.report(settings)
     rounds = read_rounds(out_dir)
     if kept_round is not None and evaluator is not None:
         candidates = sum(r.valid is not None for r in rounds)

@@ -31,6 +31,7 @@ from common.recommender.model import PADDING_INDEX, SASRec
 from common.recommender.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
 from common.recommender.training import pick_device
 from common.run_files import SUMMARY_FILE
+from server.popularity import load_popularity_prior
 
 MAX_K = 1000
 MODEL_STRATEGY, PRIOR_STRATEGY = "model", "model prior (cold start: no known history item)"
@@ -77,7 +78,10 @@ class Recommender:
         self, model: SASRec, catalog: Catalog, info: ModelInfo, device: torch.device,
         ranking: RankingOptions = RankingOptions(),
         item_vectors: torch.Tensor | None = None,
+        prior: torch.Tensor | None = None,
     ) -> None:
+        """``prior``: the cold-start prior over catalogue indices ([N + 1] probabilities); by default the model's
+        own prediction for an empty history, or the run's DP popularity floor when it had one."""
         if ranking.cold_start_prior == "content" and item_vectors is None:
             raise ConfigError(
                 f"the content cold-start prior needs {ITEM_VECTORS_FILE} beside the model: train with --item-text"
@@ -87,7 +91,7 @@ class Recommender:
         self.info = info
         self.device = device
         self.ranking = ranking
-        self.prior = model_prior(self.model)
+        self.prior = model_prior(self.model) if prior is None else prior.float().cpu()
         self.content_vectors: torch.Tensor | None = None  # unit rows, made once: the content prior's only input
         if ranking.cold_start_prior == "content" and ranking.cold_start_weight > 0 and item_vectors is not None:
             self.content_vectors = unit_rows(item_vectors).to(device)
@@ -112,7 +116,8 @@ class Recommender:
             run_id=summary.get("run", {}).get("run_id"),
             privacy=summary.get("privacy"),
         )
-        return cls(model, catalog, info, device, ranking, load_item_vectors(run_dir, catalog.num_items))
+        return cls(model, catalog, info, device, ranking, load_item_vectors(run_dir, catalog.num_items),
+                   load_popularity_prior(run_dir, catalog.num_items))
 
     def recommend(
         self, history: Sequence[str], k: int = 10, exclude_history: bool = True, explain: bool = True

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
@@ -76,6 +76,7 @@ class PrivateAggregation(FedAvg):
         min_sites: int,
         round_offset: int = 0,
         site_epsilon: dict[str, float] | None = None,
+        frozen: tuple[str, ...] = (),
         **server_optimizer: Any,
     ) -> None:
         super().__init__(
@@ -91,10 +92,13 @@ class PrivateAggregation(FedAvg):
         self.round_offset = round_offset
         self.site_epsilon: dict[str, float] = dict(site_epsilon or {})
         self.last_round = RoundReplies()
+        self.frozen = frozen
+        self._frozen_arrays: dict[str, Array] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._frozen_arrays = {name: arrays[name] for name in self.frozen}
         return super().configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(
@@ -124,7 +128,13 @@ class PrivateAggregation(FedAvg):
         self.last_round = report
         if not report.trained:
             return None, None  # nobody trained: the global model stays as it was
-        return super().aggregate_train(server_round + self.round_offset, to_average)
+        arrays, round_metrics = super().aggregate_train(server_round + self.round_offset, to_average)
+        if arrays is not None:
+            # Frozen tables (item-tables=frozen) come back unchanged, but a weighted average of equal float32 values
+            # can round, and FedAdam would amplify that rounding into a step: they are restored exactly.
+            for name, kept in self._frozen_arrays.items():
+                arrays[name] = kept
+        return arrays, round_metrics
 
 
 class PrivateFedAvg(PrivateAggregation, FedAvg):
@@ -150,10 +160,13 @@ def private_strategy(
     site_epsilon: dict[str, float] | None = None,
     server_learning_rate: float = 0.0,
     server_momentum: float = 0.9,
+    frozen: tuple[str, ...] = (),
 ) -> PrivateAggregation:
-    """The strategy for ``server_optimizer``; a learning rate of 0 means that optimizer's usual default."""
+    """The strategy for ``server_optimizer``; a learning rate of 0 means that optimizer's usual default.
+
+    ``frozen``: the state-dict names every round must leave exactly as they were (``item-tables=frozen``)."""
     rate = server_learning_rate or DEFAULT_SERVER_LEARNING_RATE[server_optimizer]
-    common = (fraction_sites, min_sites, round_offset, site_epsilon)
+    common = (fraction_sites, min_sites, round_offset, site_epsilon, frozen)
     if server_optimizer == "fedavgm":
         return PrivateFedAvgM(*common, server_learning_rate=rate, server_momentum=server_momentum)
     if server_optimizer == "fedadam":

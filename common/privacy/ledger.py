@@ -57,6 +57,8 @@ class Spend:
     privacy_unit: str = "user"
     neighbouring: str = "add or remove one user with all of their interactions at this site"
     sampling: str = "poisson"
+    release: str = "dp-sgd training"
+    """What was released: DP-SGD weights, or the popularity sum (``common.privacy.popularity``): both Gaussian."""
 
 
 def _line_hash(text: str) -> str:

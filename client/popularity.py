@@ -1,0 +1,87 @@
+"""The site's side of the DP popularity floor: one Gaussian release of its users' item popularity before round 1.
+
+Each user contributes the indicator of the items in their training example
+divided by the square root of their count (L2 norm 1 whatever the count:
+``common.privacy.popularity``), the site adds N(0, sigma^2) noise to every
+entry of the sum, records the release in its ledger (round 0, sample rate 1,
+one step: Poisson sampling at rate 1 takes every user) and sends the noisy
+vector. The same checks as for a training round come first, on public input
+only: the site's policy, then its budget against its ledger. A query repeated
+in the same run re-sends the vector already released (post-processing) instead of charging a second release.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from client.dp_sgd import secret_generator
+from client.replay import ReleasedUpdate
+from client.round_plan import PrivacyPlan
+from client.site_round import RoundOutcome, library_versions, over_budget
+from common.data.catalog import PADDING_INDEX
+from common.data.split import TrainingExamples
+from common.errors import ConfigError
+from common.privacy.accounting import ACCOUNTANT, epsilon_from_history
+from common.privacy.ledger import Ledger, Spend
+from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
+
+POPULARITY_RELEASE = "gaussian sum of per-user item indicators, each scaled to L2 norm 1"
+POPULARITY_ROUND = 0
+"""The release's round number in the ledger: before round 1."""
+_REPLAY_KEY = "popularity-release"
+_CHUNK_USERS = 1024
+
+
+def clipped_popularity_sum(examples: TrainingExamples, num_items: int) -> torch.Tensor:
+    """[num_items + 1]: the sum over users of their item indicator scaled to L2 norm at most ``POPULARITY_BOUND``."""
+    total = torch.zeros(num_items + 1, dtype=torch.float64)
+    for start in range(0, len(examples), _CHUNK_USERS):  # bounded memory: users x catalogue per chunk
+        rows = slice(start, start + _CHUNK_USERS)
+        items = torch.cat([examples.inputs[rows], examples.targets[rows]], dim=1)  # [users, 2 L]
+        present = torch.zeros(len(items), num_items + 1, dtype=torch.float64).scatter_(1, items, 1.0)
+        present[:, PADDING_INDEX] = 0.0
+        norms = present.sum(dim=1, keepdim=True).sqrt().clamp(min=1.0)
+        total += (present * (POPULARITY_BOUND / norms)).sum(dim=0)
+    return total
+
+
+def release_site_popularity(
+    examples: TrainingExamples, num_items: int, privacy: PrivacyPlan, ledger: Ledger, run_id: str, site: str
+) -> RoundOutcome:
+    """The noisy sum as ``{"popularity": [num_items + 1]}``, charged in ``ledger`` first; or a decline."""
+    if not privacy.enabled or privacy.popularity_share <= 0:
+        raise ConfigError("the popularity release needs dp = true and popularity-share > 0")
+    released = ReleasedUpdate(ledger.path.with_suffix(".popularity.pt"))
+    history = ledger.history()
+    spent = epsilon_from_history(history, privacy.delta)
+    replay = released.find(run_id, POPULARITY_ROUND, _REPLAY_KEY)
+    if replay is not None:
+        return RoundOutcome(replay, spent)
+    step = popularity_step(privacy.target_epsilon, privacy.delta, privacy.popularity_share)
+    refusal = over_budget(history, step, privacy, "popularity release")
+    if refusal:
+        return RoundOutcome(None, spent, refusal)
+    sigma = step[0]
+    generator = secret_generator(torch.device("cpu"))  # unpredictable to the coordinator, as DP-SGD's noise
+    noise = torch.normal(0.0, sigma * POPULARITY_BOUND, (num_items + 1,), generator=generator, dtype=torch.float64)
+    noisy = (clipped_popularity_sum(examples, num_items) + noise).float()
+    noisy[PADDING_INDEX] = 0.0  # not an item; zeroing it is post-processing
+    entry = ledger.append(
+        Spend(
+            run_id=run_id,
+            round=POPULARITY_ROUND,
+            site=site,
+            sample_rate=step[1],
+            noise_multiplier=sigma,
+            max_grad_norm=POPULARITY_BOUND,
+            steps=step[2],
+            delta=privacy.delta,
+            accountant=ACCOUNTANT,
+            library_versions=library_versions(),
+            users=len(examples),
+            release=POPULARITY_RELEASE,
+        )
+    )
+    vector = {POPULARITY_ARRAY: noisy}
+    released.save(run_id, POPULARITY_ROUND, _REPLAY_KEY, vector)
+    return RoundOutcome(vector, float(entry["epsilon_so_far"]))

@@ -1,0 +1,162 @@
+"""The coordinator's side of the DP popularity floor: ask every site once before round 1, sum the noisy vectors.
+
+Each site answers a Flower query message (``client.app.popularity``) with its
+users' item popularity under Gaussian noise, charged in its own ledger
+(``client.popularity``). The sum is post-processing of those releases, so
+everything made from it costs nothing more:
+
+- the initial model's output bias is the log of the (clipped, smoothed) noisy
+  popularity, so a DP model starts at most-popular quality instead of random;
+- the same distribution is saved beside the model (``POPULARITY_PRIOR_FILE``)
+  as the cold-start prior serving and re-ranking use (``server.serving``).
+
+A resumed run reads the saved sum instead of asking again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from client.round_plan import LocalTraining, PrivacyPlan, plan_round
+from common.data.catalog import PADDING_INDEX, Catalog
+from common.errors import DataError
+from common.federation import RunSettings
+from common.privacy.popularity import POPULARITY_ARRAY
+from common.recommender.model import SASRec
+from common.utils.files import load_torch, save_torch, write_json
+from common.utils.progress import log
+from common.utils.records import scalar
+from server.strategy import root_cause
+
+POPULARITY_PRIOR_FILE = "popularity_prior.pt"
+"""[N + 1] probabilities from the sites' DP popularity releases: the output bias's start and the cold-start prior."""
+POPULARITY_FILE = "popularity.json"
+"""Who answered the popularity query, their epsilon after it, who declined and why."""
+PRIOR_SMOOTHING = 1.0
+"""Added to every item's clipped noisy count: one user's whole contribution, so no item's prior is 0."""
+
+
+@dataclass
+class PopularityFloor:
+    """The summed release and what the replies said."""
+
+    noisy_sum: torch.Tensor
+    """[N + 1] the sum of the sites' noisy popularity vectors (padding 0)."""
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
+    declined: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    ledger_heads: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
+
+    def prior(self) -> torch.Tensor:
+        """[N + 1] probabilities: negative noisy counts clipped to 0, smoothed, padding 0."""
+        counts = self.noisy_sum.double().clamp(min=0.0) + PRIOR_SMOOTHING
+        counts[PADDING_INDEX] = 0.0
+        return (counts / counts.sum()).float()
+
+    def report(self, settings: RunSettings) -> dict[str, Any]:
+        """The summary's account of the release: its share of the budget, each site's epsilon after it, and what it
+        cost training (the noise multiplier with and without the release, at the site policy's defaults)."""
+        training = LocalTraining.from_settings(settings)
+        with_release = plan_round(training, PrivacyPlan.from_settings(settings)).noise_multiplier
+        without = plan_round(training, replace(PrivacyPlan.from_settings(settings), popularity_share=0.0))
+        return {
+            "mechanism": "Gaussian sum of per-user item indicators scaled to L2 norm 1, per site, before round 1",
+            "share_of_target_epsilon": settings.popularity_share,
+            "epsilon_alone": settings.popularity_share * settings.epsilon,
+            "site_epsilon_after_release": self.site_epsilon,
+            "training_noise_multiplier": with_release,
+            "training_noise_multiplier_without_release": without.noise_multiplier,
+            "sites": self.sites,
+            "declined": self.declined,
+            "failures": self.failures,
+            "statement": (
+                f"The popularity release took {settings.popularity_share:.0%} of each site's target epsilon "
+                f"{settings.epsilon:g} on its own; training's noise was calibrated so that the release and all "
+                f"rounds together compose (RDP) to the target, which raised training's noise multiplier from "
+                f"{without.noise_multiplier:.3f} to {with_release:.3f}. Its ledger line is the site's round 0."
+            ),
+        }
+
+
+def request_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: Catalog) -> PopularityFloor:
+    """Ask every connected site (at least ``min-sites``) for its release and sum the answers."""
+    _, nodes = sample_nodes(grid, settings.min_sites, 0)
+    config = ConfigRecord({"run-id": run_id, "catalog-sha256": catalog.fingerprint(), "flwr-version": version("flwr")})
+    messages = [
+        Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=node)
+        for node in nodes
+    ]
+    floor = PopularityFloor(torch.zeros(catalog.num_items + 1))
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            floor.failures.append(f"node {reply.metadata.src_node_id}: {root_cause(reply.error.reason or '')}")
+            continue
+        site = str(reply.content["site"]["site-id"])
+        metrics = reply.content["metrics"]
+        floor.ledger_heads[site] = {"lines": int(scalar(metrics["ledger-lines"])),
+                                    "hash": str(reply.content["site"].get("ledger-hash", "")) or None}
+        if "epsilon" in metrics:
+            floor.site_epsilon[site] = float(scalar(metrics["epsilon"]))
+        if metrics["declined"]:
+            floor.declined[site] = str(reply.content["site"]["reason"])
+            continue
+        vector = reply.content.array_records["arrays"].to_torch_state_dict()[POPULARITY_ARRAY].float()
+        if vector.shape != floor.noisy_sum.shape or not bool(torch.isfinite(vector).all()):
+            floor.failures.append(f"site {site}: a popularity vector of shape {tuple(vector.shape)} or not finite")
+            continue
+        floor.noisy_sum += vector
+        floor.sites.append(site)
+    log(f"fedtail: popularity floor from {len(floor.sites)} site(s)"
+        + (f"; declined: {', '.join(floor.declined)}" if floor.declined else "")
+        + (f"; failed: {len(floor.failures)}" if floor.failures else ""))
+    return floor
+
+
+def initialise_output_bias(model: SASRec, prior: torch.Tensor) -> None:
+    """Output bias = log prior: with small initial weights the model's first ranking is the popularity ranking."""
+    bias = model.output.bias
+    with torch.no_grad():
+        logs = prior.double().clamp(min=torch.finfo(torch.float32).tiny).log()
+        logs[PADDING_INDEX] = logs[1:].min()
+        bias.copy_(logs.to(bias.dtype))
+
+
+def save_popularity(out_dir: Path, floor: PopularityFloor, settings: RunSettings) -> None:
+    save_torch(out_dir / POPULARITY_PRIOR_FILE, floor.prior())
+    write_json(out_dir / POPULARITY_FILE, {**asdict(floor), "noisy_sum": floor.noisy_sum.tolist(),
+                                           "report": floor.report(settings)})
+
+
+def load_popularity(out_dir: Path) -> PopularityFloor | None:
+    """The floor a previous start of this run asked for, or None."""
+    path = out_dir / POPULARITY_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved.pop("report", None)
+        return PopularityFloor(**{**saved, "noisy_sum": torch.tensor(saved["noisy_sum"])})
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise DataError(f"cannot read the saved popularity floor: {error}", path) from None
+
+
+def load_popularity_prior(model_dir: Path, num_items: int) -> torch.Tensor | None:
+    """The DP popularity prior saved with a model, or None when the run had no popularity floor."""
+    path = model_dir / POPULARITY_PRIOR_FILE
+    if not path.exists():
+        return None
+    prior = load_torch(path, "the popularity prior")
+    if not isinstance(prior, torch.Tensor) or prior.shape != (num_items + 1,):
+        raise DataError(f"expected a [{num_items + 1}] tensor of item probabilities", path)
+    return prior

@@ -1,0 +1,64 @@
+"""The popularity floor and frozen item tables through Flower's real simulation engine: the query before round 1,
+the sites' round-0 ledger lines, the output bias and the prior, frozen tables kept exactly, and the audit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from common.federation import RunSettings
+from common.recommender.artifacts import load_model
+from common.recommender.content import initialise_items, load_item_vectors
+from common.recommender.item_tables import ITEM_TABLE_PARAMETERS
+from common.recommender.model import SASRec
+from common.run_files import read_rounds
+from server.popularity import POPULARITY_PRIOR_FILE, load_popularity
+from server.serving import Recommender
+from simulations.audit import audit
+from simulations.simulate import Resources, simulate
+from tests.simulations.test_simulate import SMALL
+
+
+def test_a_federation_with_the_popularity_floor_and_frozen_items_charges_both_and_keeps_the_tables(
+    tmp_path: Path,
+) -> None:
+    attributes = tmp_path / "Synthetic_item2attributes.json"  # public content: item -> attribute ids
+    attributes.write_text(json.dumps({str(item): [item % 7, 10 + item % 5, 20 + item % 3] for item in range(1, 91)}))
+    out = tmp_path / "run"
+    settings = RunSettings(**{**SMALL, "epsilon": 4.0}, item_text=str(attributes), item_tables="frozen",
+                           popularity_share=0.3, server_optimizer="fedadam", out_dir=str(out))
+    summary = simulate(settings, Resources(sites=2))
+
+    for site in ("0", "1"):
+        lines = [json.loads(line) for line in (out / "ledgers" / f"site-{site}.jsonl").read_text().splitlines()]
+        assert [line["round"] for line in lines] == [0, 1, 2], "the release is the site's round 0"
+        assert (lines[0]["sample_rate"], lines[0]["steps"]) == (1.0, 1)
+        fresh = RDPAccountant()
+        fresh.history = [(line["noise_multiplier"], line["sample_rate"], line["steps"]) for line in lines]
+        recomputed = fresh.get_epsilon(settings.delta)
+        assert summary["privacy"]["per_site"][site] == pytest.approx(recomputed)
+        assert recomputed <= 4.0 and recomputed == pytest.approx(4.0, abs=0.05), "the target covers both"
+    floor_report = summary["privacy"]["popularity_floor"]
+    assert floor_report["share_of_target_epsilon"] == 0.3 and floor_report["sites"] == ["0", "1"]
+    assert [r.site_ledger_head["0"]["lines"] for r in read_rounds(out)] == [2, 3]
+
+    floor = load_popularity(out)
+    assert floor is not None and floor.noisy_sum.shape == (91,)
+    model, catalog = load_model(out)
+    torch.manual_seed(settings.seed)  # the initial model, as the server built it
+    initial = SASRec(settings.model_config(catalog.num_items))
+    vectors = load_item_vectors(out, catalog.num_items)
+    assert vectors is not None
+    initialise_items(initial, vectors)
+    for name in ITEM_TABLE_PARAMETERS:
+        assert torch.equal(model.state_dict()[name], initial.state_dict()[name]), name
+    prior = torch.load(out / POPULARITY_PRIOR_FILE, weights_only=True)
+    torch.testing.assert_close(prior, floor.prior())
+    assert torch.equal(Recommender.load(out, torch.device("cpu")).prior, prior), "the cold-start prior is the floor"
+    report = audit([out])
+    assert report.passed and report.witnessed, [str(f) for f in report.findings]
+    assert report.epsilon == pytest.approx(summary["privacy"]["epsilon"])
