@@ -24,6 +24,14 @@ from common.utils import timeline
 REPLY_POLL_SECONDS = 0.1
 
 
+def _round(message: Message) -> int | str:
+    """The round a message belongs to, as the site reads it (the strategy's ``server-round``; Flower 1.41's
+    strategies leave ``group_id`` empty)."""
+    config = message.content.config_records.get("config")
+    number = None if config is None else config.get("server-round")
+    return number if isinstance(number, int) else message.metadata.group_id
+
+
 class PollingGrid(Grid):
     """Flower's Grid (``inner``) with a shorter interval between pulls for replies."""
 
@@ -57,7 +65,7 @@ class PollingGrid(Grid):
         messages = list(messages)
         if not messages:
             return []
-        group = messages[0].metadata.group_id
+        group = _round(messages[0])
         waiting = set(self.push_messages(messages))
         timeline.emit("coordinator-send", round=group, messages=len(messages))
         end = None if timeout is None else time.monotonic() + timeout

@@ -61,8 +61,8 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def _messages() -> list[Message]:
     messages = []
     for node in (1, 2):
-        message = Message(RecordDict({"config": ConfigRecord({"node": node})}), dst_node_id=node, message_type="train",
-                          group_id="7")
+        content = RecordDict({"config": ConfigRecord({"server-round": 7, "node": node})})
+        message = Message(content, dst_node_id=node, message_type="train")
         message.metadata.__dict__["_message_id"] = message.object_id
         messages.append(message)
     return messages
@@ -75,7 +75,7 @@ def test_replies_are_collected_within_a_poll_interval_of_arriving(capsys: pytest
     assert len(replies) == 2 and time.monotonic() - started < 0.3 + 0.5
     assert sites.pulls >= 3, "it asked several times, not once after a long sleep"
     lines = capsys.readouterr().err
-    assert lines.count('"event": "coordinator-reply"') == 2 and '"round": "7"' in lines
+    assert lines.count('"event": "coordinator-reply"') == 2 and '"round": 7' in lines
 
 
 def test_a_site_that_never_replies_is_given_up_at_the_timeout() -> None:
