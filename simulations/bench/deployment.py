@@ -93,9 +93,12 @@ def _deployed_rounds(names: Sequence[str], data: dict[str, Path], root: Path, fr
         status = federation.wait(federation.submit(config.to_run_config()), timeout_s=900)
         if status["status"] != "finished:completed":
             raise RuntimeError(f"the deployed run ended as {status}")
-        coordinator = timeline.read(federation.root / "superlink.log")
+        coordinator = timeline.read(federation.root / "superlink.log")  # the ServerApp writes into it
         site_logs = [timeline.read(federation.root / f"supernode-{name}.log") for name in names]
-    return round_timelines(coordinator, site_logs)
+    rows = round_timelines(coordinator, site_logs)
+    if not rows:
+        raise RuntimeError(f"no round timeline in the logs of {federation.root}")
+    return rows
 
 
 def round_timelines(coordinator: list[dict[str, Any]], sites: list[list[dict[str, Any]]]) -> list[dict[str, float]]:
