@@ -1,4 +1,5 @@
-"""The ServerApp's Grid, asking for the sites' replies every 0.1 s instead of Flower's 3 s, and timing each round.
+"""The ServerApp's Grid, asking for the sites' replies every 0.1 s (``$FEDTAIL_REPLY_POLL_SECONDS``) instead of
+Flower's 3 s, and timing each round.
 
 Why: Flower 1.41's deployed Grid (``flwr/superlink/grid/http_grid.py``, ``send_and_receive``) pushes a round's
 messages and then pulls the replies every 3 s, a fixed sleep that no option changes (1.42 is the same); a round whose
@@ -12,6 +13,8 @@ were sent and when each site's reply arrived (times only).
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Iterable
 
@@ -19,9 +22,27 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from common.errors import ConfigError
 from common.utils import timeline
 
 REPLY_POLL_SECONDS = 0.1
+REPLY_POLL_ENV = "FEDTAIL_REPLY_POLL_SECONDS"
+"""The coordinator's choice (in the SuperLink's environment, which its ServerApps inherit): shorter answers sooner,
+at one more request to the SuperLink per interval while a round is out."""
+
+
+def reply_poll_seconds() -> float:
+    """``$FEDTAIL_REPLY_POLL_SECONDS``, or 0.1 s; between 0.01 and 60."""
+    text = os.environ.get(REPLY_POLL_ENV, "")
+    if not text:
+        return REPLY_POLL_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0.01 <= seconds <= 60):
+        raise ConfigError(f"{REPLY_POLL_ENV}={text!r}: need seconds between 0.01 and 60")
+    return seconds
 
 
 def _round(message: Message) -> int | str:
@@ -35,9 +56,9 @@ def _round(message: Message) -> int | str:
 class PollingGrid(Grid):
     """Flower's Grid (``inner``) with a shorter interval between pulls for replies."""
 
-    def __init__(self, inner: Grid, poll_seconds: float = REPLY_POLL_SECONDS) -> None:
+    def __init__(self, inner: Grid, poll_seconds: float | None = None) -> None:
         self.inner = inner
-        self.poll_seconds = poll_seconds
+        self.poll_seconds = reply_poll_seconds() if poll_seconds is None else poll_seconds
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)

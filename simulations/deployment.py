@@ -80,6 +80,8 @@ class LocalDeployment:
     """Each site's ClientApp runtime (``client.runtime``), beside its SuperNode."""
     runtime_commands: dict[str, list[str]] = field(default_factory=dict)
     """Each site's runtime options (its SuperNode's Runtime API, approved bundles)."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """Added to every process's environment (the coordinator's and the sites' settings, e.g. for benchmarks)."""
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -91,11 +93,14 @@ class LocalDeployment:
             write_certificates(self.certificates, ["127.0.0.1", "localhost"])
         self.flower_home = self.root / "coordinator-flower-home"
         write_connection(self.flower_home, CONNECTION, self.port, self.ca_file)
-        self.env = flower_env(self.flower_home)
+        self.env = {**flower_env(self.flower_home), **self.environment}
 
     @property
     def ca_file(self) -> Path | None:
         return self.certificates / CA_CERT if self.secure else None
+
+    def _site_env(self, name: str) -> dict[str, str]:
+        return {**flower_env(self.root / f"site-{name}-flower-home"), **self.environment}
 
     def _log(self, name: str) -> IO[bytes]:
         handle = (self.root / f"{name}.log").open("ab")
@@ -148,7 +153,7 @@ class LocalDeployment:
         ]
         if max_wait_s is not None:
             command += ["--max-wait-time", str(max_wait_s)]
-        env = flower_env(self.root / f"site-{name}-flower-home")
+        env = self._site_env(name)
         site_log = self._log(f"supernode-{name}")  # the site's SuperNode, runtime and ClientApps, in one file
         process = subprocess.Popen(
             command, env=env, stdout=site_log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -164,7 +169,7 @@ class LocalDeployment:
         """The site's ClientApp runtime (again, after ``kill_runtime``), with the options its SuperNode started it."""
         command = [sys.executable, "-m", "client.runtime", *self.runtime_commands[name]]
         self.runtimes[name] = subprocess.Popen(  # from the checkout: `python -m` imports from the working folder
-            command, env=flower_env(self.root / f"site-{name}-flower-home"), cwd=APP_DIR,
+            command, env=self._site_env(name), cwd=APP_DIR,
             stdout=self._log(f"supernode-{name}"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent,
         )

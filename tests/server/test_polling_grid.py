@@ -10,7 +10,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.polling_grid import PollingGrid
+from common.errors import ConfigError
+from server.polling_grid import REPLY_POLL_ENV, PollingGrid
 
 
 class SlowSites(Grid):
@@ -83,3 +84,14 @@ def test_a_site_that_never_replies_is_given_up_at_the_timeout() -> None:
     replies = list(PollingGrid(SlowSites(delay_s=0.0, answering=1), poll_seconds=0.05).send_and_receive(
         _messages(), timeout=0.5))
     assert len(replies) == 1 and 0.5 <= time.monotonic() - started < 1.5
+
+
+def test_the_coordinator_sets_the_interval_in_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(REPLY_POLL_ENV, "3")
+    assert PollingGrid(SlowSites(0.0)).poll_seconds == 3.0
+    monkeypatch.delenv(REPLY_POLL_ENV)
+    assert PollingGrid(SlowSites(0.0)).poll_seconds == 0.1
+    for wrong in ("0", "nan", "soon"):
+        monkeypatch.setenv(REPLY_POLL_ENV, wrong)
+        with pytest.raises(ConfigError, match=REPLY_POLL_ENV):
+            PollingGrid(SlowSites(0.0))
