@@ -239,7 +239,11 @@ def serve(
                 timeline.emit("site-task-acquired", run=task.run_id)
                 reason = approval.refusal(task.fab_hash)
                 if reason is None and warm is not None and task.fab_hash == approval.installed:
-                    run_in_process(warm, address, answer.token, root_certificates)
+                    try:
+                        run_in_process(warm, address, answer.token, root_certificates)
+                    except Exception as error:  # noqa: BLE001 - the SuperNode went away mid-task: serve the next
+                        log(f"fedtail-site runtime: run {task.run_id}: the task's reply could not be sent "
+                            f"({error!r}); the coordinator will see the task time out")
                 elif reason is None:
                     log(f"fedtail-site runtime: run {task.run_id}: bundle {task.fab_hash[:12]} approved, starting it")
                     running.append(start_clientapp(program, address, answer.token, Path(flower_home),
