@@ -1,7 +1,7 @@
 """Flower's Deployment Engine on loopback, every part a real process: TLS, SuperNode authentication, faults, and
 sites that run only the app bundles they approved.
 
-Slow (a ClientApp is a fresh process per message, importing torch each time):
+Slow (every part is a real process, each site's runtime imports torch once and Flower's SuperNode polls every 3 s):
 run with ``pytest -m slow tests/deploy``.
 """
 
