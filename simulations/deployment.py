@@ -210,6 +210,17 @@ class LocalDeployment:
                 return run
         raise FlowerFailed(f"run {run_id} is not known to the SuperLink")
 
+    def run_log(self, run_id: int) -> str:
+        """The run's ServerApp output, as the SuperLink keeps it (`flwr log --show`; Flower's SuperExec does not
+        pass it to the SuperLink's own output)."""
+        result = subprocess.run(
+            [executable("flwr"), "log", str(run_id), CONNECTION, "--show"],
+            env=self.env, capture_output=True, text=True, check=False, timeout=120,
+        )
+        if result.returncode != 0:
+            raise FlowerFailed(f"flwr log {run_id} failed:\n{result.stdout}{result.stderr}")
+        return result.stdout
+
     def wait(self, run_id: int, timeout_s: float = 600) -> dict[str, Any]:
         """Until the run is finished (completed, failed or stopped); returns its status."""
         deadline = time.monotonic() + timeout_s

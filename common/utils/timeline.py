@@ -18,7 +18,7 @@ from typing import Any
 
 from common.utils.progress import log
 
-TIMELINE_LINE = re.compile(r"^fedtail-timeline (?P<fields>\{.*\})$", re.MULTILINE)
+TIMELINE_LINE = re.compile(r"fedtail-timeline (?P<fields>\{.*\})")
 
 _durations: dict[str, float] = {}
 """Seconds spent in named stages since the last ``reset``: this process's current task."""
@@ -47,7 +47,11 @@ def emit(event: str, **fields: Any) -> None:
     log("fedtail-timeline " + json.dumps({"event": event, "t": time.time(), **fields}, sort_keys=True))
 
 
+def parse(text: str) -> list[dict[str, Any]]:
+    """The timeline lines of a log, in order."""
+    return [json.loads(match["fields"]) for match in TIMELINE_LINE.finditer(text)]
+
+
 def read(path: Path) -> list[dict[str, Any]]:
     """The timeline lines of a log file, in order."""
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    return [json.loads(match["fields"]) for match in TIMELINE_LINE.finditer(text)]
+    return parse(path.read_text(encoding="utf-8", errors="replace") if path.exists() else "")

@@ -103,10 +103,11 @@ def _deployed_rounds(
             time.sleep(1)
         config = RunSettings(dataset="", catalog_path=str(data["catalog"]), out_dir=str(root / "run"),
                              min_sites=len(names), **DEPLOYMENT_RUN)
-        status = federation.wait(federation.submit(config.to_run_config()), timeout_s=900)
+        run_id = federation.submit(config.to_run_config())
+        status = federation.wait(run_id, timeout_s=900)
         if status["status"] != "finished:completed":
             raise RuntimeError(f"the deployed run ended as {status}")
-        coordinator = timeline.read(federation.root / "superlink.log")  # the ServerApp writes into it
+        coordinator = timeline.parse(federation.run_log(run_id))
         site_logs = [timeline.read(federation.root / f"supernode-{name}.log") for name in names]
     rows = round_timelines(coordinator, site_logs)
     if not rows:
