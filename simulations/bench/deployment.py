@@ -191,12 +191,15 @@ BENCHMARK = Benchmark(
     "Flower's Simulation Engine and as a real deployment on loopback: a TLS SuperLink with SuperNode authentication "
     "and one SuperNode process per site (simulations.deployment), whose runtime (client.runtime) either runs the "
     "installed release warm in its own process (the default) or starts Flower's flwr-clientapp for every message "
-    "(--fresh-process, Flower's own way). A deployed round is timed from the coordinator's send to its next send and "
+    "(--fresh-process). A deployed round is timed from the coordinator's send to its next send and "
     "split along the site that replied last, from wall-clock lines the ServerApp, the runtime and the ClientApp "
     "print (common.utils.timeline): send to task taken (the SuperNode pulls from the SuperLink every 3 s when idle, "
     "the runtime asks its SuperNode every 0.1 s), ClientApp start (process, imports, task input), data, noise "
     "calibration, DP training, other site work, reply (runtime to SuperNode, which checks for replies every 0.5 s, "
-    "to SuperLink to ServerApp, which asks every 0.1 s), aggregation to the next send. Medians over rounds 2 to 4.",
+    "to SuperLink to ServerApp, which asks every 0.1 s), aggregation to the next send. Medians over rounds 2 to 4. "
+    "The before row is Flower's own way, as fedtail ran before issue 20 (a flwr-clientapp per message, the Grid's "
+    "3 s reply poll, a calibration per process; then measured at 16.3 s a round against 0.7 s simulated, 23x, on "
+    "this page); docs/deploy.md (Speed) says what changed and what is left.",
     result=EngineRound,
     run=run,
     format_table=format_table,
