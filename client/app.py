@@ -52,6 +52,7 @@ from common.recommender.item_tables import apply_item_tables
 from common.recommender.model import SASRec
 from common.recommender.training import pick_device
 from common.run_files import LEDGER_DIR, site_ledger
+from common.utils import timeline
 from common.utils.progress import log
 from common.utils.records import scalar
 
@@ -166,6 +167,8 @@ def remember_ledger_head(state: RecordDict, ledger: Ledger) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    timeline.reset()
+    entered = time.time()
     settings = RunSettings.from_run_config(context.run_config)
     site = site_from_context(dict(context.node_config), settings)
     check_ledger_continuity(context.state, site.ledger)
@@ -177,7 +180,8 @@ def train(msg: Message, context: Context) -> Message:
         spent = site.ledger.epsilon(site.policy.delta)
         logger.warning("site %s round %d: %s", site.site_id, round_number, refusal)
         return Message(reply_content(RoundOutcome(None, spent, refusal), site, settings.dp), reply_to=msg)
-    shard = site.load_shard()
+    with timeline.stage("data"):
+        shard = site.load_shard()
     check_coordinator(config, shard.catalog)
     model = SASRec(settings.model_config(shard.catalog.num_items))
     model.load_state_dict(global_weights)
@@ -195,7 +199,9 @@ def train(msg: Message, context: Context) -> Message:
         device=pick_device(),
         seed=settings.seed * 1_000_003 + round_number * 1_009 + zlib.crc32(site.site_id.encode()) % 1_000,
     )
-    log(f"fedtail-site {site.site_id} round {round_number}: local training {time.perf_counter() - started:.3f}s")
+    training_s = time.perf_counter() - started
+    log(f"fedtail-site {site.site_id} round {round_number}: local training {training_s:.3f}s")
+    timeline.emit("site-trained", round=round_number, entered=entered, training=training_s, **timeline.durations())
     remember_ledger_head(context.state, site.ledger)
     if outcome.state_dict is None:
         logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)

@@ -1,8 +1,9 @@
 """Where a site's users come from: a simulated partition, or the site's own file.
 
-Loading and partitioning are cached per process: Flower reuses ClientApp
-processes across rounds, and re-reading data every round would dominate a
-small round's time.
+Loading and partitioning are cached per process: a simulation's site processes and a deployed site's warm runtime
+(``client.runtime``) serve many rounds, and re-reading data every round would dominate a small round's time. A
+deployed site's cache is keyed by its files' fingerprints (size, modification time, inode), so a site that edits its
+data or receives a new catalogue trains on the new files from the next round on, without restarting.
 """
 
 from __future__ import annotations
@@ -64,11 +65,29 @@ def simulated_partition_sha256(spec: str, kcore: int, scheme: str, seed: int, nu
     return digest.hexdigest()
 
 
-@lru_cache(maxsize=2)
 def deployed_shard(data_path: str, catalog_path: str, max_len: int) -> SiteShard:
     """The site's own interaction file, mapped onto the public catalogue; unknown items are dropped and counted."""
     if not catalog_path:
         raise DataError("node config 'catalog-path' is required in a deployment (the public product list)")
+    return _deployed_shard(data_path, catalog_path, max_len, _file_version(data_path), _file_version(catalog_path))
+
+
+def _file_version(path: str) -> tuple[int, int, int]:
+    """What changes when a file is replaced or edited: size, modification time (ns) and inode; (0, 0, 0) if absent
+    (the loader then says what is missing)."""
+    try:
+        status = Path(path).stat()
+    except OSError:
+        return (0, 0, 0)
+    return (status.st_size, status.st_mtime_ns, status.st_ino)
+
+
+@lru_cache(maxsize=2)
+def _deployed_shard(
+    data_path: str, catalog_path: str, max_len: int, data_version: tuple[int, int, int],
+    catalog_version: tuple[int, int, int],
+) -> SiteShard:
+    """``data_version``, ``catalog_version``: only in the cache key, so that a changed file is read again."""
     catalog = Catalog.load(Path(catalog_path))
     dataset, unknown = load_dataset(data_path).restricted_to(catalog)
     if unknown:

@@ -64,6 +64,7 @@ from common.utils.processes import die_with_parent, lock_run_folder
 from common.utils.progress import log
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
 from server.evaluator import Evaluator, server_catalog, validation_line
+from server.polling_grid import PollingGrid
 from server.popularity import (
     PopularityFloor,
     initialise_output_bias,
@@ -335,4 +336,4 @@ def finish_run(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     die_with_parent()  # if whoever launched the run dies, the run stops instead of writing on alone
-    run_federation(grid, RunSettings.from_run_config(context.run_config))
+    run_federation(PollingGrid(grid), RunSettings.from_run_config(context.run_config))

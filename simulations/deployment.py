@@ -78,6 +78,10 @@ class LocalDeployment:
     supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     runtimes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     """Each site's ClientApp runtime (``client.runtime``), beside its SuperNode."""
+    runtime_commands: dict[str, list[str]] = field(default_factory=dict)
+    """Each site's runtime options (its SuperNode's Runtime API, approved bundles)."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """Added to every process's environment (the coordinator's and the sites' settings, e.g. for benchmarks)."""
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -89,11 +93,14 @@ class LocalDeployment:
             write_certificates(self.certificates, ["127.0.0.1", "localhost"])
         self.flower_home = self.root / "coordinator-flower-home"
         write_connection(self.flower_home, CONNECTION, self.port, self.ca_file)
-        self.env = flower_env(self.flower_home)
+        self.env = {**flower_env(self.flower_home), **self.environment}
 
     @property
     def ca_file(self) -> Path | None:
         return self.certificates / CA_CERT if self.secure else None
+
+    def _site_env(self, name: str) -> dict[str, str]:
+        return {**flower_env(self.root / f"site-{name}-flower-home"), **self.environment}
 
     def _log(self, name: str) -> IO[bytes]:
         handle = (self.root / f"{name}.log").open("ab")
@@ -129,10 +136,11 @@ class LocalDeployment:
 
     def start_supernode(
         self, name: str, node_config: Mapping[str, Any], private_key: Path | None, ca_file: Path | None = None,
-        max_wait_s: float | None = None, approve: Sequence[str] = (),
+        max_wait_s: float | None = None, approve: Sequence[str] = (), fresh_process: bool = False,
     ) -> subprocess.Popen[bytes]:
         """A site's SuperNode and its ClientApp runtime, which runs the installed fedtail's app bundle and those
-        in ``approve`` (sha256) only; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one)."""
+        in ``approve`` (sha256) only; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one);
+        ``fresh_process``: the runtime starts a flwr-clientapp per task instead of running the release warm."""
         ca_file = ca_file or self.ca_file
         security = ["--root-certificates", str(ca_file)] if self.secure else ["--insecure"]
         if private_key is not None:
@@ -145,21 +153,31 @@ class LocalDeployment:
         ]
         if max_wait_s is not None:
             command += ["--max-wait-time", str(max_wait_s)]
-        env = flower_env(self.root / f"site-{name}-flower-home")
+        env = self._site_env(name)
         site_log = self._log(f"supernode-{name}")  # the site's SuperNode, runtime and ClientApps, in one file
         process = subprocess.Popen(
             command, env=env, stdout=site_log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent,
         )
         self.supernodes[name] = process
-        runtime = [sys.executable, "-m", "client.runtime", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
-        for digest in approve:
-            runtime += ["--approve", digest]
+        runtime = ["--runtime-api-address", f"127.0.0.1:{runtime_port}", *(f"--approve={d}" for d in approve)]
+        self.runtime_commands[name] = [*runtime, *(["--fresh-process"] if fresh_process else [])]
+        self.start_runtime(name)
+        return process
+
+    def start_runtime(self, name: str) -> subprocess.Popen[bytes]:
+        """The site's ClientApp runtime (again, after ``kill_runtime``), with the options its SuperNode started it."""
+        command = [sys.executable, "-m", "client.runtime", *self.runtime_commands[name]]
         self.runtimes[name] = subprocess.Popen(  # from the checkout: `python -m` imports from the working folder
-            runtime, env=env, cwd=APP_DIR, stdout=site_log, stderr=subprocess.STDOUT, start_new_session=True,
+            command, env=self._site_env(name), cwd=APP_DIR,
+            stdout=self._log(f"supernode-{name}"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        return process
+        return self.runtimes[name]
+
+    def kill_runtime(self, name: str) -> None:
+        """The site's runtime dies (with any ClientApp it runs), its SuperNode stays up."""
+        stop_process_group(self.runtimes.pop(name), signal.SIGKILL)
 
     def connected_nodes(self) -> int:
         """SuperNodes the SuperLink reports online (`flwr supernode list`)."""
@@ -192,6 +210,17 @@ class LocalDeployment:
                 return run
         raise FlowerFailed(f"run {run_id} is not known to the SuperLink")
 
+    def run_log(self, run_id: int) -> str:
+        """The run's ServerApp output, as the SuperLink keeps it (`flwr log --show`; Flower's SuperExec does not
+        pass it to the SuperLink's own output)."""
+        result = subprocess.run(
+            [executable("flwr"), "log", str(run_id), CONNECTION, "--show"],
+            env=self.env, capture_output=True, text=True, check=False, timeout=120,
+        )
+        if result.returncode != 0:
+            raise FlowerFailed(f"flwr log {run_id} failed:\n{result.stdout}{result.stderr}")
+        return result.stdout
+
     def wait(self, run_id: int, timeout_s: float = 600) -> dict[str, Any]:
         """Until the run is finished (completed, failed or stopped); returns its status."""
         deadline = time.monotonic() + timeout_s
@@ -211,11 +240,12 @@ class LocalDeployment:
     def kill_supernode(self, name: str) -> None:
         """The site's machine dies: its SuperNode and its runtime (with any ClientApp), without warning."""
         stop_process_group(self.supernodes.pop(name), signal.SIGKILL)
-        stop_process_group(self.runtimes.pop(name), signal.SIGKILL)
+        self.kill_runtime(name)
 
     def stop(self) -> None:
         for name in list(self.supernodes):
             stop_process_group(self.supernodes.pop(name))
+        for name in list(self.runtimes):
             stop_process_group(self.runtimes.pop(name))
         if self.superlink is not None:
             stop_process_group(self.superlink)

@@ -7,16 +7,27 @@ as a running number: that is what makes the site ledger auditable.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 from collections.abc import Sequence
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
 from typing import Literal, get_args
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import ConfigError
+from common.utils import timeline
+from common.utils.files import atomic_write_text
 
 ACCOUNTANT = "rdp"
+EPSILON_TOLERANCE = 0.005
+"""How close to the target epsilon a calibrated noise multiplier lands (Opacus' ``epsilon_tolerance``)."""
+CACHE_DIR_ENV = "FEDTAIL_CACHE_DIR"
 MechanismStep = tuple[float, float, int]
 """(noise_multiplier, sample_rate, steps): one training call, as Opacus' accountants store it."""
 
@@ -49,6 +60,14 @@ def _epsilon(history: tuple[MechanismStep, ...], delta: float, accountant: str) 
     return float(fresh.get_epsilon(delta))
 
 
+def calibration_cache_dir() -> Path:
+    """Where a site keeps what it computed from public values only: ``$FEDTAIL_CACHE_DIR``, else the user's cache."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedtail"
+
+
 @lru_cache(maxsize=256)
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = ACCOUNTANT
@@ -59,21 +78,51 @@ def calibrate_noise(
     It depends only on public plan parameters, so a resumed run gets the same
     noise as an uninterrupted one. Spending from earlier runs is not discounted
     here: the site's budget check declines rounds that would exceed it.
+
+    The search takes a second or more, and every deployed round of a run asks the same question, so the answer is
+    also kept on disk (``calibration_cache_dir``), keyed by every argument and the Opacus version; a process that
+    starts cold (a restarted site runtime, a fresh ClientApp) then pays one accountant evaluation instead of the
+    search. A cached value is used only if that evaluation confirms it costs the target epsilon (within the
+    search's tolerance, never above): an edited or stale file gives another noise level to no one.
     """
     if target_epsilon <= 0 or not 0 < delta < 1:
         raise ConfigError(f"need epsilon > 0 and 0 < delta < 1, got epsilon={target_epsilon}, delta={delta}")
     if total_steps < 1 or not 0 < sample_rate <= 1:
         raise ConfigError(f"need steps >= 1 and 0 < sample rate <= 1, got {total_steps}, {sample_rate}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
+    with timeline.stage("calibration"):
+        key = json.dumps([float(target_epsilon), float(delta), float(sample_rate), int(total_steps), accountant,
+                          EPSILON_TOLERANCE, version("opacus")])
+        path = calibration_cache_dir() / f"noise-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.json"
+        cached = _cached_noise(path, key)
+        if cached is not None:
+            spent = epsilon_from_history([(cached, sample_rate, total_steps)], delta, accountant)
+            if target_epsilon - 2 * EPSILON_TOLERANCE <= spent <= target_epsilon:
+                return cached
+        noise = float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant=accountant,
+                epsilon_tolerance=EPSILON_TOLERANCE,
+            )
         )
-    )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"key": key, "noise_multiplier": noise}))
+        except OSError:
+            pass  # a cache that cannot be written (read-only home, a concurrent writer) only costs time
+        return noise
+
+
+def _cached_noise(path: Path, key: str) -> float | None:
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        noise = float(entry["noise_multiplier"])
+        return noise if entry["key"] == key and math.isfinite(noise) and noise > 0 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def delta_below_one_over_users(num_users: int, delta: float) -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from simulations import cli
-from simulations.bench import core, dp_step, frontier, pieces, registry, serving, suite
+from simulations.bench import core, deployment, dp_step, frontier, pieces, registry, serving, suite
 
 
 def test_peak_rss_sees_a_large_allocation() -> None:
@@ -142,3 +142,32 @@ def test_serving_sizes_follow_quick_full_and_its_options(monkeypatch: pytest.Mon
     assert run(["--requests", "60", "--concurrency", "1", "4", "--k", "5"]) == [
         (3_000, 60, concurrency, 50, 5, explain) for explain in (True, False) for concurrency in (1, 4)
     ]
+
+
+def test_the_deployment_timeline_splits_each_round_along_the_site_that_replied_last() -> None:
+    """Stages add up to the round (send to next send); the first round (cold) and the last (no next send) are left
+    out; the later site's stages are the ones reported."""
+    coordinator = [
+        {"event": "coordinator-send", "round": "1", "t": 0.0},
+        {"event": "coordinator-reply", "round": "1", "t": 5.0},
+        {"event": "coordinator-send", "round": "2", "t": 6.0},
+        {"event": "coordinator-reply", "round": "2", "t": 8.0},
+        {"event": "coordinator-reply", "round": "2", "t": 9.5},
+        {"event": "coordinator-send", "round": "3", "t": 10.0},
+        {"event": "coordinator-reply", "round": "3", "t": 12.0},
+    ]
+
+    def site(acquired: float, entered: float, end: float, training: float) -> list[dict]:
+        return [
+            {"event": "site-task-acquired", "t": 0.5},
+            {"event": "site-trained", "round": 1, "t": 4.0, "entered": 1.0, "training": 2.0},
+            {"event": "site-task-acquired", "t": acquired},
+            {"event": "site-trained", "round": 2, "t": end, "entered": entered, "training": training, "data": 0.1,
+             "calibration": 0.2},
+        ]
+
+    [row] = deployment.round_timelines(coordinator, [site(6.5, 6.6, 7.5, 0.5), site(7.0, 7.2, 9.0, 1.0)])
+    assert row["round"] == 4.0 and row["trained"] == 1.0
+    assert row["pull"] == 1.0 and row["start"] == pytest.approx(0.2) and row["training"] == pytest.approx(0.8)
+    assert row["reply"] == 0.5 and row["aggregation"] == 0.5
+    assert sum(row[stage] for stage in deployment.STAGES) == pytest.approx(row["round"])
