@@ -66,6 +66,9 @@ class PrivacyPlan:
     planned_rounds: int = RunSettings.rounds
     max_epsilon: float | None = None
     """The site's budget over all runs on these users; defaults to the target."""
+    whole_run: bool = False
+    """Check the run's remaining rounds against the budget at once (a site with a window-epsilon): a window that
+    would cross the lifetime cap is declined whole rather than trained in part."""
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
@@ -73,7 +76,7 @@ class PrivacyPlan:
         if policy is None:
             return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds)
         return cls(settings.dp, settings.epsilon, policy.delta, settings.max_grad_norm, settings.rounds,
-                   policy.max_epsilon)
+                   policy.max_epsilon, policy.window_epsilon > 0)
 
     @property
     def budget(self) -> float:

@@ -71,13 +71,17 @@ def train_site_round(
     replay = released.find(run_id, round_number, global_fingerprint)
     if replay is not None:
         return RoundOutcome(replay, spent)
-    after = epsilon_from_history([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], privacy.delta)
+    checked = max(1, privacy.planned_rounds - round_number + 1) if privacy.whole_run else 1
+    after = epsilon_from_history(
+        [*history, *[(plan.noise_multiplier, plan.sample_rate, plan.steps)] * checked], privacy.delta
+    )
     if after > privacy.budget + BUDGET_TOLERANCE:
+        what = "this round" if checked == 1 else f"this window's remaining {checked} rounds"
         return RoundOutcome(
             None,
             spent,
-            f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
-            f"{privacy.delta:g}, above its budget of {privacy.budget:g}",
+            f"declined: {what} would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
+            f"{privacy.delta:g}, above its {'lifetime cap' if privacy.whole_run else 'budget'} of {privacy.budget:g}",
         )
     noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
     entry = ledger.append(

@@ -59,6 +59,12 @@ class RunSettings:
         "item,text (needs pip install 'fedtail[content]'), or an item -> attribute-ids JSON such as "
         "Beauty_item2attributes.json (or its folder); '' for random",
     )
+    init_model: str = setting(
+        "",
+        "continue from a released model: a run folder (global_model.pt + catalog.json, a path on the coordinator); "
+        "same model shape, a catalogue that extends the released one (new items get new rows)",
+        flag="init-from",
+    )
     kcore: int = setting(0, "keep only users and items with at least K interactions", cli=False)
     partitioning: str = setting("uniform", "how users are split into sites", flag="partition", choices=SCHEMES)
     seed: int = setting(0, "seed of the partition, the initial model and dropout (public randomness only)")

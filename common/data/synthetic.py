@@ -70,7 +70,8 @@ class SyntheticConfig:
             raise ConfigError(f"synthetic follow_probability={self.follow_probability}: must be in [0, 1]")
         if not (0.0 <= self.drift <= 1.0 and 0.0 <= self.new_items < 1.0 and 0.0 < self.activity_span <= 1.0):
             raise ConfigError(f"synthetic drift={self.drift}, new_items={self.new_items}, activity_span="
-                              f"{self.activity_span}: need drift in [0, 1], new_items in [0, 1), activity_span in (0, 1]")
+                              f"{self.activity_span}: need drift in [0, 1], new_items in [0, 1), "
+                              "activity_span in (0, 1]")
         if not 1 <= self.min_length <= min(self.max_length, self.items):
             raise ConfigError(
                 f"synthetic lengths: need 1 <= min_length ({self.min_length}) <= max_length ({self.max_length})"
