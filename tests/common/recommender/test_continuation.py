@@ -10,9 +10,11 @@ import torch
 
 from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
+from common.federation import RunSettings
 from common.recommender.artifacts import save_model
 from common.recommender.continuation import continued_model, grow_items
 from common.recommender.model import ModelConfig, SASRec
+from server.app import initial_model
 
 CONFIG = ModelConfig(num_items=20, max_len=6, hidden=8, heads=2, blocks=1, dropout=0.0)
 
@@ -70,3 +72,14 @@ def test_a_catalogue_that_does_not_extend_the_released_one_is_refused(tmp_path: 
     reordered = Catalog(tuple(reversed(catalog.items)))
     with pytest.raises(DataError, match=r"this run's catalogue .* does not extend .* index 1 is '20', was '1'"):
         continued_model(tmp_path, reordered, CONFIG, None, 0)
+
+
+def test_the_server_continues_from_init_model_and_names_a_mismatch(tmp_path: Path) -> None:
+    released, catalog = _released(tmp_path / "released")
+    shape = {"max_len": 6, "hidden": 8, "heads": 2, "blocks": 1, "dropout": 0.0}
+    settings = RunSettings(init_model=str(tmp_path / "released"), **shape)
+    grown = initial_model(settings, catalog.extend(["new"]), tmp_path / "run")
+    assert grown.config.num_items == 21
+    torch.testing.assert_close(grown.output.weight[:21], released.output.weight)
+    with pytest.raises(ConfigError, match=r"init-model .*released: .* max-len 6 in the released model vs 50 here"):
+        initial_model(RunSettings(init_model=str(tmp_path / "released")), catalog, tmp_path / "run")
