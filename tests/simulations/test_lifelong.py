@@ -1,0 +1,73 @@
+"""The lifelong evaluation without Flower: windows written, released models scored on every window so far,
+forgetting, the summary files; and a model never updated cannot recommend items that entered after it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from common.data.catalog import Catalog
+from common.federation import RunSettings
+from common.recommender.artifacts import save_model
+from common.recommender.continuation import grow_items
+from common.recommender.model import SASRec
+from simulations.lifelong import (
+    STRATEGIES,
+    RunResult,
+    evaluate_strategies,
+    restricted_scorer,
+    write_summary,
+    write_windows,
+)
+
+SETTINGS = RunSettings(dataset="synthetic:users=300,items=100,topics=10,seed=2,drift=1.0,new_items=0.3",
+                       max_len=8, hidden=8, heads=2, blocks=1)
+
+
+def test_windows_models_evaluation_and_summary(tmp_path: Path) -> None:
+    data = write_windows(SETTINGS, sites=2, windows=3, folder=tmp_path / "data")
+    assert [Catalog.load(w.catalog).version for w in data] == [1, 2, 3]
+    runs = {}
+    for window in data:  # stand-ins for the released models: untrained, on each window's catalogue
+        catalog = Catalog.load(window.catalog)
+        torch.manual_seed(window.number)
+        for strategy in ("continue", "retrain"):
+            folder = tmp_path / strategy / f"window-{window.number}"
+            save_model(folder, SASRec(SETTINGS.model_config(catalog.num_items)), catalog, "global_model.pt")
+            runs[(strategy, window.number)] = RunResult(folder, 10.0, 1.0)
+        runs[("never", window.number)] = runs[("continue", 1)]
+    summary = evaluate_strategies(data, runs, STRATEGIES, SETTINGS)
+    [first, second, third] = summary["windows"]
+    assert first["strategies"]["continue"]["forgetting"] is None
+    assert third["strategies"]["never"]["forgetting"] == 0.0, "the model released then is the same model"
+    assert isinstance(third["strategies"]["continue"]["forgetting"], float)
+    assert third["strategies"]["continue"]["seconds"]["total_wall"] == 30.0
+    assert third["strategies"]["never"]["seconds"] == {
+        "window_wall": 0.0, "window_training": 0.0, "total_wall": 10.0, "total_training": 1.0}
+    for entry in summary["windows"]:
+        assert set(entry["strategies"]) == set(STRATEGIES)
+        assert entry["strategies"]["continue"]["new_window"]["overall"]["users"] == entry["held_out_users"] > 0
+    summary["epsilon_per_strategy"] = {s: [None] * 3 for s in STRATEGIES}
+    write_summary(tmp_path, summary)
+    assert json.loads((tmp_path / "lifelong.json").read_text())["windows"][2]["window"] == 3
+    assert "| 3 | never |" in (tmp_path / "lifelong.md").read_text()
+    assert (tmp_path / "lifelong.svg").read_text().startswith("<svg")
+
+
+def test_an_older_model_scores_newer_items_minus_infinity_and_a_newer_one_is_cut_to_the_old_catalogue(
+    tmp_path: Path,
+) -> None:
+    old = Catalog.from_items([str(i) for i in range(1, 11)])
+    new = old.extend(["11", "12"])
+    torch.manual_seed(0)
+    model = SASRec(SETTINGS.model_config(10))
+    save_model(tmp_path / "old", model, old, "global_model.pt")
+    save_model(tmp_path / "new", grow_items(model, 12, None, seed=1), new, "global_model.pt")
+    inputs = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 11]])
+    old_on_new = restricted_scorer(tmp_path / "old", new, torch.device("cpu"))(inputs)
+    assert old_on_new.shape == (1, 13) and torch.isneginf(old_on_new[0, 11:]).all()
+    new_on_old = restricted_scorer(tmp_path / "new", old, torch.device("cpu"))(inputs[:, :7])
+    old_on_old = restricted_scorer(tmp_path / "old", old, torch.device("cpu"))(inputs[:, :7])
+    torch.testing.assert_close(new_on_old, old_on_old)
