@@ -30,4 +30,5 @@ def remember_trained(ledger_path: Path, catalog: Catalog) -> None:
     """Record ``catalog`` as the one this site trained on (written atomically, only when it changed)."""
     path = trained_catalog_path(ledger_path)
     if not path.exists() or Catalog.load(path).fingerprint() != catalog.fingerprint():
+        path.parent.mkdir(parents=True, exist_ok=True)  # a non-private site may have no ledger yet
         catalog.save(path)
