@@ -6,21 +6,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from client.catalog_memory import trained_catalog_path
 from common.data.catalog import Catalog
 from common.federation import RunSettings
-from common.recommender.artifacts import save_model
+from common.privacy.ledger import Ledger
+from common.recommender.artifacts import load_model, save_model
 from common.recommender.continuation import grow_items
 from common.recommender.model import SASRec
+from common.run_files import read_run_record
 from simulations.lifelong import (
     STRATEGIES,
     RunResult,
     evaluate_strategies,
     restricted_scorer,
+    run_lifelong,
     write_summary,
     write_windows,
 )
+from simulations.simulate import Resources
 
 SETTINGS = RunSettings(dataset="synthetic:users=300,items=100,topics=10,seed=2,drift=1.0,new_items=0.3",
                        max_len=8, hidden=8, heads=2, blocks=1)
@@ -71,3 +77,24 @@ def test_an_older_model_scores_newer_items_minus_infinity_and_a_newer_one_is_cut
     new_on_old = restricted_scorer(tmp_path / "new", old, torch.device("cpu"))(inputs[:, :7])
     old_on_old = restricted_scorer(tmp_path / "old", old, torch.device("cpu"))(inputs[:, :7])
     torch.testing.assert_close(new_on_old, old_on_old)
+
+
+@pytest.mark.slow
+def test_two_windows_through_flower_compose_in_shared_ledgers_under_the_lifetime_cap(tmp_path: Path) -> None:
+    settings = RunSettings(
+        dataset="synthetic:users=600,items=90,topics=10,seed=2,drift=1.0,new_items=0.3", rounds=2, epsilon=4.0,
+        delta=1e-4, hidden=16, heads=1, blocks=1, max_len=12, batch_size=32,
+    )
+    summary = run_lifelong(settings, Resources(sites=2, cpus_per_site=1), 2, tmp_path, ("continue", "never"))
+    ledgers = sorted((tmp_path / "ledgers").glob("site-*.jsonl"))
+    assert len(ledgers) == 2
+    run_ids = [read_run_record(tmp_path / "continue" / f"window-{k}").run_id for k in (1, 2)]
+    for ledger in ledgers:
+        assert [e["run_id"] for e in Ledger(ledger).entries()] == [run_ids[0]] * 2 + [run_ids[1]] * 2
+        assert Catalog.load(trained_catalog_path(ledger)).version == 2, "the site remembers the catalogue it trained"
+    lifetime = summary["epsilon"]["lifetime"]
+    assert summary["epsilon"]["window"][0] < lifetime[1] <= 4.0
+    assert summary["audit"]["passed"] and summary["audit"]["epsilon"] == pytest.approx(lifetime[1])
+    first, _ = load_model(tmp_path / "continue" / "window-1")
+    second, catalog = load_model(tmp_path / "continue" / "window-2")
+    assert catalog.version == 2 and second.config.num_items > first.config.num_items
