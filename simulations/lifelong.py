@@ -52,7 +52,7 @@ from common.privacy.ledger import Ledger
 from common.privacy.lifetime import window_epsilon
 from common.recommender.artifacts import load_model
 from common.recommender.continuation import grow_items
-from common.recommender.evaluation import Scorer, evaluate, model_scorer
+from common.recommender.evaluation import Scorer, evaluate, model_scorer, popularity_scorer
 from common.recommender.training import pick_device
 from common.run_files import LEDGER_DIR, read_run_record
 from common.utils.files import atomic_write_text, write_json
@@ -283,6 +283,8 @@ def evaluate_strategies(
             forgetting = [ndcg[(strategy, j, j)] - ndcg[(strategy, k, j)] for j in range(1, k)]
             entry["strategies"][strategy]["forgetting"] = sum(forgetting) / len(forgetting) if forgetting else None
             entry["strategies"][strategy]["seconds"] = _strategy_seconds(runs, strategy, k)
+        _, held_out, popularity, users = cases[k - 1]
+        entry["most_popular"] = evaluate(popularity_scorer(popularity), held_out, popularity, users)
         windows_out.append(entry)
     return {"windows": windows_out}
 
@@ -322,6 +324,12 @@ def format_summary(summary: dict[str, Any]) -> str:
                 "non-private" if eps is None else f"{eps:.3f}",
                 f"{seconds['total_training']:.0f}", f"{seconds['total_wall']:.0f}",
             ])
+        reference = entry["most_popular"]
+        rows.append([
+            str(k), "most-popular (reference)", f"{reference['overall']['ndcg@10']:.4f}",
+            *(f"{reference['groups'][g]['ndcg@10']:.4f}" for g in ("tail", "torso", "head")),
+            f"{reference['overall']['hr@10']:.4f}", "", "not private", "", "",
+        ])
     lines = [markdown_table(header, rows)]
     if "retrain_every_window" in epsilons and epsilons["retrain_every_window"][0] is not None:
         lines.append(
@@ -336,7 +344,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(
         "\nNDCG@10 etc.: window k's held-out events with the strategy's model at k; forgetting: mean over earlier "
         "windows j of NDCG@10 with the model released at j minus with the model at k (positive: forgot); epsilon: "
-        "what the model at k has cost each site (max over sites); seconds: the strategy's runs up to k."
+        "what the model at k has cost each site (max over sites); seconds: the strategy's runs up to k; most-popular: "
+        "window k's training-history counts, a non-private reference as in every accuracy table."
     )
     return "\n".join(lines)
 

@@ -59,6 +59,7 @@ def test_windows_models_evaluation_and_summary(tmp_path: Path) -> None:
     write_summary(tmp_path, summary)
     assert json.loads((tmp_path / "lifelong.json").read_text())["windows"][2]["window"] == 3
     assert "| 3 | never |" in (tmp_path / "lifelong.md").read_text()
+    assert "| 3 | most-popular (reference) |" in (tmp_path / "lifelong.md").read_text()
     assert (tmp_path / "lifelong.svg").read_text().startswith("<svg")
 
 
