@@ -44,6 +44,7 @@ import torch
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
 from common.data.split import EvaluationCases, evaluation_cases, item_popularity
+from common.data.synthetic import SyntheticConfig
 from common.data.windows import split_windows, write_window
 from common.errors import ConfigError
 from common.federation import RunSettings
@@ -64,6 +65,8 @@ from simulations.report import markdown_table
 from simulations.simulate import Resources, simulate
 
 STRATEGIES = ("continue", "retrain", "never")
+DRIFTING_SYNTHETIC = "synthetic:drift=1.0,new_items=0.3"
+"""What `fedtail simulate --windows N` runs on when no dataset is named (docs/lifelong.md)."""
 SUMMARY_JSON, SUMMARY_MD, SUMMARY_SVG = "lifelong.json", "lifelong.md", "lifelong.svg"
 
 
@@ -93,6 +96,7 @@ def run_lifelong(
         raise ConfigError(f"strategies {list(strategies)}: use 'continue' plus any of {', '.join(STRATEGIES[1:])}")
     if settings.init_model:
         raise ConfigError("--init-from with --windows: a lifelong run starts window 1 from scratch")
+    settings = replace(settings, dataset=drifting_dataset(settings.dataset))
     out = out.resolve()
     data = write_windows(settings, resources.sites, windows, out / "data")
     base = replace(settings, partitioning="column", kcore=0)
@@ -138,6 +142,24 @@ def run_lifelong(
         summary["audit"] = {"passed": report.passed, "epsilon": report.epsilon, "folder": str(out / "audit")}
     write_summary(out, summary)
     return summary
+
+
+def drifting_dataset(spec: str) -> str:
+    """The built-in data with a shared clock: plain ``synthetic`` becomes ``DRIFTING_SYNTHETIC``; a synthetic spec
+    without drift is refused (its clock is each user's own step count, so no cut is a point in time)."""
+    kind, _, options = spec.partition(":")
+    if kind != "synthetic":
+        return spec
+    config = SyntheticConfig.parse(options)
+    if config.drift > 0 or config.new_items > 0:
+        return spec
+    if not options:
+        log(f"fedtail: time windows on the built-in data: {DRIFTING_SYNTHETIC} (drift and items entering over time)")
+        return DRIFTING_SYNTHETIC
+    raise ConfigError(
+        f"dataset '{spec}': the synthetic data without drift has no shared clock (each user's own step count); add "
+        "drift=1.0,new_items=0.3 (or either) to cut it into time windows"
+    )
 
 
 def write_windows(settings: RunSettings, sites: int, windows: int, folder: Path) -> list[WindowData]:

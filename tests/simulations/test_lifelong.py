@@ -11,6 +11,7 @@ import torch
 
 from client.catalog_memory import trained_catalog_path
 from common.data.catalog import Catalog
+from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.ledger import Ledger
 from common.recommender.artifacts import load_model, save_model
@@ -18,8 +19,10 @@ from common.recommender.continuation import grow_items
 from common.recommender.model import SASRec
 from common.run_files import read_run_record
 from simulations.lifelong import (
+    DRIFTING_SYNTHETIC,
     STRATEGIES,
     RunResult,
+    drifting_dataset,
     evaluate_strategies,
     restricted_scorer,
     run_lifelong,
@@ -99,3 +102,11 @@ def test_two_windows_through_flower_compose_in_shared_ledgers_under_the_lifetime
     first, _ = load_model(tmp_path / "continue" / "window-1")
     second, catalog = load_model(tmp_path / "continue" / "window-2")
     assert catalog.version == 2 and second.config.num_items > first.config.num_items
+
+
+def test_windows_on_the_builtin_data_use_its_drifting_clock_and_refuse_a_synthetic_spec_without_one() -> None:
+    assert drifting_dataset("synthetic") == DRIFTING_SYNTHETIC
+    assert drifting_dataset("synthetic:users=50,drift=0.5") == "synthetic:users=50,drift=0.5"
+    assert drifting_dataset("/data/ml-100k") == "/data/ml-100k"
+    with pytest.raises(ConfigError, match="no shared clock"):
+        drifting_dataset("synthetic:users=500")
