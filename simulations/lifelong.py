@@ -48,7 +48,7 @@ from common.data.synthetic import SyntheticConfig
 from common.data.windows import split_windows, write_window
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.privacy.accounting import epsilon_from_history
+from common.privacy.accounting import MechanismStep, epsilon_from_history
 from common.privacy.ledger import Ledger
 from common.privacy.lifetime import window_epsilon
 from common.recommender.artifacts import load_model
@@ -85,6 +85,8 @@ class RunResult:
     folder: Path
     seconds: float
     training_seconds: float
+    ledgers: Path
+    """The folder of the ledgers its sites wrote (continued windows share one)."""
 
 
 def run_lifelong(
@@ -115,8 +117,8 @@ def run_lifelong(
             out_dir=str(out / "continue" / f"window-{window.number}"),
         )
         log(f"fedtail: window {window.number}/{windows}: continue")
-        runs[("continue", window.number)] = _timed_run(run_settings, resources, site_config)
-    spent = continue_epsilons(out, settings, windows) if settings.dp else None
+        runs[("continue", window.number)] = _timed_run(run_settings, resources, site_config, out / LEDGER_DIR)
+    spent = continue_epsilons(runs, windows, settings.delta) if settings.dp else None
     if "retrain" in strategies:
         runs[("retrain", 1)] = runs[("continue", 1)]
         for window in data[1:]:
@@ -126,13 +128,14 @@ def run_lifelong(
                 out_dir=str(out / "retrain" / f"window-{window.number}"),
             )
             log(f"fedtail: window {window.number}/{windows}: retrain from scratch on windows 1..{window.number}")
-            runs[("retrain", window.number)] = _timed_run(run_settings, resources, None)
+            retrain_folder = Path(run_settings.out_dir)
+            runs[("retrain", window.number)] = _timed_run(run_settings, resources, None, retrain_folder / LEDGER_DIR)
     if "never" in strategies:
         for window in data:
             runs[("never", window.number)] = runs[("continue", 1)]
     summary = evaluate_strategies(data, runs, strategies, settings)
     summary["epsilon"] = spent
-    summary["epsilon_per_strategy"] = strategy_epsilons(out, settings, data, runs, strategies, spent)
+    summary["epsilon_per_strategy"] = strategy_epsilons(runs, windows, strategies, spent, settings.delta)
     summary["settings"] = {**settings.to_run_config(), "windows": windows, "sites": resources.sites,
                            "window_epsilon": target if settings.dp else None}
     if settings.dp:
@@ -181,27 +184,13 @@ def write_windows(settings: RunSettings, sites: int, windows: int, folder: Path)
     return out
 
 
-def _timed_run(settings: RunSettings, resources: Resources, site_config: dict[str, Any] | None) -> RunResult:
+def _timed_run(
+    settings: RunSettings, resources: Resources, site_config: dict[str, Any] | None, ledgers: Path
+) -> RunResult:
     started = time.perf_counter()
     summary = simulate(settings, resources, site_config)
     seconds = time.perf_counter() - started
-    return RunResult(Path(settings.out_dir), seconds, float(sum(summary["run"]["seconds_per_round"])))
-
-
-def _ledger_epsilons(ledgers: list[Path], run_ids: list[str], delta: float) -> tuple[list[float], list[float]]:
-    """Max over sites of (the epsilon after each run, each run's own epsilon), composing ledgers' entries in order."""
-    after = [0.0] * len(run_ids)
-    alone = [0.0] * len(run_ids)
-    for path in ledgers:
-        entries = Ledger(path).entries()
-        steps = [(e["run_id"], (e["noise_multiplier"], e["sample_rate"], e["steps"])) for e in entries]
-        so_far: list[tuple[float, float, int]] = []
-        for position, run_id in enumerate(run_ids):
-            mine = [step for rid, step in steps if rid == run_id]
-            so_far += mine
-            after[position] = max(after[position], epsilon_from_history(so_far, delta))
-            alone[position] = max(alone[position], epsilon_from_history(mine, delta))
-    return after, alone
+    return RunResult(Path(settings.out_dir), seconds, float(sum(summary["run"]["seconds_per_round"])), ledgers)
 
 
 def _run_id(folder: Path) -> str:
@@ -209,45 +198,47 @@ def _run_id(folder: Path) -> str:
     return "" if record is None else record.run_id
 
 
-def continue_epsilons(out: Path, settings: RunSettings, windows: int) -> dict[str, list[float]]:
+def _site_histories(runs: list[RunResult]) -> dict[str, list[MechanismStep]]:
+    """Each site's DP-SGD calls in ``runs``, in order: the lines of each run's ledgers that name that run."""
+    histories: dict[str, list[MechanismStep]] = {}
+    for run in runs:
+        run_id = _run_id(run.folder)
+        for path in sorted(run.ledgers.glob("site-*.jsonl")):
+            histories.setdefault(path.name, []).extend(
+                (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in Ledger(path).entries()
+                if e["run_id"] == run_id
+            )
+    return histories
+
+
+def composed_epsilon(runs: list[RunResult], delta: float) -> float:
+    """What ``runs`` together cost the site that spent most: each site's calls composed, the max over sites."""
+    return max((epsilon_from_history(h, delta) for h in _site_histories(runs).values()), default=0.0)
+
+
+def continue_epsilons(runs: dict[tuple[str, int], RunResult], windows: int, delta: float) -> dict[str, list[float]]:
     """From the shared ledgers: each window's own spend and the lifetime total after it (max over sites)."""
-    run_ids = [_run_id(out / "continue" / f"window-{k}") for k in range(1, windows + 1)]
-    after, alone = _ledger_epsilons(sorted((out / LEDGER_DIR).glob("site-*.jsonl")), run_ids, settings.delta)
-    return {"window": alone, "lifetime": after}
+    continued = [runs[("continue", k)] for k in range(1, windows + 1)]
+    return {
+        "window": [composed_epsilon([run], delta) for run in continued],
+        "lifetime": [composed_epsilon(continued[:k], delta) for k in range(1, windows + 1)],
+    }
 
 
 def strategy_epsilons(
-    out: Path, settings: RunSettings, data: list[WindowData], runs: dict[tuple[str, int], RunResult],
-    strategies: tuple[str, ...], spent: dict[str, list[float]] | None,
+    runs: dict[tuple[str, int], RunResult], windows: int, strategies: tuple[str, ...],
+    spent: dict[str, list[float]] | None, delta: float,
 ) -> dict[str, list[float | None]]:
     """Epsilon behind each strategy's model at each window; retraining every window composes all its runs."""
     if spent is None:
-        return {s: [None] * len(data) for s in strategies}
+        return {s: [None] * windows for s in strategies}
     result: dict[str, list[float | None]] = {"continue": list(spent["lifetime"])}
     if "never" in strategies:
-        result["never"] = [spent["lifetime"][0]] * len(data)
+        result["never"] = [spent["lifetime"][0]] * windows
     if "retrain" in strategies:
-        model: list[float | None] = [spent["lifetime"][0]]
-        lifetime: list[float | None] = [spent["lifetime"][0]]
-        for window in data[1:]:
-            folder = runs[("retrain", window.number)].folder
-            own, _ = _ledger_epsilons(sorted((folder / LEDGER_DIR).glob("site-*.jsonl")), [_run_id(folder)],
-                                      settings.delta)
-            model.append(own[0])
-            folders = [runs[("retrain", k)].folder for k in range(1, window.number + 1)]
-            per_site: dict[str, list[Path]] = {}
-            for f in folders:
-                for path in (f / LEDGER_DIR).glob("site-*.jsonl"):
-                    per_site.setdefault(path.name, []).append(path)
-            total = 0.0
-            for paths in per_site.values():
-                history = [(e["noise_multiplier"], e["sample_rate"], e["steps"])
-                           for path in paths for e in Ledger(path).entries()
-                           if e["run_id"] in {_run_id(f) for f in folders}]
-                total = max(total, epsilon_from_history(history, settings.delta))
-            lifetime.append(total)
-        result["retrain"] = model
-        result["retrain_every_window"] = lifetime
+        retrained = [runs[("retrain", k)] for k in range(1, windows + 1)]
+        result["retrain"] = [composed_epsilon([run], delta) for run in retrained]
+        result["retrain_every_window"] = [composed_epsilon(retrained[:k], delta) for k in range(1, windows + 1)]
     return result
 
 

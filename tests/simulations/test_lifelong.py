@@ -13,19 +13,22 @@ from client.catalog_memory import trained_catalog_path
 from common.data.catalog import Catalog
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.privacy.ledger import Ledger
+from common.privacy.accounting import epsilon_from_history
+from common.privacy.ledger import Ledger, Spend
 from common.recommender.artifacts import load_model, save_model
 from common.recommender.continuation import grow_items
 from common.recommender.model import SASRec
-from common.run_files import read_run_record
+from common.run_files import RunRecord, read_run_record, write_run_record
 from simulations.lifelong import (
     DRIFTING_SYNTHETIC,
     STRATEGIES,
     RunResult,
+    continue_epsilons,
     drifting_dataset,
     evaluate_strategies,
     restricted_scorer,
     run_lifelong,
+    strategy_epsilons,
     write_summary,
     write_windows,
 )
@@ -45,7 +48,7 @@ def test_windows_models_evaluation_and_summary(tmp_path: Path) -> None:
         for strategy in ("continue", "retrain"):
             folder = tmp_path / strategy / f"window-{window.number}"
             save_model(folder, SASRec(SETTINGS.model_config(catalog.num_items)), catalog, "global_model.pt")
-            runs[(strategy, window.number)] = RunResult(folder, 10.0, 1.0)
+            runs[(strategy, window.number)] = RunResult(folder, 10.0, 1.0, folder / "ledgers")
         runs[("never", window.number)] = runs[("continue", 1)]
     summary = evaluate_strategies(data, runs, STRATEGIES, SETTINGS)
     [first, second, third] = summary["windows"]
@@ -110,3 +113,28 @@ def test_windows_on_the_builtin_data_use_its_drifting_clock_and_refuse_a_synthet
     assert drifting_dataset("/data/ml-100k") == "/data/ml-100k"
     with pytest.raises(ConfigError, match="no shared clock"):
         drifting_dataset("synthetic:users=500")
+
+
+def test_retraining_every_window_composes_its_runs_including_window_one_in_the_shared_ledgers(tmp_path: Path) -> None:
+    def spend(path: Path, run_id: str, sigma: float) -> None:
+        ledger = Ledger(path)
+        ledger.append(Spend(run_id=run_id, round=1, site="0", sample_rate=0.1, noise_multiplier=sigma,
+                            max_grad_norm=1.0, steps=10, delta=1e-5, accountant="rdp", library_versions={}, users=5))
+
+    runs = {}
+    for name, folder, ledgers, sigma in (("continue", "c1", "shared", 1.0), ("continue", "c2", "shared", 1.1),
+                                         ("retrain", "r2", "r2/ledgers", 0.9)):
+        (tmp_path / folder).mkdir()
+        write_run_record(tmp_path / folder, RunRecord.new())
+        spend(tmp_path / ledgers / "site-0.jsonl", read_run_record(tmp_path / folder).run_id, sigma)
+        runs[(name, int(folder[1]))] = RunResult(tmp_path / folder, 1.0, 1.0, tmp_path / ledgers)
+    runs[("retrain", 1)] = runs[("continue", 1)]
+    spent = continue_epsilons(runs, 2, 1e-5)
+    alone = [epsilon_from_history([(s, 0.1, 10)], 1e-5) for s in (1.0, 1.1, 0.9)]
+    assert spent["window"] == pytest.approx(alone[:2])
+    assert spent["lifetime"][1] == pytest.approx(epsilon_from_history([(1.0, 0.1, 10), (1.1, 0.1, 10)], 1e-5))
+    epsilons = strategy_epsilons(runs, 2, STRATEGIES, spent, 1e-5)
+    assert epsilons["retrain"] == pytest.approx([alone[0], alone[2]])
+    assert epsilons["retrain_every_window"][1] == pytest.approx(
+        epsilon_from_history([(1.0, 0.1, 10), (0.9, 0.1, 10)], 1e-5)
+    )
