@@ -145,6 +145,7 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
     _check_out_folder(out)
     chosen = {f.name: getattr(args, f.name) for f in fields(RunSettings) if f.metadata["cli"]}
     chosen["item_text"] = str(Path(args.item_text).resolve()) if args.item_text else ""
+    chosen["init_model"] = str(Path(args.init_model).resolve()) if args.init_model else ""
     settings = RunSettings(**chosen, dataset=dataset, kcore=args.kcore, out_dir=out)
     load_dataset(dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
     return settings
