@@ -32,7 +32,7 @@ from simulations.lifelong import (
     write_summary,
     write_windows,
 )
-from simulations.simulate import Resources
+from simulations.simulate import Resources, continued_catalog
 
 SETTINGS = RunSettings(dataset="synthetic:users=300,items=100,topics=10,seed=2,drift=1.0,new_items=0.3",
                        max_len=8, hidden=8, heads=2, blocks=1)
@@ -138,3 +138,16 @@ def test_retraining_every_window_composes_its_runs_including_window_one_in_the_s
     assert epsilons["retrain_every_window"][1] == pytest.approx(
         epsilon_from_history([(1.0, 0.1, 10), (0.9, 0.1, 10)], 1e-5)
     )
+
+
+def test_a_simulation_continuing_a_released_model_gets_the_released_catalogue_extended_by_its_data(
+    tmp_path: Path,
+) -> None:
+    released = Catalog.from_items(["5", "3", "999"])
+    save_model(tmp_path / "released", SASRec(SETTINGS.model_config(3)), released, "global_model.pt")
+    settings = RunSettings(dataset="synthetic:users=50,items=100,seed=1", init_model=str(tmp_path / "released"))
+    continued = continued_catalog(settings, tmp_path)
+    catalog = Catalog.load(continued.catalog_path)
+    catalog.check_extends(released)
+    assert catalog.version == 2 and catalog.items[:3] == released.items and "1" in catalog.items
+    assert continued_catalog(continued, tmp_path) is continued, "a run with a catalogue keeps it"
