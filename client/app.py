@@ -39,6 +39,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.catalog_memory import check_extends_trained, remember_trained
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
 from client.popularity import release_site_popularity
 from client.round_plan import LocalTraining, PrivacyPlan
@@ -90,7 +91,7 @@ def site_from_context(node_config: dict, settings: RunSettings) -> Site:
         def load_shard() -> SiteShard:
             return simulated_shard(
                 settings.dataset, settings.kcore, settings.partitioning, settings.seed, partition, partitions,
-                settings.max_len,
+                settings.max_len, str(node_config.get("catalog-path", "")),
             )
     else:
         for key in ("data-path", "catalog-path", "ledger-dir"):
@@ -183,6 +184,7 @@ def train(msg: Message, context: Context) -> Message:
     with timeline.stage("data"):
         shard = site.load_shard()
     check_coordinator(config, shard.catalog)
+    check_extends_trained(site.ledger.path, shard.catalog)
     model = SASRec(settings.model_config(shard.catalog.num_items))
     model.load_state_dict(global_weights)
     apply_item_tables(model, settings.item_tables)  # before Opacus wraps the model: it never sees frozen tables
@@ -203,6 +205,8 @@ def train(msg: Message, context: Context) -> Message:
     log(f"fedtail-site {site.site_id} round {round_number}: local training {training_s:.3f}s")
     timeline.emit("site-trained", round=round_number, entered=entered, training=training_s, **timeline.durations())
     remember_ledger_head(context.state, site.ledger)
+    if outcome.state_dict is not None:
+        remember_trained(site.ledger.path, shard.catalog)
     if outcome.state_dict is None:
         logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)
     elif not settings.dp:

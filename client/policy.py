@@ -11,7 +11,10 @@ Node config keys (deployment: ``flower-supernode --node-config``; simulation:
 the file ``fedtail simulate`` writes for its simulated sites, see
 ``simulated_node_config``):
 
-- ``max-epsilon``: the site's epsilon budget over all runs on its users;
+- ``max-epsilon``: the site's epsilon budget over all runs on its users (its lifetime cap);
+- ``window-epsilon``: (lifelong runs, optional) the most one run, a time window, may spend; with it a run
+  asking more is declined, and a run whose remaining rounds would cross ``max-epsilon`` is declined whole, at
+  its first round, instead of training part of the window (``client.site_round``);
 - ``delta``: the site's delta: the noise is calibrated, the ledger composes,
   the budget is checked and replies state epsilon at this delta; a run asking
   another delta is declined (a larger one would make past spending look
@@ -55,6 +58,8 @@ class SitePolicy:
     allow_non_private: bool = False
     max_abs_weight: float = 100.0
     fedavg_weight: float = 1.0
+    window_epsilon: float = 0.0
+    """0: off (a run may spend up to what is left of max-epsilon, round by round)."""
 
     def __post_init__(self) -> None:
         problems = [
@@ -65,6 +70,8 @@ class SitePolicy:
             * (not (math.isfinite(self.max_abs_weight) and self.max_abs_weight > 0)),
             f"fedavg-weight={self.fedavg_weight}: must be positive and finite"
             * (not (math.isfinite(self.fedavg_weight) and self.fedavg_weight > 0)),
+            f"window-epsilon={self.window_epsilon}: must be 0 (off) or in (0, max-epsilon={self.max_epsilon}]"
+            * (not 0 <= self.window_epsilon <= self.max_epsilon),
         ]
         problems = [problem for problem in problems if problem]
         if problems:
@@ -94,6 +101,11 @@ class SitePolicy:
                 f"declined: the run asks delta={settings.delta:g}; this site's budget, ledger and replies are at its "
                 f"own delta={self.delta:g} (node config), and a larger delta would make its past spending look "
                 "smaller; ask for the site's delta"
+            )
+        if settings.dp and self.window_epsilon and settings.epsilon > self.window_epsilon:
+            return (
+                f"declined: the run asks epsilon={settings.epsilon:g} for this window; this site spends at most "
+                f"window-epsilon={self.window_epsilon:g} per run (node config)"
             )
         bound = activation_bound(settings.model_config(1), self.max_abs_weight)
         if not bound < SAFE_ACTIVATION:

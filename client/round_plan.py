@@ -69,14 +69,18 @@ class PrivacyPlan:
     """The site's budget over all runs on these users; defaults to the target."""
     popularity_share: float = RunSettings.popularity_share
     """Share of the target spent on the popularity release before round 1 (``common.privacy.popularity``)."""
+    whole_run: bool = False
+    """Check the run's remaining rounds against the budget at once (a site with a window-epsilon): a window that
+    would cross the lifetime cap is declined whole rather than trained in part."""
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
         """The run's target under the site's own budget and delta (``client.policy`` declined any other delta)."""
-        delta = settings.delta if policy is None else policy.delta
-        budget = None if policy is None else policy.max_epsilon
-        return cls(settings.dp, settings.epsilon, delta, settings.max_grad_norm, settings.rounds, budget,
-                   settings.popularity_share)
+        if policy is None:
+            return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds,
+                       popularity_share=settings.popularity_share)
+        return cls(settings.dp, settings.epsilon, policy.delta, settings.max_grad_norm, settings.rounds,
+                   policy.max_epsilon, settings.popularity_share, policy.window_epsilon > 0)
 
     @property
     def budget(self) -> float:

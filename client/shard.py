@@ -31,10 +31,14 @@ class SiteShard:
 
 @lru_cache(maxsize=4)
 def _federation(
-    spec: str, kcore: int, scheme: str, seed: int, num_sites: int
+    spec: str, kcore: int, scheme: str, seed: int, num_sites: int, catalog_path: str = ""
 ) -> tuple[Catalog, list[np.ndarray], np.ndarray]:
     dataset = load_dataset(spec, kcore=kcore)
-    catalog = dataset.catalog()
+    if catalog_path:  # a lifelong window: the catalogue grows across runs, so it is given, not built from the data
+        catalog = Catalog.load(Path(catalog_path))
+        dataset, _ = dataset.restricted_to(catalog)
+    else:
+        catalog = dataset.catalog()
     user_ids, sequences = dataset.sequences(catalog)
     sites = partition_users(
         sequences, num_sites, scheme, seed, catalog.num_items, user_site_names(dataset.frame, user_ids)
@@ -43,21 +47,25 @@ def _federation(
 
 
 def simulated_shard(
-    spec: str, kcore: int, scheme: str, seed: int, partition_id: int, num_partitions: int, max_len: int
+    spec: str, kcore: int, scheme: str, seed: int, partition_id: int, num_partitions: int, max_len: int,
+    catalog_path: str = "",
 ) -> SiteShard:
-    """The users of one simulated site; the catalogue is built from the whole dataset (as the report says)."""
-    catalog, sequences, sites = _federation(spec, kcore, scheme, seed, num_partitions)
+    """The users of one simulated site; the catalogue is built from the whole dataset (as the report says), or is
+    the one the site's node config names."""
+    catalog, sequences, sites = _federation(spec, kcore, scheme, seed, num_partitions, catalog_path)
     mine = [sequences[user] for user in np.flatnonzero(sites == partition_id)]
     return SiteShard(catalog, training_examples(mine, max_len))
 
 
-def simulated_partition_sha256(spec: str, kcore: int, scheme: str, seed: int, num_partitions: int) -> str:
+def simulated_partition_sha256(
+    spec: str, kcore: int, scheme: str, seed: int, num_partitions: int, catalog_path: str = ""
+) -> str:
     """Who is at which simulated site, as one hash: the catalogue, then every user's site and history in order.
 
     The run record pins it, so that a resume whose settings all match but whose data changed under the same
     spec (an edited file) is refused: a user moved to another site would carry the spend of both.
     """
-    catalog, sequences, sites = _federation(spec, kcore, scheme, seed, num_partitions)
+    catalog, sequences, sites = _federation(spec, kcore, scheme, seed, num_partitions, catalog_path)
     digest = hashlib.sha256(catalog.fingerprint().encode("utf-8"))
     for site, sequence in zip(sites, sequences, strict=True):
         digest.update(np.array([site, len(sequence)], dtype=np.int64).tobytes())

@@ -71,7 +71,9 @@ def train_site_round(
     replay = released.find(run_id, round_number, global_fingerprint)
     if replay is not None:
         return RoundOutcome(replay, spent)
-    refusal = over_budget(history, (plan.noise_multiplier, plan.sample_rate, plan.steps), privacy, "round")
+    checked = max(1, privacy.planned_rounds - round_number + 1) if privacy.whole_run else 1
+    what = "round" if checked == 1 else f"window's remaining {checked} rounds"
+    refusal = over_budget(history, (plan.noise_multiplier, plan.sample_rate, plan.steps), privacy, what, checked)
     if refusal:
         return RoundOutcome(None, spent, refusal)
     noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
@@ -95,15 +97,22 @@ def train_site_round(
     return RoundOutcome(weights, float(entry["epsilon_so_far"]))  # composed at privacy.delta, as the ledger line
 
 
-def over_budget(history: list[MechanismStep], step: MechanismStep, privacy: PrivacyPlan, what: str) -> str:
-    """Why ``step`` after ``history`` would overspend the site's budget; "" when it fits."""
+def over_budget(
+    history: list[MechanismStep], step: MechanismStep, privacy: PrivacyPlan, what: str, repeats: int = 1
+) -> str:
+    """Why ``repeats`` x ``step`` after ``history`` would overspend the site's budget; "" when it fits.
+
+    A site with a window-epsilon checks a window's remaining rounds at once (``repeats``), so that a window
+    crossing the lifetime cap is declined whole rather than trained in part.
+    """
     spent = epsilon_from_history(history, privacy.delta)
-    after = epsilon_from_history([*history, step], privacy.delta)
+    after = epsilon_from_history([*history, *[step] * repeats], privacy.delta)
     if after <= privacy.budget + BUDGET_TOLERANCE:
         return ""
+    cap = "lifetime cap" if privacy.whole_run else "budget"
     return (
         f"declined: this {what} would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
-        f"{privacy.delta:g}, above its budget of {privacy.budget:g}"
+        f"{privacy.delta:g}, above its {cap} of {privacy.budget:g}"
     )
 
 

@@ -71,6 +71,12 @@ class RunSettings:
         "DP: share of each site's target epsilon spent before round 1 on a Gaussian release of item popularity "
         "(the output bias's initialisation and the cold-start prior); training gets the rest; 0: off",
     )
+    init_model: str = setting(
+        "",
+        "continue from a released model: a run folder (global_model.pt + catalog.json, a path on the coordinator); "
+        "same model shape, a catalogue that extends the released one (new items get new rows)",
+        flag="init-from",
+    )
     kcore: int = setting(0, "keep only users and items with at least K interactions", cli=False)
     partitioning: str = setting("uniform", "how users are split into sites", flag="partition", choices=SCHEMES)
     seed: int = setting(0, "seed of the partition, the initial model and dropout (public randomness only)")

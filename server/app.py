@@ -39,7 +39,8 @@ from common.data.catalog import Catalog
 from common.federation import RunSettings
 from common.privacy.accounting import model_selection_statement
 from common.recommender.artifacts import save_model
-from common.recommender.content import initialise_from_text, save_item_vectors
+from common.recommender.content import initialise_from_text, item_content_vectors, save_item_vectors
+from common.recommender.continuation import continued_model
 from common.recommender.evaluation import evaluate_with_baselines, model_scorer
 from common.recommender.item_tables import frozen_parameters
 from common.recommender.model import SASRec
@@ -205,8 +206,18 @@ def popularity_floor(
 
 
 def initial_model(settings: RunSettings, catalog: Catalog, out_dir: Path) -> SASRec:
-    """Round 0's global model: seeded from the run's seed, items from public metadata when the run names some."""
+    """Round 0's global model: seeded from the run's seed, items from public metadata when the run names some;
+    with ``init-model``, the released model continued (``common.recommender.continuation``)."""
     torch.manual_seed(settings.seed)
+    if settings.init_model:
+        vectors = None
+        if settings.item_text:
+            vectors = item_content_vectors(catalog, Path(settings.item_text), settings.hidden)
+            save_item_vectors(out_dir, vectors)
+        model = continued_model(settings.init_model, catalog, settings.model_config(catalog.num_items), vectors,
+                                settings.seed)
+        log(f"fedtail: continuing the model released in {settings.init_model} ({model.config.num_items} items)")
+        return model
     model = SASRec(settings.model_config(catalog.num_items))
     if settings.item_text:  # public metadata only: the initial model costs no privacy
         save_item_vectors(out_dir, initialise_from_text(model, catalog, Path(settings.item_text)))

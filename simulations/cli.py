@@ -36,6 +36,8 @@ from simulations.canary import CanaryConfig, format_empirical, run_empirical_aud
 from simulations.centralized import evaluate_saved, train_centralized
 from simulations.cli_deploy import add_deploy_commands
 from simulations.cli_serve import add_serve_arguments
+from simulations.lifelong import STRATEGIES, run_lifelong
+from simulations.lifelong import format_summary as format_lifelong
 from simulations.report import format_federated_summary, format_metrics_table
 from simulations.simulate import Resources, simulate
 
@@ -143,6 +145,7 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
     _check_out_folder(out)
     chosen = {f.name: getattr(args, f.name) for f in fields(RunSettings) if f.metadata["cli"]}
     chosen["item_text"] = str(Path(args.item_text).resolve()) if args.item_text else ""
+    chosen["init_model"] = str(Path(args.init_model).resolve()) if args.init_model else ""
     settings = RunSettings(**chosen, dataset=dataset, kcore=args.kcore, out_dir=out)
     load_dataset(dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
     return settings
@@ -155,6 +158,12 @@ def _resources(args: argparse.Namespace) -> Resources:
 
 def _simulate(args: argparse.Namespace) -> int:
     settings = _run_settings(args, args.dataset, args.out)
+    if args.windows:
+        strategies = tuple(args.strategies.split(","))
+        summary = run_lifelong(settings, _resources(args), args.windows, Path(args.out), strategies)
+        print(format_lifelong(summary))
+        print(f"\nwrote {args.out}/lifelong.json, lifelong.md, lifelong.svg, a run folder per window and strategy")
+        return 0
     started = time.perf_counter()
     summary = simulate(settings, _resources(args))
     title = f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"
@@ -254,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_arguments(simulate, optional=True)
     simulate.add_argument("--out", required=True, help="run folder; an existing one is resumed from its checkpoint")
     _add_federation_arguments(simulate)
+    simulate.add_argument("--windows", type=int, default=0,
+                          help="lifelong: cut the timestamped log into N time windows and train them in sequence, "
+                               "each from the last one's model (--epsilon is then each site's lifetime cap); "
+                               "0: one run")
+    simulate.add_argument("--strategies", default=",".join(STRATEGIES),
+                          help="with --windows: continue plus the baselines to run beside it (retrain, never)")
     simulate.set_defaults(handler=_simulate)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")

@@ -19,15 +19,19 @@ import math
 import subprocess
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from client.policy import SIMULATED_SITES_ENV
 from client.shard import simulated_partition_sha256, simulated_shard
+from common.data.catalog import Catalog
+from common.data.datasets import load_dataset
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.accounting import check_delta
+from common.recommender.artifacts import CATALOG_FILE
 from common.run_files import LEDGER_DIR, RunRecord, check_same_settings, read_run_record, write_run_record
 from common.utils.files import write_json
 from common.utils.processes import (
@@ -50,6 +54,8 @@ from simulations.flower_cli import (
 )
 
 CONNECTION = "fedtail-local"
+RUN_CATALOG_FILE = "run-catalog.json"
+"""A continued run's catalogue (the released one extended by the data's new items), given to server and sites."""
 PROGRESS_PREFIX = "fedtail:"
 
 
@@ -82,7 +88,8 @@ def preflight(settings: RunSettings, sites: int) -> list[int]:
     sizes = []
     for site in range(sites):
         shard = simulated_shard(
-            settings.dataset, settings.kcore, settings.partitioning, settings.seed, site, sites, settings.max_len
+            settings.dataset, settings.kcore, settings.partitioning, settings.seed, site, sites, settings.max_len,
+            settings.catalog_path,
         )
         if len(shard.examples) == 0:
             raise ConfigError(f"site {site} has no user with two or more training interactions; use fewer sites")
@@ -92,15 +99,20 @@ def preflight(settings: RunSettings, sites: int) -> list[int]:
     return sizes
 
 
-def write_site_node_configs(flower_home: Path, settings: RunSettings, resources: Resources) -> Path:
+def write_site_node_configs(
+    flower_home: Path, settings: RunSettings, resources: Resources, site_config: Mapping[str, Any] | None = None
+) -> Path:
     """The node config each simulated site's operator would have set: the budget and delta the run targets,
-    non-private training only when the run is the non-private baseline, ledgers in the run folder."""
+    non-private training only when the run is the non-private baseline, ledgers in the run folder, the run's
+    catalogue when it names one; ``site_config`` overrides (a lifelong run: shared ledgers, lifetime budgets)."""
     sites = {
         str(site): {
             "max-epsilon": settings.epsilon,
             "delta": settings.delta,
             "allow-non-private": not settings.dp,
             "ledger-dir": str(Path(settings.out_dir) / LEDGER_DIR),
+            **({"catalog-path": settings.catalog_path} if settings.catalog_path else {}),
+            **(site_config or {}),
         }
         for site in range(resources.sites)
     }
@@ -129,7 +141,7 @@ def pin_run(out_dir: Path, settings: RunSettings, sites: int) -> None:
     sizes = preflight(settings, sites)
     log(f"fedtail: site sizes (users with training pairs): min {min(sizes)}, max {max(sizes)}")
     partition = simulated_partition_sha256(
-        settings.dataset, settings.kcore, settings.partitioning, settings.seed, sites
+        settings.dataset, settings.kcore, settings.partitioning, settings.seed, sites, settings.catalog_path
     )
     if saved is None:
         write_run_record(out_dir, replace(now, partition_sha256=partition))
@@ -141,27 +153,48 @@ def pin_run(out_dir: Path, settings: RunSettings, sites: int) -> None:
         )
 
 
-def simulate(settings: RunSettings, resources: Resources) -> dict[str, Any]:
+def simulate(
+    settings: RunSettings, resources: Resources, site_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Run the ServerApp and ClientApps in this repository through Flower; returns the run's summary.
 
     A run folder that holds a run is resumed, with the same settings and sites only (``pin_run``), and by one
-    `fedtail simulate` at a time: a second one is refused before it writes anything there.
+    `fedtail simulate` at a time: a second one is refused before it writes anything there. ``site_config``:
+    node config every simulated site gets on top of the usual (``write_site_node_configs``).
     """
     out_dir = Path(settings.out_dir).resolve()
     settings = replace(settings, out_dir=str(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_run_folder(out_dir, LAUNCHER_LOCK):
+        settings = continued_catalog(settings, out_dir)
         pin_run(out_dir, settings, resources.sites)
-        return _run_on_flower(settings, resources, out_dir)
+        return _run_on_flower(settings, resources, out_dir, site_config)
 
 
-def _run_on_flower(settings: RunSettings, resources: Resources, out_dir: Path) -> dict[str, Any]:
+def continued_catalog(settings: RunSettings, out_dir: Path) -> RunSettings:
+    """A run continuing a released model on a dataset, without a catalogue of its own: the released catalogue
+    extended by the dataset's new items (old indices kept), written to the run folder as the run's catalogue.
+
+    The data's own catalogue (``Dataset.catalog``) would renumber items, which a continued model cannot follow.
+    """
+    if not settings.init_model or settings.catalog_path:
+        return settings
+    released = Catalog.load(Path(settings.init_model) / CATALOG_FILE)
+    dataset = load_dataset(settings.dataset, kcore=settings.kcore)
+    path = out_dir / RUN_CATALOG_FILE
+    released.extend(dataset.catalog().items).save(path)
+    return replace(settings, catalog_path=str(path))
+
+
+def _run_on_flower(
+    settings: RunSettings, resources: Resources, out_dir: Path, site_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     flower_home = out_dir / "flower"
     flower_home.mkdir(parents=True, exist_ok=True)
     port = free_loopback_port()
     write_connection(flower_home, CONNECTION, port, root_certificates=None)
     run_config_file = write_run_config(flower_home / "run-config.toml", settings.to_run_config())
-    node_configs = write_site_node_configs(flower_home, settings, resources)
+    node_configs = write_site_node_configs(flower_home, settings, resources, site_config)
     env = {**flower_env(flower_home), SIMULATED_SITES_ENV: str(node_configs)}
     superlink_log = flower_home / "superlink.log"
     superlink_output = (flower_home / "superlink.out").open("ab")

@@ -3,6 +3,12 @@
 A model is meaningless without the catalogue it was trained with, so the
 catalogue is saved next to every model and checked when the model is loaded.
 In a deployment it is public input (the product list), identical at every site.
+
+A catalogue grows over a model's lifetime: new items are appended, old indices
+never move (``extend``). Each version records the fingerprint of the one it
+extends, so whoever holds version k (a site, a server) can check that version
+k+1 keeps every index it learned (``check_extends``). catalog.json carries
+``version``, ``fingerprint`` and ``previous_fingerprint`` (null for version 1).
 """
 
 from __future__ import annotations
@@ -33,12 +39,20 @@ class Catalog:
 
     items: tuple[str, ...]
     source: str = ""
+    version: int = 1
+    previous_fingerprint: str | None = None
+    """The fingerprint of the version this one extends; None for a first version."""
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index = {raw: position + 1 for position, raw in enumerate(self.items)}
         if len(index) != len(self.items):
             raise DataError("the catalogue lists an item id more than once")
+        if self.version < 1 or (self.version == 1) != (self.previous_fingerprint is None):
+            raise DataError(
+                f"catalogue version {self.version} with previous fingerprint {self.previous_fingerprint!r}: version 1 "
+                "has none, every later version names the one it extends"
+            )
         object.__setattr__(self, "_index", index)
 
     @classmethod
@@ -74,9 +88,49 @@ class Catalog:
         """sha256 of the item ids in index order: equal fingerprints, equal model indices."""
         return hashlib.sha256("\n".join(self.items).encode("utf-8")).hexdigest()
 
+    def extend(self, raw_ids: Iterable[str]) -> Catalog:
+        """This catalogue with the unknown ``raw_ids`` appended (natural order among themselves), as the next version.
+
+        Old indices never move, so a model trained on this version keeps every learned row; with nothing new the
+        catalogue itself is returned (same version: nothing to re-check downstream).
+        """
+        new = sorted({str(raw) for raw in raw_ids} - self._index.keys(), key=_natural_key)
+        if not new:
+            return self
+        return Catalog(self.items + tuple(new), self.source, self.version + 1, self.fingerprint())
+
+    def check_extends(self, earlier: Catalog, where: str = "the catalogue") -> None:
+        """Raise unless this catalogue keeps every index of ``earlier`` (equal, or ``earlier`` plus appended items).
+
+        Why: a model trained on ``earlier`` addresses items by index; a catalogue that reorders, drops or renames
+        any of them would silently give learned rows to other items.
+        """
+        if self.items[: earlier.num_items] == earlier.items:
+            return
+        if self.num_items < earlier.num_items and earlier.items[: self.num_items] == self.items:
+            raise DataError(
+                f"{where} (version {self.version}, {self.num_items} items) is shorter than the one trained on "
+                f"(version {earlier.version}, {earlier.num_items} items): it drops the last "
+                f"{earlier.num_items - self.num_items}"
+            )
+        first = next(
+            (i for i, (a, b) in enumerate(zip(self.items, earlier.items, strict=False)) if a != b), self.num_items
+        )
+        found = repr(self.items[first]) if first < self.num_items else "nothing"
+        raise DataError(
+            f"{where} (version {self.version}) does not extend the one trained on (version {earlier.version}, "
+            f"fingerprint {earlier.fingerprint()[:12]}): index {first + 1} is {found}, was {earlier.items[first]!r}"
+        )
+
     def save(self, path: str | Path) -> None:
         payload = {
-            "format": CATALOG_FORMAT, "source": self.source, "num_items": self.num_items, "items": list(self.items)
+            "format": CATALOG_FORMAT,
+            "source": self.source,
+            "version": self.version,
+            "fingerprint": self.fingerprint(),
+            "previous_fingerprint": self.previous_fingerprint,
+            "num_items": self.num_items,
+            "items": list(self.items),
         }
         write_json(Path(path), payload)
 
@@ -94,4 +148,11 @@ class Catalog:
         items = payload.get("items")
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
             raise DataError("catalogue 'items' must be a list of strings", path)
-        return cls(tuple(items), str(payload.get("source", "")))
+        version, previous = payload.get("version", 1), payload.get("previous_fingerprint")
+        if not isinstance(version, int) or not (previous is None or isinstance(previous, str)):
+            raise DataError("catalogue 'version' must be an integer and 'previous_fingerprint' a string or null", path)
+        catalog = cls(tuple(items), str(payload.get("source", "")), version, previous)
+        recorded = payload.get("fingerprint")
+        if recorded is not None and recorded != catalog.fingerprint():
+            raise DataError("catalogue 'fingerprint' does not match its items (edited by hand?)", path)
+        return catalog

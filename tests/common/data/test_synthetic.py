@@ -53,3 +53,25 @@ def test_spec_options_are_parsed_and_bad_options_rejected() -> None:
         SyntheticConfig.parse("users=many")
     with pytest.raises(ConfigError, match="users=1"):
         SyntheticConfig.parse("users=1")
+
+
+def test_drift_gives_a_shared_clock_drifting_tastes_and_items_entering_over_time() -> None:
+    config = SyntheticConfig(users=600, items=200, seed=4, drift=1.0, new_items=0.3)
+    frame = generate(config)
+    pd.testing.assert_frame_equal(frame, generate(config))
+    assert frame["timestamp"].between(0, 365).all()
+    assert (frame.groupby("user")["timestamp"].agg(lambda t: t.max() - t.min()) <= 365 * config.activity_span).all()
+    first_seen = frame.groupby("item")["timestamp"].min()
+    assert (first_seen > 365 * 0.25).sum() >= 20, "some items first appear late in the year"
+    early, late = frame[frame["timestamp"] < 120], frame[frame["timestamp"] > 245]
+    early_share = early["item"].value_counts(normalize=True)
+    late_share = late["item"].value_counts(normalize=True).reindex(early_share.index, fill_value=0.0)
+    assert float((early_share - late_share).abs().sum()) > 0.2, "what people consume changes over the year"
+    assert not frame.duplicated(["user", "item"]).any()
+
+
+def test_without_drift_the_data_is_unchanged_by_the_drift_options() -> None:
+    plain = generate(SyntheticConfig(users=200, items=200, seed=3))
+    assert (plain.groupby("user")["timestamp"].first() == 0).all(), "each user's own step count"
+    with pytest.raises(ConfigError, match="drift"):
+        SyntheticConfig(drift=1.5)
