@@ -1,0 +1,150 @@
+"""SecAgg+ driven from our own ServerApp loop, on Flower's Simulation Engine with Flower's own ``secaggplus_mod``.
+
+The coordinator's view is recorded at the Grid: every message any site sends back passes through
+``Grid.send_and_receive`` (the only way the workflow receives), so checking every array in every recorded reply
+shows what the coordinator held, without trusting our own code's account of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from common.errors import ConfigError
+from server.secure_sum import SecureAggregation, SecureSum, secure_sum
+
+SITES = 4
+SHAPES = {"a": (3, 5), "b": (7,)}
+CLIPPING_RANGE = 16.0
+
+
+def site_vector(node_id: int) -> dict[str, np.ndarray]:
+    """A site's private vector, a function of its node id (so the test can tell which site a vector is)."""
+    rng = np.random.default_rng(node_id % 2**32)
+    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in SHAPES.items()}
+
+
+class RecordingGrid(Grid):
+    """The ServerApp's Grid, unchanged, keeping a copy of every reply it hands the coordinator."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.inner = grid
+        self.replies: list[Message] = []
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.inner.pull_messages(message_ids))
+        self.replies.extend(replies)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+
+def arrays_in(content: RecordDict) -> list[np.ndarray]:
+    """Every array a reply carries: array records, and bytes in config records that decode as numpy arrays."""
+    found = [array.numpy() for record in content.array_records.values() for array in record.values()]
+    for record in content.config_records.values():
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, bytes):
+                    try:
+                        found.append(bytes_to_ndarray(item))
+                    except (ValueError, OSError):
+                        continue
+    return found
+
+
+OUTCOME: dict[str, object] = {}
+
+client_app = ClientApp(mods=[secaggplus_mod])
+
+
+@client_app.train()
+def reply_vector(msg: Message, context: Context) -> Message:
+    """A site of the toy federation: replies its private vector as a legacy FitRes, as secaggplus_mod expects."""
+    vector = site_vector(context.node_id)
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(vector.values())), 1, {"node": context.node_id})
+    return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=msg)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def coordinate(grid: Grid, context: Context) -> None:
+    recording = RecordingGrid(grid)
+    arrays = ArrayRecord({name: Array(np.zeros(shape, dtype=np.float32)) for name, shape in SHAPES.items()})
+    protocol = SecureAggregation(SITES, tolerated=1, clipping_range=CLIPPING_RANGE)
+    OUTCOME["sum"] = secure_sum(recording, context, 1, arrays, ConfigRecord({"round": 1}), protocol)
+    OUTCOME["replies"] = recording.replies
+    OUTCOME["nodes"] = list(grid.get_node_ids())
+
+
+@pytest.fixture(scope="module")
+def federation() -> dict[str, object]:
+    run_simulation(server_app, client_app, num_supernodes=SITES, backend_config={"client_resources": {"num_cpus": 1}})
+    return OUTCOME
+
+
+def test_coordinator_gets_the_sum(federation: dict[str, object]) -> None:
+    result = federation["sum"]
+    assert isinstance(result, SecureSum) and result.total is not None
+    nodes = federation["nodes"]
+    assert isinstance(nodes, list) and len(nodes) == SITES
+    step = 2 * CLIPPING_RANGE / 2**22  # one quantisation step per site and coordinate
+    for name in SHAPES:
+        expected = sum(site_vector(node)[name] for node in nodes)
+        np.testing.assert_allclose(result.total[name], expected, atol=SITES * step)
+    assert sorted(int(metrics["node"]) for metrics in result.site_metrics) == sorted(nodes)
+
+
+def test_coordinator_never_holds_a_site_vector(federation: dict[str, object]) -> None:
+    replies = federation["replies"]
+    nodes = federation["nodes"]
+    assert isinstance(replies, list) and isinstance(nodes, list)
+    held = [array.astype(np.float64).ravel() for reply in replies for array in arrays_in(reply.content)]
+    assert any(array.size >= max(np.prod(shape) for shape in SHAPES.values()) for array in held), "no masked vector"
+    for node in nodes:
+        for name, private in site_vector(node).items():
+            flat = private.astype(np.float64).ravel()
+            for array in held:
+                if array.size != flat.size:
+                    continue
+                # any affine image of the vector (e.g. Flower's quantisation: shift and scale) correlates fully
+                assert abs(np.corrcoef(array, flat)[0, 1]) < 0.9, f"the coordinator held site {node}'s '{name}'"
+    # the masked vectors the sites sent look uniform modulo 2**32, nothing like the quantised vectors
+    masked = [array for array in held if array.size == 15]
+    assert masked and all(array.max() > 2**22 for array in masked)
+
+
+@pytest.mark.parametrize(("sites", "tolerated", "clip"), [(2, 0, 1.0), (5, 3, 1.0), (5, 2, 0.0), (2000, 1, 1.0)])
+def test_protocol_parameters_refused(sites: int, tolerated: int, clip: float) -> None:
+    with pytest.raises(ConfigError):
+        SecureAggregation(sites, tolerated, clip)
