@@ -16,6 +16,11 @@ Before reading any private data the site checks, on public input alone,
 that the run asks nothing its policy forbids and that the coordinator's
 weights are finite and bounded; otherwise it declines and says why.
 
+Under ``noise = central`` the site trains only if its node config trusts the
+coordinator to add the noise; its reply then holds the round's un-noised sum of
+clipped per-user gradients in place of weights, and the noise multiplier of the
+total noise its epsilon assumes (``noise-multiplier``).
+
 A reply holds only: the trained weights, the site's id, its epsilon so far,
 whether it trained with DP, the declared weight, when it declines, why, and
 its ledger's head after the round (line count and the last line's hash, a
@@ -38,7 +43,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
-from client.round_plan import LocalTraining, PrivacyPlan
+from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from client.shard import SiteShard, deployed_shard, simulated_shard
 from client.site_round import RoundOutcome, train_site_round
 from common.data.catalog import Catalog
@@ -57,6 +62,8 @@ logger = logging.getLogger("fedtail.client")
 REPLY_METRICS = ("weight", "epsilon", "dp", "declined", "ledger-lines")
 REPLY_SITE_FIELDS = ("site-id", "reason", "ledger-hash")
 LEDGER_HEAD = "ledger-head"
+CENTRAL_NOISE_METRIC = "noise-multiplier"
+"""noise=central: the multiplier of the total noise the site's epsilon assumes; the coordinator adds at least that."""
 TRAINING_TIME = re.compile(r"fedtail-site (?P<site>\S+) round (?P<round>\d+): local training (?P<seconds>[\d.]+)s")
 """The site's own log line per round: for its operator, and the benchmark's measure of pure training time.
 Not "fedtail:"-prefixed, so `fedtail simulate` keeps it in flower.log instead of echoing one line per site."""
@@ -192,8 +199,12 @@ def train(msg: Message, context: Context) -> Message:
     )
     log(f"fedtail-site {site.site_id} round {round_number}: local training {time.perf_counter() - started:.3f}s")
     remember_ledger_head(context.state, site.ledger)
+    content = reply_content(outcome, site, settings.dp)
     if outcome.state_dict is None:
         logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)
     elif not settings.dp:
         logger.warning("site %s round %d: NON-PRIVATE update sent (dp = false)", site.site_id, round_number)
-    return Message(reply_content(outcome, site, settings.dp), reply_to=msg)
+    elif settings.noise == "central":  # the total noise this site's epsilon assumes (public: from settings alone)
+        plan = plan_round(LocalTraining.from_settings(settings), PrivacyPlan.from_settings(settings, site.policy))
+        content.metric_records["metrics"][CENTRAL_NOISE_METRIC] = plan.noise_multiplier
+    return Message(content, reply_to=msg)

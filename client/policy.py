@@ -22,7 +22,12 @@ the file ``fedtail simulate`` writes for its simulated sites, see
   coordinator; with it the forward pass provably stays finite
   (``common.recommender.model.activation_bound``);
 - ``fedavg-weight``: the public weight of this site's update in FedAvg (the
-  exact user count is never sent).
+  exact user count is never sent);
+- ``trust-coordinator-noise``: whether this site trains under ``noise =
+  central`` (default false: such a run is declined). It then sends the
+  coordinator the *un-noised* sum of its users' clipped gradients and relies
+  on the coordinator to add the noise: against the coordinator itself, that
+  release is not private.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class SitePolicy:
     allow_non_private: bool = False
     max_abs_weight: float = 100.0
     fedavg_weight: float = 1.0
+    trust_coordinator_noise: bool = False
 
     def __post_init__(self) -> None:
         problems = [
@@ -88,6 +94,12 @@ class SitePolicy:
             return (
                 "declined: the run asks for training without differential privacy (dp = false); this site's "
                 "node config does not allow it (allow-non-private = false)"
+            )
+        if settings.noise == "central" and not self.trust_coordinator_noise:
+            return (
+                "declined: the run asks for noise = central, where this site would send the coordinator the sum of "
+                "its users' clipped gradients WITHOUT noise and trust it to add the noise; this site's node config "
+                "does not trust the coordinator with that (trust-coordinator-noise = false)"
             )
         if settings.dp and settings.delta != self.delta:
             return (

@@ -8,6 +8,10 @@ adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` to the sum. The
 noise multiplier is calibrated so that *all planned rounds together* cost the
 target epsilon. Nothing here depends on how many users a site has: the
 coordinator sees these numbers (through epsilon), so they must not.
+
+With ``noise = central`` a round is exactly one step, whose noise the
+coordinator adds once over all sites' sums: the noise multiplier is then that
+of the total noise, calibrated on ``rounds`` steps at the same public rate.
 """
 
 from __future__ import annotations
@@ -66,14 +70,17 @@ class PrivacyPlan:
     planned_rounds: int = RunSettings.rounds
     max_epsilon: float | None = None
     """The site's budget over all runs on these users; defaults to the target."""
+    noise_placement: str = RunSettings.noise
+    """Who adds the noise: the site (``site``) or the coordinator, once over all sites' sums (``central``)."""
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
         """The run's target under the site's own budget and delta (``client.policy`` declined any other delta)."""
         if policy is None:
-            return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds)
+            return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds,
+                       noise_placement=settings.noise)
         return cls(settings.dp, settings.epsilon, policy.delta, settings.max_grad_norm, settings.rounds,
-                   policy.max_epsilon)
+                   policy.max_epsilon, settings.noise)
 
     @property
     def budget(self) -> float:
@@ -90,7 +97,8 @@ class RoundPlan:
 
 
 def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
-    steps = max(1, math.ceil(training.local_epochs / training.sample_rate))
+    central = privacy.noise_placement == "central"
+    steps = 1 if central else max(1, math.ceil(training.local_epochs / training.sample_rate))
     noise = 0.0
     if privacy.enabled:
         noise = calibrate_noise(

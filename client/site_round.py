@@ -15,6 +15,7 @@ from importlib.metadata import version
 
 import torch
 
+from client.clipped_sum import clipped_sum
 from client.dp_sgd import train_non_private, train_private
 from client.replay import ReleasedUpdate, weights_fingerprint
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
@@ -25,11 +26,19 @@ from common.privacy.ledger import Ledger, Spend
 from common.recommender.model import SASRec
 
 BUDGET_TOLERANCE = 1e-9
+CENTRAL_TRUST = (
+    "the coordinator: this site sent it the un-noised sum of its sampled users' clipped gradients, and the epsilon "
+    "holds only if the coordinator added Gaussian noise of std noise_multiplier x max_grad_norm once to the sum over "
+    "all sites; against the coordinator itself this release is NOT private"
+)
 
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """``state_dict`` is None when the site declined; ``epsilon`` is the site's total after this round."""
+    """``state_dict`` is None when the site declined; ``epsilon`` is the site's total after this round.
+
+    Under ``noise = central`` ``state_dict`` is not weights but the round's sum of clipped per-user gradients of the
+    trainable parameters (``client.clipped_sum``)."""
 
     state_dict: dict[str, torch.Tensor] | None
     epsilon: float
@@ -53,7 +62,8 @@ def train_site_round(
     Under DP every outcome (trained, replayed, declined for the budget) and
     every number in it is a function of public values and of the ledger's
     history, never of how many users the site has: a site with no users at
-    all trains too, and releases pure noise.
+    all trains too, and releases pure noise (under ``noise = central``: a sum
+    of zeros, which the coordinator's noise covers as it covers any sum).
     """
     torch.manual_seed(seed)  # dropout and the like: public randomness is fine there
     if not privacy.enabled:
@@ -79,7 +89,12 @@ def train_site_round(
             f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
             f"{privacy.delta:g}, above its budget of {privacy.budget:g}",
         )
-    noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
+    if privacy.noise_placement == "central":
+        weights = clipped_sum(model, examples, training, privacy.max_grad_norm, device)
+        noise_multiplier, sample_rate, steps = plan.noise_multiplier, plan.sample_rate, plan.steps
+    else:
+        noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
+        weights = _weights(model)
     entry = ledger.append(
         Spend(
             run_id=run_id,
@@ -93,9 +108,9 @@ def train_site_round(
             accountant=ACCOUNTANT,
             library_versions={name: version(name) for name in ("opacus", "torch", "flwr")},
             users=len(examples),
+            **({"noise_placement": "central", "trust": CENTRAL_TRUST} if privacy.noise_placement == "central" else {}),
         )
     )
-    weights = _weights(model)
     released.save(run_id, round_number, global_fingerprint, weights)
     return RoundOutcome(weights, float(entry["epsilon_so_far"]))  # composed at privacy.delta, as the ledger line
 

@@ -94,12 +94,14 @@ def preflight(settings: RunSettings, sites: int) -> list[int]:
 
 def write_site_node_configs(flower_home: Path, settings: RunSettings, resources: Resources) -> Path:
     """The node config each simulated site's operator would have set: the budget and delta the run targets,
-    non-private training only when the run is the non-private baseline, ledgers in the run folder."""
+    non-private training only when the run is the non-private baseline, trust in the coordinator's noise only when
+    the run asks for central noise (the simulation's operator runs the coordinator too), ledgers in the run folder."""
     sites = {
         str(site): {
             "max-epsilon": settings.epsilon,
             "delta": settings.delta,
             "allow-non-private": not settings.dp,
+            "trust-coordinator-noise": settings.noise == "central",
             "ledger-dir": str(Path(settings.out_dir) / LEDGER_DIR),
         }
         for site in range(resources.sites)

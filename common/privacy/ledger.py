@@ -57,6 +57,11 @@ class Spend:
     privacy_unit: str = "user"
     neighbouring: str = "add or remove one user with all of their interactions at this site"
     sampling: str = "poisson"
+    noise_placement: str = "site"
+    """Who added the noise whose multiplier is recorded: this site (``site``), or the coordinator once over the sum
+    of every site's clipped gradients (``central``; ``noise_multiplier`` is then that of the total noise)."""
+    trust: str = "no one: the site adds the noise to its own release"
+    """What the recorded epsilon relies on, in plain words."""
 
 
 def _line_hash(text: str) -> str:
