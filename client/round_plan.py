@@ -9,7 +9,7 @@ noise multiplier is calibrated so that *all planned rounds together* cost the
 target epsilon. Nothing here depends on how many users a site has: the
 coordinator sees these numbers (through epsilon), so they must not.
 
-With ``noise = central`` a round is exactly one step, whose noise the
+With ``noise = central`` (or ``distributed``) a round is exactly one step, whose noise the
 coordinator adds once over all sites' sums: the noise multiplier is then that
 of the total noise, calibrated on ``rounds`` steps at the same public rate.
 """
@@ -71,7 +71,11 @@ class PrivacyPlan:
     max_epsilon: float | None = None
     """The site's budget over all runs on these users; defaults to the target."""
     noise_placement: str = RunSettings.noise
-    """Who adds the noise: the site (``site``) or the coordinator, once over all sites' sums (``central``)."""
+    """Who adds the noise: the site (``site``) or the coordinator, once over all sites' sums (``central``), or the
+    sites in shares summed by secure aggregation (``distributed``)."""
+    noise_shares: int = 1
+    """``distributed``: the fewest sites' noise shares every sum holds (the site's node config); each share then has
+    1 / noise_shares of the total noise's variance."""
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
@@ -80,7 +84,7 @@ class PrivacyPlan:
             return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds,
                        noise_placement=settings.noise)
         return cls(settings.dp, settings.epsilon, policy.delta, settings.max_grad_norm, settings.rounds,
-                   policy.max_epsilon, settings.noise)
+                   policy.max_epsilon, settings.noise, int(policy.secure_aggregation_sites))
 
     @property
     def budget(self) -> float:
@@ -97,7 +101,7 @@ class RoundPlan:
 
 
 def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
-    central = privacy.noise_placement == "central"
+    central = privacy.noise_placement in ("central", "distributed")
     steps = 1 if central else max(1, math.ceil(training.local_epochs / training.sample_rate))
     noise = 0.0
     if privacy.enabled:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Any
 
 import torch
 
@@ -19,9 +20,11 @@ from client.clipped_sum import clipped_sum
 from client.dp_sgd import train_non_private, train_private
 from client.replay import ReleasedUpdate, weights_fingerprint
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
+from client.secure_aggregation import DISTRIBUTED_TRUST, noise_share, share_noise_multiplier
 from common.data.split import TrainingExamples
 from common.errors import ConfigError
 from common.privacy.accounting import ACCOUNTANT, epsilon_from_history
+from common.privacy.fallback import fallback_epsilon
 from common.privacy.ledger import Ledger, Spend
 from common.recommender.model import SASRec
 
@@ -89,9 +92,24 @@ def train_site_round(
             f"declined: this round would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
             f"{privacy.delta:g}, above its budget of {privacy.budget:g}",
         )
-    if privacy.noise_placement == "central":
+    placement: dict[str, Any] = {}
+    if privacy.noise_placement in ("central", "distributed"):
         weights = clipped_sum(model, examples, training, privacy.max_grad_norm, device)
         noise_multiplier, sample_rate, steps = plan.noise_multiplier, plan.sample_rate, plan.steps
+        placement = {"noise_placement": "central", "trust": CENTRAL_TRUST}
+        if privacy.noise_placement == "distributed":
+            weights = noise_share(
+                weights, privacy.max_grad_norm, training.batch_size, noise_multiplier, privacy.noise_shares
+            )
+            share = share_noise_multiplier(noise_multiplier, privacy.noise_shares)
+            line = {"noise_placement": "distributed", "share_noise_multiplier": share, "sample_rate": sample_rate,
+                    "steps": steps}
+            placement = {
+                "noise_placement": "distributed",
+                "trust": DISTRIBUTED_TRUST,
+                "share_noise_multiplier": share,
+                "fallback_epsilon_so_far": fallback_epsilon([*ledger.entries(), line], privacy.delta),
+            }
     else:
         noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
         weights = _weights(model)
@@ -108,7 +126,7 @@ def train_site_round(
             accountant=ACCOUNTANT,
             library_versions={name: version(name) for name in ("opacus", "torch", "flwr")},
             users=len(examples),
-            **({"noise_placement": "central", "trust": CENTRAL_TRUST} if privacy.noise_placement == "central" else {}),
+            **placement,
         )
     )
     released.save(run_id, round_number, global_fingerprint, weights)

@@ -20,9 +20,11 @@ from common.recommender.model import ModelConfig, ModelOptions
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
-NOISE_PLACEMENTS = ("site", "central")
+NOISE_PLACEMENTS = ("site", "central", "distributed")
 """Where the DP noise is added: each site on its own update (``site``), or once by the coordinator over the sum of
-every site's clipped per-user gradients (``central``: sites must trust the coordinator; ``server.central_noise``)."""
+every site's clipped per-user gradients (``central``: sites must trust the coordinator; ``server.central_noise``), or
+by the sites in shares summed by Flower's secure aggregation (``distributed``: sites must trust the SecAgg+ protocol;
+``server.distributed_noise``)."""
 CENTRAL_OPTIMIZERS = ("adam", "adam-bc", "sgd")
 """noise=central: what the server does with the noisy mean gradient (``server.central_noise``)."""
 MODEL_SELECTIONS = ("best-validation", "last")
@@ -78,8 +80,14 @@ class RunSettings:
         "where the DP noise is added: site (each site noises its own update; trusts no one) or central (one step "
         "per round: sites send the sum of their users' clipped gradients un-noised and the coordinator adds one "
         "noise for the whole federation; each site must trust the coordinator: node config "
-        "trust-coordinator-noise)",
+        "trust-coordinator-noise) or distributed (as central, but each site adds a share of the noise and the "
+        "coordinator sees only the sum, through Flower's SecAgg+; node config trust-secure-aggregation)",
         choices=NOISE_PLACEMENTS,
+    )
+    secure_aggregation_tolerated: int = setting(
+        1,
+        "noise=distributed: how many of the min-sites sites in each secure sum may drop out or collude with the "
+        "coordinator (together) while the sum still carries the full noise; must be below min-sites / 2",
     )
     central_optimizer: str = setting(
         "adam",
@@ -155,6 +163,13 @@ class RunSettings:
             f"noise='{self.noise}': use one of {', '.join(NOISE_PLACEMENTS)}" * (self.noise not in NOISE_PLACEMENTS),
             "noise='central' needs dp = true (the coordinator's noise is the privacy)"
             * (self.noise == "central" and not self.dp),
+            "noise='distributed' needs dp = true, fraction-sites = 1 and min-sites >= 3 (every site of the "
+            "federation in every secure sum)"
+            * (self.noise == "distributed" and (not self.dp or self.fraction_sites != 1 or self.min_sites < 3)),
+            f"secure-aggregation-tolerated={self.secure_aggregation_tolerated}: must be at least 0 and below "
+            f"min-sites / 2 (min-sites={self.min_sites})"
+            * (self.noise == "distributed"
+               and not 0 <= self.secure_aggregation_tolerated < self.min_sites - self.secure_aggregation_tolerated),
             f"central-optimizer='{self.central_optimizer}': use one of {', '.join(CENTRAL_OPTIMIZERS)}"
             * (self.central_optimizer not in CENTRAL_OPTIMIZERS),
             f"model-selection='{self.model_selection}': use one of {', '.join(MODEL_SELECTIONS)}"

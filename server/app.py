@@ -34,6 +34,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from client.clipped_sum import trainable_names
 from common.data.catalog import Catalog
 from common.federation import RunSettings
 from common.privacy.accounting import model_selection_statement
@@ -62,6 +63,7 @@ from common.utils.processes import die_with_parent, lock_run_folder
 from common.utils.progress import log
 from server.central_noise import CENTRAL_STATEMENT, central_strategy
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
+from server.distributed_noise import DISTRIBUTED_STATEMENT, distributed_strategy
 from server.evaluator import Evaluator, server_catalog, validation_line
 from server.strategy import PrivateAggregation, private_strategy
 
@@ -82,7 +84,8 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
     if not settings.dp:
         return {"dp": False, "epsilon": None, "delta": None, "per_site": {}, "guarantee": "NONE: trained without DP"}
     epsilon = max(site_epsilon.values(), default=0.0)
-    central = {"noise": "central", "trust": CENTRAL_STATEMENT} if settings.noise == "central" else {}
+    statement = {"central": CENTRAL_STATEMENT, "distributed": DISTRIBUTED_STATEMENT}.get(settings.noise)
+    central = {"noise": settings.noise, "trust": statement} if statement else {}
     return {
         **central,
         "dp": True,
@@ -93,7 +96,7 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
         "guarantee": (
             f"({epsilon:.3f}, {settings.delta:g})-DP for every user: users are disjoint across sites, so the global "
             "model's guarantee is the maximum over sites (site epsilons as reported by the sites; recompute them "
-            "from the sites' ledgers)" + (f". {CENTRAL_STATEMENT}" if central else "")
+            "from the sites' ledgers)" + (f". {statement}" if statement else "")
         ),
     }
 
@@ -127,7 +130,9 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "the model has no privacy guarantee"
         )
     strategy = (
-        central_strategy(settings, state.done, state.site_epsilon)
+        distributed_strategy(settings, trainable_names(model), state.done, state.site_epsilon)
+        if settings.noise == "distributed"
+        else central_strategy(settings, state.done, state.site_epsilon)
         if settings.noise == "central"
         else private_strategy(
             settings.server_optimizer,
@@ -290,6 +295,8 @@ def finish_run(
         "kind": "federated, "
         + ("NON-PRIVATE" if not settings.dp else
            "DP-FedSGD, one noise per step added by the coordinator" if settings.noise == "central" else
+           "DP-FedSGD, one noise per step added in shares by the sites, summed by SecAgg+"
+           if settings.noise == "distributed" else
            "DP-SGD at every site"),
         "stage": "test" if evaluator is not None else "not evaluated: the coordinator holds no held-out users",
         "run_id": run_id_for(out_dir),

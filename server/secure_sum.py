@@ -169,15 +169,15 @@ class _CollectSum(Strategy):
 
 def secure_sum(
     grid: Grid,
-    context: Context,
     server_round: int,
     arrays: ArrayRecord,
     config: ConfigRecord,
     protocol: SecureAggregation,
+    sum_names: list[str],
 ) -> SecureSum:
     """Send ``arrays`` and ``config`` to every site through SecAgg+ and return the sum of the vectors they reply.
 
-    Each site replies (``client.secure_aggregation``) a vector of the same names and shapes as ``arrays``; the
+    Each site replies (``client.secure_aggregation``) one array per name in ``sum_names``, in that order; the
     coordinator gets their sum only. Waits until ``protocol.sites`` sites are connected and asks that many.
     """
     client_manager = SimpleClientManager()
@@ -186,7 +186,7 @@ def secure_sum(
         client_manager.register(GridClientProxy(node_id=node_id, grid=grid, run_id=grid.run.run_id))
     scalars = bool | bytes | float | int | str
     collect = _CollectSum({key: value for key, value in config.items() if isinstance(value, scalars)})
-    scratch = Context(context.run_id, context.node_id, context.node_config, RecordDict(), context.run_config)
+    scratch = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
     legacy = LegacyContext(scratch, strategy=collect, client_manager=client_manager)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
@@ -197,6 +197,9 @@ def secure_sum(
     if collect.aggregate is None:
         return SecureSum(None, site_metrics, collect.failures)
     mean = parameters_to_ndarrays(collect.aggregate)
+    if len(mean) != len(sum_names):
+        wrong = f"the secure sum holds {len(mean)} arrays, not {len(sum_names)}"
+        return SecureSum(None, site_metrics, [*collect.failures, wrong])
     # weight 1 per site, max_weight 1: the workflow's weighted mean is the sum over the results divided by their count
-    total = {name: value * len(collect.results) for name, value in zip(arrays.keys(), mean, strict=True)}
+    total = {name: value * len(collect.results) for name, value in zip(sum_names, mean, strict=True)}
     return SecureSum(total, site_metrics, collect.failures)

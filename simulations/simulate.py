@@ -102,6 +102,8 @@ def write_site_node_configs(flower_home: Path, settings: RunSettings, resources:
             "delta": settings.delta,
             "allow-non-private": not settings.dp,
             "trust-coordinator-noise": settings.noise == "central",
+            "trust-secure-aggregation": settings.noise == "distributed",
+            "secure-aggregation-sites": settings.min_sites - settings.secure_aggregation_tolerated,
             "ledger-dir": str(Path(settings.out_dir) / LEDGER_DIR),
         }
         for site in range(resources.sites)

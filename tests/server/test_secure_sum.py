@@ -102,7 +102,7 @@ def coordinate(grid: Grid, context: Context) -> None:
     recording = RecordingGrid(grid)
     arrays = ArrayRecord({name: Array(np.zeros(shape, dtype=np.float32)) for name, shape in SHAPES.items()})
     protocol = SecureAggregation(SITES, tolerated=1, clipping_range=CLIPPING_RANGE)
-    OUTCOME["sum"] = secure_sum(recording, context, 1, arrays, ConfigRecord({"round": 1}), protocol)
+    OUTCOME["sum"] = secure_sum(recording, 1, arrays, ConfigRecord({"round": 1}), protocol, list(SHAPES))
     OUTCOME["replies"] = recording.replies
     OUTCOME["nodes"] = list(grid.get_node_ids())
 
