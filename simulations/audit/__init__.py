@@ -25,6 +25,7 @@ from common.errors import DataError
 from common.privacy.accounting import epsilon_from_history, model_selection_statement
 from common.run_files import LEDGER_DIR, ROUNDS_FILE, site_order
 from simulations.audit.accounting import independent_epsilons
+from simulations.audit.fallback import fallback_findings
 from simulations.audit.findings import Finding, exceeds
 from simulations.audit.ledgers import Entry, LedgerFile, check_chain, check_recorded_epsilons, check_rounds
 from simulations.audit.report import LIMITS, NOT_COVERED, AuditReport, SiteAudit
@@ -143,6 +144,7 @@ def _site_audit(
     if len(deltas) > 1:
         findings.append(Finding("note", f"site {site}", f"lines use several deltas {deltas}; composed at the largest"))
     history = [e.step for e in entries]
+    findings += fallback_findings(site, entries, delta)
     recomputed = independent_epsilons(history, delta)
     recorded = None if composed else float(entries[-1].data["epsilon_so_far"])
     for name, value in recomputed.items():
