@@ -7,18 +7,21 @@ shows what the coordinator held, without trusting our own code's account of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
-from flwr.compat.common import recorddict_compat as compat
+from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from client.secure_aggregation import STATE_NAMES, SUM_NAMES, secure_aggregation_mod, secure_reply
 from common.errors import ConfigError
 from server.secure_sum import SecureAggregation, SecureSum, secure_sum
 
@@ -82,46 +85,83 @@ def arrays_in(content: RecordDict) -> list[np.ndarray]:
 
 
 OUTCOME: dict[str, object] = {}
+DROPOUT: dict[str, object] = {}
 
-client_app = ClientApp(mods=[secaggplus_mod])
+
+def toy_round(
+    context: Context, config: Mapping[str, Any], weights: dict[str, torch.Tensor], names: list[str],
+    protocol: Mapping[str, Any],
+) -> tuple[RecordDict, dict[str, torch.Tensor]]:
+    """A site's round as client.app's distributed round returns it: its records and its private vector."""
+    if config.get("drop") == context.node_id:
+        raise RuntimeError("this site drops out after the keys were shared")
+    records = RecordDict({"metrics": MetricRecord({"declined": 0}), "site": ConfigRecord({"node": context.node_id})})
+    return records, {name: torch.from_numpy(site_vector(context.node_id)[name]) for name in names}
+
+
+client_app = ClientApp(mods=[secure_aggregation_mod])
 
 
 @client_app.train()
 def reply_vector(msg: Message, context: Context) -> Message:
-    """A site of the toy federation: replies its private vector as a legacy FitRes, as secaggplus_mod expects."""
-    vector = site_vector(context.node_id)
-    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(vector.values())), 1, {"node": context.node_id})
-    return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=msg)
+    """A site of the toy federation, through fedtail's SecAgg+ reply (Flower's secaggplus_mod behind the router)."""
+    return secure_reply(msg, context, partial(toy_round, context))
 
 
-server_app = ServerApp()
+def serve(outcome: dict[str, object], drop_first: bool) -> Callable[[Grid, Context], None]:
+    def coordinate(grid: Grid, context: Context) -> None:
+        recording = RecordingGrid(grid)
+        arrays = ArrayRecord({name: Array(np.zeros(shape, dtype=np.float32)) for name, shape in SHAPES.items()})
+        protocol = SecureAggregation(SITES, tolerated=1, clipping_range=CLIPPING_RANGE)
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < SITES:
+            time.sleep(0.5)
+            nodes = sorted(grid.get_node_ids())
+        config = ConfigRecord({STATE_NAMES: ",".join(SHAPES), SUM_NAMES: ",".join(SHAPES)})
+        if drop_first:
+            config["drop"] = nodes[0]
+        outcome["sum"] = secure_sum(recording, 1, arrays, config, protocol, list(SHAPES))
+        outcome["replies"] = recording.replies
+        outcome["nodes"] = nodes[1:] if drop_first else nodes
 
-
-@server_app.main()
-def coordinate(grid: Grid, context: Context) -> None:
-    recording = RecordingGrid(grid)
-    arrays = ArrayRecord({name: Array(np.zeros(shape, dtype=np.float32)) for name, shape in SHAPES.items()})
-    protocol = SecureAggregation(SITES, tolerated=1, clipping_range=CLIPPING_RANGE)
-    OUTCOME["sum"] = secure_sum(recording, 1, arrays, ConfigRecord({"round": 1}), protocol, list(SHAPES))
-    OUTCOME["replies"] = recording.replies
-    OUTCOME["nodes"] = list(grid.get_node_ids())
+    app = ServerApp()
+    app.main()(coordinate)
+    return app
 
 
 @pytest.fixture(scope="module")
 def federation() -> dict[str, object]:
-    run_simulation(server_app, client_app, num_supernodes=SITES, backend_config={"client_resources": {"num_cpus": 1}})
+    run_simulation(serve(OUTCOME, False), client_app, SITES, backend_config={"client_resources": {"num_cpus": 1}})
     return OUTCOME
 
 
+@pytest.fixture(scope="module")
+def federation_with_dropout() -> dict[str, object]:
+    run_simulation(serve(DROPOUT, True), client_app, SITES, backend_config={"client_resources": {"num_cpus": 1}})
+    return DROPOUT
+
+
 def test_coordinator_gets_the_sum(federation: dict[str, object]) -> None:
+    check_sum(federation, SITES)
+
+
+def test_a_tolerated_dropout_leaves_the_sum_of_the_others(federation_with_dropout: dict[str, object]) -> None:
+    """One site fails after the keys were shared (T = 1 of 4 tolerated): the others' masks are removed with the
+    shares of the dropped site's key and the coordinator gets the sum of the three sites left."""
+    check_sum(federation_with_dropout, SITES - 1)
+    result = federation_with_dropout["sum"]
+    assert isinstance(result, SecureSum) and len(result.failures) == 1
+
+
+def check_sum(federation: dict[str, object], sites: int) -> None:
     result = federation["sum"]
     assert isinstance(result, SecureSum) and result.total is not None
     nodes = federation["nodes"]
-    assert isinstance(nodes, list) and len(nodes) == SITES
+    assert isinstance(nodes, list) and len(nodes) == sites
     step = 2 * CLIPPING_RANGE / 2**22  # one quantisation step per site and coordinate
     for name in SHAPES:
         expected = sum(site_vector(node)[name] for node in nodes)
-        np.testing.assert_allclose(result.total[name], expected, atol=SITES * step)
+        np.testing.assert_allclose(result.total[name], expected, atol=sites * step)
     assert sorted(int(metrics["node"]) for metrics in result.site_metrics) == sorted(nodes)
 
 
