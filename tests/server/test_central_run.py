@@ -12,6 +12,7 @@ from common.recommender.model import SASRec
 from server.app import finish_round, keep_if_best, privacy_summary
 from server.central_noise import CENTRAL_STATEMENT, central_strategy
 from server.evaluator import Evaluator
+from simulations.report import format_federated_summary
 
 SETTINGS = dict(dataset="synthetic:users=120,items=80,seed=3", rounds=7, epsilon=4.0, delta=1e-4, hidden=16, heads=1,
                 blocks=1, max_len=10, noise="central", evaluate_every=3)
@@ -39,3 +40,9 @@ def test_the_summary_says_that_central_noise_trusts_the_coordinator() -> None:
     assert summary["noise"] == "central" and summary["trust"] == CENTRAL_STATEMENT
     assert "against the coordinator itself a site's release is NOT private" in summary["guarantee"]
     assert "noise" not in privacy_summary(RunSettings(**{**SETTINGS, "noise": "site"}), {"0": 3.9})
+
+
+def test_the_printed_summary_names_the_trust() -> None:
+    privacy = privacy_summary(RunSettings(**SETTINGS), {"0": 3.9})
+    metrics = {"overall": {"users": 1}, "groups": {group: {"users": 0} for group in ("tail", "torso", "head")}}
+    assert f"trust: {CENTRAL_STATEMENT}" in format_federated_summary({**metrics, "privacy": privacy})
