@@ -42,6 +42,8 @@ def clipped_sum(
     gives zeros. The model's weights are left as they were. The sampling
     generator is seeded from the operating system (``secret_generator``).
     """
+    if len(examples) == 0:  # nobody to sample (Opacus' sampler refuses an empty dataset): the sum is zero
+        return {name: torch.zeros_like(p).cpu() for name, p in model.named_parameters() if p.requires_grad}
     model.to(device).train()
     plan = RoundPlan(training.sample_rate, steps=1, noise_multiplier=0.0)
     privacy = PrivacyPlan(max_grad_norm=max_grad_norm, planned_rounds=1, noise_placement="central")

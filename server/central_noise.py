@@ -122,6 +122,29 @@ def reply_problem(reply: Message, global_weights: dict[str, torch.Tensor]) -> st
     return ""
 
 
+def sum_replies(
+    replies: Iterable[Message], global_weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[float], dict[str, str]]:
+    """The sum (float64) of the acceptable replies' clipped sums, the noise multiplier each of them requires, and
+    why each refused site's reply was refused. Failed replies (errors) are skipped: the caller records them."""
+    total: dict[str, torch.Tensor] = {}
+    required: list[float] = []
+    refused: dict[str, str] = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        site = str(reply.content.config_records["site"]["site-id"])
+        problem = reply_problem(reply, global_weights)
+        if problem:
+            refused[site] = f"refused the reply of site {site}: {problem}"
+            continue
+        required.append(float(scalar(reply.content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC])))
+        for name, array in reply.content.array_records["arrays"].items():
+            value = torch.from_numpy(array.numpy()).to(torch.float64)
+            total[name] = total[name] + value if name in total else value
+    return total, required, refused
+
+
 def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {name: torch.normal(0.0, std, tensor.shape, generator=generator) for name, tensor in like.items()}
 
@@ -159,33 +182,17 @@ class CentralSum(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self.refused = {}
-        total: dict[str, torch.Tensor] = {}
-        required = [self.noise_multiplier]
-        summed = 0
-        for reply in replies:
-            if reply.has_error():
-                continue  # PrivateAggregation recorded it
-            site = str(reply.content.config_records["site"]["site-id"])
-            problem = reply_problem(reply, self.global_weights)
-            if problem:
-                self.refused[site] = f"refused the reply of site {site}: {problem}"
-                continue
-            required.append(float(scalar(reply.content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC])))
-            for name, array in reply.content.array_records["arrays"].items():
-                value = torch.from_numpy(array.numpy()).to(torch.float64)
-                total[name] = total[name] + value if name in total else value
-            summed += 1
-        if not summed:
+        total, required, self.refused = sum_replies(replies, self.global_weights)
+        if not required:
             return None, None
-        sigma = max(required)
+        sigma = max(self.noise_multiplier, *required)
         self.last_noise_multiplier = sigma
         generator = torch.Generator().manual_seed(secrets.randbits(63))  # never a seed the sites could know
         noise = gaussian_noise(total, sigma * self.max_grad_norm, generator)
         mean = {name: ((total[name] + noise[name].to(torch.float64)) / self.batch_size).float() for name in total}
         self.optimizer.noise_variance = (sigma * self.max_grad_norm / self.batch_size) ** 2
         updated = self.optimizer.step(self.global_weights, mean)
-        return ArrayRecord(updated), MetricRecord({"sites-summed": summed, "noise-multiplier": sigma})
+        return ArrayRecord(updated), MetricRecord({"sites-summed": len(required), "noise-multiplier": sigma})
 
 
 class CentralNoise(PrivateAggregation, CentralSum):
