@@ -67,7 +67,11 @@ class SiteAudit:
 
     @property
     def trusts_coordinator(self) -> bool:
-        return any(not text.startswith("site:") for text in self.trust)
+        return any(text.startswith("central:") for text in self.trust)
+
+    @property
+    def trusts_secure_aggregation(self) -> bool:
+        return any(text.startswith("distributed:") for text in self.trust)
 
     @property
     def epsilon(self) -> float:
@@ -167,7 +171,10 @@ def assumptions() -> dict[str, str]:
         "sampled users' clipped gradients (one step per line); the ledger's noise multiplier is that of the noise "
         "the coordinator adds once to the sum over all sites, so the epsilon holds only against those who see the "
         "global models, and only if the coordinator added that noise; against the coordinator itself a central "
-        "release is NOT private",
+        "release is NOT private. distributed: the site added a share of that noise to its sum and sent it through "
+        "Flower's secure aggregation (SecAgg+); the epsilon holds against everyone, the coordinator included, if "
+        "the coordinator saw only the sum (it followed the protocol) and enough sites' shares were in it; otherwise "
+        "the site's fallback epsilon (its own share alone, stated per site in the findings) is what holds",
     }
 
 
@@ -177,6 +184,7 @@ def global_statement(report: AuditReport) -> str:
     if report.epsilon is None:
         return "NO GUARANTEE CAN BE STATED: no ledger lines were found"
     central = [site.site for site in report.sites.values() if site.trusts_coordinator]
+    distributed = [site.site for site in report.sites.values() if site.trusts_secure_aggregation]
     return (
         f"({report.epsilon:.3f}, {report.delta:g})-DP for every user, user-level, add/remove-one-user neighbouring, "
         f"over {len(report.sites)} site(s); tier: {tier(report.epsilon)}"
@@ -184,6 +192,12 @@ def global_statement(report: AuditReport) -> str:
             f". ASSUMES the coordinator added the noise for site(s) {', '.join(central)} (central noise): against "
             "the coordinator itself their releases are NOT private"
             if central else ""
+        )
+        + (
+            f". ASSUMES Flower's secure aggregation showed the coordinator only the sum of the noise shares for "
+            f"site(s) {', '.join(distributed)} (distributed noise): if it did not, each of their releases is "
+            "protected by its own share alone (fallback epsilon in the findings)"
+            if distributed else ""
         )
         + ("" if report.passed else ". THE AUDIT FAILED: see the findings; this statement cannot be relied on")
     )
