@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
+from client.app import distributed_round
 from client.policy import SitePolicy
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from client.secure_aggregation import (
@@ -34,6 +36,7 @@ from common.privacy.ledger import Ledger
 from common.recommender.model import ModelConfig, SASRec
 from simulations.audit.fallback import fallback_findings
 from simulations.audit.ledgers import check_chain
+from tests.client.test_hostile_coordinator import _node, _settings, _site
 
 SITES, TOLERATED = 5, 2
 SHARES = SITES - TOLERATED
@@ -171,3 +174,56 @@ def test_the_ledger_records_the_share_and_the_fallback_epsilon_and_the_audit_rec
         **{**ledger_file.entries[-1].__dict__, "data": {**entries[-1], "fallback_epsilon_so_far": fallback / 2}}
     )]
     assert any(f.severity == "error" and "UNDERSTATED" in f.message for f in fallback_findings("0", lowered, 1e-4))
+
+
+def _round(tmp_path: Path, users: int, node_overrides: dict, protocol: dict) -> tuple[RecordDict, dict]:
+    data, catalog = _site(tmp_path, users)
+    settings = _settings(noise="distributed", min_sites=SITES, secure_aggregation_tolerated=TOLERATED)
+    weights = SASRec(settings.model_config(catalog.num_items)).state_dict()
+    names = [name for name, p in SASRec(settings.model_config(catalog.num_items)).named_parameters()
+             if p.requires_grad]
+    config = {"server-round": 1, "run-id": "r1", "catalog-sha256": catalog.fingerprint(),
+              "flwr-version": version("flwr")}
+    context = Context(run_id=1, node_id=1, node_config=_node(tmp_path, data, **node_overrides), state=RecordDict(),
+                      run_config=settings.to_run_config())
+    return distributed_round(context, config, weights, names, protocol)
+
+
+def _share_std(shares: int) -> float:
+    settings = _settings(noise="distributed", min_sites=SITES, secure_aggregation_tolerated=TOLERATED)
+    plan = plan_round(LocalTraining.from_settings(settings), PrivacyPlan.from_settings(settings, SitePolicy(
+        delta=1e-5, secure_aggregation_sites=shares)))
+    return share_noise_multiplier(plan.noise_multiplier, shares) * settings.max_grad_norm
+
+
+TRUSTING = {"trust-secure-aggregation": "true", "secure-aggregation-sites": SHARES}
+
+
+@pytest.mark.parametrize(
+    ("node", "protocol", "reason", "shares"),
+    [
+        ({}, PROTOCOL, "trust-secure-aggregation = false", 1),  # no opt-in: a full noise of its own
+        (TRUSTING, {**PROTOCOL, "threshold": 2}, "completes with as few as 2", SHARES),
+        (TRUSTING, {**PROTOCOL, "clipping_range": 1.0}, "clips at 1", SHARES),
+    ],
+)
+def test_a_declining_site_sends_pure_noise_of_its_share(tmp_path: Path, node: dict, protocol: dict,
+                                                         reason: str, shares: int) -> None:
+    """Declined on public input (no opt-in, a protocol the site refuses): no data is used, the reply says why,
+    and the vector is pure noise of the share's size, so the others' sum keeps its noise."""
+    records, vector = _round(tmp_path, 40, node, protocol)
+    assert records["metrics"]["declined"] == 1 and reason in str(records["site"]["reason"])
+    noise = torch.cat([value.flatten() for value in vector.values()])
+    assert abs(float(noise.std()) / _share_std(shares) - 1) < 0.1
+    assert abs(float(noise.mean())) < 0.1 * _share_std(shares)
+    assert Ledger(tmp_path / "ledger" / "site-north.jsonl").entries() == []  # nothing trained, nothing spent
+
+
+def test_a_trusting_site_sends_its_noisy_share_and_a_public_reply(tmp_path: Path) -> None:
+    replies = [_round(tmp_path / str(users), users, TRUSTING, {**PROTOCOL, "clipping_range": 1e4})
+               for users in (40, 41)]
+    for records, vector in replies:
+        assert records["metrics"]["declined"] == 0 and vector
+    public = [({k: v for k, v in records["metrics"].items()}, {k: v for k, v in records["site"].items()
+                                                                if k != "ledger-hash"}) for records, _ in replies]
+    assert public[0] == public[1]  # nothing in the reply depends on the user count
