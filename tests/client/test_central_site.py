@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.clipped_sum import clipped_sum, trainable_names
 from client.round_plan import LocalTraining
+from client.shard import simulated_shard
 from client.site_round import CENTRAL_TRUST
 from common.data.split import training_examples
 from common.privacy.accounting import GRAD_SAMPLE_MODES, calibrate_noise, epsilon_from_history
@@ -113,3 +114,11 @@ def test_two_central_sites_that_differ_by_one_user_reply_identically_outside_the
     assert replies[0] == replies[1]
     declined = [reply["metrics"]["declined"] for reply in replies[0]]
     assert declined == ([0, 0, 0] if max_epsilon == 8.0 else [0, 0, 1]), declined
+
+
+def test_a_sites_examples_are_read_and_split_once_per_process() -> None:
+    """A one-step round must not pay for reading and splitting the site's data again."""
+    spec = ("synthetic:users=60,items=90,seed=4", 0, "uniform", 0)
+    first = simulated_shard(*spec, 1, 3, 8)
+    assert simulated_shard(*spec, 1, 3, 8) is first
+    assert simulated_shard(*spec, 2, 3, 8) is not first
