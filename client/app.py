@@ -16,6 +16,11 @@ Before reading any private data the site checks, on public input alone,
 that the run asks nothing its policy forbids and that the coordinator's
 weights are finite and bounded; otherwise it declines and says why.
 
+Under ``noise = central`` the site trains only if its node config trusts the
+coordinator to add the noise; its reply then holds the round's un-noised sum of
+clipped per-user gradients in place of weights, and the noise multiplier of the
+total noise its epsilon assumes (``noise-multiplier``).
+
 A reply holds only: the trained weights, the site's id, its epsilon so far,
 whether it trained with DP, the declared weight, when it declines, why, and
 its ledger's head after the round (line count and the last line's hash, a
@@ -31,18 +36,29 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.catalog_memory import check_extends_trained, remember_trained
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
 from client.popularity import release_site_popularity
-from client.round_plan import LocalTraining, PrivacyPlan
+from client.round_plan import LocalTraining, PrivacyPlan, plan_round
+from client.secure_aggregation import (
+    clipping_range,
+    is_secure_round,
+    noise_share,
+    protocol_problem,
+    secure_aggregation_mod,
+    secure_reply,
+)
 from client.shard import SiteShard, deployed_shard, simulated_shard
 from client.site_round import RoundOutcome, train_site_round
 from common.data.catalog import Catalog
@@ -57,12 +73,14 @@ from common.utils import timeline
 from common.utils.progress import log
 from common.utils.records import scalar
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])  # other messages pass it unchanged
 logger = logging.getLogger("fedtail.client")
 
 REPLY_METRICS = ("weight", "epsilon", "dp", "declined", "ledger-lines")
 REPLY_SITE_FIELDS = ("site-id", "reason", "ledger-hash")
 LEDGER_HEAD = "ledger-head"
+CENTRAL_NOISE_METRIC = "noise-multiplier"
+"""noise=central: the multiplier of the total noise the site's epsilon assumes; the coordinator adds at least that."""
 TRAINING_TIME = re.compile(r"fedtail-site (?P<site>\S+) round (?P<round>\d+): local training (?P<seconds>[\d.]+)s")
 """The site's own log line per round: for its operator, and the benchmark's measure of pure training time.
 Not "fedtail:"-prefixed, so `fedtail simulate` keeps it in flower.log instead of echoing one line per site."""
@@ -140,7 +158,7 @@ def check_ledger_continuity(state: RecordDict, ledger: Ledger) -> None:
             )
 
 
-def check_coordinator(config: ConfigRecord, catalog: Catalog) -> None:
+def check_coordinator(config: Mapping[str, Any], catalog: Catalog) -> None:
     """Refuse a round from a coordinator on another Flower version or catalogue, before loading its weights.
 
     Weights for another catalogue would load whenever the sizes agree, and
@@ -168,19 +186,39 @@ def remember_ledger_head(state: RecordDict, ledger: Ledger) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_secure_round(msg):  # noise = distributed: the collect stage of Flower's SecAgg+, in legacy records
+        return secure_reply(msg, context, partial(distributed_round, context))
+    config = msg.content.config_records["config"]
+    content, _, _ = site_round(context, config, msg.content.array_records["arrays"].to_torch_state_dict())
+    return Message(content, reply_to=msg)
+
+
+def site_round(
+    context: Context,
+    config: Mapping[str, Any],
+    global_weights: dict[str, torch.Tensor],
+    protocol_refusal: Callable[[SitePolicy, RunSettings], str] | None = None,
+) -> tuple[RecordDict, RoundOutcome, Site]:
+    """One round at this site from the coordinator's config and weights: the reply's records, the outcome, the site.
+
+    ``protocol_refusal`` adds a reason to decline, decided like the others on public input before any data is read.
+    """
     timeline.reset()
     entered = time.time()
     settings = RunSettings.from_run_config(context.run_config)
     site = site_from_context(dict(context.node_config), settings)
     check_ledger_continuity(context.state, site.ledger)
-    config = msg.content.config_records["config"]
     round_number = int(scalar(config["server-round"]))
-    global_weights = msg.content.array_records["arrays"].to_torch_state_dict()
-    refusal = site.policy.decline_reason(settings) or incoming_weights_problem(global_weights, site.policy)
+    refusal = (
+        site.policy.decline_reason(settings)
+        or incoming_weights_problem(global_weights, site.policy)
+        or (protocol_refusal(site.policy, settings) if protocol_refusal else "")
+    )
     if refusal:  # decided on public input alone, before the site's data is read
         spent = site.ledger.epsilon(site.policy.delta)
         logger.warning("site %s round %d: %s", site.site_id, round_number, refusal)
-        return Message(reply_content(RoundOutcome(None, spent, refusal), site, settings.dp), reply_to=msg)
+        declined = RoundOutcome(None, spent, refusal)
+        return reply_content(declined, site, settings.dp), declined, site
     with timeline.stage("data"):
         shard = site.load_shard()
     check_coordinator(config, shard.catalog)
@@ -207,11 +245,43 @@ def train(msg: Message, context: Context) -> Message:
     remember_ledger_head(context.state, site.ledger)
     if outcome.state_dict is not None:
         remember_trained(site.ledger.path, shard.catalog)
+    content = reply_content(outcome, site, settings.dp)
     if outcome.state_dict is None:
         logger.warning("site %s round %d: %s", site.site_id, round_number, outcome.declined_reason)
     elif not settings.dp:
         logger.warning("site %s round %d: NON-PRIVATE update sent (dp = false)", site.site_id, round_number)
-    return Message(reply_content(outcome, site, settings.dp), reply_to=msg)
+    elif settings.noise in ("central", "distributed"):  # the total noise its epsilon assumes (public: settings alone)
+        plan = plan_round(LocalTraining.from_settings(settings), PrivacyPlan.from_settings(settings, site.policy))
+        content.metric_records["metrics"][CENTRAL_NOISE_METRIC] = plan.noise_multiplier
+    return content, outcome, site
+
+
+def distributed_round(
+    context: Context,
+    config: Mapping[str, Any],
+    global_weights: dict[str, torch.Tensor],
+    sum_names: list[str],
+    protocol: Mapping[str, Any],
+) -> tuple[RecordDict, dict[str, torch.Tensor]]:
+    """``noise = distributed``: the round, and the vector to mask: the noisy share, or pure noise when declined
+    (so that every sum keeps the noise of every site in it, whatever it trained)."""
+
+    def share_plan(policy: SitePolicy, settings: RunSettings) -> tuple[float, int]:
+        plan = plan_round(LocalTraining.from_settings(settings), PrivacyPlan.from_settings(settings, policy))
+        return plan.noise_multiplier, int(policy.secure_aggregation_sites)
+
+    def refusal(policy: SitePolicy, settings: RunSettings) -> str:
+        noise_multiplier, shares = share_plan(policy, settings)
+        needed = clipping_range(settings.max_grad_norm, settings.batch_size, noise_multiplier, shares)
+        return protocol_problem(protocol, shares, needed)
+
+    content, outcome, site = site_round(context, config, global_weights, refusal)
+    if outcome.state_dict is not None:
+        return content, outcome.state_dict
+    settings = RunSettings.from_run_config(context.run_config)
+    noise_multiplier, shares = share_plan(site.policy, settings)
+    zeros = {name: torch.zeros_like(global_weights[name], dtype=torch.float64) for name in sum_names}
+    return content, noise_share(zeros, settings.max_grad_norm, settings.batch_size, noise_multiplier, shares)
 
 
 @app.query()

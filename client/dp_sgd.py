@@ -139,6 +139,19 @@ def private_step(
     the accountant counted it); with physical batch splitting, the pieces before
     the last one of a logical batch only accumulate clipped gradients.
     """
+    backward_clipped(private, inputs, targets, piece_users)
+    private.optimizer.step()
+    return not private.optimizer._is_last_step_skipped  # Opacus' own flag; no public accessor in 1.6
+
+
+def backward_clipped(
+    private: PrivateTraining, inputs: torch.Tensor, targets: torch.Tensor, piece_users: int = PIECE_USERS
+) -> None:
+    """The batch's backward passes, in length-sorted pieces where the mode sums over them; the optimizer clips.
+
+    Afterwards ghost clipping holds the batch's clipped sum in ``.grad``, the
+    hooks mode each user's gradient in ``grad_sample`` (clipped by the optimizer).
+    """
     if private.sums_over_pieces:
         pieces = length_sorted_pieces(inputs, targets, piece_users)
     else:
@@ -146,8 +159,6 @@ def private_step(
     private.optimizer.zero_grad(set_to_none=True)
     for piece_inputs, piece_targets in pieces:
         private.loss(piece_inputs, piece_targets).backward()  # ghost clipping adds each piece's clipped sum to .grad
-    private.optimizer.step()
-    return not private.optimizer._is_last_step_skipped  # Opacus' own flag; no public accessor in 1.6
 
 
 @contextmanager

@@ -25,7 +25,21 @@ the file ``fedtail simulate`` writes for its simulated sites, see
   coordinator; with it the forward pass provably stays finite
   (``common.recommender.model.activation_bound``);
 - ``fedavg-weight``: the public weight of this site's update in FedAvg (the
-  exact user count is never sent).
+  exact user count is never sent);
+- ``trust-coordinator-noise``: whether this site trains under ``noise =
+  central`` (default false: such a run is declined). It then sends the
+  coordinator the *un-noised* sum of its users' clipped gradients and relies
+  on the coordinator to add the noise: against the coordinator itself, that
+  release is not private;
+- ``trust-secure-aggregation``: whether this site trains under ``noise =
+  distributed`` (default false: such a run is declined): it then adds its share
+  of the noise to its sum and relies on Flower's SecAgg+ to show the
+  coordinator only the sum over the sites (``client.secure_aggregation``);
+- ``secure-aggregation-sites``: under ``distributed``, the fewest sites whose
+  noise shares the site assumes every sum holds (the federation's sites less
+  those that may drop out or collude); its share carries 1 / that of the noise
+  variance, and it declines a protocol whose threshold allows fewer. Default 1:
+  a full noise of its own (no gain, no assumption).
 """
 
 from __future__ import annotations
@@ -60,6 +74,9 @@ class SitePolicy:
     fedavg_weight: float = 1.0
     window_epsilon: float = 0.0
     """0: off (a run may spend up to what is left of max-epsilon, round by round)."""
+    trust_coordinator_noise: bool = False
+    trust_secure_aggregation: bool = False
+    secure_aggregation_sites: float = 1.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -72,6 +89,8 @@ class SitePolicy:
             * (not (math.isfinite(self.fedavg_weight) and self.fedavg_weight > 0)),
             f"window-epsilon={self.window_epsilon}: must be 0 (off) or in (0, max-epsilon={self.max_epsilon}]"
             * (not 0 <= self.window_epsilon <= self.max_epsilon),
+            f"secure-aggregation-sites={self.secure_aggregation_sites}: must be a whole number, at least 1"
+            * (not (self.secure_aggregation_sites >= 1 and float(self.secure_aggregation_sites).is_integer())),
         ]
         problems = [problem for problem in problems if problem]
         if problems:
@@ -95,6 +114,18 @@ class SitePolicy:
             return (
                 "declined: the run asks for training without differential privacy (dp = false); this site's "
                 "node config does not allow it (allow-non-private = false)"
+            )
+        if settings.noise == "central" and not self.trust_coordinator_noise:
+            return (
+                "declined: the run asks for noise = central, where this site would send the coordinator the sum of "
+                "its users' clipped gradients WITHOUT noise and trust it to add the noise; this site's node config "
+                "does not trust the coordinator with that (trust-coordinator-noise = false)"
+            )
+        if settings.noise == "distributed" and not self.trust_secure_aggregation:
+            return (
+                "declined: the run asks for noise = distributed, where this site would add only a share of the noise "
+                "and rely on Flower's secure aggregation (SecAgg+) to show the coordinator nothing but the sum over "
+                "the sites; this site's node config does not trust that protocol (trust-secure-aggregation = false)"
             )
         if settings.dp and settings.delta != self.delta:
             return (

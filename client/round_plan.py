@@ -8,6 +8,10 @@ adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` to the sum. The
 noise multiplier is calibrated so that *all planned rounds together* cost the
 target epsilon. Nothing here depends on how many users a site has: the
 coordinator sees these numbers (through epsilon), so they must not.
+
+With ``noise = central`` (or ``distributed``) a round is exactly one step, whose noise the
+coordinator adds once over all sites' sums: the noise multiplier is then that
+of the total noise, calibrated on ``rounds`` steps at the same public rate.
 """
 
 from __future__ import annotations
@@ -72,15 +76,22 @@ class PrivacyPlan:
     whole_run: bool = False
     """Check the run's remaining rounds against the budget at once (a site with a window-epsilon): a window that
     would cross the lifetime cap is declined whole rather than trained in part."""
+    noise_placement: str = RunSettings.noise
+    """Who adds the noise: the site (``site``) or the coordinator, once over all sites' sums (``central``), or the
+    sites in shares summed by secure aggregation (``distributed``)."""
+    noise_shares: int = 1
+    """``distributed``: the fewest sites' noise shares every sum holds (the site's node config); each share then has
+    1 / noise_shares of the total noise's variance."""
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
         """The run's target under the site's own budget and delta (``client.policy`` declined any other delta)."""
         if policy is None:
             return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds,
-                       popularity_share=settings.popularity_share)
+                       popularity_share=settings.popularity_share, noise_placement=settings.noise)
         return cls(settings.dp, settings.epsilon, policy.delta, settings.max_grad_norm, settings.rounds,
-                   policy.max_epsilon, settings.popularity_share, policy.window_epsilon > 0)
+                   policy.max_epsilon, settings.popularity_share, policy.window_epsilon > 0, settings.noise,
+                   int(policy.secure_aggregation_sites))
 
     @property
     def budget(self) -> float:
@@ -97,7 +108,8 @@ class RoundPlan:
 
 
 def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
-    steps = max(1, math.ceil(training.local_epochs / training.sample_rate))
+    central = privacy.noise_placement in ("central", "distributed")
+    steps = 1 if central else max(1, math.ceil(training.local_epochs / training.sample_rate))
     noise = 0.0
     if privacy.enabled and privacy.popularity_share > 0:  # the target covers the popularity release too
         before = popularity_step(privacy.target_epsilon, privacy.delta, privacy.popularity_share)

@@ -1,9 +1,10 @@
 """Where a site's users come from: a simulated partition, or the site's own file.
 
-Loading and partitioning are cached per process: a simulation's site processes and a deployed site's warm runtime
-(``client.runtime``) serve many rounds, and re-reading data every round would dominate a small round's time. A
-deployed site's cache is keyed by its files' fingerprints (size, modification time, inode), so a site that edits its
-data or receives a new catalogue trains on the new files from the next round on, without restarting.
+Loading, partitioning and each site's training examples are cached per process: a simulation's site processes and
+a deployed site's warm runtime (``client.runtime``) serve many rounds, and re-reading data every round would dominate
+a small round's time (a ``noise = central`` round is one step). A deployed site's cache is keyed by its files'
+fingerprints (size, modification time, inode), so a site that edits its data or receives a new catalogue trains on
+the new files from the next round on, without restarting. The cached tensors are never modified by training.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _federation(
     return catalog, sequences, sites
 
 
+@lru_cache(maxsize=32)
 def simulated_shard(
     spec: str, kcore: int, scheme: str, seed: int, partition_id: int, num_partitions: int, max_len: int,
     catalog_path: str = "",

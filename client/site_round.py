@@ -12,24 +12,36 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Any
 
 import torch
 
+from client.clipped_sum import clipped_sum
 from client.dp_sgd import train_non_private, train_private
 from client.replay import ReleasedUpdate, weights_fingerprint
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
+from client.secure_aggregation import DISTRIBUTED_TRUST, noise_share, share_noise_multiplier
 from common.data.split import TrainingExamples
 from common.errors import ConfigError
 from common.privacy.accounting import ACCOUNTANT, MechanismStep, epsilon_from_history
+from common.privacy.fallback import fallback_epsilon
 from common.privacy.ledger import Ledger, Spend
 from common.recommender.model import SASRec
 
 BUDGET_TOLERANCE = 1e-9
+CENTRAL_TRUST = (
+    "the coordinator: this site sent it the un-noised sum of its sampled users' clipped gradients, and the epsilon "
+    "holds only if the coordinator added Gaussian noise of std noise_multiplier x max_grad_norm once to the sum over "
+    "all sites; against the coordinator itself this release is NOT private"
+)
 
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """``state_dict`` is None when the site declined; ``epsilon`` is the site's total after this round."""
+    """``state_dict`` is None when the site declined; ``epsilon`` is the site's total after this round.
+
+    Under ``noise = central`` ``state_dict`` is not weights but the round's sum of clipped per-user gradients of the
+    trainable parameters (``client.clipped_sum``)."""
 
     state_dict: dict[str, torch.Tensor] | None
     epsilon: float
@@ -53,7 +65,8 @@ def train_site_round(
     Under DP every outcome (trained, replayed, declined for the budget) and
     every number in it is a function of public values and of the ledger's
     history, never of how many users the site has: a site with no users at
-    all trains too, and releases pure noise.
+    all trains too, and releases pure noise (under ``noise = central``: a sum
+    of zeros, which the coordinator's noise covers as it covers any sum).
     """
     torch.manual_seed(seed)  # dropout and the like: public randomness is fine there
     if not privacy.enabled:
@@ -76,7 +89,27 @@ def train_site_round(
     refusal = over_budget(history, (plan.noise_multiplier, plan.sample_rate, plan.steps), privacy, what, checked)
     if refusal:
         return RoundOutcome(None, spent, refusal)
-    noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
+    placement: dict[str, Any] = {}
+    if privacy.noise_placement in ("central", "distributed"):
+        weights = clipped_sum(model, examples, training, privacy.max_grad_norm, device)
+        noise_multiplier, sample_rate, steps = plan.noise_multiplier, plan.sample_rate, plan.steps
+        placement = {"noise_placement": "central", "trust": CENTRAL_TRUST}
+        if privacy.noise_placement == "distributed":
+            weights = noise_share(
+                weights, privacy.max_grad_norm, training.batch_size, noise_multiplier, privacy.noise_shares
+            )
+            share = share_noise_multiplier(noise_multiplier, privacy.noise_shares)
+            line = {"noise_placement": "distributed", "share_noise_multiplier": share, "sample_rate": sample_rate,
+                    "steps": steps}
+            placement = {
+                "noise_placement": "distributed",
+                "trust": DISTRIBUTED_TRUST,
+                "share_noise_multiplier": share,
+                "fallback_epsilon_so_far": fallback_epsilon([*ledger.entries(), line], privacy.delta),
+            }
+    else:
+        noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
+        weights = _weights(model)
     entry = ledger.append(
         Spend(
             run_id=run_id,
@@ -90,9 +123,9 @@ def train_site_round(
             accountant=ACCOUNTANT,
             library_versions=library_versions(),
             users=len(examples),
+            **placement,
         )
     )
-    weights = _weights(model)
     released.save(run_id, round_number, global_fingerprint, weights)
     return RoundOutcome(weights, float(entry["epsilon_so_far"]))  # composed at privacy.delta, as the ledger line
 

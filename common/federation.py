@@ -21,6 +21,13 @@ from common.recommender.model import ModelConfig, ModelOptions
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
+NOISE_PLACEMENTS = ("site", "central", "distributed")
+"""Where the DP noise is added: each site on its own update (``site``), or once by the coordinator over the sum of
+every site's clipped per-user gradients (``central``: sites must trust the coordinator; ``server.central_noise``), or
+by the sites in shares summed by Flower's secure aggregation (``distributed``: sites must trust the SecAgg+ protocol;
+``server.distributed_noise``)."""
+CENTRAL_OPTIMIZERS = ("adam", "adam-bc", "sgd")
+"""noise=central: what the server does with the noisy mean gradient (``server.central_noise``)."""
 MODEL_SELECTIONS = ("best-validation", "last")
 """Which round's global model the run keeps. Choosing by the server's held-out validation users is
 post-processing of released models, so it costs no privacy; without an evaluator it is the last round."""
@@ -82,6 +89,31 @@ class RunSettings:
     seed: int = setting(0, "seed of the partition, the initial model and dropout (public randomness only)")
     out_dir: str = setting("runs/flwr-run", "the run folder", cli=False)
     rounds: int = setting(10, "federated rounds (noise is calibrated on all of them together)")
+    evaluate_every: int = setting(
+        1, "validate the global model every N rounds, and always after the last one (model selection chooses "
+        "among the validated rounds)"
+    )
+    noise: str = setting(
+        "site",
+        "where the DP noise is added: site (each site noises its own update; trusts no one) or central (one step "
+        "per round: sites send the sum of their users' clipped gradients un-noised and the coordinator adds one "
+        "noise for the whole federation; each site must trust the coordinator: node config "
+        "trust-coordinator-noise) or distributed (as central, but each site adds a share of the noise and the "
+        "coordinator sees only the sum, through Flower's SecAgg+; node config trust-secure-aggregation)",
+        choices=NOISE_PLACEMENTS,
+    )
+    secure_aggregation_tolerated: int = setting(
+        1,
+        "noise=distributed: how many of the min-sites sites in each secure sum may drop out or collude with the "
+        "coordinator (together) while the sum still carries the full noise; must be below min-sites / 2",
+    )
+    central_optimizer: str = setting(
+        "adam",
+        "noise=central: the server's optimizer on the noisy mean gradient: adam (DP-Adam), adam-bc (DP-Adam with "
+        "the noise variance taken out of its second moment, Tang et al. AAAI 2024), sgd (with server-momentum); "
+        "server-lr is its learning rate, server-momentum its beta_1 or momentum",
+        choices=CENTRAL_OPTIMIZERS,
+    )
     model_selection: str = setting(
         "best-validation", "keep the round with the best validation NDCG@10, or the last round",
         choices=MODEL_SELECTIONS,
@@ -108,7 +140,9 @@ class RunSettings:
         "from a site's user count); a round is ceil(local-epochs / sample-rate) steps",
     )
     batch_size: int = setting(
-        64, "DP: the public divisor of each step's noisy sum (about users x sample-rate); without DP: users per step"
+        64,
+        "DP: the public divisor of each step's noisy sum (about users x sample-rate; with noise=central the "
+        "expected federation batch, all sites' users x sample-rate); without DP: users per step",
     )
     local_epochs: float = setting(1.0, "local passes over a site's users per round")
     learning_rate: float = setting(
@@ -148,6 +182,19 @@ class RunSettings:
             "dataset='' (no evaluation at the server) needs catalog-path"
             * (not self.dataset and not self.catalog_path),
             f"rounds={self.rounds}: must be at least 1" * (self.rounds < 1),
+            f"evaluate-every={self.evaluate_every}: must be at least 1" * (self.evaluate_every < 1),
+            f"noise='{self.noise}': use one of {', '.join(NOISE_PLACEMENTS)}" * (self.noise not in NOISE_PLACEMENTS),
+            "noise='central' needs dp = true (the coordinator's noise is the privacy)"
+            * (self.noise == "central" and not self.dp),
+            "noise='distributed' needs dp = true, fraction-sites = 1 and min-sites >= 3 (every site of the "
+            "federation in every secure sum)"
+            * (self.noise == "distributed" and (not self.dp or self.fraction_sites != 1 or self.min_sites < 3)),
+            f"secure-aggregation-tolerated={self.secure_aggregation_tolerated}: must be at least 0 and below "
+            f"min-sites / 2 (min-sites={self.min_sites})"
+            * (self.noise == "distributed"
+               and not 0 <= self.secure_aggregation_tolerated < self.min_sites - self.secure_aggregation_tolerated),
+            f"central-optimizer='{self.central_optimizer}': use one of {', '.join(CENTRAL_OPTIMIZERS)}"
+            * (self.central_optimizer not in CENTRAL_OPTIMIZERS),
             f"model-selection='{self.model_selection}': use one of {', '.join(MODEL_SELECTIONS)}"
             * (self.model_selection not in MODEL_SELECTIONS),
             f"fraction-sites={self.fraction_sites}: must be in (0, 1]" * (not 0 < self.fraction_sites <= 1),

@@ -35,6 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from client.clipped_sum import trainable_names
 from common.data.catalog import Catalog
 from common.federation import RunSettings
 from common.privacy.accounting import model_selection_statement
@@ -63,7 +64,9 @@ from common.utils.files import write_json
 from common.utils.plot import write_round_plot
 from common.utils.processes import die_with_parent, lock_run_folder
 from common.utils.progress import log
+from server.central_noise import CENTRAL_STATEMENT, central_strategy
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
+from server.distributed_noise import DISTRIBUTED_STATEMENT, distributed_strategy
 from server.evaluator import Evaluator, server_catalog, validation_line
 from server.polling_grid import PollingGrid
 from server.popularity import (
@@ -92,7 +95,10 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
     if not settings.dp:
         return {"dp": False, "epsilon": None, "delta": None, "per_site": {}, "guarantee": "NONE: trained without DP"}
     epsilon = max(site_epsilon.values(), default=0.0)
+    statement = {"central": CENTRAL_STATEMENT, "distributed": DISTRIBUTED_STATEMENT}.get(settings.noise)
+    central = {"noise": settings.noise, "trust": statement} if statement else {}
     return {
+        **central,
         "dp": True,
         "epsilon": epsilon,
         "delta": settings.delta,
@@ -101,7 +107,7 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
         "guarantee": (
             f"({epsilon:.3f}, {settings.delta:g})-DP for every user: users are disjoint across sites, so the global "
             "model's guarantee is the maximum over sites (site epsilons as reported by the sites; recompute them "
-            "from the sites' ledgers)"
+            "from the sites' ledgers)" + (f". {statement}" if statement else "")
         ),
     }
 
@@ -139,15 +145,21 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "fedtail: WARNING: dp = false: sites train WITHOUT differential privacy; "
             "the model has no privacy guarantee"
         )
-    strategy = private_strategy(
-        settings.server_optimizer,
-        settings.fraction_sites,
-        settings.min_sites,
-        round_offset=state.done,
-        site_epsilon=state.site_epsilon,
-        server_learning_rate=settings.server_learning_rate,
-        server_momentum=settings.server_momentum,
-        frozen=frozen_parameters(settings.item_tables),
+    strategy = (
+        distributed_strategy(settings, trainable_names(model), state.done, state.site_epsilon)
+        if settings.noise == "distributed"
+        else central_strategy(settings, state.done, state.site_epsilon)
+        if settings.noise == "central"
+        else private_strategy(
+            settings.server_optimizer,
+            settings.fraction_sites,
+            settings.min_sites,
+            round_offset=state.done,
+            site_epsilon=state.site_epsilon,
+            server_learning_rate=settings.server_learning_rate,
+            server_momentum=settings.server_momentum,
+            frozen=frozen_parameters(settings.item_tables),
+        )
     )
     round_started = [time.perf_counter()]
 
@@ -247,7 +259,10 @@ def finish_round(
     run_id: str,
     started: float,
 ) -> RoundRecord:
-    """Validate the round's global model (already in ``model``) and record what the round's replies said."""
+    """Validate the round's global model (already in ``model``) when due, and record what the round's replies said.
+
+    Validation is due every ``evaluate-every`` rounds and after the last one: a one-step round (``noise = central``)
+    would otherwise spend most of its time on a full validation pass."""
     replies = strategy.last_round
     if replies.everyone_failed:
         raise RuntimeError(
@@ -255,7 +270,8 @@ def finish_round(
             f"First error: {replies.failures[0][:2000]}"
         )
     evaluation_started = time.perf_counter()
-    valid = None if evaluator is None else validation_line(model, device, evaluator)
+    due = number % settings.evaluate_every == 0 or number == settings.rounds
+    valid = None if evaluator is None or not due else validation_line(model, device, evaluator)
     evaluation_seconds = time.perf_counter() - evaluation_started
     return RoundRecord(
         round=number,
@@ -321,7 +337,12 @@ def finish_run(
             "not_covered": model_selection_statement(kept_round, candidates, len(evaluator.valid)),
         }
     summary["run"] = {
-        "kind": "federated, " + ("DP-SGD at every site" if settings.dp else "NON-PRIVATE"),
+        "kind": "federated, "
+        + ("NON-PRIVATE" if not settings.dp else
+           "DP-FedSGD, one noise per step added by the coordinator" if settings.noise == "central" else
+           "DP-FedSGD, one noise per step added in shares by the sites, summed by SecAgg+"
+           if settings.noise == "distributed" else
+           "DP-SGD at every site"),
         "stage": "test" if evaluator is not None else "not evaluated: the coordinator holds no held-out users",
         "run_id": run_id_for(out_dir),
         "settings": settings.to_run_config(),

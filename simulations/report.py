@@ -46,6 +46,8 @@ def format_federated_summary(summary: dict[str, Any], title: str = "") -> str:
         f"privacy: epsilon {privacy['epsilon']:.3f} (max over sites), delta {privacy['delta']:g}, unit: one user"
     )
     lines.append("site epsilon: " + "  ".join(f"{site}={eps:.3f}" for site, eps in privacy["per_site"].items()))
+    if "trust" in privacy:
+        lines.append(f"trust: {privacy['trust']}")
     return "\n".join(lines)
 
 

@@ -103,13 +103,18 @@ def write_site_node_configs(
     flower_home: Path, settings: RunSettings, resources: Resources, site_config: Mapping[str, Any] | None = None
 ) -> Path:
     """The node config each simulated site's operator would have set: the budget and delta the run targets,
-    non-private training only when the run is the non-private baseline, ledgers in the run folder, the run's
-    catalogue when it names one; ``site_config`` overrides (a lifelong run: shared ledgers, lifetime budgets)."""
+    non-private training only when the run is the non-private baseline, trust in the coordinator's noise only when
+    the run asks for central noise (the simulation's operator runs the coordinator too), ledgers in the run folder,
+    the run's catalogue when it names one; ``site_config`` overrides (a lifelong run: shared ledgers, lifetime
+    budgets)."""
     sites = {
         str(site): {
             "max-epsilon": settings.epsilon,
             "delta": settings.delta,
             "allow-non-private": not settings.dp,
+            "trust-coordinator-noise": settings.noise == "central",
+            "trust-secure-aggregation": settings.noise == "distributed",
+            "secure-aggregation-sites": settings.min_sites - settings.secure_aggregation_tolerated,
             "ledger-dir": str(Path(settings.out_dir) / LEDGER_DIR),
             **({"catalog-path": settings.catalog_path} if settings.catalog_path else {}),
             **(site_config or {}),

@@ -46,8 +46,22 @@ GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
 
 def epsilon_from_history(history: Sequence[MechanismStep], delta: float, accountant: str = ACCOUNTANT) -> float:
     """Epsilon of composing every recorded DP-SGD call at ``delta``; 0 when nothing was spent."""
-    steps = tuple((float(sigma), float(rate), int(count)) for sigma, rate, count in history)
-    return _epsilon(steps, float(delta), accountant)
+    return _epsilon(merged_history(history), float(delta), accountant)
+
+
+def merged_history(history: Sequence[MechanismStep]) -> tuple[MechanismStep, ...]:
+    """The same composition with the steps of equal (noise multiplier, sampling rate) pairs added up.
+
+    Composition does not depend on order, and k calls of s steps of one
+    mechanism are k x s steps of it, so every accountant gives the same
+    epsilon; but a ledger of one-step rounds (``noise = central``) would
+    otherwise cost an accountant one evaluation per round, on every round.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, rate, count in history:
+        key = (float(sigma), float(rate))
+        merged[key] = merged.get(key, 0) + int(count)
+    return tuple((sigma, rate, count) for (sigma, rate), count in merged.items())
 
 
 @lru_cache(maxsize=1024)

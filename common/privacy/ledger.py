@@ -59,6 +59,16 @@ class Spend:
     sampling: str = "poisson"
     release: str = "dp-sgd training"
     """What was released: DP-SGD weights, or the popularity sum (``common.privacy.popularity``): both Gaussian."""
+    noise_placement: str = "site"
+    """Who added the noise whose multiplier is recorded: this site (``site``), or the coordinator once over the sum
+    of every site's clipped gradients (``central``; ``noise_multiplier`` is then that of the total noise)."""
+    trust: str = "no one: the site adds the noise to its own release"
+    """What the recorded epsilon relies on, in plain words."""
+    share_noise_multiplier: float | None = None
+    """``distributed``: the multiplier of the noise share the site added itself (``noise_multiplier``: the total's)."""
+    fallback_epsilon_so_far: float | None = None
+    """``distributed``: the site's epsilon so far if secure aggregation failed, every distributed step counted with its
+    own share's noise alone (``common.privacy.fallback``)."""
 
 
 def _line_hash(text: str) -> str:

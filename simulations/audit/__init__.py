@@ -23,8 +23,10 @@ from pathlib import Path
 
 from common.errors import DataError
 from common.privacy.accounting import epsilon_from_history, model_selection_statement
+from common.privacy.ledger import Spend
 from common.run_files import LEDGER_DIR, ROUNDS_FILE, site_order
 from simulations.audit.accounting import independent_epsilons
+from simulations.audit.fallback import fallback_findings
 from simulations.audit.findings import Finding, exceeds
 from simulations.audit.ledgers import Entry, LedgerFile, check_chain, check_recorded_epsilons, check_rounds
 from simulations.audit.report import LIMITS, NOT_COVERED, AuditReport, SiteAudit
@@ -143,6 +145,7 @@ def _site_audit(
     if len(deltas) > 1:
         findings.append(Finding("note", f"site {site}", f"lines use several deltas {deltas}; composed at the largest"))
     history = [e.step for e in entries]
+    findings += fallback_findings(site, entries, delta)
     recomputed = independent_epsilons(history, delta)
     recorded = None if composed else float(entries[-1].data["epsilon_so_far"])
     for name, value in recomputed.items():
@@ -173,6 +176,7 @@ def _site_audit(
             for symbol, name in (("sigma", "noise_multiplier"), ("q", "sample_rate"), ("C", "max_grad_norm"))
         ),
         epsilon_per_entry=[epsilon_from_history(history[: i + 1], delta) for i in range(len(history))],
+        trust=list(dict.fromkeys(_trust(e.data) for e in entries)),
     )
     if audit_.delta_below_one_over_users is False:
         findings.append(
@@ -185,6 +189,12 @@ def _site_audit(
             Finding("note", f"site {site}", "the ledger does not record the site's users: delta < 1/users unchecked")
         )
     return audit_
+
+
+def _trust(line: dict) -> str:
+    """What a line's epsilon relies on, in plain words (lines written before the field: the site's own noise)."""
+    placement = str(line.get("noise_placement", "site"))
+    return f"{placement}: relies on {line.get('trust') or Spend.trust}"
 
 
 def _value_range(values: list[float]) -> str:

@@ -13,7 +13,7 @@ import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 from opacus.accountants import PRVAccountant
 
-from common.privacy.accounting import MechanismStep, epsilon_from_history
+from common.privacy.accounting import MechanismStep, epsilon_from_history, merged_history
 from simulations.audit.findings import RELATIVE_TOLERANCE
 
 ACCOUNTANTS = ("opacus-rdp", "opacus-prv", "dp-accounting-pld")
@@ -23,7 +23,12 @@ PRV_COARSE_ERROR, PRV_FINEST_ERROR = 0.01, 1e-3
 
 
 def independent_epsilons(history: Sequence[MechanismStep], delta: float) -> dict[str, float | None]:
-    """Epsilon of the whole history from each accountant; None where one cannot evaluate it (the caller reports it)."""
+    """Epsilon of the whole history from each accountant; None where one cannot evaluate it (the caller reports it).
+
+    Each accountant gets the history with equal mechanisms' steps added up (``merged_history``: the same
+    composition), so that a ledger of many one-step rounds costs one evaluation per distinct mechanism.
+    """
+    history = merged_history(history)
     results: dict[str, float | None] = {}
     for name, compute in (
         ("opacus-rdp", lambda: epsilon_from_history(history, delta, "rdp")),

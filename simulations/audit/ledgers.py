@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.federation import NOISE_PLACEMENTS
 from common.privacy.accounting import MechanismStep, epsilon_from_history
 from common.privacy.ledger import (
     GENESIS_HASH,
@@ -155,6 +156,11 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
         problems.append(f"accountant {entry['accountant']!r} is not one Opacus knows")
     if entry.get("sampling", "poisson") != "poisson":
         problems.append(f"sampling {entry.get('sampling')!r}: only Poisson sampling is accounted here")
+    if entry.get("noise_placement", "site") not in NOISE_PLACEMENTS:
+        problems.append(
+            f"noise placement {entry.get('noise_placement')!r} is not one fedtail accounts "
+            f"({', '.join(NOISE_PLACEMENTS)})"
+        )
     if entry.get("privacy_unit", "user") != "user":
         problems.append(f"privacy unit {entry.get('privacy_unit')!r}: fedtail's guarantee is per user")
     return problems

@@ -62,6 +62,16 @@ class SiteAudit:
     """Noise multiplier, sampling rate and clipping norm over the site's lines (a range where they vary)."""
     epsilon_per_entry: list[float]
     """Recomputed (spending accountant) after each entry, in ledger order: the plot."""
+    trust: list[str] = field(default_factory=list)
+    """Per noise placement in the site's lines, what its epsilon relies on (the lines' own words)."""
+
+    @property
+    def trusts_coordinator(self) -> bool:
+        return any(text.startswith("central:") for text in self.trust)
+
+    @property
+    def trusts_secure_aggregation(self) -> bool:
+        return any(text.startswith("distributed:") for text in self.trust)
 
     @property
     def epsilon(self) -> float:
@@ -156,6 +166,15 @@ def assumptions() -> dict[str, str]:
         "delta)-DP for every user; FedAvg of DP updates is post-processing",
         "threat model": "the server and other sites see every update a site sends; nothing is assumed of secure "
         "aggregation or of site sampling (no amplification by site sampling is claimed)",
+        "noise placement": "site: the site added the noise to its own update, and its epsilon holds against "
+        "everyone, the coordinator included. central: the site sent the coordinator the un-noised sum of its "
+        "sampled users' clipped gradients (one step per line); the ledger's noise multiplier is that of the noise "
+        "the coordinator adds once to the sum over all sites, so the epsilon holds only against those who see the "
+        "global models, and only if the coordinator added that noise; against the coordinator itself a central "
+        "release is NOT private. distributed: the site added a share of that noise to its sum and sent it through "
+        "Flower's secure aggregation (SecAgg+); the epsilon holds against everyone, the coordinator included, if "
+        "the coordinator saw only the sum (it followed the protocol) and enough sites' shares were in it; otherwise "
+        "the site's fallback epsilon (its own share alone, stated per site in the findings) is what holds",
     }
 
 
@@ -164,9 +183,22 @@ def global_statement(report: AuditReport) -> str:
         return "NO GUARANTEE: the run was trained without differential privacy"
     if report.epsilon is None:
         return "NO GUARANTEE CAN BE STATED: no ledger lines were found"
+    central = [site.site for site in report.sites.values() if site.trusts_coordinator]
+    distributed = [site.site for site in report.sites.values() if site.trusts_secure_aggregation]
     return (
         f"({report.epsilon:.3f}, {report.delta:g})-DP for every user, user-level, add/remove-one-user neighbouring, "
         f"over {len(report.sites)} site(s); tier: {tier(report.epsilon)}"
+        + (
+            f". ASSUMES the coordinator added the noise for site(s) {', '.join(central)} (central noise): against "
+            "the coordinator itself their releases are NOT private"
+            if central else ""
+        )
+        + (
+            f". ASSUMES Flower's secure aggregation showed the coordinator only the sum of the noise shares for "
+            f"site(s) {', '.join(distributed)} (distributed noise): if it did not, each of their releases is "
+            "protected by its own share alone (fallback epsilon in the findings)"
+            if distributed else ""
+        )
         + ("" if report.passed else ". THE AUDIT FAILED: see the findings; this statement cannot be relied on")
     )
 
@@ -230,6 +262,8 @@ def format_markdown(report: AuditReport) -> str:
             "The stated epsilon is the sites' own accountant (Opacus RDP) recomputed, or the recorded value if that "
             "is higher. PRV and PLD are tighter numerical accountants; they are shown as cross-checks. "
             f"An epsilon recomputed more than {RELATIVE_TOLERANCE:.0%} above the recorded one fails the audit.",
+            "",
+            *[f"- site {site.site}: {'; '.join(site.trust)}" for site in report.sites.values()],
             "",
             f"![epsilon per site after each training call]({AUDIT_PLOT})",
             "",

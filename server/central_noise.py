@@ -1,0 +1,231 @@
+"""Central noise (``noise = central``): one Gaussian noise per step over the sum of every site's clipped gradients.
+
+DP-FedSGD with per-user clipping (McMahan et al., ICLR 2018): each round is
+one DP-SGD step over the union of all sites' users. Every site Poisson-samples
+its users at the public ``sample-rate`` and sends the un-noised sum of their
+clipped gradients (``client.clipped_sum``); the coordinator
+
+1. sums the sites' sums, refusing any reply that is not finite or does not fit
+   the global model (that site is left out of the round, with the reason);
+2. adds N(0, sigma^2 C^2) to every coordinate ONCE, from a generator seeded by
+   the operating system (``secrets``), with sigma the largest noise multiplier
+   any site required, and never less than the one the run's own settings give;
+3. divides by the public ``batch-size`` (the expected federation batch: all
+   sites' users x sample-rate; a public constant, never a count);
+4. applies its optimizer to the global weights with that noisy mean as the
+   gradient: Adam (DP-Adam) by default, Adam with the noise variance taken out
+   of its second moment (DP-AdamBC, Tang et al., AAAI 2024), or SGD with
+   momentum. This is post-processing of the noisy sum.
+
+Trust: each site trusts the coordinator to add the noise. Against the
+coordinator itself a site's release (the un-noised sum) is NOT private; the
+guarantee holds against everyone who sees only the global models.
+
+The optimizer's state (moments) is not checkpointed: a resumed run restarts it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.federation import RunSettings
+from common.privacy.accounting import calibrate_noise
+from common.utils.records import scalar
+from server.strategy import PrivateAggregation
+
+NOISE_MULTIPLIER_METRIC = "noise-multiplier"
+"""The reply field in which a site states the multiplier of the total noise its epsilon assumes (client.app)."""
+CENTRAL_STATEMENT = (
+    "central: each site trusts the coordinator to add the noise; against the coordinator itself a site's release "
+    "is NOT private (it sends the un-noised sum of its users' clipped gradients). The guarantee holds against "
+    "everyone who sees only the global models, provided the coordinator added the noise."
+)
+DEFAULT_LEARNING_RATE = {"adam": 1e-3, "adam-bc": 1e-3, "sgd": 1.0}
+ADAM_BETA_2, ADAM_EPSILON = 0.999, 1e-8
+BIAS_CORRECTION_FLOOR = 1e-8
+"""DP-AdamBC's gamma: the smallest second moment left after subtracting the noise variance (not tuned here)."""
+
+
+@dataclass
+class ServerOptimizer:
+    """The server's step on the global weights from the noisy mean gradient: ``adam``, ``adam-bc`` or ``sgd``.
+
+    ``noise_variance`` (sigma C / B)^2 per coordinate is what DP-AdamBC
+    subtracts from Adam's second moment: Adam's denominator on noisy gradients
+    is otherwise dominated by the noise, which makes it sign-SGD-like.
+    """
+
+    kind: str
+    learning_rate: float
+    momentum: float
+    noise_variance: float = 0.0
+    steps: int = 0
+    first: dict[str, torch.Tensor] = field(default_factory=dict)
+    second: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def step(self, weights: dict[str, torch.Tensor], gradient: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """New weights: those in ``gradient`` moved, the others (frozen, buffers) unchanged."""
+        self.steps += 1
+        updated = dict(weights)
+        for name, grad in gradient.items():
+            first = self.first.get(name, torch.zeros_like(grad))
+            if self.kind == "sgd":
+                first = self.momentum * first + grad
+                direction = first
+            else:
+                first = self.momentum * first + (1 - self.momentum) * grad
+                second = ADAM_BETA_2 * self.second.get(name, torch.zeros_like(grad)) + (1 - ADAM_BETA_2) * grad**2
+                self.second[name] = second
+                mean = first / (1 - self.momentum**self.steps)
+                variance = second / (1 - ADAM_BETA_2**self.steps)
+                if self.kind == "adam-bc":
+                    direction = mean / (variance - self.noise_variance).clamp(min=BIAS_CORRECTION_FLOOR).sqrt()
+                else:
+                    direction = mean / (variance.sqrt() + ADAM_EPSILON)
+            self.first[name] = first
+            updated[name] = weights[name] - self.learning_rate * direction.to(weights[name].dtype)
+        return updated
+
+
+def reply_problem(reply: Message, global_weights: dict[str, torch.Tensor]) -> str:
+    """Why a site's central reply cannot be summed; "" when it can."""
+    required = reply.content.metric_records["metrics"].get(NOISE_MULTIPLIER_METRIC)
+    if required is None:
+        return f"the reply states no '{NOISE_MULTIPLIER_METRIC}' (the total noise its epsilon assumes)"
+    value = scalar(required)
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        return f"'{NOISE_MULTIPLIER_METRIC}' = {value!r} is not a positive finite number"
+    if "arrays" not in reply.content.array_records:
+        return "the reply holds no clipped sum"
+    sums = reply.content.array_records["arrays"]
+    if not len(sums):
+        return "the reply's clipped sum is empty"
+    for name in sums:
+        if name not in global_weights:
+            return f"the clipped sum names '{name}', which the global model does not have"
+        tensor, expected = sums[name].numpy(), global_weights[name]
+        if tuple(tensor.shape) != tuple(expected.shape):
+            return f"'{name}' has shape {tuple(tensor.shape)}, the global model's is {tuple(expected.shape)}"
+        if not torch.is_floating_point(expected) or tensor.dtype.kind != "f":
+            return f"'{name}' is not a floating-point tensor ({tensor.dtype})"
+        if not bool(torch.isfinite(torch.from_numpy(tensor)).all()):
+            return f"'{name}' holds non-finite values"
+    return ""
+
+
+def sum_replies(
+    replies: Iterable[Message], global_weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[float], dict[str, str]]:
+    """The sum (float64) of the acceptable replies' clipped sums, the noise multiplier each of them requires, and
+    why each refused site's reply was refused. Failed replies (errors) are skipped: the caller records them."""
+    total: dict[str, torch.Tensor] = {}
+    required: list[float] = []
+    refused: dict[str, str] = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        site = str(reply.content.config_records["site"]["site-id"])
+        problem = reply_problem(reply, global_weights)
+        if problem:
+            refused[site] = f"refused the reply of site {site}: {problem}"
+            continue
+        required.append(float(scalar(reply.content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC])))
+        for name, array in reply.content.array_records["arrays"].items():
+            value = torch.from_numpy(array.numpy()).to(torch.float64)
+            total[name] = total[name] + value if name in total else value
+    return total, required, refused
+
+
+def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {name: torch.normal(0.0, std, tensor.shape, generator=generator) for name, tensor in like.items()}
+
+
+class CentralSum(FedAvg):
+    """Sum, noise once, divide by the public batch size, optimizer step (see the module's docstring).
+
+    ``refused`` holds the sites whose replies the last round could not sum, with why.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        batch_size: int,
+        optimizer: ServerOptimizer,
+        **fedavg: Any,
+    ) -> None:
+        super().__init__(**fedavg)
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.global_weights: dict[str, torch.Tensor] = {}
+        self.refused: dict[str, str] = {}
+        self.last_noise_multiplier = 0.0
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_weights = arrays.to_torch_state_dict()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        total, required, self.refused = sum_replies(replies, self.global_weights)
+        if not required:
+            return None, None
+        sigma = max(self.noise_multiplier, *required)
+        self.last_noise_multiplier = sigma
+        generator = torch.Generator().manual_seed(secrets.randbits(63))  # never a seed the sites could know
+        noise = gaussian_noise(total, sigma * self.max_grad_norm, generator)
+        mean = {name: ((total[name] + noise[name].to(torch.float64)) / self.batch_size).float() for name in total}
+        self.optimizer.noise_variance = (sigma * self.max_grad_norm / self.batch_size) ** 2
+        updated = self.optimizer.step(self.global_weights, mean)
+        return ArrayRecord(updated), MetricRecord({"sites-summed": len(required), "noise-multiplier": sigma})
+
+
+class CentralNoise(PrivateAggregation, CentralSum):
+    """The privacy-respecting reply handling (declines, failures, epsilons, ledger heads) in front of ``CentralSum``;
+    a refused reply counts as a failure of its site's round."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.refused = {}
+        result = super().aggregate_train(server_round, replies)
+        for site, reason in self.refused.items():
+            self.last_round.trained.remove(site)
+            self.last_round.failures.append(reason)
+        return result
+
+
+def central_noise_multiplier(settings: RunSettings) -> float:
+    """The least noise multiplier the server adds: the run's own target over ``rounds`` one-step rounds."""
+    return calibrate_noise(settings.epsilon, settings.delta, settings.sample_rate, settings.rounds)
+
+
+def central_strategy(
+    settings: RunSettings, round_offset: int = 0, site_epsilon: dict[str, float] | None = None
+) -> CentralNoise:
+    rate = settings.server_learning_rate or DEFAULT_LEARNING_RATE[settings.central_optimizer]
+    return CentralNoise(
+        settings.fraction_sites,
+        settings.min_sites,
+        round_offset,
+        site_epsilon,
+        noise_multiplier=central_noise_multiplier(settings),
+        max_grad_norm=settings.max_grad_norm,
+        batch_size=settings.batch_size,
+        optimizer=ServerOptimizer(settings.central_optimizer, rate, settings.server_momentum),
+    )

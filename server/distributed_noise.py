@@ -1,0 +1,156 @@
+"""Distributed noise (``noise = distributed``): ``central``'s mechanism, the noise added by the sites in shares and the
+sum formed by Flower's secure aggregation, so that the coordinator never holds a single site's sum.
+
+Each round is one DP step over the union of all sites' users, as under ``central`` (``server.central_noise``), but
+the coordinator adds no noise: every site sends its clipped sum plus its share of the noise
+(``client.secure_aggregation``) through SecAgg+ (``server.secure_sum``, Flower's workflow unchanged), and the
+coordinator receives only the sum. It divides that by the public ``batch-size`` and applies the same server
+optimizer as ``central`` (post-processing).
+
+Flower's SecAgg+ is driven from Flower's legacy workflow API, so this strategy replaces ``Strategy.start``'s
+send-and-receive round by one secure sum per round; the reply bookkeeping (trained, declined, failures, epsilons,
+ledger heads) is ``PrivateAggregation``'s, read from the metrics that travel with the masked vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common import Scalar
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from client.secure_aggregation import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
+from common.federation import RunSettings
+from server.central_noise import DEFAULT_LEARNING_RATE, CentralNoise, ServerOptimizer, central_noise_multiplier
+from server.secure_sum import SecureAggregation, SecureSum, secure_sum
+from server.strategy import RoundReplies
+
+DISTRIBUTED_STATEMENT = (
+    "distributed: each site added a share of the noise and trusted Flower's secure aggregation (SecAgg+) to show the "
+    "coordinator only the sum over the sites; the guarantee holds against everyone, the coordinator included, if the "
+    "coordinator followed the protocol and no more sites than tolerated dropped out or colluded with it. Otherwise "
+    "a site's release is protected by its own noise share alone: see each site's fallback epsilon in its ledger."
+)
+
+
+class DistributedNoise(CentralNoise):
+    """One secure sum per round, divided by the public batch size, then ``central``'s server optimizer."""
+
+    def __init__(self, *args: Any, protocol: SecureAggregation, sum_names: list[str], **central: Any) -> None:
+        super().__init__(*args, **central)
+        self.protocol = protocol
+        self.sum_names = sum_names
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """``Strategy.start``'s loop (initial evaluation, then train and evaluate per round), each round's training
+        one secure sum. ``timeout`` and ``evaluate_config`` are unused: no client-side evaluation, and Flower's
+        workflow waits for every reply."""
+        result = Result()
+        arrays = initial_arrays
+        if evaluate_fn:
+            evaluate_fn(0, arrays)
+        for current in range(1, num_rounds + 1):
+            server_round = current + self.round_offset
+            weights = arrays.to_torch_state_dict()
+            config = ConfigRecord(
+                {
+                    **(train_config or {}),
+                    "server-round": server_round,
+                    STATE_NAMES: NAME_SEPARATOR.join(weights),
+                    SUM_NAMES: NAME_SEPARATOR.join(self.sum_names),
+                }
+            )
+            updated = self.step(secure_sum(grid, server_round, arrays, config, self.protocol, self.sum_names), weights)
+            if updated is not None:
+                arrays = ArrayRecord(updated)
+                result.arrays = arrays
+            if evaluate_fn:
+                evaluate_fn(current, arrays)
+        return result
+
+    def step(self, outcome: SecureSum, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Record the round's replies; the new global weights, or None when no site trained or the sum failed."""
+        report = RoundReplies(failures=list(outcome.failures))
+        required = [self.noise_multiplier]
+        for metrics in outcome.site_metrics:
+            site = str(metrics["site-id"])
+            self._record(report, site, metrics)
+            if not metrics["declined"] and "noise-multiplier" in metrics:
+                required.append(float(metrics["noise-multiplier"]))
+        self.last_round = report
+        if outcome.total is None:
+            report.failures.append("the secure sum did not complete (Flower's SecAgg+ workflow halted)")
+            report.trained = []
+            return None
+        if not report.trained:
+            return None
+        if not all(np.isfinite(value).all() for value in outcome.total.values()):
+            report.failures.append("the secure sum is not finite; the round is dropped")
+            report.trained = []
+            return None
+        sigma = max(required)
+        self.last_noise_multiplier = sigma
+        mean = {name: torch.from_numpy(value / self.batch_size).float() for name, value in outcome.total.items()}
+        # each site in the sum added variance sigma^2 C^2 / threshold: with no dropout, more than sigma^2 C^2
+        shares = len(outcome.site_metrics) / self.protocol.threshold
+        self.optimizer.noise_variance = shares * (sigma * self.max_grad_norm / self.batch_size) ** 2
+        return self.optimizer.step(weights, mean)
+
+    def _record(self, report: RoundReplies, site: str, metrics: dict[str, Scalar]) -> None:
+        if "epsilon" in metrics:
+            self.site_epsilon[site] = float(metrics["epsilon"])
+        if "ledger-lines" in metrics:
+            report.ledger_heads[site] = {
+                "lines": int(metrics["ledger-lines"]),
+                "hash": str(metrics.get("ledger-hash", "")) or None,
+            }
+        if metrics["declined"]:
+            report.declined[site] = str(metrics.get("reason", ""))
+        else:
+            report.trained.append(site)
+
+
+def secure_aggregation(settings: RunSettings) -> SecureAggregation:
+    """The run's SecAgg+ parameters: every site in every sum; a value range wide enough for any site's share, even
+    one that assumes no other site's noise (``secure-aggregation-sites`` 1)."""
+    noise = central_noise_multiplier(settings)
+    return SecureAggregation(
+        settings.min_sites,
+        settings.secure_aggregation_tolerated,
+        clipping_range(settings.max_grad_norm, settings.batch_size, noise, shares=1),
+    )
+
+
+def distributed_strategy(
+    settings: RunSettings,
+    sum_names: list[str],
+    round_offset: int = 0,
+    site_epsilon: dict[str, float] | None = None,
+) -> DistributedNoise:
+    rate = settings.server_learning_rate or DEFAULT_LEARNING_RATE[settings.central_optimizer]
+    return DistributedNoise(
+        settings.fraction_sites,
+        settings.min_sites,
+        round_offset,
+        site_epsilon,
+        protocol=secure_aggregation(settings),
+        sum_names=sum_names,
+        noise_multiplier=central_noise_multiplier(settings),
+        max_grad_norm=settings.max_grad_norm,
+        batch_size=settings.batch_size,
+        optimizer=ServerOptimizer(settings.central_optimizer, rate, settings.server_momentum),
+    )

@@ -1,0 +1,124 @@
+"""noise = central at the site: the exact clipped sum it sends, its trust setting, its ledger line, its public reply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.clipped_sum import clipped_sum, trainable_names
+from client.round_plan import LocalTraining
+from client.shard import simulated_shard
+from client.site_round import CENTRAL_TRUST
+from common.data.split import training_examples
+from common.privacy.accounting import GRAD_SAMPLE_MODES, calibrate_noise, epsilon_from_history
+from common.privacy.ledger import Ledger
+from common.recommender.model import ModelConfig, SASRec
+from server.central_noise import sum_replies
+from tests.client.test_hostile_coordinator import _node, _public_reply, _settings, _site, _train
+from tests.gradients import mean_of_clipped, true_per_user_gradients
+
+CONFIG = ModelConfig(num_items=25, max_len=6, hidden=16, heads=2, blocks=1, dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity() -> None:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _examples(users: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return training_examples(
+        [rng.choice(np.arange(1, 26), size=rng.integers(3, 12), replace=False) for _ in range(users)], CONFIG.max_len
+    )
+
+
+def _reply(site: str, sums: dict[str, torch.Tensor], noise_multiplier: float = 1.0) -> Message:
+    metrics = MetricRecord({"weight": 1.0, "dp": 1, "declined": 0, "epsilon": 0.5, "ledger-lines": 1,
+                            "noise-multiplier": noise_multiplier})
+    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"site-id": site, "ledger-hash": "ab" * 32}),
+                          "arrays": ArrayRecord(sums)})
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_the_central_sum_equals_the_sum_of_clipped_per_user_gradients_over_all_sites(mode: str) -> None:
+    """Every user sampled (rate 1): the server's sum of the sites' replies is each user's clipped gradient, summed."""
+    torch.manual_seed(3)
+    model = SASRec(CONFIG)
+    sites = [_examples(7, seed=1), _examples(20, seed=2), _examples(0, seed=3)]  # a site with no users sends zeros
+    clip = 0.01  # below every user's norm, so clipping is exercised
+    truth = [g for site in sites if len(site) for g in true_per_user_gradients(model, site.inputs, site.targets)]
+    expected = mean_of_clipped(truth, clip, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    training = LocalTraining(sample_rate=1.0, batch_size=64, grad_sample_mode=mode)
+    replies = [_reply(str(i), clipped_sum(model, site, training, clip, torch.device("cpu"), piece_users=5))
+               for i, site in enumerate(sites)]
+    total, required, refused = sum_replies(replies, model.state_dict())
+    assert refused == {} and required == [1.0, 1.0, 1.0]
+    assert set(total) == set(trainable_names(model)) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(total[name].float(), expected[name], rtol=1e-3, atol=1e-9, msg=name)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name}: computing the sum changed the weights"
+
+
+def test_a_site_without_the_trust_setting_declines_central_before_reading_its_data(tmp_path: Path) -> None:
+    data, catalog = _site(tmp_path, 40)
+    settings = _settings(noise="central")
+    weights = SASRec(settings.model_config(catalog.num_items)).state_dict()
+    node = _node(tmp_path, data, **{"data-path": str(tmp_path / "no-such-file.txt")})  # never opened
+    reply = _train(settings, node, catalog, weights)
+    assert reply.content["metrics"]["declined"] == 1 and "arrays" not in reply.content
+    assert "trust-coordinator-noise = false" in reply.content["site"]["reason"]
+    assert not (tmp_path / "ledger" / "site-north.jsonl").exists()
+
+
+def test_a_trusting_site_sends_its_clipped_sum_states_the_total_noise_and_records_the_mechanism(
+    tmp_path: Path,
+) -> None:
+    data, catalog = _site(tmp_path, 40)
+    settings = _settings(noise="central", rounds=3, epsilon=4.0, sample_rate=0.25)
+    model = SASRec(settings.model_config(catalog.num_items))
+    node = _node(tmp_path, data, **{"trust-coordinator-noise": "true"})
+    reply = _train(settings, node, catalog, model.state_dict())
+    sigma = calibrate_noise(4.0, 1e-5, 0.25, 3)  # the TOTAL noise: 3 rounds of one step each
+    metrics = reply.content["metrics"]
+    assert metrics["declined"] == 0 and metrics["noise-multiplier"] == pytest.approx(sigma)
+    assert sorted(reply.content["arrays"].keys()) == sorted(trainable_names(model))
+    (line,) = Ledger(tmp_path / "ledger" / "site-north.jsonl").entries()
+    assert (line["noise_placement"], line["steps"], line["sample_rate"], line["max_grad_norm"]) == ("central", 1,
+                                                                                                     0.25, 1.0)
+    assert line["noise_multiplier"] == pytest.approx(sigma) and line["trust"] == CENTRAL_TRUST
+    assert "NOT private" in line["trust"]
+    assert line["epsilon_so_far"] == pytest.approx(epsilon_from_history([(sigma, 0.25, 1)], 1e-5))
+    assert metrics["epsilon"] == pytest.approx(line["epsilon_so_far"])
+
+
+@pytest.mark.parametrize("max_epsilon", [8.0, 3.5])
+def test_two_central_sites_that_differ_by_one_user_reply_identically_outside_the_sum(
+    tmp_path: Path, max_epsilon: float
+) -> None:
+    replies = []
+    for users in (64, 65):
+        data, catalog = _site(tmp_path / str(users), users)
+        settings = _settings(noise="central", rounds=3, epsilon=4.0, sample_rate=0.5)
+        node = _node(tmp_path / str(users), data, **{"max-epsilon": max_epsilon, "trust-coordinator-noise": True})
+        weights = SASRec(settings.model_config(catalog.num_items)).state_dict()
+        state = RecordDict()
+        replies.append([_public_reply(_train(settings, node, catalog, weights, r, state)) for r in (1, 2, 3)])
+    assert replies[0] == replies[1]
+    declined = [reply["metrics"]["declined"] for reply in replies[0]]
+    assert declined == ([0, 0, 0] if max_epsilon == 8.0 else [0, 0, 1]), declined
+
+
+def test_a_sites_examples_are_read_and_split_once_per_process() -> None:
+    """A one-step round must not pay for reading and splitting the site's data again."""
+    spec = ("synthetic:users=60,items=90,seed=4", 0, "uniform", 0)
+    first = simulated_shard(*spec, 1, 3, 8)
+    assert simulated_shard(*spec, 1, 3, 8) is first
+    assert simulated_shard(*spec, 2, 3, 8) is not first

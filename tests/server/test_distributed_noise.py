@@ -1,0 +1,53 @@
+"""The distributed strategy's step: the secure sum divided by the public batch size, the replies' bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.federation import RunSettings
+from server.distributed_noise import distributed_strategy, secure_aggregation
+from server.secure_sum import SecureSum
+
+SETTINGS = RunSettings(noise="distributed", min_sites=5, secure_aggregation_tolerated=2, central_optimizer="sgd",
+                       server_learning_rate=1.0, server_momentum=0.0, batch_size=10)
+
+
+def _metrics(site: str, declined: bool = False) -> dict[str, bool | bytes | float | int | str]:
+    metrics: dict[str, bool | bytes | float | int | str] = {
+        "site-id": site, "declined": int(declined), "epsilon": 0.5, "ledger-lines": 3, "ledger-hash": "ab" * 32,
+        "noise-multiplier": 1.0,
+    }
+    if declined:
+        metrics["reason"] = "declined: budget"
+    return metrics
+
+
+def test_the_sum_moves_the_trainable_weights_and_the_replies_are_recorded() -> None:
+    strategy = distributed_strategy(SETTINGS, ["w"])
+    weights = {"w": torch.ones(3), "frozen": torch.zeros(2)}
+    total = {"w": np.array([10.0, 20.0, -30.0])}
+    metrics = [_metrics("0"), _metrics("1"), _metrics("2", declined=True), _metrics("3"), _metrics("4")]
+    updated = strategy.step(SecureSum(total, metrics), weights)
+    assert updated is not None
+    torch.testing.assert_close(updated["w"], torch.tensor([0.0, -1.0, 4.0]))  # w - sum / batch-size
+    assert torch.equal(updated["frozen"], weights["frozen"])
+    assert strategy.last_round.trained == ["0", "1", "3", "4"]
+    assert strategy.last_round.declined == {"2": "declined: budget"}
+    assert strategy.site_epsilon["4"] == 0.5 and strategy.last_round.ledger_heads["0"]["lines"] == 3
+
+
+def test_a_halted_protocol_changes_nothing_and_says_so() -> None:
+    strategy = distributed_strategy(SETTINGS, ["w"])
+    assert strategy.step(SecureSum(None, [_metrics("0")], ["node 7 failed"]), {"w": torch.ones(3)}) is None
+    assert strategy.last_round.trained == [] and len(strategy.last_round.failures) == 2
+    assert strategy.last_round.everyone_failed
+
+
+def test_the_protocol_covers_a_share_that_assumes_no_other_site() -> None:
+    protocol = secure_aggregation(SETTINGS)
+    assert (protocol.sites, protocol.threshold) == (5, 3)
+    assert protocol.clipping_range > SETTINGS.batch_size * SETTINGS.max_grad_norm
+    with pytest.raises(Exception, match="tolerat"):
+        RunSettings(noise="distributed", min_sites=5, secure_aggregation_tolerated=3)
