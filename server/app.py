@@ -145,8 +145,10 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             "fedtail: WARNING: dp = false: sites train WITHOUT differential privacy; "
             "the model has no privacy guarantee"
         )
+    frozen = frozen_parameters(settings.item_tables)
+    summed_names = [name for name in trainable_names(model) if name not in frozen]  # what the sites sum and send
     strategy = (
-        distributed_strategy(settings, trainable_names(model), state.done, state.site_epsilon)
+        distributed_strategy(settings, summed_names, state.done, state.site_epsilon)
         if settings.noise == "distributed"
         else central_strategy(settings, state.done, state.site_epsilon)
         if settings.noise == "central"
@@ -158,7 +160,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             site_epsilon=state.site_epsilon,
             server_learning_rate=settings.server_learning_rate,
             server_momentum=settings.server_momentum,
-            frozen=frozen_parameters(settings.item_tables),
+            frozen=frozen,
         )
     )
     round_started = [time.perf_counter()]
