@@ -107,6 +107,11 @@ def write_site_node_configs(
     the run asks for central noise (the simulation's operator runs the coordinator too), ledgers in the run folder,
     the run's catalogue when it names one; ``site_config`` overrides (a lifelong run: shared ledgers, lifetime
     budgets)."""
+    distributed_trust = (  # the fewest sites whose noise shares every secure sum holds (client.secure_aggregation)
+        {"secure-aggregation-sites": settings.min_sites - settings.secure_aggregation_tolerated}
+        if settings.noise == "distributed"
+        else {}
+    )
     sites = {
         str(site): {
             "max-epsilon": settings.epsilon,
@@ -114,7 +119,7 @@ def write_site_node_configs(
             "allow-non-private": not settings.dp,
             "trust-coordinator-noise": settings.noise == "central",
             "trust-secure-aggregation": settings.noise == "distributed",
-            "secure-aggregation-sites": settings.min_sites - settings.secure_aggregation_tolerated,
+            **distributed_trust,
             "ledger-dir": str(Path(settings.out_dir) / LEDGER_DIR),
             **({"catalog-path": settings.catalog_path} if settings.catalog_path else {}),
             **(site_config or {}),
