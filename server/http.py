@@ -181,8 +181,7 @@ def _label(response: Response, served: Recommender) -> None:
     """Name in ``response`` the version that computed it."""
     response.headers["x-fedtail-model"] = served.info.model_id
     response.headers["x-fedtail-catalog"] = served.info.catalog_sha256
-    if served.info.catalog_version is not None:
-        response.headers["x-fedtail-catalog-version"] = str(served.info.catalog_version)
+    response.headers["x-fedtail-catalog-version"] = str(served.info.catalog_version)
 
 
 def _from_loopback(request: Request) -> bool:

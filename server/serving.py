@@ -25,7 +25,7 @@ import torch
 from common.data.catalog import Catalog
 from common.data.split import left_pad
 from common.errors import ConfigError
-from common.recommender.artifacts import CATALOG_FILE, load_model, saved_model_file
+from common.recommender.artifacts import load_model, saved_model_file
 from common.recommender.content import ITEM_VECTORS_FILE, load_item_vectors
 from common.recommender.model import PADDING_INDEX, SASRec
 from common.recommender.ranking import RankingOptions, content_prior, model_prior, rerank, unit_rows
@@ -63,8 +63,8 @@ class ModelInfo:
     catalog_size: int
     catalog_sha256: str
     """The first 16 hex digits of the catalogue's fingerprint, which the model file records and was checked against."""
-    catalog_version: int | None
-    """The catalogue's own version number, when its catalog.json carries one (catalogues that grow over windows)."""
+    catalog_version: int
+    """The catalogue's own version number (1 for a catalogue that never grew; lifelong runs extend it)."""
     run_dir: str
     run_id: str | None
     privacy: dict[str, Any] | None
@@ -111,7 +111,7 @@ class Recommender:
             model_id=hashlib.sha256((run_dir / model_file).read_bytes()).hexdigest()[:16],
             catalog_size=catalog.num_items,
             catalog_sha256=catalog.fingerprint()[:16],
-            catalog_version=_catalog_version(run_dir / CATALOG_FILE),
+            catalog_version=catalog.version,
             run_dir=str(run_dir),
             run_id=summary.get("run", {}).get("run_id"),
             privacy=summary.get("privacy"),
@@ -170,10 +170,3 @@ class Recommender:
             parts.append(f"tail penalty {self.ranking.tail_penalty:g}")
         return " + ".join(parts)
 
-
-
-def _catalog_version(path: Path) -> int | None:
-    """The ``version`` a growing catalogue's file carries (None when it has none): reported, never trusted for the
-    match, which the model's recorded catalogue fingerprint decides."""
-    version = json.loads(path.read_text(encoding="utf-8")).get("version")
-    return version if isinstance(version, int) and not isinstance(version, bool) else None

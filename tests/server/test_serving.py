@@ -116,7 +116,7 @@ def test_the_service_answers_over_http(service: str) -> None:
     with urllib.request.urlopen(f"{service}/model") as response:
         info = json.loads(response.read())
     assert info["catalog_size"] == len(ITEMS) and len(info["model_id"]) == 16
-    assert response.headers["x-fedtail-model"] == info["model_id"] and info["catalog_version"] is None
+    assert response.headers["x-fedtail-model"] == info["model_id"] and info["catalog_version"] == 1
     with urllib.request.urlopen(f"{service}/openapi.json") as response:
         assert "/recommend/batch" in json.loads(response.read())["paths"]
 
