@@ -34,7 +34,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of sites of each launch that got as far as starting Flower."""
     sites: list[int] = []
 
-    def launch(settings: RunSettings, resources: Resources, out_dir: Path) -> None:
+    def launch(settings: RunSettings, resources: Resources, out_dir: Path, site_config: object) -> None:
         sites.append(resources.sites)
         raise FlowerWouldStart
 
