@@ -69,6 +69,23 @@ class PrivateTraining:
     clipping: yes; Opacus' per-sample hooks keep one batch's samples and would not)."""
 
 
+class NoUsersSampler:
+    """Poisson draws from a site with no users: every draw is empty, so each step adds pure noise.
+
+    Opacus' sampler refuses zero samples, and a site that failed instead of
+    training would tell the coordinator that it has no users.
+    """
+
+    def __init__(self, sample_rate: float) -> None:
+        self.draws = int(1 / sample_rate)  # one pass, as UniformWithReplacementSampler counts it
+
+    def __len__(self) -> int:
+        return self.draws
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([[] for _ in range(self.draws)])
+
+
 def make_private(
     model: SASRec,
     examples: TrainingExamples,
@@ -86,8 +103,12 @@ def make_private(
     learn. The noise generator must live on the model's device (Opacus draws
     the noise there).
     """
-    sampler = UniformWithReplacementSampler(
-        num_samples=len(examples), sample_rate=plan.sample_rate, generator=sampling_generator
+    sampler: UniformWithReplacementSampler | NoUsersSampler = (
+        UniformWithReplacementSampler(
+            num_samples=len(examples), sample_rate=plan.sample_rate, generator=sampling_generator
+        )
+        if len(examples)
+        else NoUsersSampler(plan.sample_rate)
     )
     loader = DataLoader(
         TensorDataset(examples.inputs, examples.targets), batch_sampler=sampler, collate_fn=_stack_users(examples)

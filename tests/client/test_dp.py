@@ -358,3 +358,24 @@ def test_fast_norm_samplers_agree_with_explicit_per_user_gradients() -> None:
     norms = linear_norm_sample(linear, [inputs], grads)
     torch.testing.assert_close(norms[linear.weight], torch.einsum("bto,bti->boi", grads, inputs).flatten(1).norm(dim=1))
     torch.testing.assert_close(norms[linear.bias], grads.sum(dim=1).norm(dim=1))
+
+
+@pytest.mark.parametrize(("mode", "physical"), [(mode, physical) for mode in MODES for physical in (0, 2)])
+def test_a_site_with_no_users_trains_and_replies_as_any_site_with_pure_noise(
+    tmp_path: Path, mode: str, physical: int
+) -> None:
+    """Failing instead (Opacus' sampler refuses zero users) would tell the coordinator the site is empty."""
+    training = LocalTraining(sample_rate=0.5, batch_size=4, grad_sample_mode=mode, max_physical_batch_size=physical)
+    privacy = PrivacyPlan(target_epsilon=4.0, max_grad_norm=0.5, planned_rounds=2)
+    replies = []
+    for users in (0, 5):
+        torch.manual_seed(0)
+        model = SASRec(CONFIG)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        ledger = Ledger(tmp_path / f"{mode}-{physical}-{users}.jsonl")
+        outcome = _round(model, _examples(users), training, privacy, ledger)
+        assert outcome.state_dict is not None and not outcome.declined_reason
+        moved = [name for name, p in before.items() if not torch.equal(p, outcome.state_dict[name])]
+        assert len(moved) == len(before)  # the noise moves every parameter, users or not
+        replies.append((outcome.epsilon, sorted(outcome.state_dict)))
+    assert replies[0] == replies[1]
