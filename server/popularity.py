@@ -33,6 +33,7 @@ from common.errors import DataError
 from common.federation import RunSettings
 from common.privacy.popularity import POPULARITY_ARRAY
 from common.recommender.model import SASRec
+from common.run_files import site_order
 from common.utils.files import load_torch, save_torch, write_json
 from common.utils.progress import log
 from common.utils.records import scalar
@@ -77,7 +78,7 @@ class PopularityFloor:
             "site_epsilon_after_release": self.site_epsilon,
             "training_noise_multiplier": with_release,
             "training_noise_multiplier_without_release": without.noise_multiplier,
-            "sites": self.sites,
+            "sites": sorted(self.sites, key=site_order),  # in site order, not the order replies arrived in
             "declined": self.declined,
             "failures": self.failures,
             "statement": (
