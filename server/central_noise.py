@@ -215,10 +215,15 @@ def central_noise_multiplier(settings: RunSettings) -> float:
     return calibrate_noise(settings.epsilon, settings.delta, settings.sample_rate, settings.rounds)
 
 
+def server_optimizer(settings: RunSettings) -> ServerOptimizer:
+    """The run's server step for a one-noise placement (central, distributed); a learning rate of 0: the default."""
+    rate = settings.server_learning_rate or DEFAULT_LEARNING_RATE[settings.central_optimizer]
+    return ServerOptimizer(settings.central_optimizer, rate, settings.server_momentum)
+
+
 def central_strategy(
     settings: RunSettings, round_offset: int = 0, site_epsilon: dict[str, float] | None = None
 ) -> CentralNoise:
-    rate = settings.server_learning_rate or DEFAULT_LEARNING_RATE[settings.central_optimizer]
     return CentralNoise(
         settings.fraction_sites,
         settings.min_sites,
@@ -227,5 +232,5 @@ def central_strategy(
         noise_multiplier=central_noise_multiplier(settings),
         max_grad_norm=settings.max_grad_norm,
         batch_size=settings.batch_size,
-        optimizer=ServerOptimizer(settings.central_optimizer, rate, settings.server_momentum),
+        optimizer=server_optimizer(settings),
     )

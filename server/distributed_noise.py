@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Result
 
 from client.secure_aggregation import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
 from common.federation import RunSettings
-from server.central_noise import DEFAULT_LEARNING_RATE, CentralNoise, ServerOptimizer, central_noise_multiplier
+from server.central_noise import CentralNoise, central_noise_multiplier, server_optimizer
 from server.secure_sum import SecureAggregation, SecureSum, secure_sum
 from server.strategy import RoundReplies
 
@@ -141,7 +141,6 @@ def distributed_strategy(
     round_offset: int = 0,
     site_epsilon: dict[str, float] | None = None,
 ) -> DistributedNoise:
-    rate = settings.server_learning_rate or DEFAULT_LEARNING_RATE[settings.central_optimizer]
     return DistributedNoise(
         settings.fraction_sites,
         settings.min_sites,
@@ -152,5 +151,5 @@ def distributed_strategy(
         noise_multiplier=central_noise_multiplier(settings),
         max_grad_norm=settings.max_grad_norm,
         batch_size=settings.batch_size,
-        optimizer=ServerOptimizer(settings.central_optimizer, rate, settings.server_momentum),
+        optimizer=server_optimizer(settings),
     )
