@@ -107,9 +107,15 @@ class RoundPlan:
     noise_multiplier: float
 
 
+def steps_per_round(noise_placement: str, local_epochs: float, sample_rate: float) -> int:
+    """One step when the noise is added once over all sites (central, distributed); else the local epochs' steps."""
+    if noise_placement in ("central", "distributed"):
+        return 1
+    return max(1, math.ceil(local_epochs / sample_rate))
+
+
 def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
-    central = privacy.noise_placement in ("central", "distributed")
-    steps = 1 if central else max(1, math.ceil(training.local_epochs / training.sample_rate))
+    steps = steps_per_round(privacy.noise_placement, training.local_epochs, training.sample_rate)
     noise = 0.0
     if privacy.enabled and privacy.popularity_share > 0:  # the target covers the popularity release too
         before = popularity_step(privacy.target_epsilon, privacy.delta, privacy.popularity_share)

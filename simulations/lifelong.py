@@ -32,7 +32,6 @@ for completeness).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from client.round_plan import steps_per_round
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
 from common.data.split import EvaluationCases, evaluation_cases, item_popularity
@@ -105,7 +105,7 @@ def run_lifelong(
     target = settings.epsilon
     site_config: dict[str, Any] = {"ledger-dir": str(out / LEDGER_DIR)}
     if settings.dp:
-        steps = math.ceil(settings.local_epochs / settings.sample_rate) * settings.rounds
+        steps = steps_per_round(settings.noise, settings.local_epochs, settings.sample_rate) * settings.rounds
         target = window_epsilon(settings.epsilon, windows, settings.delta, settings.sample_rate, steps)
         site_config.update({"max-epsilon": settings.epsilon, "window-epsilon": target})
         log(f"fedtail: lifetime epsilon {settings.epsilon:g} over {windows} windows: {target:.3f} per window")

@@ -15,6 +15,7 @@ from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.accounting import epsilon_from_history
 from common.privacy.ledger import Ledger, Spend
+from common.privacy.lifetime import window_epsilon
 from common.recommender.artifacts import load_model, save_model
 from common.recommender.continuation import grow_items
 from common.recommender.model import SASRec
@@ -105,6 +106,33 @@ def test_two_windows_through_flower_compose_in_shared_ledgers_under_the_lifetime
     first, _ = load_model(tmp_path / "continue" / "window-1")
     second, catalog = load_model(tmp_path / "continue" / "window-2")
     assert catalog.version == 2 and second.config.num_items > first.config.num_items
+
+
+@pytest.mark.slow
+def test_windows_under_central_noise_spend_one_step_a_round_and_compose_under_the_lifetime_cap(tmp_path: Path) -> None:
+    settings = RunSettings(
+        dataset="synthetic:users=600,items=90,topics=10,seed=2,drift=1.0,new_items=0.3", rounds=3, epsilon=4.0,
+        delta=1e-4, hidden=16, heads=1, blocks=1, max_len=12, batch_size=150, sample_rate=0.5, noise="central",
+    )
+    summary = run_lifelong(settings, Resources(sites=2, cpus_per_site=1), 2, tmp_path, ("continue", "never"))
+    ledgers = sorted((tmp_path / "ledgers").glob("site-*.jsonl"))
+    assert len(ledgers) == 2
+    for ledger in ledgers:
+        entries = Ledger(ledger).entries()
+        assert len(entries) == 6, "3 one-step rounds in each of 2 windows"
+        assert {(e["noise_placement"], e["steps"], e["sample_rate"]) for e in entries} == {("central", 1, 0.5)}
+    lifetime = summary["epsilon"]["lifetime"]
+    assert summary["epsilon"]["window"][0] < lifetime[1] <= 4.0
+    assert summary["settings"]["window_epsilon"] == pytest.approx(window_epsilon(4.0, 2, 1e-4, 0.5, 3)), (
+        "the per-window target is sized for 3 one-step rounds, not 3 rounds of local epochs"
+    )
+    assert lifetime[1] > 0.98 * 4.0, "so the two windows use nearly all of the lifetime cap"
+    assert summary["audit"]["passed"] and summary["audit"]["epsilon"] == pytest.approx(lifetime[1])
+    second, catalog = load_model(tmp_path / "continue" / "window-2")
+    assert catalog.version == 2
+    assert "one noise per step added by the coordinator" in json.loads(
+        (tmp_path / "continue" / "window-2" / "summary.json").read_text()
+    )["run"]["kind"]
 
 
 def test_windows_on_the_builtin_data_use_its_drifting_clock_and_refuse_a_synthetic_spec_without_one() -> None:
