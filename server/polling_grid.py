@@ -87,8 +87,8 @@ class PollingGrid(Grid):
         if not messages:
             return []
         group = _round(messages[0])
-        waiting = set(self.push_messages(messages))
-        timeline.emit("coordinator-send", round=group, messages=len(messages))
+        timeline.emit("coordinator-send", round=group, messages=len(messages))  # before the push: a site may take
+        waiting = set(self.push_messages(messages))  # its message while the coordinator still pushes the others
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting and (end is None or time.monotonic() < end):

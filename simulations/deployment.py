@@ -25,6 +25,7 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
+from client.supernode import IDLE_POLL_SECONDS
 from common.data.catalog import Catalog
 from common.federation import RunSettings
 from common.utils.processes import APP_DIR, die_with_parent, executable, free_loopback_port
@@ -137,10 +138,12 @@ class LocalDeployment:
     def start_supernode(
         self, name: str, node_config: Mapping[str, Any], private_key: Path | None, ca_file: Path | None = None,
         max_wait_s: float | None = None, approve: Sequence[str] = (), fresh_process: bool = False,
+        idle_poll_s: float = IDLE_POLL_SECONDS,
     ) -> subprocess.Popen[bytes]:
-        """A site's SuperNode and its ClientApp runtime, which runs the installed fedtail's app bundle and those
-        in ``approve`` (sha256) only; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one);
-        ``fresh_process``: the runtime starts a flwr-clientapp per task instead of running the release warm."""
+        """A site's SuperNode (``client.supernode``: Flower's, polling every ``idle_poll_s``; 3 is Flower's own)
+        and its ClientApp runtime, which runs the installed fedtail's app bundle and those in ``approve`` (sha256)
+        only; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one); ``fresh_process``: the
+        runtime starts a flwr-clientapp per task instead of running the release warm."""
         ca_file = ca_file or self.ca_file
         security = ["--root-certificates", str(ca_file)] if self.secure else ["--insecure"]
         if private_key is not None:
@@ -148,15 +151,16 @@ class LocalDeployment:
         config = " ".join(f"{key}={toml_value(value)}" for key, value in node_config.items())
         runtime_port = free_loopback_port()
         command = [
-            executable("flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
+            sys.executable, "-m", "client.supernode", "--idle-poll", str(idle_poll_s),
+            *security, "--superlink", f"127.0.0.1:{self.port}",
             "--node-config", config, "--isolation", "process", "--port", str(runtime_port),
         ]
         if max_wait_s is not None:
             command += ["--max-wait-time", str(max_wait_s)]
         env = self._site_env(name)
         site_log = self._log(f"supernode-{name}")  # the site's SuperNode, runtime and ClientApps, in one file
-        process = subprocess.Popen(
-            command, env=env, stdout=site_log, stderr=subprocess.STDOUT, start_new_session=True,
+        process = subprocess.Popen(  # from the checkout, as the runtime
+            command, env=env, cwd=APP_DIR, stdout=site_log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent,
         )
         self.supernodes[name] = process

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.supernode import IDLE_POLL_SECONDS
 from common.data.datasets import load_dataset
 from common.federation import RunSettings
 from common.privacy.accounting import CACHE_DIR_ENV
@@ -51,15 +52,17 @@ DEPLOYMENT_RUN: dict[str, Any] = dict(
     rounds=5, epsilon=4.0, delta=1e-3, hidden=16, heads=1, blocks=1, max_len=10, batch_size=16
 )
 SPEC = "synthetic:users=220,items=80,seed=5"
-DEPLOYED: tuple[tuple[str, str, bool, Callable[[Path], dict[str, str]]], ...] = (
-    ("deployment before (flwr-clientapp per message, 3 s reply poll, no calibration cache)", "engine-deployment-before",
-     True, lambda out: {REPLY_POLL_ENV: "3", CACHE_DIR_ENV: str(out / "no-cache" / "calibration")}),
-    ("deployment (warm site runtime)", "engine-deployment", False,
-     lambda out: {CACHE_DIR_ENV: str(out / "site-cache")}),
+DEPLOYED: tuple[tuple[str, str, bool, float, Callable[[Path], dict[str, str]]], ...] = (
+    ("deployment before (flwr-clientapp per message, Flower's 3 s polls, no calibration cache)",
+     "engine-deployment-before", True, 3.0,
+     lambda out: {REPLY_POLL_ENV: "3", CACHE_DIR_ENV: str(out / "no-cache" / "calibration")}),
+    (f"deployment (warm site runtime, SuperNode polls every {IDLE_POLL_SECONDS} s)", "engine-deployment", False,
+     IDLE_POLL_SECONDS, lambda out: {CACHE_DIR_ENV: str(out / "site-cache")}),
 )
 """How each deployed run is set up: Flower's own way as before this benchmark's issue (a flwr-clientapp per message,
-the Grid's 3 s wait for replies, a calibration per process: its cache folder lies under a file, so nothing is kept),
-and fedtail's (the site's warm runtime, replies pulled every 0.1 s, calibration kept on the site's disk)."""
+the SuperNode's 3 s idle poll, the Grid's 3 s wait for replies, a calibration per process: its cache folder lies
+under a file, so nothing is kept), and fedtail's (the site's warm runtime, the SuperNode polling every 0.2 s, replies
+pulled every 0.1 s, calibration kept on the site's disk)."""
 
 
 def bench_deployment(sites: int, out: Path) -> list[EngineRound]:
@@ -78,8 +81,8 @@ def bench_deployment(sites: int, out: Path) -> list[EngineRound]:
         {},
     )]
     data = write_site_files(load_dataset(SPEC).frame, names, out / "site-data")
-    for engine, folder, fresh_process, environment in DEPLOYED:
-        rounds = _deployed_rounds(names, data, out / folder, fresh_process, environment(out))
+    for engine, folder, fresh_process, idle_poll_s, environment in DEPLOYED:
+        rounds = _deployed_rounds(names, data, out / folder, fresh_process, idle_poll_s, environment(out))
         round_s = statistics.median(row["round"] for row in rounds)
         results.append(EngineRound(
             engine, sites, round_s, round_s / simulated_round, statistics.median(row["trained"] for row in rounds),
@@ -89,7 +92,8 @@ def bench_deployment(sites: int, out: Path) -> list[EngineRound]:
 
 
 def _deployed_rounds(
-    names: Sequence[str], data: dict[str, Path], root: Path, fresh_process: bool, environment: dict[str, str]
+    names: Sequence[str], data: dict[str, Path], root: Path, fresh_process: bool, idle_poll_s: float,
+    environment: dict[str, str],
 ) -> list[dict]:
     with LocalDeployment(root / "federation", environment=environment) as federation:
         federation.start_superlink()
@@ -97,7 +101,7 @@ def _deployed_rounds(
             private, public = federation.site_keys(name)
             federation.register(public)
             node_config = site_node_config(name, data, federation.root, delta=DEPLOYMENT_RUN["delta"])
-            federation.start_supernode(name, node_config, private, fresh_process=fresh_process)
+            federation.start_supernode(name, node_config, private, fresh_process=fresh_process, idle_poll_s=idle_poll_s)
         deadline = time.monotonic() + 120
         while federation.connected_nodes() < len(names) and time.monotonic() < deadline:
             time.sleep(1)
