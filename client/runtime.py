@@ -79,13 +79,11 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from common.errors import ConfigError, FedtailError
 from common.utils import timeline
+from common.utils.flower_pacing import OBJECT_RETRY_SECONDS
 from common.utils.processes import APP_DIR, executable
 from common.utils.progress import log
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-OBJECT_RETRY_SECONDS = (0.05, 0.5)
-"""First and longest wait between tries to pull a message's part that the SuperNode does not hold yet (Flower's
-default: 1 s doubling to 10 s)."""
 POLL_SECONDS = 0.1
 """How often an idle runtime asks its SuperNode for a task: one small local request (flower-superexec asks every
 1 s, which a round would wait for on average half of)."""

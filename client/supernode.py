@@ -7,12 +7,12 @@ round waits on average about 3 s for the site to look again, whatever the sites 
 a small round (docs/benchmarks.md, deployment). No Flower option sets these intervals.
 
 How: ``python -m client.supernode [--idle-poll S] FLOWER-SUPERNODE-OPTIONS`` runs Flower's own ``flower_supernode()``
-in this process after giving that one module a ``time`` whose ``sleep`` waits at most ``--idle-poll`` seconds
-(default 0.2). Everything else is Flower's: TLS, SuperNode authentication, node config, isolation, heartbeats, the
-message protocol. The cost is requests: an idle site asks the SuperLink every ``--idle-poll`` seconds instead of
-every 3 s (for 100 sites at 0.2 s, 500 small requests a second at the SuperLink); ``--idle-poll 3`` is Flower's
-behaviour. The loop was read for the Flower versions in ``READ_FOR``; another version is refused with that reason
-(read its loop, then add it), so a changed loop is never patched blindly.
+in this process after shortening that loop's waits (``common.utils.flower_pacing``): its sleeps last at most
+``--idle-poll`` seconds (default 0.2), and a part of a message not yet at the SuperLink (the global weights while the
+coordinator still uploads them) is asked for again after 0.05 s instead of 1 s. Everything else is Flower's: TLS,
+SuperNode authentication, node config, isolation, heartbeats, the message protocol. The cost is requests: an idle
+site asks the SuperLink every ``--idle-poll`` seconds instead of every 3 s (for 100 sites at 0.2 s, 500 small
+requests a second at the SuperLink); ``--idle-poll 3`` keeps Flower's poll.
 """
 
 from __future__ import annotations
@@ -20,33 +20,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from collections.abc import Sequence
-from importlib.metadata import version
-from types import ModuleType
-from typing import Any
 
 from flwr.supernode import start_client_internal
 from flwr.supernode.cli import flower_supernode
 
 from common.errors import ConfigError
+from common.utils.flower_pacing import cap_sleeps, quick_object_pulls
 
 IDLE_POLL_SECONDS = 0.2
-READ_FOR = ("1.41.0", "1.42.0")
-"""Flower versions whose SuperNode loop sleeps only to poll (idle: 3 s, a reply or a reply's part: 0.5 s)."""
-
-
-class CappedSleep:
-    """The ``time`` module, with ``sleep`` waiting at most ``cap`` seconds."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
 
 
 def idle_poll_seconds(text: str) -> float:
@@ -57,18 +39,6 @@ def idle_poll_seconds(text: str) -> float:
     if not (math.isfinite(seconds) and 0.01 <= seconds <= 3):
         raise argparse.ArgumentTypeError(f"{text!r}: need seconds between 0.01 and 3 (Flower's own interval)")
     return seconds
-
-
-def cap_polls(loop_module: ModuleType, seconds: float, flower_version: str) -> None:
-    """Make ``loop_module`` (Flower's SuperNode loop) poll every ``seconds`` at most."""
-    if flower_version not in READ_FOR:
-        raise ConfigError(
-            f"flwr {flower_version}: client.supernode was checked against the SuperNode loop of flwr "
-            f"{', '.join(READ_FOR)} only; run flower-supernode itself, or read the new loop and add the version"
-        )
-    if getattr(loop_module, "time", None) is not time:
-        raise ConfigError(f"{loop_module.__name__} no longer sleeps through the time module; read it again")
-    loop_module.time = CappedSleep(seconds)  # type: ignore[attr-defined]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -83,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "idle, 0.5 for a reply)")
     options, flower_options = parser.parse_known_args(argv)
     try:
-        cap_polls(start_client_internal, options.idle_poll, version("flwr"))
+        cap_sleeps(start_client_internal, options.idle_poll)
+        quick_object_pulls(start_client_internal)
     except ConfigError as error:
         parser.exit(2, f"client.supernode: {error}\n")
     sys.argv = ["flower-supernode", *flower_options]

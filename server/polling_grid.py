@@ -5,7 +5,9 @@ Why: Flower 1.41's deployed Grid (``flwr/superlink/grid/http_grid.py``, ``send_a
 messages and then pulls the replies every 3 s, a fixed sleep that no option changes (1.42 is the same); a round whose
 sites reply within a second still waits up to 3 s for the coordinator to look. This wrapper implements
 ``send_and_receive`` with Flower's own public ``push_messages`` and ``pull_messages`` and a short interval (one small
-request to the SuperLink on the same machine per interval), and delegates everything else to Flower's Grid.
+request to the SuperLink on the same machine per interval), and delegates everything else to Flower's Grid. A reply
+seen while the site still uploads its parts is asked for again after 0.05 s instead of 1 s
+(``common.utils.flower_pacing.quick_object_pulls``).
 
 It also prints the coordinator's side of the round timeline (``common.utils.timeline``): when a round's messages
 were sent and when each site's reply arrived (times only).
@@ -21,9 +23,11 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.superlink.grid import HttpGrid, http_grid
 
 from common.errors import ConfigError
 from common.utils import timeline
+from common.utils.flower_pacing import quick_object_pulls
 
 REPLY_POLL_SECONDS = 0.1
 REPLY_POLL_ENV = "FEDTAIL_REPLY_POLL_SECONDS"
@@ -59,6 +63,8 @@ class PollingGrid(Grid):
     def __init__(self, inner: Grid, poll_seconds: float | None = None) -> None:
         self.inner = inner
         self.poll_seconds = reply_poll_seconds() if poll_seconds is None else poll_seconds
+        if isinstance(inner, HttpGrid):  # deployed: a reply's parts still being uploaded are asked for again soon
+            quick_object_pulls(http_grid)
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)

@@ -138,21 +138,24 @@ class LocalDeployment:
     def start_supernode(
         self, name: str, node_config: Mapping[str, Any], private_key: Path | None, ca_file: Path | None = None,
         max_wait_s: float | None = None, approve: Sequence[str] = (), fresh_process: bool = False,
-        idle_poll_s: float = IDLE_POLL_SECONDS,
+        idle_poll_s: float | None = IDLE_POLL_SECONDS,
     ) -> subprocess.Popen[bytes]:
-        """A site's SuperNode (``client.supernode``: Flower's, polling every ``idle_poll_s``; 3 is Flower's own)
-        and its ClientApp runtime, which runs the installed fedtail's app bundle and those in ``approve`` (sha256)
-        only; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one); ``fresh_process``: the
-        runtime starts a flwr-clientapp per task instead of running the release warm."""
+        """A site's SuperNode (``client.supernode``: Flower's, polling every ``idle_poll_s``; None: Flower's own
+        ``flower-supernode``) and its ClientApp runtime, which runs the installed fedtail's app bundle and those in
+        ``approve`` (sha256) only; ``ca_file`` defaults to the deployment's CA (pass another to try a wrong one);
+        ``fresh_process``: the runtime starts a flwr-clientapp per task instead of running the release warm."""
         ca_file = ca_file or self.ca_file
         security = ["--root-certificates", str(ca_file)] if self.secure else ["--insecure"]
         if private_key is not None:
             security += ["--auth-supernode-private-key", str(private_key)]
         config = " ".join(f"{key}={toml_value(value)}" for key, value in node_config.items())
         runtime_port = free_loopback_port()
+        supernode = (
+            [executable("flower-supernode")] if idle_poll_s is None
+            else [sys.executable, "-m", "client.supernode", "--idle-poll", str(idle_poll_s)]
+        )
         command = [
-            sys.executable, "-m", "client.supernode", "--idle-poll", str(idle_poll_s),
-            *security, "--superlink", f"127.0.0.1:{self.port}",
+            *supernode, *security, "--superlink", f"127.0.0.1:{self.port}",
             "--node-config", config, "--isolation", "process", "--port", str(runtime_port),
         ]
         if max_wait_s is not None:

@@ -1,7 +1,9 @@
-"""``frontier``: test NDCG@10 overall and on tail users against epsilon (1, 2, 4, 8 and non-private).
+"""``frontier``: test NDCG@10 overall and on tail users against epsilon (1, 2, 4, 8), for each noise placement,
+with the non-private federated model and most-popular beside them.
 
-On the synthetic default, and with ``--full`` on MovieLens 100K too when
-``../shared/data/ml-100k`` is present.
+On the synthetic default, and with ``--full`` on MovieLens 100K too when ``../shared/data/ml-100k`` is present.
+Placements: ``site`` (the defaults: each site noises its own local epochs) and ``central`` / ``distributed`` with
+``ONE_NOISE_RECIPE`` (one DP step per round over all sites, so more rounds of a larger public batch).
 """
 
 from __future__ import annotations
@@ -10,12 +12,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.datasets import DEFAULT_DATASET
+from common.data.datasets import DEFAULT_DATASET, load_dataset
 from common.federation import RunSettings
 from common.utils.plot import Panel, Series, write_line_charts
 from simulations.bench.core import ML_100K, Benchmark, Context
 from simulations.report import markdown_table
 from simulations.simulate import Resources, simulate
+
+PLACEMENTS = ("site", "central", "distributed")
+ONE_NOISE_SAMPLE_RATE = 0.5
+"""Central and distributed (with Adam at 0.01 on the noisy mean, clipping 1, validation every 5 rounds): half the
+users sampled each round, the public batch the expected sample (the simulated federation's size is public here).
+Chosen from the noise per coordinate of the mean gradient before any run, not searched on the data
+(docs/results.md, issue 17's table)."""
+ONE_NOISE_ROUNDS_PER_SITE_ROUND = 4
+"""A one-noise round is one step; a site round is local epochs of steps."""
+TOLERATED = 2
+"""Distributed: sites that may drop out or collude (min-sites 5)."""
 
 
 @dataclass(frozen=True)
@@ -27,23 +40,44 @@ class FrontierPoint:
     tail_ndcg: float
     most_popular_ndcg: float
     seconds: float
+    noise: str = "site"
+    """Where the noise was added: site, central, distributed; non-private: site (no noise)."""
+    most_popular_tail_ndcg: float | None = None
 
 
-def bench_frontier(datasets: list[str], epsilons: list[float | None], rounds: int, sites: int, out: Path
-                   ) -> list[FrontierPoint]:
+def placement_settings(dataset: str, noise: str, epsilon: float | None, rounds: int, sites: int, out_dir: str
+                       ) -> RunSettings:
+    """The run of one frontier point; ``rounds``: a site-noise run's (one-noise runs take more, shorter rounds)."""
+    if epsilon is None or noise == "site":
+        return RunSettings(dataset=dataset, rounds=rounds, out_dir=out_dir, dp=epsilon is not None,
+                           epsilon=epsilon or RunSettings.epsilon)
+    users = load_dataset(dataset).stats().users
+    distributed = noise == "distributed"
+    return RunSettings(
+        dataset=dataset, rounds=rounds * ONE_NOISE_ROUNDS_PER_SITE_ROUND, out_dir=out_dir, epsilon=epsilon,
+        noise=noise, sample_rate=ONE_NOISE_SAMPLE_RATE, batch_size=round(ONE_NOISE_SAMPLE_RATE * users),
+        central_optimizer="adam", server_learning_rate=1e-2, max_grad_norm=1.0, evaluate_every=5,
+        min_sites=sites if distributed else RunSettings.min_sites,
+        secure_aggregation_tolerated=TOLERATED if distributed else RunSettings.secure_aggregation_tolerated,
+    )
+
+
+def bench_frontier(datasets: list[str], epsilons: list[float], placements: tuple[str, ...], rounds: int, sites: int,
+                   out: Path) -> list[FrontierPoint]:
+    """Each placement at each epsilon, and the non-private run once per dataset."""
     points = []
     for dataset in datasets:
-        for epsilon in epsilons:
-            name = f"frontier-{Path(dataset).name}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
-            settings = RunSettings(
-                dataset=dataset, rounds=rounds, out_dir=str(out / name), dp=epsilon is not None,
-                epsilon=epsilon or RunSettings.epsilon,
-            )
+        runs = [(noise, epsilon) for noise in placements for epsilon in epsilons] + [("site", None)]
+        for noise, epsilon in runs:
+            name = f"frontier-{Path(dataset).name}-{noise}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
+            settings = placement_settings(dataset, noise, epsilon, rounds, sites, str(out / name))
             started = time.perf_counter()
             summary = simulate(settings, Resources(sites))
+            popular = summary["baselines"]["most_popular"]
             points.append(FrontierPoint(
                 Path(dataset).name, epsilon, summary["overall"]["ndcg@10"], summary["groups"]["tail"]["ndcg@10"],
-                summary["baselines"]["most_popular"]["overall"]["ndcg@10"], time.perf_counter() - started,
+                popular["overall"]["ndcg@10"], time.perf_counter() - started, noise,
+                popular["groups"]["tail"]["ndcg@10"],
             ))
             print(f"  frontier {name}: NDCG@10 {points[-1].ndcg:.4f}", flush=True)
     return points
@@ -51,37 +85,53 @@ def bench_frontier(datasets: list[str], epsilons: list[float | None], rounds: in
 
 def run(context: Context) -> list[FrontierPoint]:
     datasets = [DEFAULT_DATASET] + ([str(ML_100K)] if context.full and ML_100K.exists() else [])
-    return bench_frontier(datasets, [1.0, 2.0, 4.0, 8.0, None], rounds=10 if context.full else 5, sites=5,
+    return bench_frontier(datasets, [1.0, 2.0, 4.0, 8.0], PLACEMENTS, rounds=10 if context.full else 5, sites=5,
                           out=context.out / "runs")
 
 
 def format_table(points: list[FrontierPoint]) -> str:
     return markdown_table(
-        ["dataset", "epsilon per site", "test NDCG@10", "tail NDCG@10", "most-popular NDCG@10", "run s"],
-        [[p.dataset, "non-private" if p.epsilon is None else f"{p.epsilon:g}", f"{p.ndcg:.4f}", f"{p.tail_ndcg:.4f}",
-          f"{p.most_popular_ndcg:.4f}", f"{p.seconds:.0f}"] for p in points],
+        ["dataset", "noise", "epsilon per site", "test NDCG@10", "tail NDCG@10", "most-popular NDCG@10",
+         "most-popular tail", "run s"],
+        [[p.dataset, "none (non-private)" if p.epsilon is None else p.noise,
+          "non-private" if p.epsilon is None else f"{p.epsilon:g}", f"{p.ndcg:.4f}", f"{p.tail_ndcg:.4f}",
+          f"{p.most_popular_ndcg:.4f}", "" if p.most_popular_tail_ndcg is None else f"{p.most_popular_tail_ndcg:.4f}",
+          f"{p.seconds:.0f}"] for p in points],
     )
 
 
 def plot(path: Path, points: list[FrontierPoint]) -> None:
+    """Per dataset, overall and tail: a line per placement against epsilon; non-private and most-popular flat."""
     panels = []
     for dataset in dict.fromkeys(p.dataset for p in points):
-        private = sorted(((p.epsilon, p) for p in points if p.dataset == dataset and p.epsilon is not None),
-                         key=lambda pair: pair[0])
-        ceiling = [p for p in points if p.dataset == dataset and p.epsilon is None]
-        x = [epsilon for epsilon, _ in private]
-        series = [Series("overall", x, [p.ndcg for _, p in private]),
-                  Series("tail", x, [p.tail_ndcg for _, p in private])]
-        if ceiling:
-            series.append(Series("non-private", x, [ceiling[0].ndcg] * len(x)))
-        panels.append(Panel(f"{dataset}: test NDCG@10", "epsilon", series))
+        mine = [p for p in points if p.dataset == dataset]
+        x = sorted({p.epsilon for p in mine if p.epsilon is not None})
+        ceiling = next((p for p in mine if p.epsilon is None), None)
+        for title, value, popular in (
+            ("test NDCG@10", lambda p: p.ndcg, mine[0].most_popular_ndcg),
+            ("tail users' NDCG@10", lambda p: p.tail_ndcg, mine[0].most_popular_tail_ndcg),
+        ):
+            series = []
+            for noise in dict.fromkeys(p.noise for p in mine if p.epsilon is not None):
+                line = sorted((p.epsilon, value(p)) for p in mine if p.noise == noise and p.epsilon is not None)
+                series.append(Series(noise, [e for e, _ in line], [v for _, v in line]))
+            if ceiling is not None:
+                series.append(Series("non-private", x, [value(ceiling)] * len(x)))
+            if popular is not None:
+                series.append(Series("most-popular", x, [popular] * len(x)))
+            panels.append(Panel(f"{dataset}: {title}", "epsilon", series))
     write_line_charts(path, panels)
 
 
 BENCHMARK = Benchmark(
     name="frontier",
-    help="test NDCG@10, overall and on tail users, at epsilon 1 / 2 / 4 / 8 and non-private (--full: ml-100k too)",
-    description="Five sites, uniform split, test NDCG@10 of the final global model against each site's epsilon.",
+    help="test NDCG@10, overall and on tail users, at epsilon 1 / 2 / 4 / 8 for each noise placement, and "
+    "non-private (--full: ml-100k too)",
+    description="Five sites, uniform split, test NDCG@10 of the kept global model against each site's epsilon, for "
+    "each noise placement: site (the defaults, 5 rounds; 10 with --full), central and distributed (4 times the "
+    "rounds, each one DP step: sample rate 0.5, the public batch half the users, Adam at 0.01 on the noisy mean, "
+    "clipping 1; distributed tolerates 2 of 5 sites dropping out or colluding), with the non-private federated "
+    "model and most-popular on the same plot.",
     result=FrontierPoint,
     run=run,
     format_table=format_table,

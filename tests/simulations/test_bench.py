@@ -46,13 +46,16 @@ def test_pieces_benchmark_steps_the_same_batches_whole_and_in_pieces() -> None:
 
 
 def test_the_page_is_assembled_from_the_saved_results(tmp_path: Path) -> None:
-    point = frontier.FrontierPoint("synthetic", 8.0, 0.12, 0.13, 0.05, 60.0)
+    older = {"dataset": "synthetic", "epsilon": 8.0, "ndcg": 0.12, "tail_ndcg": 0.13, "most_popular_ndcg": 0.05,
+             "seconds": 60.0}  # saved before the frontier had placements
+    central = frontier.FrontierPoint("synthetic", 8.0, 0.2, 0.21, 0.05, 90.0, "central", 0.04)
     (tmp_path / "frontier.json").write_text(json.dumps({
         "benchmark": "frontier", "mode": "quick", "seconds": 61.0, "machine": {"cores": 2, "gpu": None},
-        "device": "cpu", "results": [point.__dict__],
+        "device": "cpu", "results": [older, central.__dict__],
     }))
     page = suite.write_page(tmp_path).read_text()
-    assert "## frontier" in page and "| synthetic | 8 | 0.1200 | 0.1300 | 0.0500 | 60 |" in page
+    assert "## frontier" in page and "| synthetic | site | 8 | 0.1200 | 0.1300 | 0.0500 |  | 60 |" in page
+    assert "| synthetic | central | 8 | 0.2000 | 0.2100 | 0.0500 | 0.0400 | 90 |" in page
     assert "## dp-step" not in page, "sections only for benchmarks that were run"
 
 
@@ -171,3 +174,14 @@ def test_the_deployment_timeline_splits_each_round_along_the_site_that_replied_l
     assert row["pull"] == 1.0 and row["start"] == pytest.approx(0.2) and row["training"] == pytest.approx(0.8)
     assert row["reply"] == 0.5 and row["aggregation"] == 0.5
     assert sum(row[stage] for stage in deployment.STAGES) == pytest.approx(row["round"])
+
+
+def test_one_noise_frontier_points_take_more_rounds_of_half_the_federation_and_distributed_tolerates_two() -> None:
+    spec = "synthetic:users=200,items=100,seed=1"
+    site = frontier.placement_settings(spec, "site", 4.0, 5, 5, "out")
+    assert (site.noise, site.rounds, site.dp, site.epsilon) == ("site", 5, True, 4.0)
+    assert not frontier.placement_settings(spec, "central", None, 5, 5, "out").dp
+    central = frontier.placement_settings(spec, "central", 4.0, 5, 5, "out")
+    assert (central.noise, central.rounds, central.sample_rate, central.batch_size) == ("central", 20, 0.5, 100)
+    distributed = frontier.placement_settings(spec, "distributed", 4.0, 5, 5, "out")
+    assert (distributed.min_sites, distributed.secure_aggregation_tolerated) == (5, 2)
