@@ -7,7 +7,8 @@ sites reply within a second still waits up to 3 s for the coordinator to look. T
 ``send_and_receive`` with Flower's own public ``push_messages`` and ``pull_messages`` and a short interval (one small
 request to the SuperLink on the same machine per interval), and delegates everything else to Flower's Grid. A reply
 seen while the site still uploads its parts is asked for again after 0.05 s instead of 1 s
-(``common.utils.flower_pacing.quick_object_pulls``).
+(``common.utils.flower_pacing.quick_object_pulls``), and each message's arrays travel as one
+(``common.packed_arrays``).
 
 It also prints the coordinator's side of the round timeline (``common.utils.timeline``): when a round's messages
 were sent and when each site's reply arrived (times only).
@@ -26,6 +27,7 @@ from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid, http_grid
 
 from common.errors import ConfigError
+from common.packed_arrays import is_packed, pack, unpack
 from common.utils import timeline
 from common.utils.flower_pacing import quick_object_pulls
 
@@ -63,7 +65,10 @@ class PollingGrid(Grid):
     def __init__(self, inner: Grid, poll_seconds: float | None = None) -> None:
         self.inner = inner
         self.poll_seconds = reply_poll_seconds() if poll_seconds is None else poll_seconds
-        if isinstance(inner, HttpGrid):  # deployed: a reply's parts still being uploaded are asked for again soon
+        self.packs = isinstance(inner, HttpGrid)
+        """Deployed: arrays travel packed (``common.packed_arrays``), and a reply's parts still being uploaded are
+        asked for again soon."""
+        if self.packs:
             quick_object_pulls(http_grid)
 
     def set_run(self, run: Run) -> None:
@@ -82,10 +87,19 @@ class PollingGrid(Grid):
         return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        if self.packs:
+            for message in messages:
+                if message.has_content():
+                    message.content = pack(message.content)
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
+        replies = list(self.inner.pull_messages(message_ids))
+        for reply in replies:
+            if reply.has_content() and is_packed(reply.content):
+                reply.content = unpack(reply.content)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Flower's semantics (all replies, or those in by ``timeout``), pulling every ``poll_seconds``."""
