@@ -21,13 +21,15 @@ import os
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Error, Message, RecordDict
+from flwr.app.message import make_message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid, http_grid
 
 from common.errors import ConfigError
-from common.packed_arrays import is_packed, pack, unpack
+from common.packed_arrays import PackedRecordError, is_packed, pack, unpack
 from common.utils import timeline
 from common.utils.flower_pacing import quick_object_pulls
 
@@ -57,6 +59,18 @@ def _round(message: Message) -> int | str:
     config = message.content.config_records.get("config")
     number = None if config is None else config.get("server-round")
     return number if isinstance(number, int) else message.metadata.group_id
+
+
+def _unpacked(reply: Message) -> Message:
+    """The reply with its arrays unpacked; a packed reply that does not match its layout becomes that site's error
+    reply, which the strategy counts as a failure (one site's bad reply does not stop the round)."""
+    if not (reply.has_content() and is_packed(reply.content)):
+        return reply
+    try:
+        reply.content = unpack(reply.content)
+    except PackedRecordError as error:
+        return make_message(reply.metadata, error=Error(code=ErrorCode.UNKNOWN, reason=str(error)))
+    return reply
 
 
 class PollingGrid(Grid):
@@ -95,11 +109,7 @@ class PollingGrid(Grid):
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self.inner.pull_messages(message_ids))
-        for reply in replies:
-            if reply.has_content() and is_packed(reply.content):
-                reply.content = unpack(reply.content)
-        return replies
+        return [_unpacked(reply) for reply in self.inner.pull_messages(message_ids)]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Flower's semantics (all replies, or those in by ``timeout``), pulling every ``poll_seconds``."""

@@ -16,7 +16,7 @@ from client.supernode import IDLE_POLL_SECONDS
 from common.data.datasets import load_dataset
 from common.federation import RunSettings
 from common.privacy.accounting import CACHE_DIR_ENV
-from common.run_files import read_rounds
+from common.run_files import SUMMARY_FILE, read_rounds
 from common.utils import timeline
 from server.polling_grid import REPLY_POLL_ENV
 from simulations.bench.core import Benchmark, Context, site_training_seconds
@@ -118,7 +118,7 @@ def _deployed_rounds(
         config = RunSettings(dataset="", catalog_path=str(data["catalog"]), out_dir=str(root / "run"),
                              min_sites=len(names), **DEPLOYMENT_RUN)
         run_id = federation.submit(config.to_run_config())
-        status = federation.wait(run_id, timeout_s=900)
+        status = federation.wait(run_id, timeout_s=900, finished_file=Path(config.out_dir) / SUMMARY_FILE)
         if status["status"] != "finished:completed":
             raise RuntimeError(f"the deployed run ended as {status}")
         coordinator = timeline.parse(federation.run_log(run_id))

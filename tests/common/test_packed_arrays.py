@@ -126,3 +126,17 @@ def test_the_coordinator_packs_on_a_deployment_and_hands_its_strategy_plain_repl
     [reply] = grid.pull_messages(["0"])
     assert list(reply.content["arrays"]) == list(model_content()["arrays"])
     assert not PollingGrid(object(), poll_seconds=0.01).packs  # type: ignore[arg-type]
+
+
+def test_a_site_reply_whose_layout_does_not_match_becomes_that_sites_error_reply() -> None:
+    class TamperingGrid(FakeHttpGrid):
+        def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+            [reply] = super().pull_messages(message_ids)
+            reply.content[LAYOUT_RECORD]["arrays"] = "[]"
+            return [reply]
+
+    grid = PollingGrid(TamperingGrid(), poll_seconds=0.01)
+    message = Message(model_content(), dst_node_id=7, message_type="train")
+    grid.push_messages([message])
+    [reply] = grid.pull_messages(["0"])
+    assert reply.has_error() and "the layout describes 0 bytes" in reply.error.reason
