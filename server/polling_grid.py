@@ -101,6 +101,8 @@ class PollingGrid(Grid):
         return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deployed: each message's content is replaced by its packed form in place (as Flower's own push sets
+        the message id in place); callers match replies by the ids returned, never by re-reading what they sent."""
         messages = list(messages)
         if self.packs:
             for message in messages:
