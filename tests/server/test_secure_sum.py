@@ -26,7 +26,9 @@ from common.errors import ConfigError
 from server.secure_sum import SecureAggregation, SecureSum, secure_sum
 
 SITES = 4
-SHAPES = {"a": (3, 5), "b": (7,)}
+# Long enough that a random vector correlates with a site's by chance (|r| >= 0.9) with odds far below 1e-20:
+# with 7 coordinates the chance was about 0.6% a comparison, and CI once failed on it.
+SHAPES = {"a": (8, 16), "b": (96,)}
 CLIPPING_RANGE = 16.0
 
 
@@ -181,7 +183,7 @@ def test_coordinator_never_holds_a_site_vector(federation: dict[str, object]) ->
                 # any affine image of the vector (e.g. Flower's quantisation: shift and scale) correlates fully
                 assert abs(np.corrcoef(array, flat)[0, 1]) < 0.9, f"the coordinator held site {node}'s '{name}'"
     # the masked vectors the sites sent look uniform modulo 2**32, nothing like the quantised vectors
-    masked = [array for array in held if array.size == 15]
+    masked = [array for array in held if array.size == np.prod(SHAPES["a"])]
     assert masked and all(array.max() > 2**22 for array in masked)
 
 
