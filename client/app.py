@@ -64,7 +64,7 @@ from client.site_round import RoundOutcome, train_site_round
 from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
-from common.packed_arrays import packed_arrays_mod
+from common.packed_content import packed_content_mod
 from common.privacy.ledger import Ledger
 from common.recommender.item_tables import apply_item_tables
 from common.recommender.model import SASRec
@@ -74,7 +74,7 @@ from common.utils import timeline
 from common.utils.progress import log
 from common.utils.records import scalar
 
-app = ClientApp(mods=[packed_arrays_mod, secure_aggregation_mod])  # each passes on what is not its own unchanged
+app = ClientApp(mods=[packed_content_mod, secure_aggregation_mod])  # each passes on what is not its own unchanged
 logger = logging.getLogger("fedtail.client")
 
 REPLY_METRICS = ("weight", "epsilon", "dp", "declined", "ledger-lines")

@@ -7,8 +7,8 @@ sites reply within a second still waits up to 3 s for the coordinator to look. T
 ``send_and_receive`` with Flower's own public ``push_messages`` and ``pull_messages`` and a short interval (one small
 request to the SuperLink on the same machine per interval), and delegates everything else to Flower's Grid. A reply
 seen while the site still uploads its parts is asked for again after 0.05 s instead of 1 s
-(``common.utils.flower_pacing.quick_object_pulls``), and each message's arrays travel as one
-(``common.packed_arrays``).
+(``common.utils.flower_pacing.quick_object_pulls``), and each message's content travels as one byte string
+(``common.packed_content``).
 
 It also prints the coordinator's side of the round timeline (``common.utils.timeline``): when a round's messages
 were sent and when each site's reply arrived (times only).
@@ -29,7 +29,7 @@ from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid, http_grid
 
 from common.errors import ConfigError
-from common.packed_arrays import PackedRecordError, is_packed, pack, unpack
+from common.packed_content import PackedContentError, is_packed, pack, unpack
 from common.utils import timeline
 from common.utils.flower_pacing import quick_object_pulls
 
@@ -62,13 +62,13 @@ def _round(message: Message) -> int | str:
 
 
 def _unpacked(reply: Message) -> Message:
-    """The reply with its arrays unpacked; a packed reply that does not match its layout becomes that site's error
+    """The reply with its content unpacked; a packed reply that does not parse becomes that site's error
     reply, which the strategy counts as a failure (one site's bad reply does not stop the round)."""
     if not (reply.has_content() and is_packed(reply.content)):
         return reply
     try:
         reply.content = unpack(reply.content)
-    except PackedRecordError as error:
+    except PackedContentError as error:
         return make_message(reply.metadata, error=Error(code=ErrorCode.UNKNOWN, reason=str(error)))
     return reply
 
@@ -80,7 +80,7 @@ class PollingGrid(Grid):
         self.inner = inner
         self.poll_seconds = reply_poll_seconds() if poll_seconds is None else poll_seconds
         self.packs = isinstance(inner, HttpGrid)
-        """Deployed: arrays travel packed (``common.packed_arrays``), and a reply's parts still being uploaded are
+        """Deployed: content travels packed (``common.packed_content``), and a reply's parts still being uploaded are
         asked for again soon."""
         if self.packs:
             quick_object_pulls(http_grid)

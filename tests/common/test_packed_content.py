@@ -1,20 +1,21 @@
-"""Arrays packed for a deployment's wire come back bit for bit, in order; a layout that does not describe its bytes
-is refused before anything is read; the site packs its reply only when the coordinator packed; the coordinator's
-Grid packs only on a deployment."""
+"""Content packed for a deployment's wire comes back bit for bit, in order, as two objects on Flower's wire; bytes
+that do not parse or arrays that do not match what they declare are refused (never unpickled); the site packs its
+reply only when the coordinator packed; the coordinator's Grid packs only on a deployment."""
 
 from __future__ import annotations
 
-import json
+import io
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
 from common.federation import RunSettings
-from common.packed_arrays import LAYOUT_RECORD, PACKED_KEY, PackedRecordError, pack, packed_arrays_mod, unpack
+from common.packed_content import PACKED_KEY, PACKED_RECORD, PackedContentError, pack, packed_content_mod, unpack
 from common.recommender.model import SASRec
 from server.polling_grid import PollingGrid
 
@@ -36,10 +37,10 @@ def model_content() -> RecordDict:
     })
 
 
-def test_packed_content_comes_back_bit_for_bit_in_order_as_one_array_per_record() -> None:
+def test_packed_content_comes_back_bit_for_bit_in_order_as_one_config_record() -> None:
     content = model_content()
     packed = pack(content)
-    assert list(packed["arrays"]) == [PACKED_KEY] and len(packed["arrays"]) == 1
+    assert list(packed) == [PACKED_RECORD] and list(packed[PACKED_RECORD]) == [PACKED_KEY]
     assert len(content["arrays"]) > 10
     restored = unpack(packed)
     assert list(restored) == list(content)
@@ -50,38 +51,53 @@ def test_packed_content_comes_back_bit_for_bit_in_order_as_one_array_per_record(
             assert back.dtype == original.dtype and back.shape == original.shape
             assert back.tobytes() == original.tobytes()
     assert restored["config"]["server-round"] == 3 and restored["metrics"]["weight"] == 1.0
-    assert pack(RecordDict({"config": ConfigRecord({"a": 1})})).get(LAYOUT_RECORD) is None
 
 
-def tampered(change) -> RecordDict:
-    packed = pack(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones((2, 3), dtype=np.float32))})}))
-    layout = json.loads(packed[LAYOUT_RECORD]["arrays"])
-    change(packed, layout)
-    packed[LAYOUT_RECORD]["arrays"] = json.dumps(layout) if isinstance(layout, list) else layout
-    return packed
+def test_a_packed_message_is_two_objects_on_flowers_wire_whatever_the_model() -> None:
+    """Flower sends a message as its object tree, one request per object a hop: what packing is for."""
+    message = Message(model_content(), dst_node_id=1, message_type="train")
+    packed = Message(pack(model_content()), dst_node_id=1, message_type="train")
+    assert len(get_all_nested_objects(message)) > 30
+    assert len(get_all_nested_objects(packed)) == 3  # the message, its content, the one config record
 
 
-@pytest.mark.parametrize(("change", "reason"), [
-    (lambda p, layout: layout[0].__setitem__(2, [2, 4]), "describes 32 bytes, 24 came"),
-    (lambda p, layout: layout[0].__setitem__(1, "object"), "bad layout entry"),
-    (lambda p, layout: layout[0].__setitem__(2, [-2, -3]), "bad layout entry"),
-    (lambda p, layout: layout.append(["w", "float32", [0]]), "appears twice"),
-    (lambda p, layout: p[LAYOUT_RECORD].__setitem__("ghost", "[]"), "does not hold: \\['ghost'\\]"),
-    (lambda p, layout: p.__setitem__("arrays", ArrayRecord({"x": Array(np.ones(24, dtype=np.uint8))})),
-     "expected one array 'packed'"),
-    (lambda p, layout: p.__setitem__("arrays", ArrayRecord({PACKED_KEY: Array(np.ones(6, dtype=np.float32))})),
-     "expected bytes"),
+def packed_with(array: Array) -> RecordDict:
+    return pack(RecordDict({"arrays": ArrayRecord({"w": array})}))
+
+
+def npy(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (lambda: packed_with(Array(dtype="float32", shape=(2, 4), stype="numpy.ndarray",
+                               data=npy(np.ones((2, 3), dtype=np.float32)))),
+     "declares float32 \\(2, 4\\), holds float32 \\(2, 3\\)"),
+    (lambda: packed_with(Array(dtype="float64", shape=(2, 3), stype="numpy.ndarray",
+                               data=npy(np.ones((2, 3), dtype=np.float32)))),
+     "declares float64"),
+    (lambda: packed_with(Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"not numpy")),
+     "'arrays/w' does not decode"),
+    (lambda: packed_with(Array(dtype="object", shape=(2,), stype="numpy.ndarray",
+                               data=pickled_object_array())),
+     "'arrays/w' does not decode"),
+    (lambda: RecordDict({PACKED_RECORD: ConfigRecord({PACKED_KEY: b"\xff\xff\xff garbage"})}),
+     "its bytes are not a RecordDict"),
+    (lambda: RecordDict({PACKED_RECORD: ConfigRecord({PACKED_KEY: "text"})}), "holds str, not bytes"),
+    (lambda: RecordDict({PACKED_RECORD: ConfigRecord({PACKED_KEY: b"", "more": 1})}), "one value 'recorddict'"),
+    (lambda: RecordDict({**pack(model_content()), "extra": ConfigRecord({"a": 1})}), "expected the one record"),
 ])
-def test_a_layout_that_does_not_describe_its_bytes_is_refused_with_the_reason(change, reason: str) -> None:
-    with pytest.raises(PackedRecordError, match=reason):
-        unpack(tampered(change))
+def test_content_that_does_not_parse_or_match_its_arrays_is_refused_with_the_reason(content, reason: str) -> None:
+    with pytest.raises(PackedContentError, match=reason):
+        unpack(content())
 
 
-def test_a_layout_that_is_not_json_is_refused() -> None:
-    packed = pack(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))})}))
-    packed[LAYOUT_RECORD]["arrays"] = "{not json"
-    with pytest.raises(PackedRecordError, match="not a JSON list"):
-        unpack(packed)
+def pickled_object_array() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
 
 
 def test_the_site_unpacks_what_came_packed_and_packs_its_reply_only_then() -> None:
@@ -94,12 +110,12 @@ def test_the_site_unpacks_what_came_packed_and_packs_its_reply_only_then() -> No
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     content = model_content()
     packed_in = Message(pack(content), dst_node_id=1, message_type="train")
-    reply = packed_arrays_mod(packed_in, context, handler)
+    reply = packed_content_mod(packed_in, context, handler)
     assert list(seen[0]["arrays"]) == list(content["arrays"])
-    assert list(reply.content["arrays"]) == [PACKED_KEY] and LAYOUT_RECORD in reply.content
+    assert list(reply.content) == [PACKED_RECORD] and list(unpack(reply.content)["arrays"]) == list(content["arrays"])
     plain_in = Message(model_content(), dst_node_id=1, message_type="train")
-    reply = packed_arrays_mod(plain_in, context, handler)
-    assert list(reply.content["arrays"]) == list(content["arrays"]) and LAYOUT_RECORD not in reply.content
+    reply = packed_content_mod(plain_in, context, handler)
+    assert list(reply.content["arrays"]) == list(content["arrays"]) and PACKED_RECORD not in reply.content
 
 
 class FakeHttpGrid(HttpGrid):
@@ -122,21 +138,21 @@ def test_the_coordinator_packs_on_a_deployment_and_hands_its_strategy_plain_repl
     message = Message(model_content(), dst_node_id=7, message_type="train")
     message.metadata.__dict__["_message_id"] = "0"
     grid.push_messages([message])
-    assert list(deployed.pushed[0].content["arrays"]) == [PACKED_KEY]
+    assert list(deployed.pushed[0].content) == [PACKED_RECORD]
     [reply] = grid.pull_messages(["0"])
     assert list(reply.content["arrays"]) == list(model_content()["arrays"])
     assert not PollingGrid(object(), poll_seconds=0.01).packs  # type: ignore[arg-type]
 
 
-def test_a_site_reply_whose_layout_does_not_match_becomes_that_sites_error_reply() -> None:
+def test_a_site_reply_that_does_not_parse_becomes_that_sites_error_reply() -> None:
     class TamperingGrid(FakeHttpGrid):
         def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
             [reply] = super().pull_messages(message_ids)
-            reply.content[LAYOUT_RECORD]["arrays"] = "[]"
+            reply.content[PACKED_RECORD][PACKED_KEY] = b"\\xff\\xff"
             return [reply]
 
     grid = PollingGrid(TamperingGrid(), poll_seconds=0.01)
     message = Message(model_content(), dst_node_id=7, message_type="train")
     grid.push_messages([message])
     [reply] = grid.pull_messages(["0"])
-    assert reply.has_error() and "the layout describes 0 bytes" in reply.error.reason
+    assert reply.has_error() and "its bytes are not a RecordDict" in reply.error.reason
