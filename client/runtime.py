@@ -84,7 +84,7 @@ from common.utils.processes import APP_DIR, executable
 from common.utils.progress import log
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.05
 """How often an idle runtime asks its SuperNode for a task: one small local request (flower-superexec asks every
 1 s, which a round would wait for on average half of)."""
 
@@ -158,7 +158,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
     0.05 s (doubling up to 0.5 s) instead of 1 s (doubling up to 10 s).
 
     Why: the SuperNode offers a task as soon as the message's head arrives and fetches its parts (the global
-    weights) from the SuperLink afterwards. A runtime that takes the task within 0.1 s asks for parts not there yet,
+    weights) from the SuperLink afterwards. A runtime that takes the task within 0.05 s asks for parts not there yet,
     and Flower's backoff then waits 1 + 2 + 4 ... s for a transfer that takes a fraction of a second on loopback.
     A ``flwr-clientapp`` rarely meets it: it asks only after its own start of several seconds. The requests go to
     the site's own SuperNode, on the same machine.

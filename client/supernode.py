@@ -7,12 +7,13 @@ round waits on average about 3 s for the site to look again, whatever the sites 
 a small round (docs/benchmarks.md, deployment). No Flower option sets these intervals.
 
 How: ``python -m client.supernode [--idle-poll S] FLOWER-SUPERNODE-OPTIONS`` runs Flower's own ``flower_supernode()``
-in this process after shortening that loop's waits (``common.utils.flower_pacing``): its sleeps last at most
-``--idle-poll`` seconds (default 0.2), and a part of a message not yet at the SuperLink (the global weights while the
-coordinator still uploads them) is asked for again after 0.05 s instead of 1 s. Everything else is Flower's: TLS,
-SuperNode authentication, node config, isolation, heartbeats, the message protocol. The cost is requests: an idle
-site asks the SuperLink every ``--idle-poll`` seconds instead of every 3 s (for 100 sites at 0.2 s, 500 small
-requests a second at the SuperLink); ``--idle-poll 3`` keeps Flower's poll.
+in this process after shortening that loop's waits (``common.utils.flower_pacing``): its idle sleep lasts at most
+``--idle-poll`` seconds (default 0.2), its waits on its own memory for the ClientApp's reply at most 0.05 s, and a
+part of a message not yet at the SuperLink (the global weights while the coordinator still uploads them) is asked
+for again after 0.05 s instead of 1 s. Everything else is Flower's: TLS, SuperNode authentication, node config,
+isolation, heartbeats, the message protocol. The cost is requests: an idle site asks the SuperLink every
+``--idle-poll`` seconds instead of every 3 s (for 100 sites at 0.2 s, 500 small requests a second at the SuperLink);
+``--idle-poll 3`` keeps Flower's poll.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "seconds when idle instead of every 3 s.",
     )
     parser.add_argument("--idle-poll", type=idle_poll_seconds, default=IDLE_POLL_SECONDS,
-                        help=f"seconds between the SuperNode's polls (default {IDLE_POLL_SECONDS}; Flower: 3 when "
-                        "idle, 0.5 for a reply)")
+                        help=f"seconds between the idle SuperNode's polls of the SuperLink (default "
+                        f"{IDLE_POLL_SECONDS}; Flower: 3); its local wait for a reply is 0.05 s (Flower: 0.5)")
     options, flower_options = parser.parse_known_args(argv)
     try:
         cap_sleeps(start_client_internal, options.idle_poll)

@@ -1,4 +1,4 @@
-"""The ServerApp's Grid, asking for the sites' replies every 0.1 s (``$FEDTAIL_REPLY_POLL_SECONDS``) instead of
+"""The ServerApp's Grid, asking for the sites' replies every 0.05 s (``$FEDTAIL_REPLY_POLL_SECONDS``) instead of
 Flower's 3 s, and timing each round.
 
 Why: Flower 1.41's deployed Grid (``flwr/superlink/grid/http_grid.py``, ``send_and_receive``) pushes a round's
@@ -33,14 +33,14 @@ from common.packed_content import PackedContentError, is_packed, pack, unpack
 from common.utils import timeline
 from common.utils.flower_pacing import quick_object_pulls
 
-REPLY_POLL_SECONDS = 0.1
+REPLY_POLL_SECONDS = 0.05
 REPLY_POLL_ENV = "FEDTAIL_REPLY_POLL_SECONDS"
 """The coordinator's choice (in the SuperLink's environment, which its ServerApps inherit): shorter answers sooner,
 at one more request to the SuperLink per interval while a round is out."""
 
 
 def reply_poll_seconds() -> float:
-    """``$FEDTAIL_REPLY_POLL_SECONDS``, or 0.1 s; between 0.01 and 60."""
+    """``$FEDTAIL_REPLY_POLL_SECONDS``, or 0.05 s; between 0.01 and 60."""
     text = os.environ.get(REPLY_POLL_ENV, "")
     if not text:
         return REPLY_POLL_SECONDS

@@ -35,14 +35,22 @@ OBJECT_RETRY_SECONDS = (0.05, 0.5)
 to 10 s)."""
 
 
+LOCAL_WAIT_SECONDS = 0.05
+"""The longest of the SuperNode's waits on its own state (its ClientApp's reply, a part of that reply): each look is
+a query of the SuperNode's own memory, no request to anyone, so it can be short (Flower: 0.5 s)."""
+IDLE_SLEEP_FROM = 1.0
+"""Flower's sleeps this long or longer are its idle poll of the SuperLink (3 s); shorter ones are local waits."""
+
+
 class CappedSleep:
-    """The ``time`` module, with ``sleep`` waiting at most ``cap`` seconds."""
+    """The ``time`` module, with ``sleep`` waiting at most ``cap`` seconds for Flower's idle poll (a request to the
+    SuperLink each time) and at most ``LOCAL_WAIT_SECONDS`` for its local waits."""
 
     def __init__(self, cap: float) -> None:
         self.cap = cap
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        time.sleep(min(seconds, self.cap if seconds >= IDLE_SLEEP_FROM else LOCAL_WAIT_SECONDS))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -59,7 +67,7 @@ def check_flower(flower_version: str | None = None) -> None:
 
 
 def cap_sleeps(module: ModuleType, seconds: float, flower_version: str | None = None) -> None:
-    """Make every ``time.sleep`` of ``module`` wait at most ``seconds``."""
+    """Make ``module``'s idle ``time.sleep`` wait at most ``seconds``, and its local waits ``LOCAL_WAIT_SECONDS``."""
     check_flower(flower_version)
     current = getattr(module, "time", None)
     if isinstance(current, CappedSleep):
