@@ -113,10 +113,13 @@ def peak_rss(tree: bool = False, interval_s: float = 0.002) -> Iterator[list[int
     peak = [0]
     stop = threading.Event()
 
+    def take_sample() -> None:
+        pids = _descendants(os.getpid()) if tree else [os.getpid()]
+        peak[0] = max(peak[0], sum(rss_bytes(pid) for pid in pids))
+
     def sample() -> None:
         while not stop.is_set():
-            pids = _descendants(os.getpid()) if tree else [os.getpid()]
-            peak[0] = max(peak[0], sum(rss_bytes(pid) for pid in pids))
+            take_sample()
             stop.wait(interval_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -126,6 +129,7 @@ def peak_rss(tree: bool = False, interval_s: float = 0.002) -> Iterator[list[int
     finally:
         stop.set()
         sampler.join()
+        take_sample()  # what the block still holds at its end, in case the sampler was not scheduled in time
 
 
 def site_training_seconds(flower_log: Path) -> dict[int, float]:

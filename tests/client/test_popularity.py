@@ -68,8 +68,8 @@ def test_the_released_vector_carries_noise_of_std_sigma(tmp_path: Path) -> None:
     outcome = release_site_popularity(examples, items, privacy, Ledger(tmp_path / "s.jsonl"), "run-a", "1")
     assert outcome.state_dict is not None
     noise = outcome.state_dict[POPULARITY_ARRAY].double()[1:] - clipped_popularity_sum(examples, items)[1:]
-    assert float(noise.std()) == pytest.approx(sigma * POPULARITY_BOUND, rel=4 * math.sqrt(1 / (2 * items)) + 0.005)
-    assert abs(float(noise.mean())) < 5 * sigma / math.sqrt(items)
+    assert float(noise.std()) == pytest.approx(sigma * POPULARITY_BOUND, rel=6 * math.sqrt(1 / (2 * items)) + 0.005)
+    assert abs(float(noise.mean())) < 6.5 * sigma / math.sqrt(items)
 
 
 def test_a_repeated_query_resends_the_release_and_a_site_over_budget_declines(tmp_path: Path) -> None:

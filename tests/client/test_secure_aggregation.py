@@ -215,7 +215,7 @@ def test_a_declining_site_sends_pure_noise_of_its_share(tmp_path: Path, node: di
     assert records["metrics"]["declined"] == 1 and reason in str(records["site"]["reason"])
     noise = torch.cat([value.flatten() for value in vector.values()])
     assert abs(float(noise.std()) / _share_std(shares) - 1) < 0.1
-    assert abs(float(noise.mean())) < 0.1 * _share_std(shares)
+    assert abs(float(noise.mean())) < 0.13 * _share_std(shares)  # 6.7 standard errors over 2,682 values
     assert Ledger(tmp_path / "ledger" / "site-north.jsonl").entries() == []  # nothing trained, nothing spent
 
 
