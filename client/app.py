@@ -27,7 +27,8 @@ its ledger's head after the round (line count and the last line's hash, a
 hiding commitment: see ``common.privacy.ledger``), which the coordinator records so
 that an auditor can later tell a rewritten or cut-off ledger. The one query a
 run may send before round 1 (``popularity``) is answered the same way, with the
-site's noisy popularity vector in place of weights (``client.popularity``).
+site's noisy popularity vector in place of weights (``client.popularity``; under
+``noise = central`` its un-noised sum and the noise multiplier the coordinator must add).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.packed_content import packed_content_mod
 from common.privacy.ledger import Ledger
+from common.privacy.popularity import popularity_step
 from common.recommender.item_tables import apply_item_tables
 from common.recommender.model import SASRec
 from common.recommender.training import pick_device
@@ -305,6 +307,10 @@ def popularity(msg: Message, context: Context) -> Message:
         run_id=str(msg.content.config_records["config"]["run-id"]), site=site.site_id,
     )
     remember_ledger_head(context.state, site.ledger)
+    content = reply_content(outcome, site, settings.dp)
     if outcome.state_dict is None:
         logger.warning("site %s popularity release: %s", site.site_id, outcome.declined_reason)
-    return Message(reply_content(outcome, site, settings.dp), reply_to=msg)
+    elif settings.noise == "central":  # the noise its epsilon assumes, for the coordinator to add (settings alone)
+        step = popularity_step(settings.epsilon, site.policy.delta, settings.popularity_share)
+        content.metric_records["metrics"][CENTRAL_NOISE_METRIC] = step[0]
+    return Message(content, reply_to=msg)

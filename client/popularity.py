@@ -8,9 +8,17 @@ one step: Poisson sampling at rate 1 takes every user) and sends the noisy
 vector. The same checks as for a training round come first, on public input
 only: the site's policy, then its budget against its ledger. A query repeated
 in the same run re-sends the vector already released (post-processing) instead of charging a second release.
+
+Under ``noise = central`` (a site whose node config trusts the coordinator's noise; the policy declines the query
+otherwise) the site sends the sum WITHOUT noise, and the coordinator adds N(0, sigma^2) once to the sum over all
+sites (``server.popularity``), as for training: one noise over the federation instead of one per site, so the sum
+carries sqrt(sites) times less noise at the same epsilon. The ledger line says so (placement ``central``, the trust
+it relies on).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -26,6 +34,11 @@ from common.privacy.ledger import Ledger, Spend
 from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
 
 POPULARITY_RELEASE = "gaussian sum of per-user item indicators, each scaled to L2 norm 1"
+CENTRAL_POPULARITY_TRUST = (
+    "the coordinator: this site sent it the un-noised sum of its users' popularity vectors (each of L2 norm at most "
+    "1), and the epsilon holds only if the coordinator added Gaussian noise of std noise_multiplier once to the sum "
+    "over all sites; against the coordinator itself this release is NOT private"
+)
 POPULARITY_ROUND = 0
 """The release's round number in the ledger: before round 1."""
 _REPLAY_KEY = "popularity-release"
@@ -62,9 +75,14 @@ def release_site_popularity(
     if refusal:
         return RoundOutcome(None, spent, refusal)
     sigma = step[0]
-    generator = secret_generator(torch.device("cpu"))  # unpredictable to the coordinator, as DP-SGD's noise
-    noise = torch.normal(0.0, sigma * POPULARITY_BOUND, (num_items + 1,), generator=generator, dtype=torch.float64)
-    noisy = (clipped_popularity_sum(examples, num_items) + noise).float()
+    release = clipped_popularity_sum(examples, num_items)
+    central = privacy.noise_placement == "central"
+    placement: dict[str, Any] = {"noise_placement": "central", "trust": CENTRAL_POPULARITY_TRUST} if central else {}
+    if not central:  # site and distributed (this release is not secure-summed): the site adds the whole noise
+        generator = secret_generator(torch.device("cpu"))  # unpredictable to the coordinator, as DP-SGD's noise
+        release += torch.normal(0.0, sigma * POPULARITY_BOUND, (num_items + 1,), generator=generator,
+                                dtype=torch.float64)
+    noisy = release.float()
     noisy[PADDING_INDEX] = 0.0  # not an item; zeroing it is post-processing
     entry = ledger.append(
         Spend(
@@ -80,6 +98,7 @@ def release_site_popularity(
             library_versions=library_versions(),
             users=len(examples),
             release=POPULARITY_RELEASE,
+            **placement,
         )
     )
     vector = {POPULARITY_ARRAY: noisy}

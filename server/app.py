@@ -138,6 +138,8 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     if floor is not None:
         initialise_output_bias(model, floor.prior())
     state = resume(out_dir, settings, model, run_id)
+    if floor is not None and state.done == 0:
+        state.best = floor_candidate(model, device, evaluator, settings)
     for site, epsilon in ({} if floor is None else floor.site_epsilon).items():
         state.site_epsilon.setdefault(site, epsilon)  # a resumed run's later totals stay
     if not settings.dp:
@@ -217,6 +219,21 @@ def popularity_floor(
             raise RuntimeError(f"popularity release: every site failed. First error: {floor.failures[0][:2000]}")
         save_popularity(out_dir, floor, settings)
     return floor
+
+
+def floor_candidate(
+    model: SASRec, device: torch.device, evaluator: Evaluator | None, settings: RunSettings
+) -> BestRound | None:
+    """Round 0, the starting model with the popularity floor's output bias, as a candidate for the kept model.
+
+    Why: the floor alone ranks close to most-popular, and at a small epsilon no trained round may beat it; it is
+    post-processing of the sites' popularity releases, so keeping it releases nothing more than keeping any round.
+    """
+    if evaluator is None or settings.model_selection != "best-validation":
+        return None
+    valid = validation_line(model, device, evaluator)
+    log(f"fedtail: round 0 (the popularity floor)  valid NDCG@10 {valid['ndcg@10']:.4f}")
+    return BestRound(0, valid["ndcg@10"], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
 
 
 def initial_model(settings: RunSettings, catalog: Catalog, out_dir: Path) -> SASRec:
@@ -330,7 +347,7 @@ def finish_run(
         summary["privacy"]["popularity_floor"] = floor.report(settings)
     rounds = read_rounds(out_dir)
     if kept_round is not None and evaluator is not None:
-        candidates = sum(r.valid is not None for r in rounds)
+        candidates = sum(r.valid is not None for r in rounds) + (floor is not None)  # round 0: the floor
         summary["privacy"]["model_selection"] = {
             "rule": settings.model_selection,
             "kept_round": kept_round,

@@ -10,12 +10,18 @@ everything made from it costs nothing more:
 - the same distribution is saved beside the model (``POPULARITY_PRIOR_FILE``)
   as the cold-start prior serving and re-ranking use (``server.serving``).
 
+Under ``noise = central`` the sites send their sums without noise (each site's node config trusts the coordinator
+with them) and the coordinator adds N(0, sigma^2) once to the sum over the sites, with sigma the largest any site
+requires and never less than the run's own settings give (``central_popularity_noise``), before anything is kept:
+only the noisy sum is saved.
+
 A resumed run reads the saved sum instead of asking again.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -31,12 +37,13 @@ from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from common.data.catalog import PADDING_INDEX, Catalog
 from common.errors import DataError
 from common.federation import RunSettings
-from common.privacy.popularity import POPULARITY_ARRAY
+from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
 from common.recommender.model import SASRec
 from common.run_files import site_order
 from common.utils.files import load_torch, save_torch, write_json
 from common.utils.progress import log
 from common.utils.records import scalar
+from server.central_noise import CENTRAL_STATEMENT, NOISE_MULTIPLIER_METRIC
 from server.strategy import root_cause
 
 POPULARITY_PRIOR_FILE = "popularity_prior.pt"
@@ -58,6 +65,9 @@ class PopularityFloor:
     declined: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     ledger_heads: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
+    central_noise_multiplier: float | None = None
+    """``noise = central``: the multiplier of the one noise the coordinator added to the sum; None: the sites added
+    theirs."""
 
     def prior(self) -> torch.Tensor:
         """[N + 1] probabilities: negative noisy counts clipped to 0, smoothed, padding 0."""
@@ -71,8 +81,12 @@ class PopularityFloor:
         training = LocalTraining.from_settings(settings)
         with_release = plan_round(training, PrivacyPlan.from_settings(settings)).noise_multiplier
         without = plan_round(training, replace(PrivacyPlan.from_settings(settings), popularity_share=0.0))
+        central = self.central_noise_multiplier is not None
         return {
-            "mechanism": "Gaussian sum of per-user item indicators scaled to L2 norm 1, per site, before round 1",
+            "mechanism": "Gaussian sum of per-user item indicators scaled to L2 norm 1, before round 1, "
+            + (f"one noise (multiplier {self.central_noise_multiplier:.3f}) added by the coordinator to the sum over "
+               "the sites" if central else "each site adding its own noise"),
+            **({"trust": CENTRAL_STATEMENT} if central else {}),
             "share_of_target_epsilon": settings.popularity_share,
             "epsilon_alone": settings.popularity_share * settings.epsilon,
             "site_epsilon_after_release": self.site_epsilon,
@@ -99,6 +113,7 @@ def request_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: 
         for node in nodes
     ]
     floor = PopularityFloor(torch.zeros(catalog.num_items + 1))
+    required: list[float] = []
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
             floor.failures.append(f"node {reply.metadata.src_node_id}: {root_cause(reply.error.reason or '')}")
@@ -116,12 +131,29 @@ def request_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: 
         if vector.shape != floor.noisy_sum.shape or not bool(torch.isfinite(vector).all()):
             floor.failures.append(f"site {site}: a popularity vector of shape {tuple(vector.shape)} or not finite")
             continue
+        if settings.noise == "central":
+            if NOISE_MULTIPLIER_METRIC not in metrics:
+                floor.failures.append(f"site {site}: a central popularity sum without the noise it requires")
+                continue
+            required.append(float(scalar(metrics[NOISE_MULTIPLIER_METRIC])))
         floor.noisy_sum += vector
         floor.sites.append(site)
+    if settings.noise == "central" and floor.sites:
+        floor.central_noise_multiplier = central_popularity_noise(settings, required)
+        generator = torch.Generator().manual_seed(secrets.randbits(63))  # never a seed the sites could know
+        floor.noisy_sum += torch.normal(0.0, floor.central_noise_multiplier * POPULARITY_BOUND,
+                                        tuple(floor.noisy_sum.shape), generator=generator)
+        floor.noisy_sum[PADDING_INDEX] = 0.0
     log(f"fedtail: popularity floor from {len(floor.sites)} site(s)"
         + (f"; declined: {', '.join(floor.declined)}" if floor.declined else "")
         + (f"; failed: {len(floor.failures)}" if floor.failures else ""))
     return floor
+
+
+def central_popularity_noise(settings: RunSettings, required: list[float]) -> float:
+    """The multiplier of the coordinator's one noise: the largest any summed site requires, never less than the
+    run's own settings give."""
+    return max(popularity_step(settings.epsilon, settings.delta, settings.popularity_share)[0], *required)
 
 
 def initialise_output_bias(model: SASRec, prior: torch.Tensor) -> None:

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
+from client.app import popularity
 from client.clipped_sum import clipped_sum, trainable_names
+from client.popularity import clipped_popularity_sum
 from client.round_plan import LocalTraining
-from client.shard import simulated_shard
+from client.shard import deployed_shard, simulated_shard
 from client.site_round import CENTRAL_TRUST
+from common.data.catalog import Catalog
 from common.data.split import training_examples
+from common.federation import RunSettings
 from common.privacy.accounting import GRAD_SAMPLE_MODES, calibrate_noise, epsilon_from_history
 from common.privacy.ledger import Ledger
+from common.privacy.popularity import POPULARITY_ARRAY, popularity_step
 from common.recommender.model import ModelConfig, SASRec
 from server.central_noise import sum_replies
 from tests.client.test_hostile_coordinator import _node, _public_reply, _settings, _site, _train
@@ -122,3 +129,29 @@ def test_a_sites_examples_are_read_and_split_once_per_process() -> None:
     first = simulated_shard(*spec, 1, 3, 8)
     assert simulated_shard(*spec, 1, 3, 8) is first
     assert simulated_shard(*spec, 2, 3, 8) is not first
+
+
+def _popularity_query(settings: RunSettings, node: dict, catalog: Catalog) -> Message:
+    config = ConfigRecord({"run-id": "r1", "catalog-sha256": catalog.fingerprint(), "flwr-version": version("flwr")})
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=settings.to_run_config())
+    query = Message(content=RecordDict({"config": config}), dst_node_id=1, message_type=MessageType.QUERY)
+    return popularity(query, context)
+
+
+def test_the_popularity_release_under_central_noise_needs_the_trust_and_states_the_noise_to_add(
+    tmp_path: Path,
+) -> None:
+    data, catalog = _site(tmp_path, 40)
+    settings = _settings(noise="central", popularity_share=0.3)
+    declined = _popularity_query(settings, _node(tmp_path, data), catalog)
+    assert declined.content["metrics"]["declined"] == 1 and "arrays" not in declined.content
+    assert "trust-coordinator-noise = false" in declined.content["site"]["reason"]
+    assert not (tmp_path / "ledger" / "site-north.jsonl").exists(), "declined before anything was spent"
+    reply = _popularity_query(settings, _node(tmp_path, data, **{"trust-coordinator-noise": "true"}), catalog)
+    sigma = popularity_step(settings.epsilon, settings.delta, settings.popularity_share)[0]
+    assert reply.content["metrics"]["declined"] == 0 and reply.content["metrics"]["noise-multiplier"] == sigma
+    shard = deployed_shard(str(data), str(tmp_path / "catalog.json"), settings.max_len)
+    exact = clipped_popularity_sum(shard.examples, catalog.num_items).float()
+    assert torch.equal(reply.content["arrays"].to_torch_state_dict()[POPULARITY_ARRAY], exact)
+    (line,) = Ledger(tmp_path / "ledger" / "site-north.jsonl").entries()
+    assert (line["round"], line["noise_placement"], line["noise_multiplier"]) == (0, "central", sigma)

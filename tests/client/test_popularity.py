@@ -12,7 +12,12 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.popularity import POPULARITY_RELEASE, clipped_popularity_sum, release_site_popularity
+from client.popularity import (
+    CENTRAL_POPULARITY_TRUST,
+    POPULARITY_RELEASE,
+    clipped_popularity_sum,
+    release_site_popularity,
+)
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from client.site_round import train_site_round
 from common.data.split import training_examples
@@ -70,6 +75,22 @@ def test_the_released_vector_carries_noise_of_std_sigma(tmp_path: Path) -> None:
     noise = outcome.state_dict[POPULARITY_ARRAY].double()[1:] - clipped_popularity_sum(examples, items)[1:]
     assert float(noise.std()) == pytest.approx(sigma * POPULARITY_BOUND, rel=6 * math.sqrt(1 / (2 * items)) + 0.005)
     assert abs(float(noise.mean())) < 6.5 * sigma / math.sqrt(items)
+
+
+def test_under_central_noise_the_site_sends_the_exact_clipped_sum_and_its_ledger_says_who_adds_the_noise(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "site-2.jsonl")
+    examples = _examples([4, 6, 7])
+    privacy = PrivacyPlan(target_epsilon=4.0, delta=1e-4, popularity_share=0.25, noise_placement="central")
+    outcome = release_site_popularity(examples, ITEMS, privacy, ledger, "run-a", "2")
+    assert outcome.state_dict is not None
+    exact = clipped_popularity_sum(examples, ITEMS).float()
+    assert torch.equal(outcome.state_dict[POPULARITY_ARRAY], exact), "no noise at the site: the coordinator adds it"
+    [line] = ledger.entries()
+    assert line["noise_placement"] == "central" and line["trust"] == CENTRAL_POPULARITY_TRUST
+    assert line["noise_multiplier"] == popularity_step(4.0, 1e-4, 0.25)[0], "the noise the coordinator must add"
+    assert outcome.epsilon == pytest.approx(epsilon_from_history([popularity_step(4.0, 1e-4, 0.25)], 1e-4))
 
 
 def test_a_repeated_query_resends_the_release_and_a_site_over_budget_declines(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,11 +14,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.data.catalog import Catalog
 from common.federation import RunSettings
-from common.privacy.popularity import POPULARITY_ARRAY
+from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
 from common.recommender.model import ModelConfig, SASRec
+from server.central_noise import NOISE_MULTIPLIER_METRIC
 from server.popularity import (
     PRIOR_SMOOTHING,
     PopularityFloor,
+    central_popularity_noise,
     initialise_output_bias,
     load_popularity,
     request_popularity,
@@ -86,3 +89,32 @@ def test_the_prior_clips_negative_counts_smooths_and_the_bias_reproduces_it(tmp_
     save_popularity(tmp_path, floor, RunSettings(popularity_share=0.3))
     again = load_popularity(tmp_path)
     assert again is not None and torch.equal(again.noisy_sum, floor.noisy_sum)
+
+
+def test_under_central_noise_the_coordinator_adds_one_noise_of_the_largest_sigma_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two sites send un-noised sums and the multiplier their epsilon assumes; the floor is their sum plus ONE
+    Gaussian of std sigma (the larger of the two, above the run's own): a noise per site, the smaller sigma or no
+    noise would all fail the tolerance. A central reply without its multiplier is left out."""
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    items = 40_000
+    catalog = Catalog([str(i) for i in range(1, items + 1)])
+    settings = RunSettings(noise="central", popularity_share=0.3, epsilon=8.0)
+    own = popularity_step(settings.epsilon, settings.delta, settings.popularity_share)[0]
+    ones = torch.ones(items + 1)
+    ones[0] = 0.0
+    answers = {11: _answer("a", ones), 12: _answer("b", ones), 13: _answer("c", ones)}
+    answers[11]["metrics"][NOISE_MULTIPLIER_METRIC] = own
+    answers[12]["metrics"][NOISE_MULTIPLIER_METRIC] = 2 * own
+    floor = request_popularity(_Grid(answers), settings, "run-a", catalog)  # type: ignore[arg-type]
+    assert floor.sites == ["a", "b"] and len(floor.failures) == 1 and "without the noise" in floor.failures[0]
+    assert floor.central_noise_multiplier == central_popularity_noise(settings, [own, 2 * own]) == 2 * own
+    noise = floor.noisy_sum[1:].double() - 2.0
+    assert float(floor.noisy_sum[0]) == 0.0
+    assert float(noise.std()) == pytest.approx(2 * own * POPULARITY_BOUND, rel=6.5 * math.sqrt(1 / (2 * items)))
+    assert abs(float(noise.mean())) < 6.5 * 2 * own / math.sqrt(items)
+    report = floor.report(settings)
+    assert "added by the coordinator" in report["mechanism"] and "NOT private" in report["trust"]
+    assert central_popularity_noise(settings, [0.5 * own]) == own, "never less than the run's own settings give"

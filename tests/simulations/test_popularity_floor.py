@@ -62,3 +62,7 @@ def test_a_federation_with_the_popularity_floor_and_frozen_items_charges_both_an
     report = audit([out])
     assert report.passed and report.witnessed, [str(f) for f in report.findings]
     assert report.epsilon == pytest.approx(summary["privacy"]["epsilon"])
+    selection = summary["privacy"]["model_selection"]
+    evaluated = [r.round for r in read_rounds(out) if r.valid is not None]
+    assert selection["candidate_rounds"] == len(evaluated) + 1, "round 0, the floor alone, is a candidate too"
+    assert selection["kept_round"] in [0, *evaluated]
