@@ -168,7 +168,8 @@ def assumptions() -> dict[str, str]:
         "aggregation or of site sampling (no amplification by site sampling is claimed)",
         "noise placement": "site: the site added the noise to its own update, and its epsilon holds against "
         "everyone, the coordinator included. central: the site sent the coordinator the un-noised sum of its "
-        "sampled users' clipped gradients, or of its users' popularity vectors (one step per line); the ledger's noise multiplier is that of the noise "
+        "sampled users' clipped gradients, or of its users' popularity vectors "
+        "(one step per line); the ledger's noise multiplier is that of the noise "
         "the coordinator adds once to the sum over all sites, so the epsilon holds only against those who see the "
         "global models, and only if the coordinator added that noise; against the coordinator itself a central "
         "release is NOT private. distributed: the site added a share of that noise to its sum and sent it through "

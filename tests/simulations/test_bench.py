@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.privacy.popularity import popularity_step
 from simulations import cli
-from simulations.bench import core, deployment, dp_step, frontier, pieces, registry, serving, suite
+from simulations.bench import core, deployment, dp_step, floor, frontier, pieces, registry, serving, suite
 
 
 def test_peak_rss_sees_a_large_allocation() -> None:
@@ -185,3 +186,16 @@ def test_one_noise_frontier_points_take_more_rounds_of_half_the_federation_and_d
     assert (central.noise, central.rounds, central.sample_rate, central.batch_size) == ("central", 20, 0.5, 100)
     distributed = frontier.placement_settings(spec, "distributed", 4.0, 5, 5, "out")
     assert (distributed.min_sites, distributed.secure_aggregation_tolerated) == (5, 2)
+
+
+def test_the_floor_benchmark_scores_the_exact_sum_and_each_placements_noise_at_each_epsilon() -> None:
+    points = floor.bench_floor(["synthetic:users=400,items=80,seed=2"], (0.25, 100.0), sites=5, draws=2, delta=1e-5)
+    exact = points[0]
+    assert (exact.placement, exact.release_epsilon) == ("exact", None)
+    by = {(p.placement, p.release_epsilon): p for p in points[1:]}
+    assert set(by) == {(placement, eps) for placement in floor.PLACEMENTS for eps in (0.25, 100.0)}
+    for placement in floor.PLACEMENTS:  # little noise: the exact ranking
+        assert by[(placement, 100.0)].ndcg == pytest.approx(exact.ndcg, abs=0.01), placement
+    assert by[("site", 0.25)].noise_multiplier == by[("central", 0.25)].noise_multiplier == popularity_step(
+        0.25, 1e-5, 1.0)[0]
+    assert "| synthetic:users=400,items=80,seed=2 | one (central) | 100 |" in floor.format_table(points)
