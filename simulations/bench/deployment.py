@@ -63,7 +63,7 @@ DEPLOYED: tuple[tuple[str, str, bool, float | None, Callable[[Path], dict[str, s
 """How each deployed run is set up: Flower's own way as before this benchmark's issue (flower-supernode, a
 flwr-clientapp per message, the Grid's 3 s wait for replies, a calibration per process: its cache folder lies under
 a file, so nothing is kept), and fedtail's (client.supernode polling every 0.2 s, the site's warm runtime, replies
-pulled every 0.1 s, message parts asked for again after 0.05 s, calibration kept on the site's disk)."""
+pulled every 0.05 s, message parts asked for again after 0.05 s, calibration kept on the site's disk)."""
 
 
 def threads_per_process(sites: int) -> dict[str, str]:
@@ -208,10 +208,10 @@ BENCHMARK = Benchmark(
     "(--fresh-process). A deployed round is timed from the coordinator's send to its next send and "
     "split along the site that replied last, from wall-clock lines the ServerApp, the runtime and the ClientApp "
     "print (common.utils.timeline): send to task taken (the SuperNode asks the SuperLink for work every 0.2 s, "
-    "Flower's flower-supernode every 3 s; the runtime asks its SuperNode every 0.1 s), ClientApp start (process, "
+    "Flower's flower-supernode every 3 s; the runtime asks its SuperNode every 0.05 s), ClientApp start (process, "
     "imports, the task's input: the global weights, which the SuperNode may still be fetching), data, noise "
     "calibration, DP training, other site work, reply (runtime to SuperNode, to SuperLink, to ServerApp, which asks "
-    "every 0.1 s), aggregation to the next send. Medians over rounds 2 to 4. Sites train at the same time, each "
+    "every 0.05 s), aggregation to the next send. Medians over rounds 2 to 4. Sites train at the same time, each "
     "process with its share of the cores (OMP_NUM_THREADS); the simulation trains them one after another on all "
     "cores. The before row runs the sites Flower's own way, as fedtail ran before issue 20 (flower-supernode with "
     "its 3 s poll and 1 s retries for message parts, a flwr-clientapp per message, a calibration per process, the "
