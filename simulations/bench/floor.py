@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from client.popularity import clipped_popularity_sum
@@ -26,7 +27,7 @@ from common.privacy.popularity import POPULARITY_BOUND, popularity_step
 from common.recommender.evaluation import evaluate, popularity_scorer
 from common.utils.plot import Panel, Series, write_line_charts
 from server.evaluator import Evaluator
-from server.popularity import PopularityFloor
+from server.popularity import PRIOR_SMOOTHING, PopularityFloor
 from simulations.bench.core import AMAZON_BEAUTY, ML_100K, Benchmark, Context
 from simulations.report import markdown_table
 
@@ -52,6 +53,13 @@ class FloorPoint:
     seconds: float
 
 
+def floor_counts(noisy_sum: torch.Tensor) -> np.ndarray:
+    """The floor's prior as counts (the prior times its total): the same order, on the scale whose ties
+    ``popularity_scorer`` breaks by index with offsets below 0.1 (on probabilities those offsets would decide)."""
+    counts = noisy_sum.double().clamp(min=0.0) + PRIOR_SMOOTHING
+    return (PopularityFloor(noisy_sum).prior().double() * counts[1:].sum()).numpy()
+
+
 def bench_floor(datasets: list[str], epsilons: tuple[float, ...], sites: int, draws: int, delta: float,
                 seed: int = 0) -> list[FloorPoint]:
     generator = torch.Generator().manual_seed(seed)  # a benchmark: reproducible draws are what is wanted here
@@ -71,8 +79,8 @@ def _dataset_floor(dataset: str, epsilons: tuple[float, ...], sites: int, draws:
                        evaluator.num_users)
 
     def point(placement: str, epsilon: float | None, sigma: float | None, sums: list[torch.Tensor]) -> FloorPoint:
-        reports = [evaluate(popularity_scorer(PopularityFloor(noisy).prior().numpy()), evaluator.test,
-                            evaluator.popularity, evaluator.num_users) for noisy in sums]
+        reports = [evaluate(popularity_scorer(floor_counts(noisy)), evaluator.test, evaluator.popularity,
+                            evaluator.num_users) for noisy in sums]
         overall = [report["overall"]["ndcg@10"] for report in reports]
         return FloorPoint(
             Path(dataset).name, placement, epsilon, sigma, statistics.fmean(overall), statistics.pstdev(overall),

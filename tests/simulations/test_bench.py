@@ -14,6 +14,7 @@ import torch
 
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.popularity import popularity_step
+from server.popularity import PopularityFloor
 from simulations import cli
 from simulations.bench import core, deployment, dp_step, floor, frontier, pieces, registry, serving, suite
 
@@ -199,3 +200,12 @@ def test_the_floor_benchmark_scores_the_exact_sum_and_each_placements_noise_at_e
     assert by[("site", 0.25)].noise_multiplier == by[("central", 0.25)].noise_multiplier == popularity_step(
         0.25, 1e-5, 1.0)[0]
     assert "| synthetic:users=400,items=80,seed=2 | one (central) | 100 |" in floor.format_table(points)
+
+
+def test_the_floor_is_scored_in_its_priors_order_whatever_the_scale() -> None:
+    """Scored as probabilities, most-popular's tie-breaking offsets (up to 0.1) would decide the order instead."""
+    noisy = torch.tensor([0.0, 5.0, -3.0, 40.0, 0.2, 12.5])
+    counts = floor.floor_counts(noisy)
+    assert list(np.argsort(-counts[1:], kind="stable")) == [2, 4, 0, 3, 1]
+    prior = PopularityFloor(noisy).prior()[1:]
+    torch.testing.assert_close(torch.from_numpy(counts[1:] / counts[1:].sum()).float(), prior)
