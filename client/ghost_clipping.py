@@ -19,7 +19,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_no
 from torch import nn
 
 from client.clipping import clip_coefficients
-from common.recommender.model import LossName, SASRec, per_user_loss
+from common.recommender.model import LossName, SASRec, TiedItemTable, per_user_loss
 
 
 @dataclass
@@ -64,7 +64,7 @@ class GhostClipping:
 @dataclass
 class GhostClippedLoss:
     module: GradSampleModuleFastGradientClipping
-    output_layer: nn.Linear
+    output_layer: nn.Linear | TiedItemTable
     hidden: torch.Tensor
     """[B, L, D] the output layer's input, with its graph"""
     scores: torch.Tensor
@@ -81,7 +81,8 @@ class GhostClippedLoss:
         (score_gradients,) = torch.autograd.grad(self.per_user.sum(), self.detached_scores)  # row b: user b's alone
         for parameter in self.module.trainable_parameters:
             parameter._norm_sample = None
-        entry = [m.weight for m in self.module.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+        model: SASRec = self.module._module
+        entry = [table for table in model.lookup_tables() if table.requires_grad]  # their hooks fire with these
         # The gradient of the batch mean: the convention the hooks were built with ("mean": they rescale by B).
         hidden_gradient, *_ = torch.autograd.grad(
             self.scores, [self.hidden, *entry], grad_outputs=score_gradients / batch, retain_graph=True

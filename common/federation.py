@@ -70,7 +70,9 @@ class RunSettings:
     item_tables: str = setting(
         "trained",
         "trained: DP training updates the item tables; frozen: the item embedding and output weight keep their "
-        "public content initialisation (needs item-text) and only the rest trains: far fewer noised parameters",
+        "public content initialisation (needs item-text) and only the rest trains: far fewer noised parameters; "
+        "tied: one item table serves as the input embedding and the output layer's weight (half the item "
+        "parameters)",
         choices=ITEM_TABLES,
     )
     popularity_share: float = setting(
@@ -243,4 +245,7 @@ class RunSettings:
         return {name.replace("_", "-"): getattr(self, name) for name in self.__dataclass_fields__}
 
     def model_config(self, num_items: int) -> ModelConfig:
-        return ModelOptions(self.max_len, self.hidden, self.heads, self.blocks, self.dropout).for_catalog(num_items)
+        options = ModelOptions(
+            self.max_len, self.hidden, self.heads, self.blocks, self.dropout, tied_items=self.item_tables == "tied"
+        )
+        return options.for_catalog(num_items)

@@ -139,13 +139,14 @@ def content_vectors(catalog: Catalog, texts: dict[str, str], hidden: int, encode
 
 def initialise_items(model: SASRec, vectors: torch.Tensor) -> int:
     """Write content vectors into the item table and the output layer; returns how many items got one."""
-    if vectors.shape != model.item_embedding.weight.shape:
+    tables = model.item_tables()
+    if vectors.shape != tables[0].shape:
         raise ConfigError(f"content vectors {tuple(vectors.shape)} do not fit the model's item table "
-                          f"{tuple(model.item_embedding.weight.shape)}")
+                          f"{tuple(tables[0].shape)}")
     has_text = vectors.abs().sum(dim=1) > 0
     has_text[PADDING_INDEX] = False
     with torch.no_grad():
-        for table in (model.item_embedding.weight, model.output.weight):
+        for table in tables:
             table[has_text] = vectors[has_text].to(table.device)
     return int(has_text.sum())
 

@@ -27,6 +27,8 @@ from common.recommender.model import INIT_STD, ModelConfig, SASRec
 from common.recommender.ranking import unit_rows
 
 CONTENT_NEIGHBOURS = 10
+ITEM_INDEXED_PARAMETERS = ("item_embedding.weight", "output.weight", "output.bias")
+"""The state-dict entries with one row per catalogue index."""
 
 
 def check_same_shape(released: ModelConfig, wanted: ModelConfig, where: str) -> None:
@@ -65,7 +67,7 @@ def grow_items(model: SASRec, num_items: int, item_vectors: torch.Tensor | None,
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     if num_items > old:
         generator = torch.Generator().manual_seed(seed)
-        for name in ("item_embedding.weight", "output.weight", "output.bias"):
+        for name in [name for name in ITEM_INDEXED_PARAMETERS if name in state]:  # a tied model has no embedding
             state[name] = torch.cat([state[name], _new_rows(state[name], num_items - old, item_vectors, generator)])
     grown.load_state_dict(state)
     grown.train(model.training)

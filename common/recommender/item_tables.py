@@ -1,4 +1,4 @@
-"""Which item tables DP training updates: ``item-tables = trained | frozen`` (run config).
+"""Which item tables DP training updates: ``item-tables = trained | frozen | tied`` (run config).
 
 Most of the parameters a site clips and noises are the two item tables (the
 input embedding and the output layer's weight): 78% of them on MovieLens-100K,
@@ -10,7 +10,10 @@ no privacy), and only the transformer, the norms, the position embedding and
 the output bias train. A frozen table is never clipped, noised or updated, so
 a site sends it back exactly as it received it, and the server keeps it
 exactly as it was (``server.strategy``). A frozen *random* table would be
-useless, so ``frozen`` needs public content (``item-text``).
+useless, so ``frozen`` needs public content (``item-text``). ``tied`` trains
+one table for both the input embedding and the output scores (half the item
+parameters; ``common.recommender.model.TiedItemTable``), clipped per user
+with both of its uses added (``client.tied_grad_sampler``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 
 from common.errors import ConfigError
 
-ITEM_TABLES = ("trained", "frozen")
+ITEM_TABLES = ("trained", "frozen", "tied")
 ITEM_TABLE_PARAMETERS = ("item_embedding.weight", "output.weight")
 """The state-dict names of the two item tables (``common.recommender.model.SASRec``)."""
 

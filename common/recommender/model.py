@@ -9,7 +9,9 @@ Two choices here exist only so that Opacus' per-user clipping is real:
   ``hidden @ item_embedding.weight.T``: Opacus computes per-sample gradients
   per module, and a bare matmul with a parameter escapes clipping, which
   silently voids the DP guarantee. ``tests/common/recommender/test_model.py`` checks every
-  per-user gradient against plain autograd.
+  per-user gradient against plain autograd. With ``tied_items`` one
+  ``TiedItemTable`` module both embeds and scores, so Opacus sees both uses
+  of the shared table (its grad sampler: ``client.tied_grad_sampler``).
 
 Shapes: B = batch (users), L = max_len positions, D = hidden size,
 H = heads, N = num_items + 1 catalogue indices (0 is padding).
@@ -42,6 +44,8 @@ class ModelOptions:
     heads: int = 2
     blocks: int = 2
     dropout: float = 0.2
+    tied_items: bool = False
+    """One item table for the input embedding and the output scores (half the item parameters to noise)."""
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -146,29 +150,73 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
+class TiedItemTable(nn.Module):
+    """One [N, D] table used twice: item ids in, it looks up their rows; hidden states in, it scores every item.
+
+    Tying halves the item parameters DP noises (and those a site sends).
+    Both uses go through this module's ``forward``, so Opacus' hooks see
+    both, and its grad sampler sums the two contributions per user before
+    the norm is taken; a tied ``nn.Linear`` weight used as ``embedding.weight``
+    would be seen by two modules whose per-user parts Opacus never adds.
+    Row 0 (padding) gets no gradient from a lookup, like
+    ``nn.Embedding(padding_idx=0)``.
+    """
+
+    def __init__(self, num_rows: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_rows, hidden))  # [N, D]
+        self.bias = nn.Parameter(torch.zeros(num_rows))  # [N] the output bias (scores only)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [...] integer item ids -> [..., D] rows; or [..., D] hidden states -> [..., N] scores."""
+        if x.is_floating_point():
+            return F.linear(x, self.weight, self.bias)
+        return F.embedding(x, self.weight, padding_idx=PADDING_INDEX)
+
+
 class SASRec(nn.Module):
+    item_embedding: nn.Embedding | None
+    output: nn.Linear | TiedItemTable
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         n = config.num_items + 1
-        self.item_embedding = nn.Embedding(n, config.hidden, padding_idx=PADDING_INDEX)
+        tied = config.tied_items
+        self.item_embedding = None if tied else nn.Embedding(n, config.hidden, padding_idx=PADDING_INDEX)
         self.position_embedding = nn.Embedding(config.max_len, config.hidden)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(config.hidden, config.heads, config.dropout) for _ in range(config.blocks)
         )
         self.final_norm = nn.LayerNorm(config.hidden)
-        self.output = nn.Linear(config.hidden, n)
+        self.output = TiedItemTable(n, config.hidden) if tied else nn.Linear(config.hidden, n)
         self._init_weights()
 
     def _init_weights(self) -> None:
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, TiedItemTable)):
                 nn.init.normal_(module.weight, std=INIT_STD)
-            if isinstance(module, nn.Linear) and module.bias is not None:
+            if isinstance(module, (nn.Linear, TiedItemTable)) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         with torch.no_grad():
-            self.item_embedding.weight[PADDING_INDEX].zero_()
+            self.item_tables()[0][PADDING_INDEX].zero_()
+
+    def item_tables(self) -> list[torch.Tensor]:
+        """The distinct [N, D] item tables, the input one first: two, or one when tied."""
+        if self.item_embedding is None:
+            return [self.output.weight]
+        return [self.item_embedding.weight, self.output.weight]
+
+    def lookup_tables(self) -> list[torch.Tensor]:
+        """The tables the forward pass indexes by id (the item table and the position embedding)."""
+        return [self.item_tables()[0], self.position_embedding.weight]
+
+    def embed_items(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """item_ids: [B, L] -> [B, L, D] input rows (padding rows are zero)."""
+        if self.item_embedding is None:
+            return self.output(item_ids)
+        return self.item_embedding(item_ids)
 
     def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
         """item_ids: [B, L] left-padded; returns scores [B, L, N] for the next item at every position."""
@@ -183,7 +231,7 @@ class SASRec(nn.Module):
         # Positions count back from the most recent item, so "last item" always has the same embedding.
         positions = torch.arange(self.config.max_len - length, self.config.max_len, device=item_ids.device)
         positions = positions.unsqueeze(0).repeat(batch, 1)  # [B, L], contiguous (ghost clipping needs it)
-        x = self.item_embedding(item_ids) * math.sqrt(self.config.hidden) + self.position_embedding(positions)
+        x = self.embed_items(item_ids) * math.sqrt(self.config.hidden) + self.position_embedding(positions)
         x = self.embedding_dropout(x) * real.unsqueeze(-1)
 
         causal = torch.ones(length, length, dtype=torch.bool, device=item_ids.device).tril()  # [L, L]
