@@ -131,6 +131,11 @@ class RunSettings:
         flag="server-lr",
     )
     server_momentum: float = setting(0.9, "fedavgm's momentum, fedadam's beta_1")
+    iterate_average_decay: float = setting(
+        0.0, "validate, keep and release an exponential moving average of the global model over rounds with this "
+        "decay (warmed up as min(decay, (1 + t) / (10 + t))); training continues from the last round's weights; "
+        "post-processing, no privacy cost; 0: off",
+    )
     dp: bool = setting(True, "NON-PRIVATE federated baseline: no clipping, no noise (each site must allow it)",
                        flag="no-dp")
     epsilon: float = setting(8.0, "each site's target epsilon after ALL rounds (noise is calibrated on it)")
@@ -206,6 +211,8 @@ class RunSettings:
             f"server-learning-rate={self.server_learning_rate}: must be 0 (default) or positive"
             * (self.server_learning_rate < 0),
             f"server-momentum={self.server_momentum}: must be in [0, 1)" * (not 0 <= self.server_momentum < 1),
+            f"iterate-average-decay={self.iterate_average_decay}: must be in [0, 1)"
+            * (not 0 <= self.iterate_average_decay < 1),
             f"epsilon={self.epsilon}: must be positive" * (self.dp and self.epsilon <= 0),
             f"delta={self.delta}: must be in (0, 1)" * (self.dp and not 0 < self.delta < 1),
             f"max-grad-norm={self.max_grad_norm}: must be positive" * (self.dp and self.max_grad_norm <= 0),
