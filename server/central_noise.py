@@ -49,7 +49,9 @@ CENTRAL_STATEMENT = (
     "is NOT private (it sends the un-noised sum of its users' clipped gradients). The guarantee holds against "
     "everyone who sees only the global models, provided the coordinator added the noise."
 )
-DEFAULT_LEARNING_RATE = {"adam": 1e-3, "adam-bc": 1e-3, "sgd": 1.0}
+DEFAULT_LEARNING_RATE = {"adam": 1e-2, "adam-bc": 1e-3, "sgd": 1.0}
+"""The server's learning rate when ``server-lr`` is 0: Adam's was measured against 3e-2 (docs/results.md, "The
+recipe per noise placement"); DP-AdamBC diverged at 1e-2 there."""
 ADAM_BETA_2, ADAM_EPSILON = 0.999, 1e-8
 BIAS_CORRECTION_FLOOR = 1e-8
 """DP-AdamBC's gamma: the smallest second moment left after subtracting the noise variance (not tuned here)."""

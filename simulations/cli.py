@@ -25,7 +25,7 @@ import torch
 from common.data.datasets import DEFAULT_DATASET, load_dataset
 from common.data.readers import FORMATS, ColumnNames
 from common.errors import ConfigError, FedtailError
-from common.federation import RunSettings
+from common.federation import PLACEMENT_RECIPES, RunSettings
 from common.recommender.model import ModelOptions
 from common.recommender.training import TrainConfig, pick_device
 from common.utils.files import write_json
@@ -133,9 +133,15 @@ def _add_run_settings(parser: argparse._ActionsContainer, names: tuple[str, ...]
             parser.add_argument(flag, dest=declared.name, action="store_false", help=meta["help"])
             continue
         kind = {"int": int, "float": float, "str": str}[str(declared.type)]
+        recipes = {noise: recipe[declared.name] for noise, recipe in PLACEMENT_RECIPES.items()
+                   if declared.name in recipe}
+        placed = "; ".join(f"noise={noise}: {value}" for noise, value in recipes.items())
         parser.add_argument(
-            flag, dest=declared.name, type=kind, default=declared.default, choices=meta["choices"] or None,
-            metavar=None if meta["choices"] else flag[2:].upper().replace("-", "_"), help=meta["help"],
+            flag, dest=declared.name, type=kind, choices=meta["choices"] or None,
+            # a placement's recipe fills what is not given (_run_settings); argparse must not fill it first
+            default=argparse.SUPPRESS if recipes else declared.default,
+            metavar=None if meta["choices"] else flag[2:].upper().replace("-", "_"),
+            help=f"{meta['help']} (default: {declared.default}; {placed})" if recipes else meta["help"],
         )
 
 
@@ -143,7 +149,8 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
     if args.user_col or args.item_col or args.time_col or args.site_col:
         raise ConfigError("federated runs read files with detected columns only; name columns the detector knows")
     _check_out_folder(out)
-    chosen = {f.name: getattr(args, f.name) for f in fields(RunSettings) if f.metadata["cli"]}
+    chosen = {f.name: getattr(args, f.name) for f in fields(RunSettings) if f.metadata["cli"] and f.name in args}
+    chosen = {**PLACEMENT_RECIPES.get(chosen["noise"], {}), **chosen}  # given on the command line wins
     chosen["item_text"] = str(Path(args.item_text).resolve()) if args.item_text else ""
     chosen["init_model"] = str(Path(args.init_model).resolve()) if args.init_model else ""
     settings = RunSettings(**chosen, dataset=dataset, kcore=args.kcore, out_dir=out)
@@ -166,7 +173,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return 0
     started = time.perf_counter()
     summary = simulate(settings, _resources(args))
-    title = f"test split, {args.dataset}, {args.sites} sites, {args.rounds} rounds"
+    title = f"test split, {args.dataset}, {args.sites} sites, {settings.rounds} rounds"
     print(format_federated_summary(summary, title=title))
     seconds = time.perf_counter() - started
     print(f"\nwrote {args.out}/global_model.pt, summary.json, rounds.jsonl, ledgers/ ({seconds:.0f}s)")

@@ -51,6 +51,17 @@ def test_each_option_sets_its_run_setting(tmp_path, option: str, value: str, set
     assert getattr(_run_settings(args, "synthetic:users=200,items=80", str(tmp_path / "run")), setting) == expected
 
 
+@pytest.mark.parametrize("noise", ["central", "distributed"])
+def test_a_one_noise_placement_fills_what_is_not_given_from_its_recipe(tmp_path, noise: str) -> None:
+    out = str(tmp_path / "run")
+    args = build_parser().parse_args(["simulate", "--out", out, "--noise", noise, "--rounds", "7", "--min-sites", "3"])
+    settings = _run_settings(args, "synthetic:users=200,items=80", out)
+    assert (settings.rounds, settings.sample_rate, settings.evaluate_every) == (7, 0.5, 5), "given wins, recipe fills"
+    assert settings.max_grad_norm == RunSettings.max_grad_norm, "settings outside the recipe keep their declaration"
+    site = _run_settings(build_parser().parse_args(["simulate", "--out", out]), "synthetic:users=200,items=80", out)
+    assert (site.rounds, site.sample_rate, site.evaluate_every) == (10, 0.1, 1)
+
+
 def test_no_dp_turns_dp_off(tmp_path) -> None:
     args = build_parser().parse_args(["simulate", "--out", str(tmp_path / "run"), "--no-dp"])
     assert _run_settings(args, "synthetic:users=200,items=80", str(tmp_path / "run")).dp is False
@@ -65,4 +76,6 @@ def test_help_says_what_fedtail_is_and_version_answers(capsys: pytest.CaptureFix
     assert ended.value.code == 0 and capsys.readouterr().out.startswith("fedtail ")
     with pytest.raises(SystemExit):
         main(["simulate", "--help"])
-    assert "(default: 0.1)" in capsys.readouterr().out, "help shows defaults"
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.0)" in shown, "help shows defaults"
+    assert "(default: 0.1; noise=central: 0.5; noise=distributed: 0.5)" in shown, "and each placement's recipe"
