@@ -81,8 +81,8 @@ class GhostClippedLoss:
         (score_gradients,) = torch.autograd.grad(self.per_user.sum(), self.detached_scores)  # row b: user b's alone
         for parameter in self.module.trainable_parameters:
             parameter._norm_sample = None
-        model: SASRec = self.module._module
-        entry = [table for table in model.lookup_tables() if table.requires_grad]  # their hooks fire with these
+        lookups = (nn.Embedding, TiedItemTable)  # the tables indexed by id: their hooks fire when these are asked for
+        entry = [m.weight for m in self.module.modules() if isinstance(m, lookups) and m.weight.requires_grad]
         # The gradient of the batch mean: the convention the hooks were built with ("mean": they rescale by B).
         hidden_gradient, *_ = torch.autograd.grad(
             self.scores, [self.hidden, *entry], grad_outputs=score_gradients / batch, retain_graph=True

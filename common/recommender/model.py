@@ -208,10 +208,6 @@ class SASRec(nn.Module):
             return [self.output.weight]
         return [self.item_embedding.weight, self.output.weight]
 
-    def lookup_tables(self) -> list[torch.Tensor]:
-        """The tables the forward pass indexes by id (the item table and the position embedding)."""
-        return [self.item_tables()[0], self.position_embedding.weight]
-
     def embed_items(self, item_ids: torch.Tensor) -> torch.Tensor:
         """item_ids: [B, L] -> [B, L, D] input rows (padding rows are zero)."""
         if self.item_embedding is None:
