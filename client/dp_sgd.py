@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.clipping import HooksClipping
 from client.ghost_clipping import GhostClipping, use_fast_norm_samplers
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
-from client.tied_grad_sampler import use_tied_grad_sampler
+from client.tied_grad_sampler import use_tied_samplers
 from common.data.split import TrainingExamples, length_sorted_pieces, trim_left_padding
 from common.privacy.accounting import ACCOUNTANT, MechanismStep
 from common.recommender.item_tables import trainable_parameters
@@ -115,7 +115,7 @@ def make_private(
         TensorDataset(examples.inputs, examples.targets), batch_sampler=sampler, collate_fn=_stack_users(examples)
     )
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=training.learning_rate)
-    use_tied_grad_sampler()
+    use_tied_samplers()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=ACCOUNTANT)

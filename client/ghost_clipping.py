@@ -19,6 +19,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping, register_no
 from torch import nn
 
 from client.clipping import clip_coefficients
+from client.tied_grad_sampler import SCORE_PART, TiedScorePart
 from common.recommender.model import LossName, SASRec, TiedItemTable, per_user_loss
 
 
@@ -54,7 +55,8 @@ class GhostClipping:
         # next forward pass would then fail Opacus' parameter-tying check.
         with _hooks_off(self.module) if len(inputs) == 0 else nullcontext():
             hidden = model.hidden_states(inputs)  # [B, L, D]
-            scores = model.output(hidden)  # [B, L, N]
+            # A tied table's scores are measured with its lookup (client.tied_grad_sampler), not by a hook of theirs.
+            scores = model.output.scores(hidden) if isinstance(model.output, TiedItemTable) else model.output(hidden)
         detached = scores.detach().requires_grad_()
         return GhostClippedLoss(
             self.module, model.output, hidden, scores, detached, per_user_loss(detached, targets, self.loss)
@@ -83,10 +85,17 @@ class GhostClippedLoss:
             parameter._norm_sample = None
         lookups = (nn.Embedding, TiedItemTable)  # the tables indexed by id: their hooks fire when these are asked for
         entry = [m.weight for m in self.module.modules() if isinstance(m, lookups) and m.weight.requires_grad]
-        # The gradient of the batch mean: the convention the hooks were built with ("mean": they rescale by B).
-        hidden_gradient, *_ = torch.autograd.grad(
-            self.scores, [self.hidden, *entry], grad_outputs=score_gradients / batch, retain_graph=True
-        )
+        tied = isinstance(self.output_layer, TiedItemTable)
+        if tied:
+            setattr(self.output_layer, SCORE_PART, TiedScorePart(score_gradients, self.hidden.detach()))
+        try:
+            # The gradient of the batch mean: the convention the hooks were built with ("mean": they rescale by B).
+            hidden_gradient, *_ = torch.autograd.grad(
+                self.scores, [self.hidden, *entry], grad_outputs=score_gradients / batch, retain_graph=True
+            )
+        finally:
+            if tied:
+                delattr(self.output_layer, SCORE_PART)
         unmeasured = [name for name, p in self.module.named_parameters() if p.requires_grad and p._norm_sample is None]
         if unmeasured:
             raise RuntimeError(f"ghost clipping measured no per-user norm for {unmeasured}: refusing to clip blind")

@@ -170,8 +170,13 @@ class TiedItemTable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [...] integer item ids -> [..., D] rows; or [..., D] hidden states -> [..., N] scores."""
         if x.is_floating_point():
-            return F.linear(x, self.weight, self.bias)
+            return self.scores(x)
         return F.embedding(x, self.weight, padding_idx=PADDING_INDEX)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., N], past this module's hooks: only for ghost clipping, which measures and clips this
+        part of the table's gradient itself (``client.tied_grad_sampler``)."""
+        return F.linear(hidden, self.weight, self.bias)
 
 
 class SASRec(nn.Module):
