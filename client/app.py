@@ -67,7 +67,14 @@ from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.packed_content import packed_content_mod
 from common.privacy.ledger import Ledger
-from common.privacy.popularity import popularity_step
+from common.privacy.popularity import (
+    POPULARITY_ARRAY,
+    POPULARITY_BOUND,
+    POPULARITY_TASK,
+    POPULARITY_TASK_KEY,
+    popularity_step,
+    popularity_sum_bound,
+)
 from common.recommender.item_tables import apply_item_tables
 from common.recommender.model import SASRec
 from common.recommender.training import pick_device
@@ -267,7 +274,10 @@ def distributed_round(
     protocol: Mapping[str, Any],
 ) -> tuple[RecordDict, dict[str, torch.Tensor]]:
     """``noise = distributed``: the round, and the vector to mask: the noisy share, or pure noise when declined
-    (so that every sum keeps the noise of every site in it, whatever it trained)."""
+    (so that every sum keeps the noise of every site in it, whatever it trained). The popularity floor's secure
+    sum comes the same way (``distributed_popularity``)."""
+    if config.get(POPULARITY_TASK_KEY) == POPULARITY_TASK:
+        return distributed_popularity(context, config, global_weights, sum_names, protocol)
 
     def share_plan(policy: SitePolicy, settings: RunSettings) -> tuple[float, int]:
         plan = plan_round(LocalTraining.from_settings(settings), PrivacyPlan.from_settings(settings, policy))
@@ -285,6 +295,44 @@ def distributed_round(
     noise_multiplier, shares = share_plan(site.policy, settings)
     zeros = {name: torch.zeros_like(global_weights[name], dtype=torch.float64) for name in sum_names}
     return content, noise_share(zeros, settings.max_grad_norm, settings.batch_size, noise_multiplier, shares)
+
+
+def distributed_popularity(
+    context: Context,
+    config: Mapping[str, Any],
+    global_weights: dict[str, torch.Tensor],
+    sum_names: list[str],
+    protocol: Mapping[str, Any],
+) -> tuple[RecordDict, dict[str, torch.Tensor]]:
+    """The popularity floor under ``noise = distributed``: the site's projected sum plus its noise share, for the
+    secure sum (``client.popularity``); pure noise when it declines. The same checks as for a round come first."""
+    settings = RunSettings.from_run_config(context.run_config)
+    site = site_from_context(dict(context.node_config), settings)
+    check_ledger_continuity(context.state, site.ledger)
+    if sum_names != [POPULARITY_ARRAY] or global_weights[POPULARITY_ARRAY].dim() != 1:
+        raise ValueError(f"secure popularity release: the coordinator asks for {sum_names[:3]}, not one vector")
+    shares = int(site.policy.secure_aggregation_sites)
+    bound = popularity_sum_bound(settings.batch_size, settings.sample_rate)
+    sigma = popularity_step(settings.epsilon, site.policy.delta, settings.popularity_share)[0]
+    refusal = site.policy.decline_reason(settings)
+    if not refusal and not (settings.dp and settings.popularity_share > 0):
+        refusal = "declined: a popularity release is answered only under DP with popularity-share > 0"
+    if not refusal:
+        refusal = protocol_problem(protocol, shares, clipping_range(POPULARITY_BOUND, bound, sigma, shares))
+    outcome = RoundOutcome(None, site.ledger.epsilon(site.policy.delta), refusal)
+    if not refusal:  # public input alone decided so far; now the data
+        shard = site.load_shard()
+        check_coordinator(config, shard.catalog)
+        outcome = release_site_popularity(
+            shard.examples, shard.catalog.num_items, PrivacyPlan.from_settings(settings, site.policy), site.ledger,
+            run_id=str(config["run-id"]), site=site.site_id, sum_bound=bound,
+        )
+    remember_ledger_head(context.state, site.ledger)
+    if outcome.state_dict is not None:
+        return reply_content(outcome, site, settings.dp), {POPULARITY_ARRAY: outcome.state_dict[POPULARITY_ARRAY]}
+    logger.warning("site %s popularity release: %s", site.site_id, outcome.declined_reason)
+    zeros = {POPULARITY_ARRAY: torch.zeros_like(global_weights[POPULARITY_ARRAY], dtype=torch.float64)}
+    return reply_content(outcome, site, settings.dp), noise_share(zeros, POPULARITY_BOUND, bound, sigma, shares)
 
 
 @app.query()

@@ -9,6 +9,11 @@ vector. The same checks as for a training round come first, on public input
 only: the site's policy, then its budget against its ledger. A query repeated
 in the same run re-sends the vector already released (post-processing) instead of charging a second release.
 
+Under ``noise = distributed`` the release travels as a secure sum (``client.app.distributed_popularity``): the site
+projects its sum onto the public radius ``popularity_sum_bound``, adds only its share of the noise (std
+sigma / sqrt(secure-aggregation-sites), as for a round), and Flower's SecAgg+ shows the coordinator the sum over the
+sites alone; the ledger line says so and records the fallback epsilon of the share alone.
+
 Under ``noise = central`` (a site whose node config trusts the coordinator's noise; the policy declines the query
 otherwise) the site sends the sum WITHOUT noise, and the coordinator adds N(0, sigma^2) once to the sum over all
 sites (``server.popularity``), as for training: one noise over the federation instead of one per site, so the sum
@@ -25,11 +30,13 @@ import torch
 from client.dp_sgd import secret_generator
 from client.replay import ReleasedUpdate
 from client.round_plan import PrivacyPlan
+from client.secure_aggregation import DISTRIBUTED_TRUST, share_noise_multiplier
 from client.site_round import RoundOutcome, library_versions, over_budget
 from common.data.catalog import PADDING_INDEX
 from common.data.split import TrainingExamples
 from common.errors import ConfigError
 from common.privacy.accounting import ACCOUNTANT, epsilon_from_history
+from common.privacy.fallback import fallback_epsilon
 from common.privacy.ledger import Ledger, Spend
 from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
 
@@ -59,9 +66,12 @@ def clipped_popularity_sum(examples: TrainingExamples, num_items: int) -> torch.
 
 
 def release_site_popularity(
-    examples: TrainingExamples, num_items: int, privacy: PrivacyPlan, ledger: Ledger, run_id: str, site: str
+    examples: TrainingExamples, num_items: int, privacy: PrivacyPlan, ledger: Ledger, run_id: str, site: str,
+    sum_bound: float = 0.0,
 ) -> RoundOutcome:
-    """The noisy sum as ``{"popularity": [num_items + 1]}``, charged in ``ledger`` first; or a decline."""
+    """The noisy sum as ``{"popularity": [num_items + 1]}``, charged in ``ledger`` first; or a decline.
+
+    ``sum_bound``: under ``distributed``, the public radius the sum is projected onto (``popularity_sum_bound``)."""
     if not privacy.enabled or privacy.popularity_share <= 0:
         raise ConfigError("the popularity release needs dp = true and popularity-share > 0")
     released = ReleasedUpdate(ledger.path.with_suffix(".popularity.pt"))
@@ -76,11 +86,22 @@ def release_site_popularity(
         return RoundOutcome(None, spent, refusal)
     sigma = step[0]
     release = clipped_popularity_sum(examples, num_items)
-    central = privacy.noise_placement == "central"
-    placement: dict[str, Any] = {"noise_placement": "central", "trust": CENTRAL_POPULARITY_TRUST} if central else {}
-    if not central:  # site and distributed (this release is not secure-summed): the site adds the whole noise
+    placement: dict[str, Any] = {}
+    own_sigma = sigma  # site: the site adds the whole noise
+    if privacy.noise_placement == "central":
+        placement, own_sigma = {"noise_placement": "central", "trust": CENTRAL_POPULARITY_TRUST}, 0.0
+    elif privacy.noise_placement == "distributed":
+        if sum_bound <= 0:
+            raise ConfigError("a distributed popularity release needs the public bound its sum is projected onto")
+        release *= min(1.0, sum_bound / max(float(release.norm()), 1e-12))
+        own_sigma = share_noise_multiplier(sigma, privacy.noise_shares)
+        line = {"noise_placement": "distributed", "share_noise_multiplier": own_sigma, "sample_rate": step[1],
+                "steps": step[2]}
+        placement = {"noise_placement": "distributed", "trust": DISTRIBUTED_TRUST, "share_noise_multiplier": own_sigma,
+                     "fallback_epsilon_so_far": fallback_epsilon([*ledger.entries(), line], privacy.delta)}
+    if own_sigma > 0:
         generator = secret_generator(torch.device("cpu"))  # unpredictable to the coordinator, as DP-SGD's noise
-        release += torch.normal(0.0, sigma * POPULARITY_BOUND, (num_items + 1,), generator=generator,
+        release += torch.normal(0.0, own_sigma * POPULARITY_BOUND, (num_items + 1,), generator=generator,
                                 dtype=torch.float64)
     noisy = release.float()
     noisy[PADDING_INDEX] = 0.0  # not an item; zeroing it is post-processing

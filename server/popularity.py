@@ -10,6 +10,9 @@ everything made from it costs nothing more:
 - the same distribution is saved beside the model (``POPULARITY_PRIOR_FILE``)
   as the cold-start prior serving and re-ranking use (``server.serving``).
 
+Under ``noise = distributed`` the query is one secure sum (``secure_popularity``, Flower's SecAgg+ as for a round):
+each site adds its share of the noise and the coordinator receives only the sum over the sites.
+
 Under ``noise = central`` the sites send their sums without noise (each site's node config trusts the coordinator
 with them) and the coordinator adds N(0, sigma^2) once to the sum over the sites, with sigma the largest any site
 requires and never less than the run's own settings give (``central_popularity_noise``), before anything is kept:
@@ -28,22 +31,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
+from client.secure_aggregation import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
 from common.data.catalog import PADDING_INDEX, Catalog
 from common.errors import DataError
 from common.federation import RunSettings
-from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
+from common.privacy.popularity import (
+    POPULARITY_ARRAY,
+    POPULARITY_BOUND,
+    POPULARITY_TASK,
+    POPULARITY_TASK_KEY,
+    popularity_step,
+    popularity_sum_bound,
+)
 from common.recommender.model import SASRec
 from common.run_files import site_order
 from common.utils.files import load_torch, save_torch, write_json
 from common.utils.progress import log
 from common.utils.records import scalar
 from server.central_noise import CENTRAL_STATEMENT, NOISE_MULTIPLIER_METRIC
+from server.distributed_noise import DISTRIBUTED_STATEMENT
+from server.secure_sum import SecureAggregation, secure_sum
 from server.strategy import root_cause
 
 POPULARITY_PRIOR_FILE = "popularity_prior.pt"
@@ -68,6 +81,8 @@ class PopularityFloor:
     central_noise_multiplier: float | None = None
     """``noise = central``: the multiplier of the one noise the coordinator added to the sum; None: the sites added
     theirs."""
+    secure_sum: bool = False
+    """``noise = distributed``: the sum came from Flower's secure aggregation, each site adding a share of the noise."""
 
     def prior(self) -> torch.Tensor:
         """[N + 1] probabilities: negative noisy counts clipped to 0, smoothed, padding 0."""
@@ -82,11 +97,15 @@ class PopularityFloor:
         with_release = plan_round(training, PrivacyPlan.from_settings(settings)).noise_multiplier
         without = plan_round(training, replace(PrivacyPlan.from_settings(settings), popularity_share=0.0))
         central = self.central_noise_multiplier is not None
+        added = (
+            f"one noise (multiplier {self.central_noise_multiplier:.3f}) added by the coordinator to the sum over the "
+            "sites" if central else "each site adding a share of the noise, the sum formed by Flower's secure "
+            "aggregation" if self.secure_sum else "each site adding its own noise"
+        )
+        trust = CENTRAL_STATEMENT if central else DISTRIBUTED_STATEMENT if self.secure_sum else None
         return {
-            "mechanism": "Gaussian sum of per-user item indicators scaled to L2 norm 1, before round 1, "
-            + (f"one noise (multiplier {self.central_noise_multiplier:.3f}) added by the coordinator to the sum over "
-               "the sites" if central else "each site adding its own noise"),
-            **({"trust": CENTRAL_STATEMENT} if central else {}),
+            "mechanism": f"Gaussian sum of per-user item indicators scaled to L2 norm 1, before round 1, {added}",
+            **({"trust": trust} if trust else {}),
             "share_of_target_epsilon": settings.popularity_share,
             "epsilon_alone": settings.popularity_share * settings.epsilon,
             "site_epsilon_after_release": self.site_epsilon,
@@ -106,6 +125,8 @@ class PopularityFloor:
 
 def request_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: Catalog) -> PopularityFloor:
     """Ask every connected site (at least ``min-sites``) for its release and sum the answers."""
+    if settings.noise == "distributed":
+        return secure_popularity(grid, settings, run_id, catalog)
     _, nodes = sample_nodes(grid, settings.min_sites, 0)
     config = ConfigRecord({"run-id": run_id, "catalog-sha256": catalog.fingerprint(), "flwr-version": version("flwr")})
     messages = [
@@ -147,6 +168,44 @@ def request_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: 
     log(f"fedtail: popularity floor from {len(floor.sites)} site(s)"
         + (f"; declined: {', '.join(floor.declined)}" if floor.declined else "")
         + (f"; failed: {len(floor.failures)}" if floor.failures else ""))
+    return floor
+
+
+def secure_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: Catalog) -> PopularityFloor:
+    """``noise = distributed``: the release as one SecAgg+ sum over the ``min-sites`` sites; a site that declines
+    adds pure noise, so the sum keeps every site's share (``client.app.distributed_popularity``)."""
+    sigma = popularity_step(settings.epsilon, settings.delta, settings.popularity_share)[0]
+    bound = popularity_sum_bound(settings.batch_size, settings.sample_rate)
+    protocol = SecureAggregation(  # a range wide enough for a share that assumes no other site's noise
+        settings.min_sites, settings.secure_aggregation_tolerated, clipping_range(POPULARITY_BOUND, bound, sigma, 1)
+    )
+    config = ConfigRecord({
+        "run-id": run_id, "catalog-sha256": catalog.fingerprint(), "flwr-version": version("flwr"),
+        STATE_NAMES: POPULARITY_ARRAY, SUM_NAMES: NAME_SEPARATOR.join([POPULARITY_ARRAY]),
+        POPULARITY_TASK_KEY: POPULARITY_TASK,
+    })
+    request = ArrayRecord({POPULARITY_ARRAY: torch.zeros(catalog.num_items + 1)})
+    outcome = secure_sum(grid, 0, request, config, protocol, [POPULARITY_ARRAY])
+    floor = PopularityFloor(torch.zeros(catalog.num_items + 1), failures=list(outcome.failures), secure_sum=True)
+    for metrics in outcome.site_metrics:
+        site = str(metrics["site-id"])
+        floor.ledger_heads[site] = {"lines": int(metrics["ledger-lines"]),
+                                    "hash": str(metrics.get("ledger-hash", "")) or None}
+        if "epsilon" in metrics:
+            floor.site_epsilon[site] = float(metrics["epsilon"])
+        if metrics["declined"]:
+            floor.declined[site] = str(metrics.get("reason", ""))
+        else:
+            floor.sites.append(site)
+    total = None if outcome.total is None else torch.from_numpy(outcome.total[POPULARITY_ARRAY]).float()
+    if total is None or not bool(torch.isfinite(total).all()):
+        floor.failures.append("the secure popularity sum did not complete or is not finite")
+        floor.sites = []
+        return floor
+    floor.noisy_sum = total
+    floor.noisy_sum[PADDING_INDEX] = 0.0
+    log(f"fedtail: popularity floor from a secure sum over {len(outcome.site_metrics)} site(s)"
+        + (f"; declined: {', '.join(floor.declined)}" if floor.declined else ""))
     return floor
 
 

@@ -16,6 +16,7 @@ Everything here is a function of public run settings only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -28,6 +29,9 @@ POPULARITY_BOUND = 1.0
 """Largest L2 norm of one user's popularity vector: the release's sensitivity (add or remove one user)."""
 POPULARITY_SAMPLE_RATE = 1.0
 POPULARITY_STEPS = 1
+POPULARITY_TASK = "popularity"
+"""The value of ``POPULARITY_TASK_KEY`` in a secure sum's config that asks for the popularity release, not a round."""
+POPULARITY_TASK_KEY = "fedtail-task"
 LARGEST_NOISE = 1e6
 """Calibration gives up above this noise multiplier: the budget left is too small to be useful."""
 
@@ -36,6 +40,16 @@ def popularity_step(target_epsilon: float, delta: float, share: float) -> Mechan
     """The release as the accountants see it: sigma at which it alone costs ``share`` of ``target_epsilon``."""
     sigma = training_noise((), share * target_epsilon, delta, POPULARITY_SAMPLE_RATE, POPULARITY_STEPS)
     return sigma, POPULARITY_SAMPLE_RATE, POPULARITY_STEPS
+
+
+def popularity_sum_bound(batch_size: int, sample_rate: float) -> int:
+    """The public L2 radius a site's popularity sum is projected onto before secure aggregation (``distributed``).
+
+    Every user adds a vector of norm at most 1, so a site's sum has norm at most its user count, which is private.
+    The run's expected federation size, batch-size / sample-rate, is public and bounds it for any site of a
+    federation of about that size; the projection is nonexpansive, so a user still moves the sum by at most 1.
+    """
+    return math.ceil(batch_size / sample_rate)
 
 
 def training_noise(

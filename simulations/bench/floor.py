@@ -142,8 +142,9 @@ BENCHMARK = Benchmark(
     "epsilon, each site adding its noise or one central noise (--full: ml-100k and Beauty too)",
     description=f"The ranking the DP popularity floor gives the starting model, scored on the test users (NDCG@10, "
     f"mean of {DRAWS} noise draws), against the epsilon of the popularity release alone (delta 1e-5), for "
-    f"{SITES} sites each adding its own Gaussian noise (placement site, and distributed, whose popularity release "
-    "is not secure-summed) or one noise over the federation (central). The exact row is the same ranking from the "
+    f"{SITES} sites each adding its own Gaussian noise (placement site) or one noise over the federation (central; "
+    "distributed is a secure sum of shares, between the two: the total noise of min-sites / threshold shares). "
+    "The exact row is the same ranking from the "
     "un-noised sum (each user's items scaled to L2 norm 1), which is not private: the most the floor can reach. "
     "No training: a run at a small epsilon keeps this model when no trained round beats it (round 0).",
     result=FloorPoint,

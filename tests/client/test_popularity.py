@@ -19,6 +19,7 @@ from client.popularity import (
     release_site_popularity,
 )
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
+from client.secure_aggregation import DISTRIBUTED_TRUST
 from client.site_round import train_site_round
 from common.data.split import training_examples
 from common.errors import ConfigError
@@ -91,6 +92,41 @@ def test_under_central_noise_the_site_sends_the_exact_clipped_sum_and_its_ledger
     assert line["noise_placement"] == "central" and line["trust"] == CENTRAL_POPULARITY_TRUST
     assert line["noise_multiplier"] == popularity_step(4.0, 1e-4, 0.25)[0], "the noise the coordinator must add"
     assert outcome.epsilon == pytest.approx(epsilon_from_history([popularity_step(4.0, 1e-4, 0.25)], 1e-4))
+
+
+def test_under_distributed_noise_the_site_adds_its_share_alone_and_records_the_fallback(tmp_path: Path) -> None:
+    items, shares = 20_000, 4
+    examples = training_examples([np.arange(1, 6)], CONFIG.max_len)
+    privacy = PrivacyPlan(target_epsilon=8.0, delta=1e-5, popularity_share=0.1, noise_placement="distributed",
+                          noise_shares=shares)
+    sigma = popularity_step(8.0, 1e-5, 0.1)[0]
+    ledger = Ledger(tmp_path / "site-1.jsonl")
+    outcome = release_site_popularity(examples, items, privacy, ledger, "run-a", "1", sum_bound=100)
+    assert outcome.state_dict is not None
+    noise = outcome.state_dict[POPULARITY_ARRAY].double()[1:] - clipped_popularity_sum(examples, items)[1:]
+    share = sigma / math.sqrt(shares)
+    assert float(noise.std()) == pytest.approx(share, rel=6 * math.sqrt(1 / (2 * items)) + 0.005)
+    [line] = ledger.entries()
+    assert line["noise_placement"] == "distributed" and line["trust"] == DISTRIBUTED_TRUST
+    assert line["noise_multiplier"] == sigma and line["share_noise_multiplier"] == pytest.approx(share)
+    alone = epsilon_from_history([(share, 1.0, 1)], 1e-5)
+    assert line["fallback_epsilon_so_far"] == pytest.approx(alone) and alone > outcome.epsilon
+
+
+def test_a_distributed_release_is_projected_onto_the_public_bound(tmp_path: Path) -> None:
+    examples = _examples([4, 6, 7, 5, 8, 3] * 10)
+    exact = clipped_popularity_sum(examples, ITEMS)
+    assert float(exact.norm()) > 5.0
+    privacy = PrivacyPlan(target_epsilon=1e4, delta=1e-4, popularity_share=0.5, noise_placement="distributed")
+    outcome = release_site_popularity(examples, ITEMS, privacy, Ledger(tmp_path / "s.jsonl"), "run-a", "1",
+                                      sum_bound=5)
+    assert outcome.state_dict is not None
+    sent = outcome.state_dict[POPULARITY_ARRAY].double()
+    sigma = popularity_step(1e4, 1e-4, 0.5)[0]
+    expected = exact * (5.0 / float(exact.norm()))
+    assert float((sent[1:] - expected[1:]).abs().max()) < 8 * sigma, "the projected sum plus a tiny noise"
+    with pytest.raises(ConfigError, match="public bound"):
+        release_site_popularity(examples, ITEMS, privacy, Ledger(tmp_path / "t.jsonl"), "run-a", "1")
 
 
 def test_a_repeated_query_resends_the_release_and_a_site_over_budget_declines(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ the sites' round-0 ledger lines, the output bias and the prior, frozen tables ke
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from common.federation import RunSettings
+from common.privacy.popularity import popularity_step
 from common.recommender.artifacts import load_model
 from common.recommender.content import initialise_items, load_item_vectors
 from common.recommender.item_tables import ITEM_TABLE_PARAMETERS
@@ -66,3 +68,26 @@ def test_a_federation_with_the_popularity_floor_and_frozen_items_charges_both_an
     evaluated = [r.round for r in read_rounds(out) if r.valid is not None]
     assert selection["candidate_rounds"] == len(evaluated) + 1, "round 0, the floor alone, is a candidate too"
     assert selection["kept_round"] in [0, *evaluated]
+
+
+def test_under_distributed_noise_the_floor_is_one_secure_sum_and_each_ledger_records_its_share(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    settings = RunSettings(**{**SMALL, "rounds": 1, "batch_size": 120}, noise="distributed", min_sites=3,
+                           secure_aggregation_tolerated=1, sample_rate=0.5, popularity_share=0.3, out_dir=str(out))
+    summary = simulate(settings, Resources(sites=3))
+
+    sigma = popularity_step(settings.epsilon, settings.delta, 0.3)[0]
+    for site in ("0", "1", "2"):
+        [release, *_] = [json.loads(line) for line in (out / "ledgers" / f"site-{site}.jsonl").read_text().splitlines()]
+        assert release["round"] == 0 and release["noise_placement"] == "distributed"
+        shares = 3 - 1  # the simulated sites' node config: the secure sum's threshold
+        assert release["share_noise_multiplier"] == pytest.approx(sigma / math.sqrt(shares))
+        assert release["fallback_epsilon_so_far"] > release["epsilon_so_far"]
+    floor_report = summary["privacy"]["popularity_floor"]
+    assert "secure aggregation" in floor_report["mechanism"] and floor_report["sites"] == ["0", "1", "2"]
+    floor = load_popularity(out)
+    assert floor is not None and floor.secure_sum and float(floor.noisy_sum.abs().sum()) > 0
+    report = audit([out])
+    assert report.passed, [str(f) for f in report.findings]
