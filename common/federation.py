@@ -22,6 +22,10 @@ from common.recommender.model import ModelConfig, ModelOptions
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
 NOISE_PLACEMENTS = ("site", "central", "distributed")
+"""Where the DP noise is added: each site on its own update (``site``), or once by the coordinator over the sum of
+every site's clipped per-user gradients (``central``: sites must trust the coordinator; ``server.central_noise``), or
+by the sites in shares summed by Flower's secure aggregation (``distributed``: sites must trust the SecAgg+ protocol;
+``server.distributed_noise``)."""
 ONE_NOISE_RECIPE: dict[str, Any] = {"rounds": 40, "evaluate_every": 5, "sample_rate": 0.5, "item_tables": "tied"}
 """What ``fedtail simulate`` uses under ``noise = central`` or ``distributed`` for these settings when the command
 line does not give them (the declarations below are ``site``'s). A round is then one DP step over the whole
@@ -30,10 +34,6 @@ federation, so it takes more, larger, cheaper rounds; one tied item table halves
 Adam learning rate for it is ``server.central_noise.DEFAULT_LEARNING_RATE``. Chosen by the runs in
 docs/results.md ("The recipe per noise placement"), on public development data only."""
 PLACEMENT_RECIPES: dict[str, dict[str, Any]] = {"central": ONE_NOISE_RECIPE, "distributed": ONE_NOISE_RECIPE}
-"""Where the DP noise is added: each site on its own update (``site``), or once by the coordinator over the sum of
-every site's clipped per-user gradients (``central``: sites must trust the coordinator; ``server.central_noise``), or
-by the sites in shares summed by Flower's secure aggregation (``distributed``: sites must trust the SecAgg+ protocol;
-``server.distributed_noise``)."""
 CENTRAL_OPTIMIZERS = ("adam", "adam-bc", "sgd")
 """noise=central: what the server does with the noisy mean gradient (``server.central_noise``)."""
 MODEL_SELECTIONS = ("best-validation", "last")
