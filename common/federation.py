@@ -115,7 +115,8 @@ class RunSettings:
     secure_aggregation_tolerated: int = setting(
         1,
         "noise=distributed: how many of the min-sites sites in each secure sum may drop out or collude with the "
-        "coordinator (together) while the sum still carries the full noise; must be below min-sites / 2",
+        "coordinator (together) while the sum still carries the full noise; at least 1 (Flower's SecAgg+ needs a "
+        "reconstruction threshold below the number of sites) and below min-sites / 2",
     )
     central_optimizer: str = setting(
         "adam",
@@ -204,10 +205,11 @@ class RunSettings:
             "noise='distributed' needs dp = true, fraction-sites = 1 and min-sites >= 3 (every site of the "
             "federation in every secure sum)"
             * (self.noise == "distributed" and (not self.dp or self.fraction_sites != 1 or self.min_sites < 3)),
-            f"secure-aggregation-tolerated={self.secure_aggregation_tolerated}: must be at least 0 and below "
-            f"min-sites / 2 (min-sites={self.min_sites})"
+            f"secure-aggregation-tolerated={self.secure_aggregation_tolerated}: must be at least 1 (Flower's SecAgg+ "
+            f"needs a reconstruction threshold below the number of sites) and below min-sites / 2 "
+            f"(min-sites={self.min_sites})"
             * (self.noise == "distributed"
-               and not 0 <= self.secure_aggregation_tolerated < self.min_sites - self.secure_aggregation_tolerated),
+               and not 1 <= self.secure_aggregation_tolerated < self.min_sites - self.secure_aggregation_tolerated),
             f"central-optimizer='{self.central_optimizer}': use one of {', '.join(CENTRAL_OPTIMIZERS)}"
             * (self.central_optimizer not in CENTRAL_OPTIMIZERS),
             f"model-selection='{self.model_selection}': use one of {', '.join(MODEL_SELECTIONS)}"

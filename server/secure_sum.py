@@ -97,10 +97,11 @@ def secure_aggregation_problem(
     """Why these SecAgg+ parameters give no secure sum without wrap-around; "" when they do (public input only)."""
     if sites < 3:
         return f"secure aggregation needs at least 3 sites (Flower's SecAgg+ shares keys in 3 or more), not {sites}"
-    if not 0 <= tolerated < sites - tolerated:
+    if not 1 <= tolerated < sites - tolerated:
         return (
-            f"secure aggregation tolerating {tolerated} of {sites} sites: needs 0 <= T < K - T (the reconstruction "
-            "threshold K - T must exceed the colluding sites T), i.e. T <= (K - 1) / 2"
+            f"secure aggregation tolerating {tolerated} of {sites} sites: needs 1 <= T < K - T (Flower's SecAgg+ "
+            "wants its reconstruction threshold K - T below K, and it must exceed the colluding sites T), i.e. "
+            "1 <= T <= (K - 1) / 2"
         )
     if not (np.isfinite(clipping_range) and clipping_range > 0):
         return f"secure aggregation clipping range {clipping_range}: must be positive and finite"

@@ -118,7 +118,7 @@ def test_a_site_without_the_opt_in_declines() -> None:
         SitePolicy(secure_aggregation_sites=2.5)
 
 
-@pytest.mark.parametrize(("min_sites", "tolerated"), [(2, 0), (5, 3), (4, 2)])
+@pytest.mark.parametrize(("min_sites", "tolerated"), [(2, 0), (5, 3), (4, 2), (5, 0)])
 def test_a_run_asking_an_unsafe_tolerance_is_refused(min_sites: int, tolerated: int) -> None:
     with pytest.raises(ConfigError, match="noise='distributed'|secure-aggregation-tolerated"):
         RunSettings(noise="distributed", min_sites=min_sites, secure_aggregation_tolerated=tolerated)

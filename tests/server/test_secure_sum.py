@@ -187,7 +187,9 @@ def test_coordinator_never_holds_a_site_vector(federation: dict[str, object]) ->
     assert masked and all(array.max() > 2**22 for array in masked)
 
 
-@pytest.mark.parametrize(("sites", "tolerated", "clip"), [(2, 0, 1.0), (5, 3, 1.0), (5, 2, 0.0), (2000, 1, 1.0)])
+@pytest.mark.parametrize(
+    ("sites", "tolerated", "clip"), [(2, 0, 1.0), (5, 3, 1.0), (5, 0, 1.0), (5, 2, 0.0), (2000, 1, 1.0)]
+)
 def test_protocol_parameters_refused(sites: int, tolerated: int, clip: float) -> None:
     with pytest.raises(ConfigError):
         SecureAggregation(sites, tolerated, clip)
