@@ -311,12 +311,13 @@ def distributed_popularity(
     check_ledger_continuity(context.state, site.ledger)
     if sum_names != [POPULARITY_ARRAY] or global_weights[POPULARITY_ARRAY].dim() != 1:
         raise ValueError(f"secure popularity release: the coordinator asks for {sum_names[:3]}, not one vector")
-    shares = int(site.policy.secure_aggregation_sites)
-    bound = popularity_sum_bound(settings.batch_size, settings.sample_rate)
-    sigma = popularity_step(settings.epsilon, site.policy.delta, settings.popularity_share)[0]
+    privacy = PrivacyPlan.from_settings(settings, site.policy)  # the plan the release itself uses
+    shares, bound = privacy.noise_shares, popularity_sum_bound(settings.batch_size, settings.sample_rate)
+    sigma = popularity_step(privacy.target_epsilon, privacy.delta, privacy.popularity_share)[0]
     refusal = site.policy.decline_reason(settings)
-    if not refusal and not (settings.dp and settings.popularity_share > 0):
-        refusal = "declined: a popularity release is answered only under DP with popularity-share > 0"
+    if not refusal and not (settings.dp and settings.popularity_share > 0 and settings.noise == "distributed"):
+        refusal = "declined: a secure popularity sum is answered only under DP with noise = distributed and " \
+            "popularity-share > 0"
     if not refusal:
         refusal = protocol_problem(protocol, shares, clipping_range(POPULARITY_BOUND, bound, sigma, shares))
     outcome = RoundOutcome(None, site.ledger.epsilon(site.policy.delta), refusal)
@@ -324,8 +325,8 @@ def distributed_popularity(
         shard = site.load_shard()
         check_coordinator(config, shard.catalog)
         outcome = release_site_popularity(
-            shard.examples, shard.catalog.num_items, PrivacyPlan.from_settings(settings, site.policy), site.ledger,
-            run_id=str(config["run-id"]), site=site.site_id, sum_bound=bound,
+            shard.examples, shard.catalog.num_items, privacy, site.ledger, run_id=str(config["run-id"]),
+            site=site.site_id, sum_bound=bound,
         )
     remember_ledger_head(context.state, site.ledger)
     if outcome.state_dict is not None:
