@@ -66,8 +66,12 @@ def _private_values(tmp_path: Path) -> list[str]:
     return [str(tmp_path), "site.txt", "u0", "u7"]
 
 
-@pytest.mark.parametrize("users", [0, 1])
-def test_a_site_of_no_or_one_user_answers_like_any_other(tmp_path: Path, users: int) -> None:
+@pytest.mark.parametrize(
+    ("users", "content"),
+    [(0, ""), (0, "\n\n  \n"), (0, "user,item\n"), (0, "u0 x1 x2 x3 x4 x5\nu1 x2 x3 x4 x5 x6\n"), (1, None)],
+    ids=["empty", "blank-lines", "header-only", "items-outside-the-catalogue", "one-user"],
+)
+def test_a_site_of_no_or_one_user_answers_like_any_other(tmp_path: Path, users: int, content: str | None) -> None:
     """A deployed site with an empty file answered "the file is empty", one with one user "holds only one user (u0)",
     with the file's path: the count, a user id and a path on the wire. Now it trains like any site (pure noise for
     no users): its reply is the reply of a site of 40 users, the noisy weights and the ledger head's hash aside."""
@@ -75,6 +79,9 @@ def test_a_site_of_no_or_one_user_answers_like_any_other(tmp_path: Path, users: 
     replies = []
     for size in (users, 40):
         data, catalog = _site(tmp_path / str(size), size)
+        if size == users and content is not None:
+            data = data.rename(data.with_suffix(".csv")) if content.startswith("user,") else data
+            data.write_text(content)
         reply = on_the_wire(*request(settings, _node(tmp_path / str(size), data), catalog))
         text = wire_text(reply)
         assert not reply.has_error(), text

@@ -58,7 +58,7 @@ def read_interactions(
     if path.is_dir():
         path, detected = _resolve_directory(path)
         fmt = fmt or detected
-    if path.stat().st_size == 0 and allow_empty:
+    if allow_empty and _holds_nothing(path, fmt):
         return Rows().frame()
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
@@ -126,6 +126,18 @@ def _resolve_directory(path: Path) -> tuple[Path, str]:
         "is a directory without a known interaction file (" + ", ".join(_DIRECTORY_FILES) + "); name the file itself",
         path,
     )
+
+
+def _holds_nothing(path: Path, fmt: str | None) -> bool:
+    """An empty file, or a text file of blank lines only."""
+    if path.stat().st_size == 0:
+        return True
+    if fmt == "parquet" or path.name.lower().endswith(".parquet"):
+        return False
+    try:
+        return not _first_lines(path, 1)
+    except DataError:  # not UTF-8 text: the reader says what is wrong
+        return False
 
 
 def _first_lines(path: Path, count: int) -> list[str]:
