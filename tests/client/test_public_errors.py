@@ -15,6 +15,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app
@@ -145,3 +146,12 @@ def test_a_popularity_query_from_a_site_of_one_user_answers_like_any_other(tmp_p
         replies.append(_public_reply(reply))
     assert replies[0] == replies[1] and replies[0]["metrics"]["declined"] == 0
     assert torch.Size([catalog.num_items + 1]) == replies[0]["shapes"]["popularity"]
+
+
+def test_a_malformed_secure_aggregation_request_is_refused_with_its_public_reason() -> None:
+    """The coordinator's own request (here an unmask naming site 3 both alive and dropped) is its to fix."""
+    configs = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [3]})
+    message = Message(RecordDict({RECORD_KEY_CONFIGS: configs}), dst_node_id=1, message_type="train")
+    reply = on_the_wire(message, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    assert reply.has_error() and reply.error.code == REFUSED
+    assert reply.error.reason == "secure aggregation: the coordinator names sites [3] both alive and dropped"
