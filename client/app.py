@@ -15,6 +15,9 @@ Node config (what the site decides, never the coordinator):
 Before reading any private data the site checks, on public input alone,
 that the run asks nothing its policy forbids and that the coordinator's
 weights are finite and bounded; otherwise it declines and says why.
+Whatever fails, the coordinator reads only a fixed code and a public reason
+(``client.public_errors``). Under ``noise = distributed`` the site's share
+leaves it only inside a SecAgg+ exchange; a plain message is declined.
 
 Under ``noise = central`` the site trains only if its node config trusts the
 coordinator to add the noise; its reply then holds the round's un-noised sum of
@@ -51,6 +54,7 @@ from flwr.clientapp import ClientApp
 from client.catalog_memory import check_extends_trained, remember_trained
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
 from client.popularity import release_site_popularity
+from client.public_errors import PublicInputError, public_errors_mod
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from client.secure_aggregation import (
     clipping_range,
@@ -83,7 +87,9 @@ from common.utils import timeline
 from common.utils.progress import log
 from common.utils.records import scalar
 
-app = ClientApp(mods=[packed_content_mod, secure_aggregation_mod])  # each passes on what is not its own unchanged
+app = ClientApp(mods=[public_errors_mod, packed_content_mod, secure_aggregation_mod])
+"""``public_errors_mod`` first, so that it answers a failure anywhere below it; each mod passes on what is not its own
+unchanged."""
 logger = logging.getLogger("fedtail.client")
 
 REPLY_METRICS = ("weight", "epsilon", "dp", "declined", "ledger-lines")
@@ -91,6 +97,10 @@ REPLY_SITE_FIELDS = ("site-id", "reason", "ledger-hash")
 LEDGER_HEAD = "ledger-head"
 CENTRAL_NOISE_METRIC = "noise-multiplier"
 """noise=central: the multiplier of the total noise the site's epsilon assumes; the coordinator adds at least that."""
+SHARE_ONLY_IN_SECURE_AGGREGATION = (
+    "declined: the run asks for noise = distributed, where this site sends its noise share only inside a secure "
+    "aggregation (SecAgg+) exchange, and this message is not one"
+)
 TRAINING_TIME = re.compile(r"fedtail-site (?P<site>\S+) round (?P<round>\d+): local training (?P<seconds>[\d.]+)s")
 """The site's own log line per round: for its operator, and the benchmark's measure of pure training time.
 Not "fedtail:"-prefixed, so `fedtail simulate` keeps it in flower.log instead of echoing one line per site."""
@@ -168,6 +178,14 @@ def check_ledger_continuity(state: RecordDict, ledger: Ledger) -> None:
             )
 
 
+def run_settings(context: Context) -> RunSettings:
+    """The run's settings; a run config they refuse is the coordinator's public input, so the reason may say so."""
+    try:
+        return RunSettings.from_run_config(context.run_config)
+    except ConfigError as error:
+        raise PublicInputError(str(error)) from None
+
+
 def check_coordinator(config: Mapping[str, Any], catalog: Catalog) -> None:
     """Refuse a round from a coordinator on another Flower version or catalogue, before loading its weights.
 
@@ -176,12 +194,12 @@ def check_coordinator(config: Mapping[str, Any], catalog: Catalog) -> None:
     """
     theirs, mine = str(config.get("flwr-version", "unknown")), version("flwr")
     if theirs != mine:
-        raise ConfigError(
+        raise PublicInputError(
             f"Flower version mismatch: the coordinator runs flwr {theirs}, this site flwr {mine}; "
             "install the same version on both sides"
         )
     if str(config.get("catalog-sha256", "")) != catalog.fingerprint():
-        raise ConfigError(
+        raise PublicInputError(
             f"catalogue mismatch: this site's catalogue ({catalog.num_items} items, sha256 "
             f"{catalog.fingerprint()[:12]}) is not the coordinator's "
             f"(sha256 {str(config.get('catalog-sha256'))[:12]}); "
@@ -203,26 +221,33 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def outside_secure_aggregation(_policy: SitePolicy, settings: RunSettings) -> str:
+    """A plain message (no SecAgg+ stages): under ``noise = distributed`` the site's noise share would leave it in
+    the clear, with 1 / ``secure-aggregation-sites`` of the noise its epsilon assumes, so it is declined."""
+    return SHARE_ONLY_IN_SECURE_AGGREGATION if settings.noise == "distributed" else ""
+
+
 def site_round(
     context: Context,
     config: Mapping[str, Any],
     global_weights: dict[str, torch.Tensor],
-    protocol_refusal: Callable[[SitePolicy, RunSettings], str] | None = None,
+    protocol_refusal: Callable[[SitePolicy, RunSettings], str] = outside_secure_aggregation,
 ) -> tuple[RecordDict, RoundOutcome, Site]:
     """One round at this site from the coordinator's config and weights: the reply's records, the outcome, the site.
 
-    ``protocol_refusal`` adds a reason to decline, decided like the others on public input before any data is read.
+    ``protocol_refusal`` adds a reason to decline, decided like the others on public input before any data is read:
+    the SecAgg+ exchange's own checks inside one (``distributed_round``), else ``outside_secure_aggregation``.
     """
     timeline.reset()
     entered = time.time()
-    settings = RunSettings.from_run_config(context.run_config)
+    settings = run_settings(context)
     site = site_from_context(dict(context.node_config), settings)
     check_ledger_continuity(context.state, site.ledger)
     round_number = int(scalar(config["server-round"]))
     refusal = (
         site.policy.decline_reason(settings)
         or incoming_weights_problem(global_weights, site.policy)
-        or (protocol_refusal(site.policy, settings) if protocol_refusal else "")
+        or protocol_refusal(site.policy, settings)
     )
     if refusal:  # decided on public input alone, before the site's data is read
         spent = site.ledger.epsilon(site.policy.delta)
@@ -291,7 +316,7 @@ def distributed_round(
     content, outcome, site = site_round(context, config, global_weights, refusal)
     if outcome.state_dict is not None:
         return content, outcome.state_dict
-    settings = RunSettings.from_run_config(context.run_config)
+    settings = run_settings(context)
     noise_multiplier, shares = share_plan(site.policy, settings)
     zeros = {name: torch.zeros_like(global_weights[name], dtype=torch.float64) for name in sum_names}
     return content, noise_share(zeros, settings.max_grad_norm, settings.batch_size, noise_multiplier, shares)
@@ -306,11 +331,13 @@ def distributed_popularity(
 ) -> tuple[RecordDict, dict[str, torch.Tensor]]:
     """The popularity floor under ``noise = distributed``: the site's projected sum plus its noise share, for the
     secure sum (``client.popularity``); pure noise when it declines. The same checks as for a round come first."""
-    settings = RunSettings.from_run_config(context.run_config)
+    settings = run_settings(context)
     site = site_from_context(dict(context.node_config), settings)
     check_ledger_continuity(context.state, site.ledger)
     if sum_names != [POPULARITY_ARRAY] or global_weights[POPULARITY_ARRAY].dim() != 1:
-        raise ValueError(f"secure popularity release: the coordinator asks for {sum_names[:3]}, not one vector")
+        raise PublicInputError(
+            f"secure popularity release: the coordinator asks for {sum_names[:3]}, not one vector"
+        )
     privacy = PrivacyPlan.from_settings(settings, site.policy)  # the plan the release itself uses
     shares, bound = privacy.noise_shares, popularity_sum_bound(settings.batch_size, settings.sample_rate)
     sigma = popularity_step(privacy.target_epsilon, privacy.delta, privacy.popularity_share)[0]
@@ -338,13 +365,15 @@ def distributed_popularity(
 
 @app.query()
 def popularity(msg: Message, context: Context) -> Message:
-    """The DP popularity floor (``client.popularity``): asked once before round 1; the same checks as a round."""
-    settings = RunSettings.from_run_config(context.run_config)
+    """The DP popularity floor (``client.popularity``): asked once before round 1; the same checks as a round.
+    Under ``noise = distributed`` it is answered only inside SecAgg+ (``distributed_popularity``)."""
+    settings = run_settings(context)
     site = site_from_context(dict(context.node_config), settings)
     check_ledger_continuity(context.state, site.ledger)
     refusal = site.policy.decline_reason(settings)
     if not refusal and not (settings.dp and settings.popularity_share > 0):
         refusal = "declined: a popularity release is answered only under DP with popularity-share > 0"
+    refusal = refusal or outside_secure_aggregation(site.policy, settings)
     if refusal:  # public input alone, before the site's data is read
         logger.warning("site %s popularity release: %s", site.site_id, refusal)
         spent = site.ledger.epsilon(site.policy.delta)

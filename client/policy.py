@@ -40,6 +40,10 @@ the file ``fedtail simulate`` writes for its simulated sites, see
   those that may drop out or collude); its share carries 1 / that of the noise
   variance, and it declines a protocol whose threshold allows fewer. Default 1:
   a full noise of its own (no gain, no assumption).
+- ``max-fallback-epsilon``: under ``distributed``, the most the site's fallback epsilon (what its own noise
+  shares alone are worth if secure aggregation failed: ``common.privacy.fallback``) may reach; a release that
+  would pass it is declined before anything is released. Default: ``max-epsilon`` (a site that accepts a weaker
+  guarantee should secure aggregation fail says so, up to ``inf``).
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ class SitePolicy:
     trust_coordinator_noise: bool = False
     trust_secure_aggregation: bool = False
     secure_aggregation_sites: float = 1.0
+    max_fallback_epsilon: float | None = None
+    """None: max-epsilon (``fallback_cap``)."""
 
     def __post_init__(self) -> None:
         problems = [
@@ -91,6 +97,8 @@ class SitePolicy:
             * (not 0 <= self.window_epsilon <= self.max_epsilon),
             f"secure-aggregation-sites={self.secure_aggregation_sites}: must be a whole number, at least 1"
             * (not (self.secure_aggregation_sites >= 1 and float(self.secure_aggregation_sites).is_integer())),
+            f"max-fallback-epsilon={self.max_fallback_epsilon}: must be positive (inf: no cap)"
+            * (self.max_fallback_epsilon is not None and not self.max_fallback_epsilon > 0),
         ]
         problems = [problem for problem in problems if problem]
         if problems:
@@ -107,6 +115,11 @@ class SitePolicy:
             if key in node_config:
                 values[name] = _typed(key, node_config[key], str(field.type))
         return cls(**values)
+
+    @property
+    def fallback_cap(self) -> float:
+        """The most the ledger's fallback epsilon may reach (``max-fallback-epsilon``, else ``max-epsilon``)."""
+        return self.max_epsilon if self.max_fallback_epsilon is None else self.max_fallback_epsilon
 
     def decline_reason(self, settings: RunSettings) -> str:
         """Why this site will not train the round the run asks for; "" when it will. Public input only."""

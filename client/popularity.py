@@ -31,12 +31,11 @@ from client.dp_sgd import secret_generator
 from client.replay import ReleasedUpdate
 from client.round_plan import PrivacyPlan
 from client.secure_aggregation import DISTRIBUTED_TRUST, share_noise_multiplier
-from client.site_round import RoundOutcome, library_versions, over_budget
+from client.site_round import RoundOutcome, library_versions, over_budget, over_fallback_cap
 from common.data.catalog import PADDING_INDEX
 from common.data.split import TrainingExamples
 from common.errors import ConfigError
 from common.privacy.accounting import ACCOUNTANT, epsilon_from_history
-from common.privacy.fallback import fallback_epsilon
 from common.privacy.ledger import Ledger, Spend
 from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
 
@@ -81,10 +80,15 @@ def release_site_popularity(
     if replay is not None:
         return RoundOutcome(replay, spent)
     step = popularity_step(privacy.target_epsilon, privacy.delta, privacy.popularity_share)
+    sigma = step[0]
+    share = share_noise_multiplier(sigma, privacy.noise_shares)
     refusal = over_budget(history, step, privacy, "popularity release")
+    fallback = 0.0
+    if not refusal and privacy.noise_placement == "distributed":
+        fallback, refusal = over_fallback_cap(ledger.entries(), (share, step[1], step[2]), privacy,
+                                              "popularity release")
     if refusal:
         return RoundOutcome(None, spent, refusal)
-    sigma = step[0]
     release = clipped_popularity_sum(examples, num_items)
     placement: dict[str, Any] = {}
     own_sigma = sigma  # site: the site adds the whole noise
@@ -94,11 +98,9 @@ def release_site_popularity(
         if sum_bound <= 0:
             raise ConfigError("a distributed popularity release needs the public bound its sum is projected onto")
         release *= min(1.0, sum_bound / max(float(release.norm()), 1e-12))
-        own_sigma = share_noise_multiplier(sigma, privacy.noise_shares)
-        line = {"noise_placement": "distributed", "share_noise_multiplier": own_sigma, "sample_rate": step[1],
-                "steps": step[2]}
+        own_sigma = share
         placement = {"noise_placement": "distributed", "trust": DISTRIBUTED_TRUST, "share_noise_multiplier": own_sigma,
-                     "fallback_epsilon_so_far": fallback_epsilon([*ledger.entries(), line], privacy.delta)}
+                     "fallback_epsilon_so_far": fallback}
     if own_sigma > 0:
         generator = secret_generator(torch.device("cpu"))  # unpredictable to the coordinator, as DP-SGD's noise
         release += torch.normal(0.0, own_sigma * POPULARITY_BOUND, (num_items + 1,), generator=generator,

@@ -82,6 +82,9 @@ class PrivacyPlan:
     noise_shares: int = 1
     """``distributed``: the fewest sites' noise shares every sum holds (the site's node config); each share then has
     1 / noise_shares of the total noise's variance."""
+    max_fallback_epsilon: float | None = None
+    """``distributed``: the most the ledger's fallback epsilon (the site's own shares alone) may reach; defaults to
+    the budget."""
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
@@ -91,11 +94,15 @@ class PrivacyPlan:
                        popularity_share=settings.popularity_share, noise_placement=settings.noise)
         return cls(settings.dp, settings.epsilon, policy.delta, settings.max_grad_norm, settings.rounds,
                    policy.max_epsilon, settings.popularity_share, policy.window_epsilon > 0, settings.noise,
-                   int(policy.secure_aggregation_sites))
+                   int(policy.secure_aggregation_sites), policy.fallback_cap)
 
     @property
     def budget(self) -> float:
         return self.target_epsilon if self.max_epsilon is None else self.max_epsilon
+
+    @property
+    def fallback_cap(self) -> float:
+        return self.budget if self.max_fallback_epsilon is None else self.max_fallback_epsilon
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client.dp_sgd import secret_generator
+from client.public_errors import PublicInputError
 
 HEADROOM_STDS = 12.0
 """Flower's clipping range lies this many share standard deviations beyond the bound on a site's sum."""
@@ -145,7 +146,9 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         alive, dead = configs.get(Key.ACTIVE_NODE_ID_LIST, []), configs.get(Key.DEAD_NODE_ID_LIST, [])
         both = {int(node) for node in alive} & {int(node) for node in dead}  # type: ignore[union-attr]
         if both:
-            raise ValueError(f"secure aggregation: the coordinator names sites {sorted(both)} both alive and dropped")
+            raise PublicInputError(
+                f"secure aggregation: the coordinator names sites {sorted(both)} both alive and dropped"
+            )
     return secaggplus_mod(msg, context, call_next)
 
 
@@ -170,7 +173,7 @@ def secure_reply(msg: Message, context: Context, site_round: SiteRound) -> Messa
     sum_names = str(config.pop(SUM_NAMES, "")).split(NAME_SEPARATOR)
     arrays = parameters_to_ndarrays(fit_ins.parameters)
     if len(state_names) != len(arrays) or not set(sum_names) <= set(state_names):
-        raise ValueError(
+        raise PublicInputError(
             f"secure aggregation: the coordinator's request names {len(state_names)} arrays for {len(arrays)} sent, "
             "or a summed name it did not send"
         )

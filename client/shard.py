@@ -76,7 +76,11 @@ def simulated_partition_sha256(
 
 
 def deployed_shard(data_path: str, catalog_path: str, max_len: int) -> SiteShard:
-    """The site's own interaction file, mapped onto the public catalogue; unknown items are dropped and counted."""
+    """The site's own interaction file, mapped onto the public catalogue; unknown items are dropped and counted.
+
+    An empty file, or one of a single user, is a site like any other: it trains, and its release is DP whatever its
+    users (pure noise for none). An error for it would tell the coordinator the count, and the user's id.
+    """
     if not catalog_path:
         raise DataError("node config 'catalog-path' is required in a deployment (the public product list)")
     return _deployed_shard(data_path, catalog_path, max_len, _file_version(data_path), _file_version(catalog_path))
@@ -99,8 +103,12 @@ def _deployed_shard(
 ) -> SiteShard:
     """``data_version``, ``catalog_version``: only in the cache key, so that a changed file is read again."""
     catalog = Catalog.load(Path(catalog_path))
-    dataset, unknown = load_dataset(data_path).restricted_to(catalog)
+    dataset, unknown = load_dataset(data_path, allow_few_users=True).restricted_to(catalog, allow_empty=True)
     if unknown:
         log(f"site data: {unknown} interactions name items outside the public catalogue; ignored")
     _, sequences = dataset.sequences(catalog)
-    return SiteShard(catalog, training_examples(sequences, max_len))
+    examples = training_examples(sequences, max_len)
+    if len(examples) < 2:
+        log(f"site data: {len(examples)} users with a training example; the site trains all the same (its releases "
+            "stay DP, with no users pure noise)")
+    return SiteShard(catalog, examples)

@@ -87,6 +87,11 @@ def train_site_round(
     checked = max(1, privacy.planned_rounds - round_number + 1) if privacy.whole_run else 1
     what = "round" if checked == 1 else f"window's remaining {checked} rounds"
     refusal = over_budget(history, (plan.noise_multiplier, plan.sample_rate, plan.steps), privacy, what, checked)
+    share = share_noise_multiplier(plan.noise_multiplier, privacy.noise_shares)
+    fallback = 0.0
+    if not refusal and privacy.noise_placement == "distributed":
+        fallback, refusal = over_fallback_cap(ledger.entries(), (share, plan.sample_rate, plan.steps), privacy, what,
+                                              checked)
     if refusal:
         return RoundOutcome(None, spent, refusal)
     placement: dict[str, Any] = {}
@@ -98,14 +103,11 @@ def train_site_round(
             weights = noise_share(
                 weights, privacy.max_grad_norm, training.batch_size, noise_multiplier, privacy.noise_shares
             )
-            share = share_noise_multiplier(noise_multiplier, privacy.noise_shares)
-            line = {"noise_placement": "distributed", "share_noise_multiplier": share, "sample_rate": sample_rate,
-                    "steps": steps}
             placement = {
                 "noise_placement": "distributed",
                 "trust": DISTRIBUTED_TRUST,
                 "share_noise_multiplier": share,
-                "fallback_epsilon_so_far": fallback_epsilon([*ledger.entries(), line], privacy.delta),
+                "fallback_epsilon_so_far": fallback,
             }
     else:
         noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
@@ -146,6 +148,29 @@ def over_budget(
     return (
         f"declined: this {what} would raise the site's epsilon from {spent:.3f} to {after:.3f} at delta "
         f"{privacy.delta:g}, above its {cap} of {privacy.budget:g}"
+    )
+
+
+def over_fallback_cap(
+    entries: list[dict[str, Any]], share_step: MechanismStep, privacy: PrivacyPlan, what: str, repeats: int = 1
+) -> tuple[float, str]:
+    """A ``distributed`` release of ``share_step`` (the site's own share: its multiplier, rate, steps) after the
+    ledger's ``entries``: the fallback epsilon after it, and why it is declined ("" when ``repeats`` such releases
+    keep the fallback within the site's ``max-fallback-epsilon``).
+
+    The fallback is what the site's own noise is worth if secure aggregation failed (``common.privacy.fallback``);
+    checked before the release, as the budget is, so that a coordinator cannot take it past the cap.
+    """
+    line = {"noise_placement": "distributed", "share_noise_multiplier": share_step[0], "sample_rate": share_step[1],
+            "steps": share_step[2]}
+    after = fallback_epsilon([*entries, line], privacy.delta)
+    last = after if repeats == 1 else fallback_epsilon([*entries, *[line] * repeats], privacy.delta)
+    if last <= privacy.fallback_cap + BUDGET_TOLERANCE:
+        return after, ""
+    return after, (
+        f"declined: this {what} would raise the site's fallback epsilon (its own noise shares alone, should secure "
+        f"aggregation fail) to {last:.3f} at delta {privacy.delta:g}, above its max-fallback-epsilon of "
+        f"{privacy.fallback_cap:g}"
     )
 
 

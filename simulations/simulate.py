@@ -107,8 +107,10 @@ def write_site_node_configs(
     the run asks for central noise (the simulation's operator runs the coordinator too), ledgers in the run folder,
     the run's catalogue when it names one; ``site_config`` overrides (a lifelong run: shared ledgers, lifetime
     budgets)."""
-    distributed_trust = (  # the fewest sites whose noise shares every secure sum holds (client.secure_aggregation)
-        {"secure-aggregation-sites": settings.min_sites - settings.secure_aggregation_tolerated}
+    distributed_trust = (  # the fewest sites whose noise shares every secure sum holds (client.secure_aggregation);
+        # no cap on the fallback epsilon: the simulation's operator runs the coordinator and its SecAgg+ too
+        {"secure-aggregation-sites": settings.min_sites - settings.secure_aggregation_tolerated,
+         "max-fallback-epsilon": math.inf}
         if settings.noise == "distributed"
         else {}
     )

@@ -46,28 +46,32 @@ class Dataset:
     def sequences(self, catalog: Catalog) -> tuple[list[str], list[np.ndarray]]:
         return user_sequences(self.frame, catalog)
 
-    def restricted_to(self, catalog: Catalog) -> tuple[Dataset, int]:
-        """The interactions whose items the catalogue knows, and how many were dropped."""
-        known = self.frame["item"].map(lambda raw: catalog.index_of(raw) is not None)
-        if not known.any():
+    def restricted_to(self, catalog: Catalog, allow_empty: bool = False) -> tuple[Dataset, int]:
+        """The interactions whose items the catalogue knows, and how many were dropped; ``allow_empty``: none may be
+        left (a site's own file)."""
+        known = self.frame["item"].map(lambda raw: catalog.index_of(raw) is not None).astype(bool)
+        if not known.any() and not allow_empty:
             raise DataError(f"none of the items in {self.spec} is in the catalogue ({catalog.source or 'given'})")
         return Dataset(self.spec, self.frame[known], self.report), int((~known).sum())
 
 
-def load_dataset(spec: str = DEFAULT_DATASET, columns: ColumnNames = ColumnNames(), kcore: int = 0) -> Dataset:
+def load_dataset(
+    spec: str = DEFAULT_DATASET, columns: ColumnNames = ColumnNames(), kcore: int = 0, allow_few_users: bool = False
+) -> Dataset:
+    """``allow_few_users``: 0 or 1 user will do (a site's own file: ``clean_interactions``)."""
     if kcore < 0:
         raise DataError(f"k-core must be 0 (off) or positive, got {kcore}")
-    frame = _read_spec(spec, columns)
-    clean, report = clean_interactions(frame, spec, kcore)
+    frame = _read_spec(spec, columns, allow_few_users)
+    clean, report = clean_interactions(frame, spec, kcore, allow_few_users)
     return Dataset(spec, clean, report)
 
 
-def _read_spec(spec: str, columns: ColumnNames) -> pd.DataFrame:
+def _read_spec(spec: str, columns: ColumnNames, allow_empty: bool) -> pd.DataFrame:
     kind, sep, rest = spec.partition(":")
     if kind == "synthetic":
         return generate(SyntheticConfig.parse(rest))
     if sep and kind in FORMATS:
-        return read_interactions(Path(rest), kind, columns)
+        return read_interactions(Path(rest), kind, columns, allow_empty)
     if sep and not Path(spec).exists() and len(kind) > 1:
         raise DataError(f"unknown format '{kind}' in dataset '{spec}'; known formats: synthetic, {', '.join(FORMATS)}")
-    return read_interactions(Path(spec), None, columns)
+    return read_interactions(Path(spec), None, columns, allow_empty)

@@ -19,13 +19,17 @@ class CleanReport:
     kcore_removed_interactions: int
 
 
-def clean_interactions(frame: pd.DataFrame, source: str, kcore: int = 0) -> tuple[pd.DataFrame, CleanReport]:
+def clean_interactions(
+    frame: pd.DataFrame, source: str, kcore: int = 0, allow_few_users: bool = False
+) -> tuple[pd.DataFrame, CleanReport]:
     """Drop exact duplicate (user, item, time) rows, apply k-core, order chronologically.
 
     Rows without a timestamp are never duplicates of each other: without a clock
-    two identical lines may well be two real interactions.
+    two identical lines may well be two real interactions. A dataset to train a
+    recommender on needs 2 users; with ``allow_few_users`` (a site's own file) 0
+    or 1 will do: the site trains like any other, its release DP whatever its users.
     """
-    if frame.empty:
+    if frame.empty and not allow_few_users:
         raise DataError("the data holds no interactions", source)
     has_time = frame["timestamp"].notna()
     duplicated = frame[has_time].duplicated(subset=["user", "item", "timestamp"], keep="first")
@@ -34,9 +38,9 @@ def clean_interactions(frame: pd.DataFrame, source: str, kcore: int = 0) -> tupl
     before_kcore = len(frame)
     if kcore > 0:
         frame = _kcore(frame, kcore)
-    if frame.empty:
+    if frame.empty and not allow_few_users:
         raise DataError(f"no interactions left after {kcore}-core filtering", source)
-    if frame["user"].nunique() < 2:
+    if frame["user"].nunique() == 1 and not allow_few_users:
         raise DataError(
             f"holds only one user ({frame['user'].iloc[0]}); a recommender needs interactions from at least 2 users",
             source,
@@ -60,6 +64,8 @@ def _kcore(frame: pd.DataFrame, k: int) -> pd.DataFrame:
 
 def user_sequences(frame: pd.DataFrame, catalog: Catalog) -> tuple[list[str], list[np.ndarray]]:
     """Chronological item-index sequences, one per user; every item must be in the catalogue."""
+    if frame.empty:
+        return [], []
     indices = frame["item"].map(lambda raw: catalog.index_of(raw) or 0).to_numpy(dtype=np.int64)
     if (indices == 0).any():
         unknown = frame["item"][indices == 0].unique()[:5].tolist()

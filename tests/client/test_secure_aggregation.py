@@ -15,8 +15,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import distributed_round
+from client.app import SHARE_ONLY_IN_SECURE_AGGREGATION, distributed_round
 from client.policy import SitePolicy
+from client.popularity import release_site_popularity
+from client.public_errors import PublicInputError
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from client.secure_aggregation import (
     HEADROOM_STDS,
@@ -37,6 +39,7 @@ from common.recommender.model import ModelConfig, SASRec
 from simulations.audit.fallback import fallback_findings
 from simulations.audit.ledgers import check_chain
 from tests.client.test_hostile_coordinator import _node, _settings, _site
+from tests.client.test_public_errors import on_the_wire, request, wire_text
 
 SITES, TOLERATED = 5, 2
 SHARES = SITES - TOLERATED
@@ -132,7 +135,7 @@ def test_the_site_refuses_to_unmask_a_site_named_alive_and_dropped() -> None:
     def never(_msg: Message, _context: Context) -> Message:
         raise AssertionError("the handler must not run")
 
-    with pytest.raises(ValueError, match=r"sites \[3\] both alive and dropped"):
+    with pytest.raises(PublicInputError, match=r"sites \[3\] both alive and dropped"):
         secure_aggregation_mod(msg, context, never)
 
 
@@ -146,7 +149,7 @@ def test_the_ledger_records_the_share_and_the_fallback_epsilon_and_the_audit_rec
     )
     training = LocalTraining(sample_rate=0.2, batch_size=6)
     privacy = PrivacyPlan(target_epsilon=4.0, delta=1e-4, max_grad_norm=0.5, planned_rounds=10,
-                          noise_placement="distributed", noise_shares=SHARES)
+                          noise_placement="distributed", noise_shares=SHARES, max_fallback_epsilon=math.inf)
     plan = plan_round(training, privacy)
     ledger = Ledger(tmp_path / "site-0.jsonl")
     torch.manual_seed(0)
@@ -227,3 +230,68 @@ def test_a_trusting_site_sends_its_noisy_share_and_a_public_reply(tmp_path: Path
     public = [({k: v for k, v in records["metrics"].items()}, {k: v for k, v in records["site"].items()
                                                                 if k != "ledger-hash"}) for records, _ in replies]
     assert public[0] == public[1]  # nothing in the reply depends on the user count
+
+
+ATTACKED = {"trust-secure-aggregation": "true", "secure-aggregation-sites": 5, "max-fallback-epsilon": "inf"}
+"""The site of the plain-message attack (H = 5), with no cap on its fallback: only the message path declines."""
+
+
+@pytest.mark.parametrize("message_type", ["train", "query"])
+def test_a_plain_message_gets_no_share_outside_secure_aggregation(tmp_path: Path, message_type: str) -> None:
+    """A site with trust-secure-aggregation = true and H = 5 answered a plain train message (no SecAgg+ stages) by
+    training and sending its share in the clear: std sigma C / sqrt(5), a fifth of the noise its epsilon assumes.
+    Now it declines, on public input, before reading its data; the popularity query likewise."""
+    data, catalog = _site(tmp_path, 40)
+    settings = _settings(noise="distributed", min_sites=SITES, secure_aggregation_tolerated=TOLERATED,
+                         popularity_share=0.2)
+    reply = on_the_wire(*request(settings, _node(tmp_path, data, **ATTACKED), catalog, message_type=message_type))
+    assert not reply.has_error(), wire_text(reply)
+    assert reply.content["metrics"]["declined"] == 1 and "arrays" not in reply.content
+    assert reply.content["site"]["reason"] == SHARE_ONLY_IN_SECURE_AGGREGATION
+    assert not (tmp_path / "ledger").exists() or not any((tmp_path / "ledger").iterdir()), "nothing trained"
+
+
+def test_the_fallback_epsilon_is_capped_before_the_release(tmp_path: Path) -> None:
+    """Inside SecAgg+, the ledger's fallback epsilon (the site's shares alone) grew past max-epsilon unchecked. Now
+    max-fallback-epsilon (default: max-epsilon) caps it: with H = 3 round 1 takes it to 6.5, round 2 would take it
+    to 8.6, past max-epsilon 8, and is declined (pure noise sent, nothing spent); a lower cap declines round 1."""
+    data, catalog = _site(tmp_path, 40)
+    settings = _settings(noise="distributed", min_sites=SITES, secure_aggregation_tolerated=TOLERATED)
+    weights = SASRec(settings.model_config(catalog.num_items)).state_dict()
+    names = [name for name, p in SASRec(settings.model_config(catalog.num_items)).named_parameters()
+             if p.requires_grad]
+    protocol = {**PROTOCOL, "clipping_range": 1e4}
+    state = RecordDict()
+
+    def secure_round(node: dict, round_number: int, state: RecordDict) -> tuple[RecordDict, dict]:
+        config = {"server-round": round_number, "run-id": "r1", "catalog-sha256": catalog.fingerprint(),
+                  "flwr-version": version("flwr")}
+        context = Context(run_id=1, node_id=1, node_config=node, state=state, run_config=settings.to_run_config())
+        return distributed_round(context, config, weights, names, protocol)
+
+    node = _node(tmp_path, data, **TRUSTING)
+    first, _ = secure_round(node, 1, state)
+    assert first["metrics"]["declined"] == 0
+    second, vector = secure_round(node, 2, state)
+    assert second["metrics"]["declined"] == 1
+    assert "fallback epsilon" in str(second["site"]["reason"]) and "max-fallback-epsilon of 8" in str(
+        second["site"]["reason"])
+    noise = torch.cat([value.flatten() for value in vector.values()])
+    assert abs(float(noise.std()) / _share_std(SHARES) - 1) < 0.1, "a declining site sends pure noise"
+    [line] = Ledger(tmp_path / "ledger" / "site-north.jsonl").entries()
+    assert line["fallback_epsilon_so_far"] <= 8.0
+
+    lower = _node(tmp_path, data, **TRUSTING, **{"max-fallback-epsilon": 5.0, "ledger-dir": str(tmp_path / "other")})
+    declined, _ = secure_round(lower, 1, RecordDict())
+    assert declined["metrics"]["declined"] == 1 and "max-fallback-epsilon of 5" in str(declined["site"]["reason"])
+    assert Ledger(tmp_path / "other" / "site-north.jsonl").entries() == []
+
+
+def test_a_distributed_popularity_release_is_capped_too(tmp_path: Path) -> None:
+    examples = training_examples([np.arange(1, 6)] * 3, CONFIG.max_len)
+    privacy = PrivacyPlan(target_epsilon=8.0, delta=1e-5, popularity_share=0.1, noise_placement="distributed",
+                          noise_shares=4, max_fallback_epsilon=0.5)
+    ledger = Ledger(tmp_path / "site-1.jsonl")
+    outcome = release_site_popularity(examples, 25, privacy, ledger, "run-a", "1", sum_bound=100)
+    assert outcome.state_dict is None and "max-fallback-epsilon of 0.5" in outcome.declined_reason
+    assert ledger.entries() == []

@@ -6,6 +6,7 @@ A value the policy refuses makes every site fail in round 1, which only a whole 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,4 @@ def test_every_run_kind_writes_node_configs_its_sites_accept(tmp_path: Path, opt
         assert policy.max_epsilon == settings.epsilon and policy.delta == settings.delta
     assert policy.trust_coordinator_noise == (settings.noise == "central")
     assert policy.trust_secure_aggregation == (settings.noise == "distributed")
+    assert policy.fallback_cap == (math.inf if settings.noise == "distributed" else settings.epsilon)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from common.data.readers.movielens import read_movielens_lines
 from common.data.readers.parquet import read_parquet
-from common.data.readers.parsing import ASCII_INTEGER, numbered_lines
+from common.data.readers.parsing import ASCII_INTEGER, Rows, numbered_lines
 from common.data.readers.sequences import read_pairs, read_sequences
 from common.data.readers.table import ColumnNames, read_table
 from common.errors import DataError
@@ -44,14 +44,22 @@ _DIRECTORY_FILES: dict[str, str] = {
 }
 
 
-def read_interactions(path: str | Path, fmt: str | None = None, columns: ColumnNames = ColumnNames()) -> pd.DataFrame:
-    """Read one interaction log; ``fmt=None`` detects the format from name and content."""
+def read_interactions(
+    path: str | Path, fmt: str | None = None, columns: ColumnNames = ColumnNames(), allow_empty: bool = False
+) -> pd.DataFrame:
+    """Read one interaction log; ``fmt=None`` detects the format from name and content.
+
+    ``allow_empty``: an empty file, or one that holds no interactions, gives an empty frame instead of an error (a
+    site's own file: a site of no users trains like any other).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError("no such file or directory", path)
     if path.is_dir():
         path, detected = _resolve_directory(path)
         fmt = fmt or detected
+    if allow_empty and _holds_nothing(path, fmt):
+        return Rows().frame()
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown format '{fmt}'; known formats: {', '.join(FORMATS)}", path)
@@ -70,7 +78,7 @@ def read_interactions(path: str | Path, fmt: str | None = None, columns: ColumnN
         "pairs": lambda p, _c: read_pairs(p),
     }
     frame = readers[fmt](path, columns)
-    if frame.empty:
+    if frame.empty and not allow_empty:
         raise DataError("the file holds no interactions", path)
     return frame
 
@@ -118,6 +126,18 @@ def _resolve_directory(path: Path) -> tuple[Path, str]:
         "is a directory without a known interaction file (" + ", ".join(_DIRECTORY_FILES) + "); name the file itself",
         path,
     )
+
+
+def _holds_nothing(path: Path, fmt: str | None) -> bool:
+    """An empty file, or a text file of blank lines only."""
+    if path.stat().st_size == 0:
+        return True
+    if fmt == "parquet" or path.name.lower().endswith(".parquet"):
+        return False
+    try:
+        return not _first_lines(path, 1)
+    except DataError:  # not UTF-8 text: the reader says what is wrong
+        return False
 
 
 def _first_lines(path: Path, count: int) -> list[str]:
