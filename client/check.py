@@ -49,8 +49,9 @@ def check_site(
     try:
         catalog = Catalog.load(catalog_path)
         check.facts.append(
-            f"catalogue {catalog_path}: {catalog.num_items} items, sha256 {catalog.fingerprint()[:16]} "
-            "(must equal the coordinator's)"
+            f"catalogue {catalog_path}: {catalog.num_items} items, fingerprint {catalog.fingerprint()[:16]} (the "
+            "sha256 of its item ids, not of the file: must begin the fingerprint the coordinator published with "
+            "`fedtail deploy catalog`)"
         )
     except FedtailError as error:
         check.problems.append(str(error))
@@ -85,6 +86,8 @@ def _check_data(check: SiteCheck, data_path: Path, catalog: Catalog, delta: floa
         check_delta(users, delta)  # the rule the site applies before every DP round
     except ConfigError as error:
         check.problems.append(f"{error}: this site would refuse DP rounds")
+        return
+    check.facts.append(f"delta {delta:g} < 1/users = 1/{users}: holds")
 
 
 def _check_budget(check: SiteCheck, ledger_dir: Path, site_id: str, max_epsilon: float, delta: float) -> None:

@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,12 +215,31 @@ def refuse(address: str, token: str, reason: str, root_certificates: Path | None
         client.close()
 
 
+def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """Flower's task heartbeat, but one that reports a lost SuperNode as a failed beat instead of raising.
+
+    Why: Flower's heartbeat (``make_task_heartbeat_fn_http``) raises on any HTTP error other than 503 or 504, and it
+    runs in a thread of its own, so a SuperNode killed mid-task left an uncaught thread traceback in the site's
+    runtime. A failed beat is retried with backoff until the task ends, which is what the task's own calls then
+    report (the reply cannot be sent) and ``serve`` logs in one line.
+    """
+    beat = make_task_heartbeat_fn_http(client)
+
+    def beat_or_fail() -> bool:
+        try:
+            return beat()
+        except Exception:  # noqa: BLE001 - any failure to reach the SuperNode is a missed beat, never a crash
+            return False
+
+    return beat_or_fail
+
+
 def run_in_process(app: ClientApp, address: str, token: str, root_certificates: Path | None = None) -> None:
     """Run one task of the installed release with ``app`` in this process, as ``flwr-clientapp`` runs it in its own
     (``flwr/supernode/runtime/run_clientapp.py``): heartbeats while it runs, the reply, then the task's status and
     context; an exception becomes the error reply Flower sends for a ClientApp that raised, and the runtime goes on."""
     client = _task_client(address, token, root_certificates)
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(task_heartbeat(client))
     heartbeat.start()
     message: Message | None = None
     context: Context | None = None

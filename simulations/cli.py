@@ -36,6 +36,7 @@ from simulations.canary import CanaryConfig, format_empirical, run_empirical_aud
 from simulations.centralized import evaluate_saved, train_centralized
 from simulations.cli_deploy import add_deploy_commands
 from simulations.cli_serve import add_serve_arguments
+from simulations.deployment import deal_to_sites
 from simulations.lifelong import STRATEGIES, run_lifelong
 from simulations.lifelong import format_summary as format_lifelong
 from simulations.report import format_federated_summary, format_metrics_table
@@ -79,6 +80,16 @@ def _data_stats(args: argparse.Namespace) -> int:
         print(f"{key:<28}{stats[key]}")
     print(f"{'history length':<28}" + "  ".join(f"{k}={v:g}" for k, v in stats["history_length_quantiles"].items()))
     print(f"{'top-20% item share':<28}{stats['top20_item_share']:.3f}")
+    return 0
+
+
+def _data_sites(args: argparse.Namespace) -> int:
+    sites = [site.strip() for site in args.sites.split(",") if site.strip()]
+    if len(set(sites)) != len(sites) or not sites:
+        raise ConfigError(f"--sites {args.sites!r}: name each site once, separated by commas")
+    _check_out_folder(args.out)
+    for site, path in deal_to_sites(_load(args).frame, sites, Path(args.out)).items():
+        print(f"wrote {path} (site {site})")
     return 0
 
 
@@ -246,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_arguments(stats, optional=True)
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(handler=_data_stats)
+    sites = data_commands.add_parser(
+        "sites", help="deal a dataset's users to named sites, one CSV each: data to try a deployment with"
+    )
+    _add_dataset_arguments(sites, optional=True)
+    sites.add_argument("--sites", required=True, help="site names, comma-separated (north,south)")
+    sites.add_argument("--out", required=True, help="folder for SITE.csv per site")
+    sites.set_defaults(handler=_data_sites)
 
     train = commands.add_parser("train", help="train SASRec centrally (non-private ceiling)")
     _add_dataset_arguments(train, optional=True)

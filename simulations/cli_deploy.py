@@ -1,12 +1,18 @@
-"""``fedtail deploy``: what a real federation is set up with: certificates, site keys, the site check, bundle hashes."""
+"""``fedtail deploy``: what a real federation is set up with: certificates, the public catalogue, site keys, the site
+check, bundle hashes."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import tomli
+
 from client.check import check_site
 from client.runtime import bundle_sha256
+from common.data.catalog import Catalog
+from common.data.datasets import load_dataset
+from common.errors import ConfigError
 from common.federation import RunSettings
 from common.recommender.model import ModelOptions
 from common.utils.processes import APP_DIR
@@ -23,6 +29,16 @@ def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
                        help="a host name or IP address sites reach the SuperLink at (repeatable)")
     certs.add_argument("--days", type=int, default=365, help="validity")
     certs.set_defaults(handler=_deploy_certs)
+    catalog = deploy_commands.add_parser(
+        "catalog", help="(coordinator) the public catalogue every site holds, and its fingerprint to publish"
+    )
+    source = catalog.add_mutually_exclusive_group(required=True)
+    source.add_argument("--items", help="the public product list: a text file with one item id per line")
+    source.add_argument("--dataset", help="public interaction data whose items make the catalogue (e.g. "
+                        "'synthetic' for a trial federation); never a site's private data")
+    catalog.add_argument("--out", required=True, help="the catalogue file to write (catalog.json); an existing "
+                         "different catalogue is never overwritten")
+    catalog.set_defaults(handler=_deploy_catalog)
     keys = deploy_commands.add_parser("keys", help="(site) the SuperNode's authentication key pair")
     keys.add_argument("--out", required=True, help="folder for NAME (private, stays here) and NAME.pub (to send)")
     keys.add_argument("--name", required=True, help="file name, e.g. the site id")
@@ -40,9 +56,10 @@ def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
     bundle = deploy_commands.add_parser(
         "bundle-hash", help="(site) the sha256 of an app bundle, as `python -m client.runtime --approve` takes it"
     )
-    bundle.add_argument("path", nargs="?", default=str(APP_DIR),
-                        help="an app folder (the bundle `flwr run FOLDER` uploads) or a .fab file "
-                        "(default: the installed fedtail, which the runtime approves by itself)")
+    bundle.add_argument("path", nargs="?", default=None,
+                        help="an app folder (the bundle `flwr run FOLDER` uploads) or a .fab file (default: the "
+                        "current folder when it is a Flower app, as `flwr run .` there would upload it; else the "
+                        "installed fedtail, which the runtime approves by itself)")
     bundle.set_defaults(handler=_deploy_bundle_hash)
 
 
@@ -50,6 +67,17 @@ def _deploy_certs(args: argparse.Namespace) -> int:
     paths = write_certificates(Path(args.out), args.host, args.days)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     print(f"keep {paths[CA_KEY]} on this machine only; give sites {paths[CA_CERT]}")
+    return 0
+
+
+def _deploy_catalog(args: argparse.Namespace) -> int:
+    catalog = Catalog.from_item_list(args.items) if args.items else load_dataset(args.dataset).catalog()
+    catalog.publish(args.out)
+    print(f"catalogue {args.out}: {catalog.num_items} items, version {catalog.version}")
+    print(f"fingerprint {catalog.fingerprint()}")
+    print("publish the file and this fingerprint to every site (the sha256 of the item ids in index order, also in "
+          "the file's \"fingerprint\" field; not the sha256sum of the file): `fedtail deploy check` prints the "
+          "first 16 digits of the one a site holds")
     return 0
 
 
@@ -67,6 +95,17 @@ def _deploy_check(args: argparse.Namespace) -> int:
     return 0 if check.ready else EXIT_SITE_NOT_READY
 
 
+def default_bundle_folder(here: Path) -> Path:
+    """The folder ``bundle-hash`` hashes when given none: ``here`` if it is a Flower app (what ``flwr run .`` would
+    upload from it), else the installed fedtail (what the site's runtime approves by itself)."""
+    pyproject = here / "pyproject.toml"
+    try:
+        declared = tomli.loads(pyproject.read_text(encoding="utf-8")) if pyproject.is_file() else {}
+    except (tomli.TOMLDecodeError, OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{pyproject}: cannot read it: {error}") from None
+    return here if "app" in declared.get("tool", {}).get("flwr", {}) else APP_DIR
+
+
 def _deploy_bundle_hash(args: argparse.Namespace) -> int:
-    print(bundle_sha256(Path(args.path)))
+    print(bundle_sha256(Path(args.path) if args.path else default_bundle_folder(Path.cwd())))
     return 0

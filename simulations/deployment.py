@@ -48,17 +48,23 @@ STATUS_POLL_S = 30.0
 STARTED_RUN = re.compile(r"Successfully started run (\d+)")
 
 
-def write_site_files(frame: pd.DataFrame, sites: Sequence[str], folder: Path) -> dict[str, Path]:
-    """Users dealt round-robin to ``sites``, one interaction file each, plus the shared ``catalog`` file."""
+def deal_to_sites(frame: pd.DataFrame, sites: Sequence[str], folder: Path) -> dict[str, Path]:
+    """Users dealt round-robin to ``sites``, one interaction file ``SITE.csv`` each (a trial federation's data)."""
     folder.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog.from_items(frame["item"].unique().tolist())
-    paths = {"catalog": folder / "catalog.json"}
-    catalog.save(paths["catalog"])
     users = frame["user"].unique()
     owner = frame["user"].map(dict(zip(users, np.arange(len(users)) % len(sites), strict=True)))
+    paths = {}
     for index, site in enumerate(sites):
         paths[site] = folder / f"{site}.csv"
         frame.loc[owner == index, ["user", "item", "timestamp"]].to_csv(paths[site], index=False)
+    return paths
+
+
+def write_site_files(frame: pd.DataFrame, sites: Sequence[str], folder: Path) -> dict[str, Path]:
+    """``deal_to_sites``, plus the shared ``catalog`` file."""
+    paths = deal_to_sites(frame, sites, folder)
+    paths["catalog"] = folder / "catalog.json"
+    Catalog.from_items(frame["item"].unique().tolist()).save(paths["catalog"])
     return paths
 
 

@@ -30,7 +30,7 @@ def flower_env(flower_home: Path) -> dict[str, str]:
     """Environment for Flower programs: this Flower home, this environment's programs, no runtime installs."""
     return {
         **os.environ,
-        # Flower starts its helpers (flower-superexec, flwr-serverapp, ...) by name: they must be this environment's.
+        # Flower starts its programs (flower-superexec, flwr-serverapp, ...) by name: they must be this environment's.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(flower_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

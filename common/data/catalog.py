@@ -59,6 +59,30 @@ class Catalog:
     def from_items(cls, raw_ids: Iterable[str], source: str = "") -> Catalog:
         return cls(tuple(sorted(set(raw_ids), key=_natural_key)), source)
 
+    @classmethod
+    def from_item_list(cls, path: str | Path) -> Catalog:
+        """A first catalogue from a public product list: one raw item id per line (blank lines and ``#`` comments
+        skipped). A repeated id is an error naming its line: a list that repeats items is probably not the list
+        meant."""
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise DataError("item list not found", path) from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"cannot read the item list: {error}", path) from None
+        seen: dict[str, int] = {}
+        for number, line in enumerate(lines, start=1):
+            raw = line.strip()
+            if not raw or raw.startswith("#"):
+                continue
+            if raw in seen:
+                raise DataError(f"item {raw!r} is listed already on line {seen[raw]}", path, number)
+            seen[raw] = number
+        if not seen:
+            raise DataError("the item list names no item", path)
+        return cls.from_items(seen, source=path.name)
+
     @property
     def num_items(self) -> int:
         """Real items, padding excluded; the model's output width is ``num_items + 1``."""
@@ -133,6 +157,21 @@ class Catalog:
             "items": list(self.items),
         }
         write_json(Path(path), payload)
+
+    def publish(self, path: str | Path) -> None:
+        """Save as a deployment's public catalogue: never over another catalogue (sites may hold that one already);
+        the same items again is a no-op."""
+        path = Path(path)
+        if path.exists():
+            try:
+                existing = Catalog.load(path)
+            except DataError:
+                existing = None
+            if existing is None or existing.fingerprint() != self.fingerprint():
+                raise DataError("exists and is not this catalogue; it is never overwritten (remove it or name "
+                                "another file)", path)
+            return
+        self.save(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Catalog:

@@ -48,10 +48,13 @@ class ModelOptions:
     """One item table for the input embedding and the output scores (half the item parameters to noise)."""
 
     def __post_init__(self) -> None:
+        if self.max_len < 1 or self.blocks < 1 or self.heads < 1 or self.hidden < 1:
+            raise ConfigError(
+                f"model max_len={self.max_len}, hidden={self.hidden}, heads={self.heads}, blocks={self.blocks}: "
+                "each must be at least 1"
+            )
         if self.hidden % self.heads:
             raise ConfigError(f"model hidden={self.hidden} is not divisible by heads={self.heads}")
-        if self.max_len < 1 or self.blocks < 1:
-            raise ConfigError("model max_len and blocks must be at least 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model dropout={self.dropout}: must be in [0, 1)")
 

@@ -1,1 +1,1 @@
-"""Small helpers every layer uses: atomic files, processes, progress logging, SVG plots, Flower record values."""
+"""Small utilities every layer uses: atomic files, processes, progress logging, SVG plots, Flower record values."""

@@ -1,4 +1,4 @@
-"""Process helpers for the Flower processes fedtail starts or runs inside: which program, and its lifetime.
+"""Processes: the Flower processes fedtail starts or runs inside: which program, and its lifetime.
 
 Flower's simulation runs in a process (`flwr-simulation`) that a SuperExec starts
 in its own session; killing the `fedtail simulate` that started everything

@@ -213,10 +213,11 @@ BENCHMARK = Benchmark(
     "calibration, DP training, other site work, reply (runtime to SuperNode, to SuperLink, to ServerApp, which asks "
     "every 0.05 s), aggregation to the next send. Medians over rounds 2 to 4. Sites train at the same time, each "
     "process with its share of the cores (OMP_NUM_THREADS); the simulation trains them one after another on all "
-    "cores. The before row runs the sites Flower's own way, as fedtail ran before issue 20 (flower-supernode with "
-    "its 3 s poll and 1 s retries for message parts, a flwr-clientapp per message, a calibration per process, the "
+    "cores. The before row runs the sites Flower's own way, as fedtail ran before its deployment speed-ups "
+    "(flower-supernode with its 3 s poll and 1 s retries for message parts, a flwr-clientapp per message, a "
+    "calibration per process, the "
     "Grid's 3 s reply poll); what lives in the ServerApp and in the app on both sides stays as now (content packed, "
-    "quick retries at the ServerApp). Before issue 20 a round measured 16.3 s against 0.7 s simulated (23x) on "
+    "quick retries at the ServerApp). Before those speed-ups a round measured 16.3 s against 0.7 s simulated (23x) on "
     "this page; docs/deploy.md (Speed) says what changed and what is left.",
     result=EngineRound,
     run=run,

@@ -1,7 +1,8 @@
 """``frontier``: test NDCG@10 overall and on tail users against epsilon (1, 2, 4, 8), for each noise placement,
 with the non-private federated model and most-popular beside them.
 
-On the synthetic default, and with ``--full`` on MovieLens 100K too when ``../shared/data/ml-100k`` is present.
+On the synthetic default, and with ``--full`` on MovieLens 100K too when the benchmarks' data folder
+(``core.SHARED_DATA``, beside the checkout) holds ``ml-100k``.
 Placements: ``site`` (the defaults: each site noises its own local epochs) and ``central`` / ``distributed`` with
 ``ONE_NOISE_RECIPE``'s sample rate and validation interval (one DP step per round over all sites, so more rounds of
 a larger public batch), but trained item tables and 4 rounds per site round: the settings the published frontier

@@ -27,7 +27,10 @@ def test_a_ready_site_sees_its_users_catalogue_budget_and_device(site: dict[str,
     assert check.ready, text
     assert "201 interactions, 40 users; 40 with a training pair" in text
     assert "1 of 201 interactions name items outside the catalogue" in text
-    assert "30 items, sha256" in text and "8 left" not in text and "8.000 left" in text
+    fingerprint = Catalog.load(site["catalog"]).fingerprint()
+    assert f"30 items, fingerprint {fingerprint[:16]} (the sha256 of its item ids, not of the file" in text
+    assert "delta 0.001 < 1/users = 1/40: holds" in text
+    assert "8 left" not in text and "8.000 left" in text
     assert "GPU" in text and "flwr" in text
 
 

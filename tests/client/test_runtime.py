@@ -6,14 +6,18 @@ The refusal itself, through a real SuperLink, SuperNode and runtime, is in tests
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supernode.nodestate import NodeStateFactory
 
-from client.runtime import Approval, approved_sha256, bundle_sha256
+from client.runtime import Approval, approved_sha256, bundle_sha256, task_heartbeat
 from common.errors import ConfigError
 from tests.apps import app_copy
 
@@ -72,3 +76,29 @@ def test_flower_keeps_app_bundles_under_the_sha256_of_their_bytes() -> None:
     state.store_fab(Fab(approved_hash, approved, {}))
     stored = state.get_fab(approved_hash)
     assert stored is not None and stored.content == approved
+
+
+def test_a_lost_supernode_is_a_missed_task_heartbeat_not_a_thread_traceback() -> None:
+    """Flower's task heartbeat raises on an HTTP error other than 503/504 in its own thread; a SuperNode killed
+    mid-task then left an uncaught thread traceback in the site's runtime."""
+    class GoneSuperNode:
+        calls = 0
+
+        def SendTaskHeartbeat(self, _request: object) -> None:  # noqa: N802 - Flower's name
+            GoneSuperNode.calls += 1
+            request = httpx.Request("POST", "http://127.0.0.1:9094/heartbeat")
+            raise httpx.HTTPStatusError("gone", request=request, response=httpx.Response(500, request=request))
+
+    uncaught: list[BaseException | None] = []
+    previous, threading.excepthook = threading.excepthook, lambda hook: uncaught.append(hook.exc_value)
+    try:
+        sender = HeartbeatSender(task_heartbeat(GoneSuperNode()))  # type: ignore[arg-type]
+        sender.start()
+        deadline = time.monotonic() + 10
+        while GoneSuperNode.calls < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sender.is_running, "the heartbeat thread died"
+        sender.stop()
+    finally:
+        threading.excepthook = previous
+    assert GoneSuperNode.calls >= 2 and uncaught == []

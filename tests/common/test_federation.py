@@ -57,3 +57,10 @@ def test_every_float_setting_must_be_finite_for_every_reader(key: str, value: fl
         RunSettings.from_run_config({key: value})
     with pytest.raises(ConfigError, match="must be a finite number"):
         RunSettings(**{key.replace("-", "_"): value})
+
+
+@pytest.mark.parametrize("field", ["heads", "hidden", "max_len", "blocks"])
+def test_a_model_size_below_one_is_a_config_error_naming_it(field: str) -> None:
+    """``heads = 0`` used to divide by zero (a traceback from ``fedtail simulate --heads 0``)."""
+    with pytest.raises(ConfigError, match=f"{field}=0"):
+        RunSettings(**{field: 0})
