@@ -59,16 +59,16 @@ class FleetProxy:
         certificates, state = self.certificates.resolve(), self.state.resolve()
         calls = "|".join(FLEET_CALLS)
         return f"""# The SuperLink's Fleet API for the sites, nothing else (written by `fedtail deploy proxy`).
-# Run: nginx -p {state} -c {state / PROXY_CONFIG} -e stderr
+# Run: nginx -p {state} -c {state / PROXY_CONFIG}
 daemon off;
 worker_processes 1;
 pid {state / "nginx.pid"};
+error_log {state / "error.log"} warn;
 events {{
     worker_connections 1024;
 }}
 http {{
     access_log {state / "access.log"};
-    error_log {state / "error.log"} warn;
     client_body_temp_path {state / "tmp-body"};
     proxy_temp_path {state / "tmp-proxy"};
     fastcgi_temp_path {state / "tmp-fastcgi"};
@@ -135,7 +135,7 @@ def start_nginx(proxy: FleetProxy, log: Path, timeout_s: float = 30) -> subproce
     config = proxy.write()
     with log.open("ab") as output:
         process = subprocess.Popen(
-            [nginx, "-p", str(proxy.state.resolve()), "-c", str(config.resolve()), "-e", "stderr"],
+            [nginx, "-p", str(proxy.state.resolve()), "-c", str(config.resolve())],
             stdout=output, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )
     pid_file = proxy.state / "nginx.pid"
