@@ -84,7 +84,7 @@ http {{
         ssl_certificate {certificates / SERVER_CERT};
         ssl_certificate_key {certificates / SERVER_KEY};
         ssl_protocols TLSv1.2 TLSv1.3;
-        client_max_body_size 2g;  # Flower's own message limit: a packed message carries the whole model
+        client_max_body_size 2g;  # Flower's gRPC message limit: a packed message carries the whole model
         location ~ ^/v1/fleet/({calls})$ {{
             limit_except POST {{ deny all; }}
             proxy_pass https://superlink$uri;  # the path matched above, normalised; no query string
