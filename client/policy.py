@@ -12,9 +12,11 @@ the file ``fedtail simulate`` writes for its simulated sites, see
 ``simulated_node_config``):
 
 - ``max-epsilon``: the site's epsilon budget over all runs on its users (its lifetime cap);
-- ``window-epsilon``: (lifelong runs, optional) the most one run, a time window, may spend; with it a run
+- ``window-epsilon``: the most one run (a lifelong run's time window) may spend; with it a run
   asking more is declined, and a run whose remaining rounds would cross ``max-epsilon`` is declined whole, at
-  its first round, instead of training part of the window (``client.site_round``);
+  its first round, instead of training part of the window (``client.site_round``). A deployed site that does
+  not set it gets ``DEPLOYED_WINDOW_SHARE`` of its ``max-epsilon``; ``window-epsilon = 0`` turns the cap off.
+  Simulated sites keep 0 (off) unless their node config sets it;
 - ``delta``: the site's delta: the noise is calibrated, the ledger composes,
   the budget is checked and replies state epsilon at this delta; a run asking
   another delta is declined (a larger one would make past spending look
@@ -67,6 +69,10 @@ SIMULATED_SITES_ENV = "FEDTAIL_SIMULATED_SITES"
 SAFE_ACTIVATION = 1e36
 """Largest magnitude ``activation_bound`` may give (it already counts the LayerNorm's sums of squares and the
 attention scores): a factor of 300 below float32's largest value, for rounding."""
+DEPLOYED_WINDOW_SHARE = 0.5
+"""A deployed site's ``window-epsilon`` when its node config does not set one, as a share of its ``max-epsilon``.
+Whoever can submit a run chooses its ``epsilon`` (with the approved app, what the run spends); capped at half the
+budget, no single run, mistaken, legitimate or not, spends more than half of it."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,8 @@ class SitePolicy:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], deployed: bool) -> SitePolicy:
-        """The site's settings; a deployed site must state its budget, a simulated one may take the default."""
+        """The site's settings; a deployed site must state its budget and caps each run at a share of it unless it
+        sets ``window-epsilon``; a simulated one may take the defaults (so simulations keep their results)."""
         if deployed and "max-epsilon" not in node_config:
             raise ConfigError("node config 'max-epsilon' (this site's privacy budget) is required on a deployed site")
         values: dict[str, Any] = {}
@@ -114,6 +121,8 @@ class SitePolicy:
             key = name.replace("_", "-")
             if key in node_config:
                 values[name] = _typed(key, node_config[key], str(field.type))
+        if deployed and "window-epsilon" not in node_config:
+            values["window_epsilon"] = values["max_epsilon"] * DEPLOYED_WINDOW_SHARE
         return cls(**values)
 
     @property

@@ -1,5 +1,5 @@
-"""``fedtail deploy``: what a real federation is set up with: certificates, the public catalogue, site keys, the site
-check, bundle hashes."""
+"""``fedtail deploy``: what a real federation is set up with: certificates, the Fleet proxy, the public catalogue, site
+keys, the site check, bundle hashes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from common.federation import RunSettings
 from common.recommender.model import ModelOptions
 from common.utils.processes import APP_DIR
 from simulations.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys
+from simulations.fleet_proxy import LOOPBACK_HOSTS, PROXY_CONFIG, FleetProxy
 
 EXIT_SITE_NOT_READY = 1
 
@@ -26,7 +27,9 @@ def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
     certs = deploy_commands.add_parser("certs", help="(coordinator) a CA and the SuperLink's TLS certificate")
     certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
     certs.add_argument("--host", action="append", required=True,
-                       help="a host name or IP address sites reach the SuperLink at (repeatable)")
+                       help="a host name or IP address sites reach the coordinator at (repeatable); the "
+                       f"certificate also covers {' and '.join(LOOPBACK_HOSTS)}, where the coordinator's own "
+                       "programs reach the SuperLink")
     certs.add_argument("--days", type=int, default=365, help="validity")
     certs.set_defaults(handler=_deploy_certs)
     catalog = deploy_commands.add_parser(
@@ -39,6 +42,15 @@ def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
     catalog.add_argument("--out", required=True, help="the catalogue file to write (catalog.json); an existing "
                          "different catalogue is never overwritten")
     catalog.set_defaults(handler=_deploy_catalog)
+    proxy = deploy_commands.add_parser(
+        "proxy", help="(coordinator) the nginx config through which sites reach the SuperLink's Fleet API only"
+    )
+    proxy.add_argument("--out", required=True, help=f"folder for {PROXY_CONFIG} and nginx's own files")
+    proxy.add_argument("--certs", required=True, help="the folder of `fedtail deploy certs`")
+    proxy.add_argument("--listen", default="0.0.0.0:9092", help="the public address the sites are given")
+    proxy.add_argument("--superlink-port", type=int, default=9093,
+                       help="the port of the SuperLink (flower-superlink --host 127.0.0.1 --port PORT)")
+    proxy.set_defaults(handler=_deploy_proxy)
     keys = deploy_commands.add_parser("keys", help="(site) the SuperNode's authentication key pair")
     keys.add_argument("--out", required=True, help="folder for NAME (private, stays here) and NAME.pub (to send)")
     keys.add_argument("--name", required=True, help="file name, e.g. the site id")
@@ -64,7 +76,8 @@ def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
 
 
 def _deploy_certs(args: argparse.Namespace) -> int:
-    paths = write_certificates(Path(args.out), args.host, args.days)
+    hosts = [*args.host, *(host for host in LOOPBACK_HOSTS if host not in args.host)]
+    paths = write_certificates(Path(args.out), hosts, args.days)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     print(f"keep {paths[CA_KEY]} on this machine only; give sites {paths[CA_CERT]}")
     return 0
@@ -78,6 +91,14 @@ def _deploy_catalog(args: argparse.Namespace) -> int:
     print("publish the file and this fingerprint to every site (the sha256 of the item ids in index order, also in "
           "the file's \"fingerprint\" field; not the sha256sum of the file): `fedtail deploy check` prints the "
           "first 16 digits of the one a site holds")
+    return 0
+
+
+def _deploy_proxy(args: argparse.Namespace) -> int:
+    proxy = FleetProxy(args.listen, args.superlink_port, Path(args.certs), Path(args.out))
+    config = proxy.write()
+    print(f"wrote {config}; run it with: nginx -p {proxy.state.resolve()} -c {config.resolve()}")
+    print(f"sites reach {args.listen} (the Fleet API only); keep port {args.superlink_port} closed to the network")
     return 0
 
 

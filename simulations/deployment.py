@@ -4,9 +4,13 @@ What a coordinator and its partner sites run (``docs/deploy.md``), driven from
 Python so that tests and benchmarks can start, kill and restart each part:
 Flower's Deployment Engine with TLS (a private CA from ``fedtail deploy
 certs``) and SuperNode authentication (keys from ``fedtail deploy keys``,
-registered with ``flwr supernode register``) unless ``secure=False``. Each
-site runs its SuperNode with ``--isolation process`` and its own ClientApp
-runtime (``client.runtime``), so that it runs only the app bundles it approved.
+registered with ``flwr supernode register``) unless ``secure=False``. The
+SuperLink listens on its own loopback port, which only the coordinator's
+``flwr`` and ServerApp use; sites reach it through the Fleet proxy
+(``simulations.fleet_proxy``, nginx), which forwards the Fleet API and nothing
+else. Each site runs its SuperNode with ``--isolation process`` and its own
+ClientApp runtime (``client.runtime``), so that it runs only the app bundles it
+approved.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from common.federation import RunSettings
 from common.utils.processes import APP_DIR, die_with_parent, executable, free_loopback_port
 from common.utils.progress import log
 from simulations.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys
+from simulations.fleet_proxy import LOOPBACK_HOSTS, FleetProxy, start_nginx
 from simulations.flower_cli import (
     FlowerFailed,
     flower_env,
@@ -71,7 +76,8 @@ def write_site_files(frame: pd.DataFrame, sites: Sequence[str], folder: Path) ->
 def site_node_config(
     site: str, data: Mapping[str, Path], ledger_root: Path, max_epsilon: float = 8.0, delta: float = RunSettings.delta
 ) -> dict[str, Any]:
-    """A site's node config: its data and its own privacy settings (the run must ask for this delta)."""
+    """A site's node config: its data and its own privacy settings (the run must ask for this delta, and at most
+    half of ``max-epsilon``: a deployed site's default ``window-epsilon``, ``client.policy``)."""
     return {
         "data-path": str(data[site]), "catalog-path": str(data["catalog"]),
         "ledger-dir": str(ledger_root / f"{site}-ledger"), "max-epsilon": max_epsilon, "delta": delta, "site-id": site,
@@ -83,7 +89,12 @@ class LocalDeployment:
     root: Path
     secure: bool = True
     port: int = field(default_factory=free_loopback_port)
+    """Where the sites reach the coordinator: the Fleet proxy (secure) or the SuperLink itself (insecure)."""
+    superlink_port: int = 0
+    """The SuperLink's own port on loopback (secure; 0: a free one), where only the coordinator's flwr and
+    ServerApp reach it. Insecure: ``port``."""
     superlink: subprocess.Popen[bytes] | None = None
+    proxy: subprocess.Popen[bytes] | None = None
     supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     runtimes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     """Each site's ClientApp runtime (``client.runtime``), beside its SuperNode."""
@@ -96,12 +107,15 @@ class LocalDeployment:
     def __post_init__(self) -> None:
         if not self.secure:
             log("fedtail: WARNING: insecure deployment: no TLS, no SuperNode authentication; loopback tests only")
+            self.superlink_port = self.port
+        elif not self.superlink_port:
+            self.superlink_port = free_loopback_port()
         self.root.mkdir(parents=True, exist_ok=True)
         self.certificates = self.root / "certificates"
         if self.secure and not (self.certificates / CA_CERT).exists():
-            write_certificates(self.certificates, ["127.0.0.1", "localhost"])
+            write_certificates(self.certificates, list(LOOPBACK_HOSTS))
         self.flower_home = self.root / "coordinator-flower-home"
-        write_connection(self.flower_home, CONNECTION, self.port, self.ca_file)
+        write_connection(self.flower_home, CONNECTION, self.superlink_port, self.ca_file)
         self.env = {**flower_env(self.flower_home), **self.environment}
 
     @property
@@ -117,7 +131,8 @@ class LocalDeployment:
         return handle
 
     def start_superlink(self) -> None:
-        """The coordinator's SuperLink: TLS and registered SuperNodes only, unless insecure."""
+        """The coordinator's SuperLink on loopback, and the Fleet proxy in front of it: TLS and registered
+        SuperNodes only, unless insecure (then the sites reach the SuperLink itself)."""
         security = (
             ["--ssl-ca-certfile", str(self.certificates / CA_CERT),
              "--ssl-certfile", str(self.certificates / SERVER_CERT),
@@ -125,14 +140,17 @@ class LocalDeployment:
             if self.secure else ["--insecure"]
         )
         command = [
-            executable("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port),
+            executable("flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.superlink_port),
             "--database", str(self.root / "superlink.db"), "--disable-runtime-dependency-installation",
         ]
         self.superlink = subprocess.Popen(
             command, env=self.env, stdout=self._log("superlink"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        wait_for_superlink(self.port, self.superlink, self.root / "superlink.log", self.ca_file)
+        wait_for_superlink(self.superlink_port, self.superlink, self.root / "superlink.log", self.ca_file)
+        if self.secure and self.proxy is None:  # it outlives a SuperLink killed and restarted
+            proxy = FleetProxy(f"127.0.0.1:{self.port}", self.superlink_port, self.certificates, self.root / "proxy")
+            self.proxy = start_nginx(proxy, self.root / "fleet-proxy.log")
 
     def site_keys(self, name: str) -> tuple[Path, Path]:
         return write_site_keys(self.root / "keys", name)
@@ -273,6 +291,9 @@ class LocalDeployment:
         if self.superlink is not None:
             stop_process_group(self.superlink)
             self.superlink = None
+        if self.proxy is not None:
+            stop_process_group(self.proxy)
+            self.proxy = None
         for handle in self._logs:
             handle.close()
         self._logs.clear()

@@ -125,7 +125,8 @@ def test_the_coordinator_cannot_raise_a_deployed_sites_budget(tmp_path: Path) ->
     catalog.save(tmp_path / "catalog.json")
     settings = RunSettings(**{**SETTINGS.__dict__, "epsilon": 8.0, "delta": 1e-3})  # the run asks for epsilon 8
     node = {"data-path": str(data), "catalog-path": str(tmp_path / "catalog.json"),
-            "ledger-dir": str(tmp_path / "ledger"), "max-epsilon": 0.5, "delta": 1e-3, "site-id": "north"}
+            "ledger-dir": str(tmp_path / "ledger"), "max-epsilon": 0.5, "delta": 1e-3, "site-id": "north",
+            "window-epsilon": 0}  # the per-run cap off: the lifetime budget alone must decline
     model = SASRec(settings.model_config(catalog.num_items))
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "config": _train_config(1, catalog)}

@@ -217,7 +217,7 @@ def test_a_run_asking_another_delta_is_declined_and_the_budget_holds_at_the_site
     """Issue 16, attack 3: raising delta recomputed past spending smaller, and the site trained over its budget."""
     data, catalog = _site(tmp_path, 40)
     settings = _settings(epsilon=4.0)
-    node = _node(tmp_path, data, **{"max-epsilon": 4.0})
+    node = _node(tmp_path, data, **{"max-epsilon": 4.0, "window-epsilon": 0})  # no per-run cap: the budget alone
     weights = SASRec(settings.model_config(catalog.num_items)).state_dict()
     for round_number in (1, 2, 3):
         assert _train(settings, node, catalog, weights, round_number).content["metrics"]["declined"] == 0
@@ -260,7 +260,8 @@ def test_two_sites_that_differ_by_one_user_reply_identically_outside_the_noisy_w
     for users in (128, 129):
         data, catalog = _site(tmp_path / str(users), users)
         settings = _settings()
-        node = _node(tmp_path / str(users), data, **{"max-epsilon": max_epsilon})
+        # no per-run cap: the budget runs out round by round
+        node = _node(tmp_path / str(users), data, **{"max-epsilon": max_epsilon, "window-epsilon": 0})
         weights = SASRec(settings.model_config(catalog.num_items)).state_dict()
         state = RecordDict()
         replies.append([_public_reply(_train(settings, node, catalog, weights, r, state)) for r in (1, 2, 3)])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.policy import SitePolicy
+from client.policy import DEPLOYED_WINDOW_SHARE, SitePolicy
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from client.site_round import RoundOutcome, train_site_round
 from common.data.split import TrainingExamples, training_examples
@@ -77,3 +77,19 @@ def test_a_run_asking_more_than_the_sites_window_epsilon_is_declined_on_public_i
     assert policy.decline_reason(RunSettings(epsilon=3.0)) == ""
     with pytest.raises(ConfigError, match="window-epsilon=9"):
         SitePolicy(max_epsilon=8.0, window_epsilon=9.0)
+
+
+def test_a_deployed_site_caps_every_run_at_half_its_budget_unless_it_says_otherwise() -> None:
+    """Whoever can submit a run chooses its epsilon; by default no single run may spend a deployed site's whole
+    budget. Simulated sites keep no cap, so simulations are unchanged; a site's own node config decides."""
+    deployed = SitePolicy.from_node_config({"max-epsilon": 8.0}, deployed=True)
+    assert deployed.window_epsilon == 8.0 * DEPLOYED_WINDOW_SHARE == 4.0
+    whole_budget = RunSettings(epsilon=8.0, delta=deployed.delta)
+    assert "at most window-epsilon=4 per run" in deployed.decline_reason(whole_budget)
+    assert deployed.decline_reason(RunSettings(epsilon=4.0, delta=deployed.delta)) == ""
+    assert PrivacyPlan.from_settings(whole_budget, deployed).whole_run, "a run crossing the budget is declined whole"
+    simulated = SitePolicy.from_node_config({"partition-id": 0, "max-epsilon": 8.0}, deployed=False)
+    assert simulated.window_epsilon == 0.0 and simulated.decline_reason(whole_budget) == ""
+    for chosen, cap in ((0, 0.0), (8.0, 8.0), (1.5, 1.5)):
+        policy = SitePolicy.from_node_config({"max-epsilon": 8.0, "window-epsilon": chosen}, deployed=True)
+        assert policy.window_epsilon == cap

@@ -8,7 +8,11 @@ run with ``pytest -m slow tests/deploy``.
 from __future__ import annotations
 
 import json
+import ssl
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,11 @@ from client.runtime import bundle_sha256
 from common.data.synthetic import SyntheticConfig, generate
 from common.privacy.ledger import Ledger
 from common.run_files import read_rounds
+from common.utils.processes import APP_DIR, executable
 from simulations.audit import audit
 from simulations.credentials import write_certificates
-from simulations.deployment import LocalDeployment, site_node_config, write_site_files
+from simulations.deployment import CONNECTION, LocalDeployment, site_node_config, write_site_files
+from simulations.flower_cli import flower_env, write_connection, write_run_config
 from tests.apps import app_copy
 
 pytestmark = pytest.mark.slow
@@ -120,6 +126,74 @@ def test_unregistered_keys_and_unverified_servers_are_refused(
     deployment.start_supernode("south", south_config, private)
     _wait_for(lambda: deployment.connected_nodes() == 1, "the correctly configured site online", 90)
     assert deployment.connected_nodes() == 1, "and only it: the stranger never got in"
+
+
+def _outsider(federation: LocalDeployment, home: Path, port: int) -> dict[str, str]:
+    """The environment of a party holding only the public ca.crt every site receives, its ``flwr`` pointed at
+    127.0.0.1:``port``."""
+    assert federation.ca_file is not None
+    (home / "ca.crt").parent.mkdir(parents=True, exist_ok=True)
+    (home / "ca.crt").write_bytes(federation.ca_file.read_bytes())
+    write_connection(home, CONNECTION, port, home / "ca.crt")
+    return flower_env(home)
+
+
+def _flwr(env: Mapping[str, str], *command: str) -> dict[str, Any]:
+    """A ``flwr`` command's JSON answer (``success`` false, with Flower's reason, when it failed)."""
+    result = subprocess.run([executable("flwr"), *command, CONNECTION, "--format", "json"], env=dict(env),
+                            capture_output=True, text=True, check=False, timeout=300)
+    try:
+        return dict(json.loads(result.stdout))
+    except json.JSONDecodeError:
+        return {"success": False, "error-message": result.stdout + result.stderr}
+
+
+def _post_status(url: str, ca_file: Path) -> int:
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=ssl.create_default_context(cafile=str(ca_file))):
+            return 200
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_party_holding_only_the_ca_certificate_cannot_act_as_the_coordinator(
+    deployment: LocalDeployment, site_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """The sites' address serves the Fleet API only: there, an outsider with the public ca.crt (and the approved
+    app) can neither list runs or sites, register a SuperNode, submit a run nor reach the ServerApp's Runtime API,
+    while the registered sites train through the same address as before. The same outsider pointed at the
+    SuperLink's own loopback port, the coordinator operator's, does all of it: the refusals are the binding's."""
+    sites = ("north", "south")
+    _join(deployment, site_data, sites)
+    outsider = _outsider(deployment, tmp_path / "outsider", deployment.port)  # the address the sites are given
+    _, rogue_key = deployment.site_keys("rogue")
+    rogue_run = write_run_config(tmp_path / "rogue-run.toml", _run_config(site_data, tmp_path / "rogue-out", rounds=1))
+    attempts = {
+        "list runs": _flwr(outsider, "ls"),
+        "list sites": _flwr(outsider, "supernode", "list"),
+        "register a node": _flwr(outsider, "supernode", "register", str(rogue_key)),
+        "submit a run": _flwr(outsider, "run", str(APP_DIR), "--run-config", str(rogue_run)),
+    }
+    assert not any(answer["success"] for answer in attempts.values()), attempts
+    assert all("404 Not Found" in answer["error-message"] for answer in attempts.values()), attempts
+    assert deployment.ca_file is not None
+    for api in ("runtime/get-nodes", "runtime/pull-messages", "control/list-runs"):
+        assert _post_status(f"https://127.0.0.1:{deployment.port}/v1/{api}", deployment.ca_file) == 404, api
+
+    out_dir = deployment.root / "run"  # the operator's run: the sites train through the same address
+    run_id = deployment.submit(_run_config(site_data, out_dir, rounds=2, **{"min-sites": 2}))
+    status = deployment.wait(run_id, timeout_s=600)
+    assert status["status"] == "finished:completed", status
+    assert all(sorted(r.sites_trained) == sorted(sites) for r in read_rounds(out_dir))
+    assert not (tmp_path / "rogue-out").exists()
+    assert [int(run["run-id"]) for run in _flwr(deployment.env, "ls")["runs"]] == [run_id], "no rogue run"
+    assert len(_flwr(deployment.env, "supernode", "list")["nodes"]) == len(sites), "no rogue node"
+
+    # Control: the same outsider at the SuperLink's own port (the one the sites' address used to be).
+    insider = _outsider(deployment, tmp_path / "at-the-superlink", deployment.superlink_port)
+    assert [int(run["run-id"]) for run in _flwr(insider, "ls")["runs"]] == [run_id]
+    assert _flwr(insider, "supernode", "register", str(rogue_key))["success"]
 
 
 def _ledger_rounds(root: Path, site: str) -> list[int]:
