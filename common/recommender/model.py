@@ -48,6 +48,8 @@ class ModelOptions:
     """One item table for the input embedding and the output scores (half the item parameters to noise)."""
 
     def __post_init__(self) -> None:
+        if self.hidden < 1 or self.heads < 1:
+            raise ConfigError(f"model hidden={self.hidden} and heads={self.heads}: both must be at least 1")
         if self.hidden % self.heads:
             raise ConfigError(f"model hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.max_len < 1 or self.blocks < 1:
