@@ -220,18 +220,33 @@ class SitePolicy:
 
 def run_range_problems(settings: RunSettings, ranges: Mapping[str, tuple[float, float]]) -> list[str]:
     """Each checked run-config value outside the site's range, with the value and the range (all public)."""
-    run_config = settings.to_run_config()
-    try:
-        steps: float = steps_per_round(settings.noise, settings.local_epochs, settings.sample_rate)
-    except OverflowError:  # local-epochs / sample-rate beyond float's range: more steps than any range allows
-        steps = math.inf
-    values = {**run_config, "local-steps": steps}
+    values = _checked_values(settings)
     return [
         f"the run asks {key}={values[key]:g}, outside this site's range [{lower:g}, {upper:g}] "
         f"(node config min-{key}, max-{key})"
         for key, (lower, upper) in ranges.items()
         if not lower <= values[key] <= upper
     ]
+
+
+def ranges_admitting(settings: RunSettings) -> dict[str, float]:
+    """The node-config ends that widen the default ranges just enough for this run's own values.
+
+    For simulated sites, whose operator is the one who chose the run (``fedtail simulate``), as their budget
+    follows the run's epsilon; a deployed site keeps the defaults unless its operator sets these keys.
+    """
+    values = _checked_values(settings)
+    ends = {f"min-{key}": values[key] for key, (lower, _) in RUN_RANGES.items() if values[key] < lower}
+    return ends | {f"max-{key}": values[key] for key, (_, upper) in RUN_RANGES.items() if values[key] > upper}
+
+
+def _checked_values(settings: RunSettings) -> dict[str, float]:
+    try:
+        steps: float = steps_per_round(settings.noise, settings.local_epochs, settings.sample_rate)
+    except OverflowError:  # local-epochs / sample-rate beyond float's range: more steps than any range allows
+        steps = math.inf
+    run_config = settings.to_run_config()
+    return {key: steps if key == "local-steps" else run_config[key] for key in RUN_RANGES}
 
 
 def _typed(key: str, value: Any, kind: str) -> Any:
