@@ -265,7 +265,7 @@ def site_round(
     outcome = train_site_round(
         model,
         shard.examples,
-        LocalTraining.from_settings(settings),
+        LocalTraining.from_settings(settings, site.policy),
         PrivacyPlan.from_settings(settings, site.policy),
         site.ledger,
         run_id=str(config["run-id"]),

@@ -6,7 +6,10 @@ users it sampled, of each user's gradient clipped to norm C. The sampling and
 the clipping are the project's own (``client.dp_sgd.make_private`` with noise
 multiplier 0: Opacus' Poisson loader, ghost clipping or per-sample hooks,
 length-sorted pieces, a user with a non-finite loss or norm adding exactly 0),
-so the sum is exactly what DP-SGD would have noised at the site.
+so the sum is exactly what DP-SGD would have noised at the site. It takes no
+step: its one forward pass runs on the coordinator's weights, which the site
+checked against its box on arrival (``client.policy.incoming_weights_problem``),
+so every pass runs on bounded weights here too.
 
 The sum is NOT private on its own: whoever adds the noise must see it (the
 coordinator, trusted by the site's node config) or must see it only inside a

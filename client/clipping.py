@@ -36,6 +36,12 @@ class HooksClipping:
     Opacus clips them in ``optimizer.step()``; before that, the gradients of a
     user whose loss or gradient is not finite are set to zero, so Opacus gives
     that user a norm of 0 and adds nothing for them (``clip_coefficients``).
+    Unlike ghost clipping's clipped pass (``client.ghost_clipping``), nothing
+    here sums over users before that replacement: each user's ``grad_sample``
+    row comes from their own activations and output gradients alone, so a
+    non-finite user cannot reach another user's row, and replacing theirs
+    removes them. (The summed ``.grad`` this backward also leaves is never
+    used: Opacus' optimizer overwrites it with the clipped, noised sum.)
     """
 
     module: GradSampleModule

@@ -114,7 +114,7 @@ def make_private(
     loader = DataLoader(
         TensorDataset(examples.inputs, examples.targets), batch_sampler=sampler, collate_fn=_stack_users(examples)
     )
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=training.learning_rate)
+    optimizer = bounded_adam(model, training)
     use_tied_samplers()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -140,6 +140,41 @@ def make_private(
     private_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     loss = GhostClipping(private_model, training.loss) if ghost else HooksClipping(private_model, training.loss)
     return PrivateTraining(engine, private_model, private_optimizer, private_loader, loss, sums_over_pieces=ghost)
+
+
+def bounded_adam(model: SASRec, training: LocalTraining) -> torch.optim.Adam:
+    """Adam on the trainable weights, each projected onto the site's box after every step it takes.
+
+    The box, |w| <= ``max_abs_weight`` (the site's node config), is what keeps
+    every forward pass finite (``common.recommender.model.activation_bound``).
+    Checking the coordinator's weights on arrival bounds only the first step:
+    a learning rate or a noise draw large enough moves the weights past the
+    box, and then a later step's forward pass overflows for some users, whose
+    removal then depends on who was sampled. Projected after every step, every
+    forward and backward pass of the round runs on bounded weights, whatever
+    the run config. A non-finite weight (an overflowing update) goes to 0
+    first, then everything is clamped.
+
+    Under DP this is post-processing: the projection is a fixed function of
+    the public box and of what the step already released (the noisy clipped
+    sum, through Adam's state), so each step is still the subsampled Gaussian
+    mechanism the ledger accounts for, run adaptively on weights that are a
+    function of earlier noisy outputs, and the released weights are a function
+    of the accounted steps alone. The hook sits on the inner optimizer, so it
+    runs exactly when Opacus' ``DPOptimizer`` applies a noisy step (not for the
+    pieces of a split batch), and never in ``client.clipped_sum``, which takes no step.
+    """
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=training.learning_rate)
+    bound = training.max_abs_weight
+
+    def project(*_: object) -> None:
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.nan_to_num_(nan=0.0, posinf=bound, neginf=-bound).clamp_(-bound, bound)
+
+    optimizer.register_step_post_hook(project)
+    return optimizer
 
 
 def _stack_users(examples: TrainingExamples) -> Callable[[list[tuple[torch.Tensor, ...]]], list[torch.Tensor]]:
@@ -235,7 +270,7 @@ def train_non_private(
 ) -> None:
     """Shuffled batches of ``batch_size`` users for ``local_epochs`` epochs (only where the site allows it)."""
     model.to(device).train()
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=training.learning_rate)
+    optimizer = bounded_adam(model, training)
     batch = training.batch_size
     steps = max(1, math.ceil(training.local_epochs * math.ceil(len(examples) / batch)))
     steps_done = 0

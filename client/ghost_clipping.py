@@ -20,6 +20,7 @@ from torch import nn
 
 from client.clipping import clip_coefficients
 from client.tied_grad_sampler import SCORE_PART, TiedScorePart
+from common.data.catalog import PADDING_INDEX
 from common.recommender.model import LossName, SASRec, TiedItemTable, per_user_loss
 
 
@@ -44,6 +45,19 @@ class GhostClipping:
       input), so each layer's output gradient is computed, and Opacus' hooks
       measure every per-user norm, but no weight gradient is computed to be
       discarded.
+
+    A user whose loss or gradient norm is not finite (clip coefficient 0) is
+    removed before the clipped pass, not multiplied by 0 in it: each weight
+    gradient of that pass sums output gradient x activation over all users'
+    rows, and 0 x inf is NaN, so a user with one non-finite activation would
+    turn the whole sum into NaN exactly when they were sampled. The hidden
+    states are then computed again with that user's history replaced by
+    padding, under the random state of the first forward pass (the same
+    dropout masks for every other user, so their gradients are the ones whose
+    norms were measured); the clipped pass runs on that graph. Bounded weights
+    (``client.dp_sgd.bounded_adam``) already keep every forward pass finite;
+    this keeps the sum finite even where they would not, and costs nothing
+    while no user is removed.
     """
 
     module: GradSampleModuleFastGradientClipping
@@ -51,6 +65,7 @@ class GhostClipping:
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> GhostClippedLoss:
         model: SASRec = self.module._module  # Opacus' hooks sit on its layers, so they fire for these calls too
+        random_state = _random_state(inputs.device)  # the dropout masks, should a user have to be removed
         # An empty batch has no norm to measure, and activations captured for it would never be consumed: the
         # next forward pass would then fail Opacus' parameter-tying check.
         with _hooks_off(self.module) if len(inputs) == 0 else nullcontext():
@@ -59,7 +74,8 @@ class GhostClipping:
             scores = model.output.scores(hidden) if isinstance(model.output, TiedItemTable) else model.output(hidden)
         detached = scores.detach().requires_grad_()
         return GhostClippedLoss(
-            self.module, model.output, hidden, scores, detached, per_user_loss(detached, targets, self.loss)
+            self.module, model.output, hidden, scores, detached, per_user_loss(detached, targets, self.loss),
+            inputs, random_state,
         )
 
 
@@ -74,6 +90,10 @@ class GhostClippedLoss:
     detached_scores: torch.Tensor
     per_user: torch.Tensor
     """[B] each user's loss, computed from ``detached_scores``"""
+    inputs: torch.Tensor
+    """[B, L] the item ids the forward pass ran on"""
+    random_state: list[torch.Tensor]
+    """the CPU's and the inputs' device's random state before that forward pass (``_random_state``)"""
 
     def backward(self) -> None:
         if self.per_user.numel() == 0:  # an empty Poisson batch: zero gradients, the optimizer adds the noise
@@ -103,12 +123,26 @@ class GhostClippedLoss:
             self.module.get_norm_sample(), self.per_user.detach(), self.module.max_grad_norm
         ).view(-1, 1, 1)  # [B, 1, 1]
         kept = coefficients > 0
+        hidden = self.hidden if bool(kept.all()) else self._hidden_without(kept.view(-1))
         clipped_scores = torch.where(kept, score_gradients * coefficients, 0.0).flatten(0, 1)  # [B * L, N]
         if self.output_layer.weight.requires_grad:  # a frozen output table (item-tables=frozen) takes no gradient
-            _accumulate(self.output_layer.weight, clipped_scores.T @ self.hidden.detach().flatten(0, 1))
+            _accumulate(self.output_layer.weight, clipped_scores.T @ hidden.detach().flatten(0, 1))
         if self.output_layer.bias is not None and self.output_layer.bias.requires_grad:
             _accumulate(self.output_layer.bias, clipped_scores.sum(dim=0))
-        self._clipped_pass(self.hidden, torch.where(kept, hidden_gradient * (batch * coefficients), 0.0))
+        self._clipped_pass(hidden, torch.where(kept, hidden_gradient * (batch * coefficients), 0.0))
+
+    def _hidden_without(self, kept: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] the hidden states again, with the histories of the users not ``kept`` replaced by padding.
+
+        Same shapes and the first pass's random state, so every kept user's
+        rows (dropout masks included) are those of the first pass.
+        """
+        model: SASRec = self.module._module
+        inputs = torch.where(kept.unsqueeze(1), self.inputs, PADDING_INDEX)
+        devices = [inputs.device] if inputs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _hooks_off(self.module):
+            _set_random_state(self.random_state, inputs.device)
+            return model.hidden_states(inputs)
 
     def _clipped_pass(self, output: torch.Tensor, gradient: torch.Tensor) -> None:
         """The sum of clipped per-user gradients into ``.grad``, with Opacus' hooks off."""
@@ -123,6 +157,16 @@ def _hooks_off(module: GradSampleModuleFastGradientClipping) -> Iterator[None]:
         yield
     finally:
         module.enable_hooks()
+
+
+def _random_state(device: torch.device) -> list[torch.Tensor]:
+    return [torch.get_rng_state(), *([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])]
+
+
+def _set_random_state(state: list[torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _accumulate(parameter: torch.Tensor, gradient: torch.Tensor) -> None:

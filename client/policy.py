@@ -46,6 +46,36 @@ the file ``fedtail simulate`` writes for its simulated sites, see
   shares alone are worth if secure aggregation failed: ``common.privacy.fallback``) may reach; a release that
   would pass it is declined before anything is released. Default: ``max-epsilon`` (a site that accepts a weaker
   guarantee should secure aggregation fail says so, up to ``inf``).
+
+Run-config ranges. Every run-config value that shapes what the site computes
+is checked against a range before any private data is read
+(``run_range_problems``, called by ``SitePolicy.decline_reason``); a value
+outside is declined with its key, its value and the range, all public (the
+coordinator sent the value, the site's operator chose the range). Each range
+is declared once, in ``RUN_RANGES``; the node config sets either end with
+``min-KEY`` and ``max-KEY``, KEY being the run-config key (``max-learning-rate``,
+``min-sample-rate``, and for the clipping norm ``max-max-grad-norm``), to narrow
+it or, at the operator's own choice, widen it. Ends are inclusive; the run
+config's own rules still apply (a learning rate is positive, a sample rate in
+(0, 1]). The defaults, which every setting the documentation and the
+simulations use passes:
+
+- ``learning-rate`` [0, 0.1]: the site's Adam step size;
+- ``local-epochs`` [0, 100];
+- ``local-steps`` [1, 10000]: not a run-config key but what the run asks for, the
+  DP-SGD steps of a round (``common.federation.steps_per_round``: ceil(local-epochs
+  / sample-rate), 1 under ``noise = central`` or ``distributed``);
+- ``sample-rate`` [0, 1];
+- ``batch-size`` [1, 100000];
+- ``max-grad-norm`` [0, 100]: the clipping norm C;
+- ``max-len`` [1, 1024], ``hidden`` [1, 1024], ``heads`` [1, 64], ``blocks`` [1, 16],
+  ``dropout`` [0, 0.9]: the model's shape;
+- ``popularity-share`` [0, 0.9]: the share of epsilon spent on the popularity release.
+
+The ranges keep a run within what the site meant to run; what keeps every
+forward pass finite is the weight box, ``max-abs-weight``, which holds on
+arrival (``incoming_weights_problem``) and after every local step
+(``client.dp_sgd.bounded_adam``), whatever the learning rate.
 """
 
 from __future__ import annotations
@@ -54,14 +84,14 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.errors import ConfigError
-from common.federation import RunSettings
+from common.federation import RunSettings, steps_per_round
 from common.recommender.model import activation_bound
 
 SIMULATED_SITES_ENV = "FEDTAIL_SIMULATED_SITES"
@@ -73,6 +103,21 @@ DEPLOYED_WINDOW_SHARE = 0.5
 """A deployed site's ``window-epsilon`` when its node config does not set one, as a share of its ``max-epsilon``.
 Whoever can submit a run chooses its ``epsilon`` (with the approved app, what the run spends); capped at half the
 budget, no single run, mistaken, legitimate or not, spends more than half of it."""
+RUN_RANGES: dict[str, tuple[float, float]] = {
+    "learning-rate": (0.0, 0.1),
+    "local-epochs": (0.0, 100.0),
+    "local-steps": (1, 10_000),
+    "sample-rate": (0.0, 1.0),
+    "batch-size": (1, 100_000),
+    "max-grad-norm": (0.0, 100.0),
+    "max-len": (1, 1024),
+    "hidden": (1, 1024),
+    "heads": (1, 64),
+    "blocks": (1, 16),
+    "dropout": (0.0, 0.9),
+    "popularity-share": (0.0, 0.9),
+}
+"""The default range of each run-config value the site checks (inclusive); node config ``min-KEY`` / ``max-KEY``."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +126,8 @@ class SitePolicy:
     delta: float = 1e-5
     allow_non_private: bool = False
     max_abs_weight: float = 100.0
+    run_ranges: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(RUN_RANGES))
+    """Each checked run-config key's (lowest, highest) allowed value: ``RUN_RANGES`` with the node config's ends."""
     fedavg_weight: float = 1.0
     window_epsilon: float = 0.0
     """0: off (a run may spend up to what is left of max-epsilon, round by round)."""
@@ -106,6 +153,11 @@ class SitePolicy:
             f"max-fallback-epsilon={self.max_fallback_epsilon}: must be positive (inf: no cap)"
             * (self.max_fallback_epsilon is not None and not self.max_fallback_epsilon > 0),
         ]
+        problems += [
+            f"min-{key}={lower:g}, max-{key}={upper:g}: must be numbers, the first at most the second"
+            for key, (lower, upper) in self.run_ranges.items()
+            if not lower <= upper
+        ]
         problems = [problem for problem in problems if problem]
         if problems:
             raise ConfigError("node config: " + "; ".join(problems))
@@ -117,10 +169,25 @@ class SitePolicy:
         if deployed and "max-epsilon" not in node_config:
             raise ConfigError("node config 'max-epsilon' (this site's privacy budget) is required on a deployed site")
         values: dict[str, Any] = {}
-        for name, field in cls.__dataclass_fields__.items():
+        for name, declared in cls.__dataclass_fields__.items():
             key = name.replace("_", "-")
-            if key in node_config:
-                values[name] = _typed(key, node_config[key], str(field.type))
+            if key in node_config and name != "run_ranges":
+                values[name] = _typed(key, node_config[key], str(declared.type))
+        ends = {f"{end}-{key}" for key in RUN_RANGES for end in ("min", "max")}
+        unknown = sorted(
+            key for key in node_config
+            if key.startswith(("min-", "max-")) and key not in ends and key.replace("-", "_") not in values
+        )
+        if unknown:
+            raise ConfigError(
+                f"node config {unknown}: unknown range keys; a run-config range is set with min-KEY or max-KEY "
+                f"for KEY one of {', '.join(RUN_RANGES)}"
+            )
+        values["run_ranges"] = {
+            key: tuple(_typed(f"{end}-{key}", node_config.get(f"{end}-{key}", default), "float")
+                       for end, default in zip(("min", "max"), bounds, strict=True))
+            for key, bounds in RUN_RANGES.items()
+        }
         if deployed and "window-epsilon" not in node_config:
             values["window_epsilon"] = values["max_epsilon"] * DEPLOYED_WINDOW_SHARE
         return cls(**values)
@@ -167,7 +234,41 @@ class SitePolicy:
                 f"{settings.hidden}, blocks={settings.blocks}, dropout={settings.dropout:g} could overflow in its "
                 "forward pass; ask for a smaller model or a site with a lower max-abs-weight"
             )
+        outside = run_range_problems(settings, self.run_ranges)
+        if outside:
+            return "declined: " + "; ".join(outside)
         return ""
+
+
+def run_range_problems(settings: RunSettings, ranges: Mapping[str, tuple[float, float]]) -> list[str]:
+    """Each checked run-config value outside the site's range, with the value and the range (all public)."""
+    values = _checked_values(settings)
+    return [
+        f"the run asks {key}={values[key]:g}, outside this site's range [{lower:g}, {upper:g}] "
+        f"(node config min-{key}, max-{key})"
+        for key, (lower, upper) in ranges.items()
+        if not lower <= values[key] <= upper
+    ]
+
+
+def ranges_admitting(settings: RunSettings) -> dict[str, float]:
+    """The node-config ends that widen the default ranges just enough for this run's own values.
+
+    For simulated sites, whose operator is the one who chose the run (``fedtail simulate``), as their budget
+    follows the run's epsilon; a deployed site keeps the defaults unless its operator sets these keys.
+    """
+    values = _checked_values(settings)
+    ends = {f"min-{key}": values[key] for key, (lower, _) in RUN_RANGES.items() if values[key] < lower}
+    return ends | {f"max-{key}": values[key] for key, (_, upper) in RUN_RANGES.items() if values[key] > upper}
+
+
+def _checked_values(settings: RunSettings) -> dict[str, float]:
+    try:
+        steps: float = steps_per_round(settings.noise, settings.local_epochs, settings.sample_rate)
+    except OverflowError:  # local-epochs / sample-rate beyond float's range: more steps than any range allows
+        steps = math.inf
+    run_config = settings.to_run_config()
+    return {key: steps if key == "local-steps" else run_config[key] for key in RUN_RANGES}
 
 
 def _typed(key: str, value: Any, kind: str) -> Any:

@@ -16,11 +16,10 @@ of the total noise, calibrated on ``rounds`` steps at the same public rate.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from client.policy import SitePolicy
-from common.federation import RunSettings
+from common.federation import RunSettings, steps_per_round
 from common.privacy.accounting import GradSampleMode, calibrate_noise
 from common.privacy.popularity import popularity_step, training_noise
 from common.recommender.model import LossName
@@ -35,7 +34,8 @@ class LocalTraining:
     ceil(local_epochs / sample_rate) steps, and each step's noisy sum is
     divided by the public ``batch_size``. A site of n users then draws batches
     of about n x sample_rate users. Without DP (a site that allows it) the
-    site shuffles into batches of ``batch_size``.
+    site shuffles into batches of ``batch_size``. ``max_abs_weight`` is the
+    site's own (public) box, which every local step's weights are projected onto.
     """
 
     sample_rate: float = RunSettings.sample_rate
@@ -46,9 +46,12 @@ class LocalTraining:
     grad_sample_mode: GradSampleMode = RunSettings.grad_sample_mode  # type: ignore[assignment]
     max_physical_batch_size: int = RunSettings.max_physical_batch_size
     """Split larger Poisson batches into pieces of at most this many users (0: never split); privacy is unchanged."""
+    max_abs_weight: float = SitePolicy.max_abs_weight
+    """The site's node config ``max-abs-weight``: after every local step each trainable weight is projected onto
+    [-max_abs_weight, max_abs_weight] (``client.dp_sgd.bounded_adam``)."""
 
     @classmethod
-    def from_settings(cls, settings: RunSettings) -> LocalTraining:
+    def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> LocalTraining:
         return cls(
             settings.sample_rate,
             settings.batch_size,
@@ -57,6 +60,7 @@ class LocalTraining:
             settings.loss,  # type: ignore[arg-type]
             settings.grad_sample_mode,  # type: ignore[arg-type]
             settings.max_physical_batch_size,
+            (policy or SitePolicy()).max_abs_weight,
         )
 
 
@@ -112,13 +116,6 @@ class RoundPlan:
     sample_rate: float
     steps: int
     noise_multiplier: float
-
-
-def steps_per_round(noise_placement: str, local_epochs: float, sample_rate: float) -> int:
-    """One step when the noise is added once over all sites (central, distributed); else the local epochs' steps."""
-    if noise_placement in ("central", "distributed"):
-        return 1
-    return max(1, math.ceil(local_epochs / sample_rate))
 
 
 def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:

@@ -41,6 +41,13 @@ MODEL_SELECTIONS = ("best-validation", "last")
 post-processing of released models, so it costs no privacy; without an evaluator it is the last round."""
 
 
+def steps_per_round(noise_placement: str, local_epochs: float, sample_rate: float) -> int:
+    """One step when the noise is added once over all sites (central, distributed); else the local epochs' steps."""
+    if noise_placement in ("central", "distributed"):
+        return 1
+    return max(1, math.ceil(local_epochs / sample_rate))
+
+
 def setting(default: Any, help: str, flag: str = "", choices: tuple[str, ...] = (), cli: bool = True) -> Any:
     """One run setting, declared once: its default, its help line, and how the command line spells it.
 

@@ -40,14 +40,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from client.round_plan import steps_per_round
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
 from common.data.split import EvaluationCases, evaluation_cases, item_popularity
 from common.data.synthetic import SyntheticConfig
 from common.data.windows import split_windows, write_window
 from common.errors import ConfigError
-from common.federation import RunSettings
+from common.federation import RunSettings, steps_per_round
 from common.privacy.accounting import MechanismStep, epsilon_from_history
 from common.privacy.ledger import Ledger
 from common.privacy.lifetime import window_epsilon

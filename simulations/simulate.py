@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from client.policy import SIMULATED_SITES_ENV
+from client.policy import SIMULATED_SITES_ENV, ranges_admitting
 from client.shard import simulated_partition_sha256, simulated_shard
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
@@ -104,9 +104,10 @@ def write_site_node_configs(
 ) -> Path:
     """The node config each simulated site's operator would have set: the budget and delta the run targets,
     non-private training only when the run is the non-private baseline, trust in the coordinator's noise only when
-    the run asks for central noise (the simulation's operator runs the coordinator too), ledgers in the run folder,
-    the run's catalogue when it names one; ``site_config`` overrides (a lifelong run: shared ledgers, lifetime
-    budgets)."""
+    the run asks for central noise (the simulation's operator runs the coordinator too), run-config ranges that
+    admit the run's own values (said in the log: a deployed site's defaults would decline them), ledgers in the run
+    folder, the run's catalogue when it names one; ``site_config`` overrides (a lifelong run: shared ledgers,
+    lifetime budgets)."""
     distributed_trust = (  # the fewest sites whose noise shares every secure sum holds (client.secure_aggregation);
         # no cap on the fallback epsilon: the simulation's operator runs the coordinator and its SecAgg+ too
         {"secure-aggregation-sites": settings.min_sites - settings.secure_aggregation_tolerated,
@@ -114,6 +115,10 @@ def write_site_node_configs(
         if settings.noise == "distributed"
         else {}
     )
+    widened = ranges_admitting(settings)
+    if widened:
+        log(f"fedtail: the simulated sites widen their run-config ranges to {widened}; a deployed site with the "
+            "default ranges would decline this run (node config min-KEY / max-KEY, docs/privacy.md)")
     sites = {
         str(site): {
             "max-epsilon": settings.epsilon,
@@ -122,6 +127,7 @@ def write_site_node_configs(
             "trust-coordinator-noise": settings.noise == "central",
             "trust-secure-aggregation": settings.noise == "distributed",
             **distributed_trust,
+            **widened,
             "ledger-dir": str(Path(settings.out_dir) / LEDGER_DIR),
             **({"catalog-path": settings.catalog_path} if settings.catalog_path else {}),
             **(site_config or {}),

@@ -108,6 +108,11 @@ def node_config() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for declared in fields(client.policy.SitePolicy):
         key = declared.name.replace("_", "-")
+        if declared.name == "run_ranges":  # one pair of keys per checked run-config value
+            rows += [f"| `min-{checked}`, `max-{checked}` | `{lower:g}`, `{upper:g}` | the range a run's `{checked}` "
+                     "must lie in (inclusive); outside it the site declines before reading any data |"
+                     for checked, (lower, upper) in client.policy.RUN_RANGES.items()]
+            continue
         if key not in meanings:
             raise ValueError(f"client.policy documents no meaning for node config key {key!r}")
         default = str(declared.default).lower() if isinstance(declared.default, bool) else declared.default

@@ -24,6 +24,7 @@ from simulations.simulate import Resources, write_site_node_configs
         {"noise": "central"},
         {"noise": "distributed", "min_sites": 5, "secure_aggregation_tolerated": 2},
         {"epsilon": 1.0, "delta": 1e-6},
+        {"learning_rate": 0.5, "max_len": 2000, "sample_rate": 1e-5},  # outside a deployed site's default ranges
     ],
 )
 def test_every_run_kind_writes_node_configs_its_sites_accept(tmp_path: Path, options: dict) -> None:
