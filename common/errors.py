@@ -30,3 +30,11 @@ class DataError(FedtailError):
 
 class ConfigError(FedtailError):
     """An option or configuration value that is out of range or inconsistent."""
+
+
+class NonFiniteError(FedtailError):
+    """A model, an aggregate or a score holding NaN or infinity: never averaged, kept, scored or served.
+
+    Why an error rather than a warning: NaN compares false with everything, so a NaN model is not merely bad, it
+    is ranked first by ``#(scores >= target score)`` and kept as the best round; nothing downstream notices.
+    """

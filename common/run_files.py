@@ -122,7 +122,11 @@ class RoundRecord:
     sites_declined: dict[str, str] = field(default_factory=dict)
     """Declining site -> its reason."""
     failures: list[str] = field(default_factory=list)
-    """Each failed site's error, as its reply gave it."""
+    """Each failed site's error, as its reply gave it, the site named first ("site <id>: ...", or "node <id>: ..."
+    for a node that had not replied before)."""
+    failed: str | None = None
+    """Why the round failed and left the global model as it was (fewer sites trained than it needs); None when the
+    round updated the model."""
     site_epsilon: dict[str, float] = field(default_factory=dict)
     site_ledger_head: dict[str, dict[str, Any]] = field(default_factory=dict)
     epsilon: float | None = None
@@ -151,6 +155,7 @@ class RoundRecord:
                 sites_trained=[str(site) for site in line.get("sites_trained", [])],
                 sites_declined={str(k): str(v) for k, v in dict(line.get("sites_declined", {})).items()},
                 failures=[str(failure) for failure in line.get("failures", [])],
+                failed=None if line.get("failed") is None else str(line["failed"]),
                 site_epsilon={str(k): float(v) for k, v in dict(line.get("site_epsilon", {})).items()},
                 site_ledger_head={str(k): dict(v) for k, v in dict(line.get("site_ledger_head") or {}).items()},
                 epsilon=None if line.get("epsilon") is None else float(line["epsilon"]),

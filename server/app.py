@@ -15,7 +15,11 @@ Run folder (``out-dir`` in the run config)::
     ledgers/site-<id>.jsonl   (simulation) each site's own privacy ledger, written by the site
 
 The kept model is the round with the best validation NDCG@10 (``model-selection``,
-the default) or the last round; summary.json's "run" names which round it is. A
+the default) or the last round; summary.json's "run" names which round it is.
+A round in which fewer sites trained than ``min-sites`` is a failed round: the
+global model stays as it was and rounds.jsonl says why ("failed"). A run in
+which no round trained fails with the reasons and writes no model; a
+non-finite aggregate stops the run at once (``server.strategy``). A
 best-validation choice is made on held-out items of the same users, outside any
 ledger: summary.json's "privacy" counts it ("model_selection", with its size).
 
@@ -203,6 +207,9 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
             ),
             evaluate_fn=after_round,
         )
+    rounds = read_rounds(out_dir)
+    if not any(r.failed is None for r in rounds):
+        raise RuntimeError(no_trained_round(rounds))
     if average is not None and average.weights:
         model.load_state_dict(average.weights)  # the last model, as validated (already there unless nothing ran)
     kept = state.best if settings.model_selection == "best-validation" else None
@@ -310,12 +317,28 @@ def finish_round(
         sites_trained=sorted(replies.trained, key=site_order),
         sites_declined=replies.declined,
         failures=replies.failures,
+        failed=replies.failed or None,
         site_epsilon=dict(strategy.site_epsilon),
         site_ledger_head=replies.ledger_heads,
         epsilon=max(strategy.site_epsilon.values(), default=0.0) if settings.dp else None,
         seconds=time.perf_counter() - started,
         evaluation_seconds=evaluation_seconds,
     )
+
+
+def no_trained_round(rounds: list[RoundRecord]) -> str:
+    """Why a run whose every round failed keeps nothing: the last round's reason, with each site's decline or error.
+
+    Without this the run would end as completed and release its initial weights as the global model."""
+    if not rounds:
+        return "no round ran, so the run keeps no model"
+    last = rounds[-1]
+    declined = sorted(last.sites_declined.items(), key=lambda item: site_order(item[0]))
+    sites = [*(f"site {site}: {reason}" for site, reason in declined), *last.failures]
+    return (
+        f"no site's update was applied in any of the {len(rounds)} round(s), so the run keeps no model. "
+        f"Round {last.round}: {last.failed}" + (f" ({'; '.join(sites)})" if sites else "")
+    )[:2000]
 
 
 def keep_if_best(best: BestRound | None, record: RoundRecord, weights: dict[str, torch.Tensor]) -> BestRound | None:
@@ -330,9 +353,10 @@ def log_round(record: RoundRecord, settings: RunSettings) -> None:
     declined_note = f"  declined: {', '.join(record.sites_declined)}" if record.sites_declined else ""
     failed_note = f"  failed: {len(record.failures)}" if record.failures else ""
     valid_note = "" if record.valid is None else f"  valid NDCG@10 {record.valid['ndcg@10']:.4f}"
+    round_failed = "" if record.failed is None else f"  ROUND FAILED: {record.failed}"
     log(
         f"fedtail: round {record.round}/{settings.rounds}{valid_note}  sites {len(record.sites_trained)}"
-        f"{epsilon_note}{declined_note}{failed_note}  {record.seconds:.1f}s"
+        f"{epsilon_note}{declined_note}{failed_note}{round_failed}  {record.seconds:.1f}s"
     )
 
 
@@ -378,8 +402,11 @@ def finish_run(
         "settings": settings.to_run_config(),
         "catalog": settings.catalog_path or "built from the whole dataset (simulation)",
         "rounds_completed": len(rounds),
+        "rounds_failed": [r.round for r in rounds if r.failed is not None],
         "model_selection": settings.model_selection if kept_round is not None else "last",
-        "model_round": kept_round if kept_round is not None else len(rounds),
+        "model_round": kept_round if kept_round is not None else max(
+            (r.round for r in rounds if r.failed is None), default=0
+        ),
         "seconds_per_round": [r.seconds for r in rounds],
     }
     save_model(out_dir, model, catalog, GLOBAL_MODEL_FILE)

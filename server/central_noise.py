@@ -124,27 +124,20 @@ def reply_problem(reply: Message, global_weights: dict[str, torch.Tensor]) -> st
     return ""
 
 
-def sum_replies(
-    replies: Iterable[Message], global_weights: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], list[float], dict[str, str]]:
-    """The sum (float64) of the acceptable replies' clipped sums, the noise multiplier each of them requires, and
-    why each refused site's reply was refused. Failed replies (errors) are skipped: the caller records them."""
+def sum_replies(replies: Iterable[Message]) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The sum (float64) of the replies' clipped sums and the noise multiplier each of them requires. The replies
+    are those ``CentralNoise`` accepted (``reply_problem``); failed replies (errors) are skipped: the caller records
+    them."""
     total: dict[str, torch.Tensor] = {}
     required: list[float] = []
-    refused: dict[str, str] = {}
     for reply in replies:
         if reply.has_error():
-            continue
-        site = str(reply.content.config_records["site"]["site-id"])
-        problem = reply_problem(reply, global_weights)
-        if problem:
-            refused[site] = f"refused the reply of site {site}: {problem}"
             continue
         required.append(float(scalar(reply.content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC])))
         for name, array in reply.content.array_records["arrays"].items():
             value = torch.from_numpy(array.numpy()).to(torch.float64)
             total[name] = total[name] + value if name in total else value
-    return total, required, refused
+    return total, required
 
 
 def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -152,10 +145,7 @@ def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.G
 
 
 class CentralSum(FedAvg):
-    """Sum, noise once, divide by the public batch size, optimizer step (see the module's docstring).
-
-    ``refused`` holds the sites whose replies the last round could not sum, with why.
-    """
+    """Sum, noise once, divide by the public batch size, optimizer step (see the module's docstring)."""
 
     def __init__(
         self,
@@ -172,7 +162,6 @@ class CentralSum(FedAvg):
         self.batch_size = batch_size
         self.optimizer = optimizer
         self.global_weights: dict[str, torch.Tensor] = {}
-        self.refused: dict[str, str] = {}
         self.last_noise_multiplier = 0.0
 
     def configure_train(
@@ -184,7 +173,7 @@ class CentralSum(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        total, required, self.refused = sum_replies(replies, self.global_weights)
+        total, required = sum_replies(replies)
         if not required:
             return None, None
         sigma = max(self.noise_multiplier, *required)
@@ -199,17 +188,10 @@ class CentralSum(FedAvg):
 
 class CentralNoise(PrivateAggregation, CentralSum):
     """The privacy-respecting reply handling (declines, failures, epsilons, ledger heads) in front of ``CentralSum``;
-    a refused reply counts as a failure of its site's round."""
+    a reply that cannot be summed (``reply_problem``) counts as a failure of its site's round."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self.refused = {}
-        result = super().aggregate_train(server_round, replies)
-        for site, reason in self.refused.items():
-            self.last_round.trained.remove(site)
-            self.last_round.failures.append(reason)
-        return result
+    def update_problem(self, reply: Message) -> str:
+        return reply_problem(reply, self.global_weights)
 
 
 def central_noise_multiplier(settings: RunSettings) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common import Scalar
@@ -43,6 +42,7 @@ class DistributedNoise(CentralNoise):
 
     def __init__(self, *args: Any, protocol: SecureAggregation, sum_names: list[str], **central: Any) -> None:
         super().__init__(*args, **central)
+        self.min_trained = 1
         self.protocol = protocol
         self.sum_names = sum_names
 
@@ -74,7 +74,8 @@ class DistributedNoise(CentralNoise):
                     SUM_NAMES: NAME_SEPARATOR.join(self.sum_names),
                 }
             )
-            updated = self.step(secure_sum(grid, server_round, arrays, config, self.protocol, self.sum_names), weights)
+            outcome = secure_sum(grid, server_round, arrays, config, self.protocol, self.sum_names)
+            updated = self.step(server_round, outcome, weights)
             if updated is not None:
                 arrays = ArrayRecord(updated)
                 result.arrays = arrays
@@ -82,8 +83,13 @@ class DistributedNoise(CentralNoise):
                 evaluate_fn(current, arrays)
         return result
 
-    def step(self, outcome: SecureSum, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Record the round's replies; the new global weights, or None when no site trained or the sum failed."""
+    def step(
+        self, server_round: int, outcome: SecureSum, weights: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
+        """Record the round's replies; the new global weights, or None when no site trained or the sum failed.
+
+        A declined site is in the sum with its pure-noise share, so ``min-sites`` (the size of every secure sum)
+        is met by the protocol itself: a round here fails only when no site trained."""
         report = RoundReplies(failures=list(outcome.failures))
         required = [self.noise_multiplier]
         for metrics in outcome.site_metrics:
@@ -95,12 +101,10 @@ class DistributedNoise(CentralNoise):
         if outcome.total is None:
             report.failures.append("the secure sum did not complete (Flower's SecAgg+ workflow halted)")
             report.trained = []
+            report.failed = "the secure sum did not complete; the global model is unchanged"
             return None
-        if not report.trained:
-            return None
-        if not all(np.isfinite(value).all() for value in outcome.total.values()):
-            report.failures.append("the secure sum is not finite; the round is dropped")
-            report.trained = []
+        report.failed = self.shortfall(report)
+        if report.failed:
             return None
         sigma = max(required)
         self.last_noise_multiplier = sigma
@@ -108,7 +112,9 @@ class DistributedNoise(CentralNoise):
         # each site in the sum added variance sigma^2 C^2 / threshold: with no dropout, more than sigma^2 C^2
         shares = len(outcome.site_metrics) / self.protocol.threshold
         self.optimizer.noise_variance = shares * (sigma * self.max_grad_norm / self.batch_size) ** 2
-        return self.optimizer.step(weights, mean)
+        updated = self.optimizer.step(weights, mean)
+        self.require_finite(server_round, updated)
+        return updated
 
     def _record(self, report: RoundReplies, site: str, metrics: dict[str, Scalar]) -> None:
         if "epsilon" in metrics:

@@ -249,6 +249,6 @@ def load_popularity_prior(model_dir: Path, num_items: int) -> torch.Tensor | Non
     if not path.exists():
         return None
     prior = load_torch(path, "the popularity prior")
-    if not isinstance(prior, torch.Tensor) or prior.shape != (num_items + 1,):
-        raise DataError(f"expected a [{num_items + 1}] tensor of item probabilities", path)
+    if not isinstance(prior, torch.Tensor) or prior.shape != (num_items + 1,) or not bool(torch.isfinite(prior).all()):
+        raise DataError(f"expected a [{num_items + 1}] tensor of finite item probabilities", path)
     return prior

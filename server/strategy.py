@@ -2,7 +2,13 @@
 
 Sites may decline a round (their budget would be exceeded); their replies carry
 no weights and are left out of the average, and the round goes on with the
-others. Replies are averaged by a declared public weight (1.0 by default), never
+others. A reply whose update holds NaN or infinity is that site's failure, with
+the reason, and is left out too. A round in which fewer sites trained than it
+needs (``min-sites``) is a failed round: the global model stays as it was, and
+the round's record says why. An aggregate that is not finite (finite updates
+can still overflow) stops the run: nothing of that round is kept. Failed sites
+are named by their site id, or by their node id before their first reply.
+Replies are averaged by a declared public weight (1.0 by default), never
 by private user counts. The sites' epsilons reported in replies are kept per
 site for checkpoints and the summary, and each replying site's ledger head per
 round (the coordinator's witness of the site's ledger, for ``fedtail audit``).
@@ -18,8 +24,9 @@ restarts it from zero.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +34,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
-from common.errors import ConfigError
+from common.errors import ConfigError, NonFiniteError
+from common.run_files import site_order
+from common.utils.finite import first_non_finite
 from common.utils.records import scalar
 
 WEIGHT_KEY = "weight"
@@ -41,6 +50,8 @@ class RoundReplies:
     """Error reasons of sites whose ClientApp failed (or that dropped out) this round."""
     ledger_heads: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
     """Per replying site, its ledger after the round: ``lines`` and ``hash`` of the last line (None: withheld)."""
+    failed: str = ""
+    """Why the round failed and left the global model as it was ("" when the round updated it)."""
 
     @property
     def everyone_failed(self) -> bool:
@@ -92,6 +103,10 @@ class PrivateAggregation(FedAvg):
         self.round_offset = round_offset
         self.site_epsilon: dict[str, float] = dict(site_epsilon or {})
         self.last_round = RoundReplies()
+        self.min_trained = min_sites
+        """The fewest trained sites whose updates make a round (``min-sites``)."""
+        self.node_sites: dict[int, str] = {}
+        """The site id each node has replied with: names a failed node's site in its error."""
         self.frozen = frozen
         self._frozen_arrays: dict[str, Array] = {}
 
@@ -108,10 +123,11 @@ class PrivateAggregation(FedAvg):
         to_average: list[Message] = []
         for reply in replies:
             if reply.has_error():
-                report.failures.append(f"node {reply.metadata.src_node_id}: {root_cause(reply.error.reason or '')}")
+                report.failures.append(f"{self.sender(reply)}: {root_cause(reply.error.reason or '')}")
                 to_average.append(reply)  # FedAvg logs the error and skips it
                 continue
             site = str(reply.content["site"]["site-id"])
+            self.node_sites[reply.metadata.src_node_id] = site
             metrics = reply.content["metrics"]
             if "epsilon" in metrics:
                 self.site_epsilon[site] = float(scalar(metrics["epsilon"]))
@@ -122,19 +138,60 @@ class PrivateAggregation(FedAvg):
                 }
             if metrics["declined"]:
                 report.declined[site] = str(reply.content["site"]["reason"])
-            else:
-                report.trained.append(site)
-                to_average.append(reply)
+                continue
+            problem = self.update_problem(reply)
+            if problem:
+                report.failures.append(f"site {site}: {problem}")
+                continue
+            report.trained.append(site)
+            to_average.append(reply)
         self.last_round = report
-        if not report.trained:
-            return None, None  # nobody trained: the global model stays as it was
+        report.failed = self.shortfall(report)
+        if report.failed:
+            return None, None  # the global model stays as it was
         arrays, round_metrics = super().aggregate_train(server_round + self.round_offset, to_average)
         if arrays is not None:
             # Frozen tables (item-tables=frozen) come back unchanged, but a weighted average of equal float32 values
             # can round, and FedAdam would amplify that rounding into a step: they are restored exactly.
             for name, kept in self._frozen_arrays.items():
                 arrays[name] = kept
+            self.require_finite(server_round + self.round_offset, arrays)
         return arrays, round_metrics
+
+    def sender(self, reply: Message) -> str:
+        """Who sent a reply, as the round's record names it: the site id it replied with before, else its node."""
+        node = reply.metadata.src_node_id
+        return f"site {self.node_sites[node]}" if node in self.node_sites else f"node {node}"
+
+    def update_problem(self, reply: Message) -> str:
+        """Why a trained site's update cannot be averaged; "" when it can."""
+        if "arrays" not in reply.content.array_records:
+            return "the reply holds no weights"
+        weight = scalar(reply.content["metrics"].get(WEIGHT_KEY, 1.0))
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            return f"'{WEIGHT_KEY}' = {weight!r} is not a positive finite number"
+        broken = first_non_finite(reply.content.array_records["arrays"])
+        return "" if broken is None else f"its update holds NaN or infinity in '{broken}'; left out of the average"
+
+    def shortfall(self, report: RoundReplies) -> str:
+        """Why the round fails for want of trained sites; "" when enough trained."""
+        if len(report.trained) >= self.min_trained:
+            return ""
+        if not report.trained:
+            return "no site trained; the global model is unchanged"
+        sites = ", ".join(sorted(report.trained, key=site_order))
+        return (f"only {len(report.trained)} site(s) trained ({sites}), fewer than min-sites = {self.min_trained}; "
+                "the global model is unchanged")
+
+    def require_finite(self, server_round: int, weights: Mapping[str, Any]) -> None:
+        """Stop the run on a non-finite aggregate: a NaN global model would be validated as perfect and kept."""
+        broken = first_non_finite(weights)
+        if broken is not None:
+            sites = ", ".join(sorted(self.last_round.trained, key=site_order))
+            raise NonFiniteError(
+                f"round {server_round}: the aggregate of the updates of site(s) {sites} holds NaN or infinity in "
+                f"'{broken}'; the run stops here and keeps nothing of this round"
+            )
 
 
 class PrivateFedAvg(PrivateAggregation, FedAvg):

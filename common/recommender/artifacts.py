@@ -1,7 +1,9 @@
 """Saving and loading a model together with the catalogue it was trained on.
 
 Files are written atomically (``common.utils.files``). Models are loaded with ``weights_only=True``: a model file
-from elsewhere cannot run code.
+from elsewhere cannot run code. A model holding NaN or infinity is refused at load, naming the file and the
+parameter: every user of a saved model (``fedtail serve`` and its hot reload, ``fedtail evaluate``, a continued
+run) loads it here, and a non-finite model ranks every item first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from common.errors import DataError
 from common.recommender.model import ModelConfig, SASRec
 from common.run_files import CHECKPOINT_FILE, FLOWER_LOG_FILE, GLOBAL_MODEL_FILE, ROUNDS_FILE, RUN_FILE
 from common.utils.files import load_torch, save_torch
+from common.utils.finite import first_non_finite
 
 MODEL_FORMAT = "fedtail-model/1"
 MODEL_FILE = "model.pt"
@@ -107,6 +110,9 @@ def load_model(
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as error:
         raise DataError(f"the weights do not fit the model's own config: {str(error).splitlines()[0]}", path) from None
+    broken = first_non_finite(model.state_dict())
+    if broken is not None:
+        raise DataError(f"parameter '{broken}' holds NaN or infinity: a non-finite model is never loaded", path)
     if device is not None:
         model.to(device)
     model.eval()

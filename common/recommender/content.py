@@ -192,4 +192,6 @@ def load_item_vectors(model_dir: Path, num_items: int) -> torch.Tensor | None:
     vectors = load_torch(path, "item content vectors")
     if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != num_items + 1:
         raise DataError(f"expected a [{num_items + 1}, d] tensor of item content vectors", path)
+    if not bool(torch.isfinite(vectors).all()):
+        raise DataError("the item content vectors hold NaN or infinity", path)
     return vectors

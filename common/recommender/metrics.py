@@ -6,6 +6,8 @@ Conventions (see DESIGN.md, "Evaluation conventions"):
 - items in the user's history are excluded from the ranking, except the target
   itself when the user consumed it before (a repeat), which stays rankable;
 - ties with the target count against it, so a constant scorer gets no credit;
+- scores must be comparable: a NaN or +infinity anywhere is refused (``require_rankable``), since NaN compares
+  false with everything and would rank every target first; -infinity means "never recommended" and ranks last;
 - users are grouped by training-history length: tail = bottom 20%, head = top
   20%, torso = the rest; all users of one length fall in the same group (the
   threshold decides), so group sizes can differ from 20% and are reported.
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from common.data.catalog import PADDING_INDEX
+from common.errors import NonFiniteError
 
 KS = (10, 20)
 GROUPS = ("tail", "torso", "head")
@@ -36,11 +39,31 @@ def exclusion_mask(histories: Sequence[np.ndarray], targets: torch.Tensor, width
     return mask
 
 
+def require_rankable(scores: torch.Tensor) -> None:
+    """Refuse scores holding NaN or +infinity, before any rank is computed from them.
+
+    With rank = #(scores >= target score), a NaN target compares false with every item and ranks first: an all-NaN
+    model would score NDCG@10 = 1.0 and be kept as the best round. Every evaluation path (``fedtail evaluate``, the
+    server's validation and test, training's validation, benchmarks) ranks through ``rank_targets``, so this is the
+    one check. -infinity stays allowed: re-ranking gives it to items a prior rules out, and it ranks last.
+
+    scores: [B, N].
+    """
+    broken = torch.isnan(scores) | torch.isposinf(scores)
+    if bool(broken.any()):
+        cases = int(broken.any(dim=1).sum())
+        raise NonFiniteError(
+            f"evaluation refused: the model's scores hold NaN or infinity for {cases} of {len(scores)} users in a "
+            "batch (its weights are not finite, or overflow); no metric is reported for a non-finite model"
+        )
+
+
 def rank_targets(scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target among the items that are not excluded; ties count against it.
 
-    scores: [B, N]; targets: [B]; excluded: [B, N] bool.
+    scores: [B, N]; targets: [B]; excluded: [B, N] bool. Scores with NaN or +infinity are refused.
     """
+    require_rankable(scores)
     target_scores = scores.gather(1, targets.unsqueeze(1))  # [B, 1]
     competitors = ~excluded
     competitors[torch.arange(len(targets)), targets] = False

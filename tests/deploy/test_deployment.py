@@ -266,8 +266,8 @@ def test_a_site_runs_only_app_bundles_it_approved_and_tells_the_coordinator_why(
     """The coordinator submits its own copy of the app with client/dp_sgd.py changed (here the change only leaves a
     trace when the module is imported). north approved only the release it installed: it refuses the bundle
     without running any of it and without training, and the coordinator reads why. south approved the changed
-    bundle by its hash and runs it, which shows the trace would have caught north running it. Then the release
-    itself trains at both sites."""
+    bundle by its hash and runs it, which shows the trace would have caught north running it; one site is fewer
+    than the run's min-sites, so the run fails and keeps no model. Then the release itself trains at both sites."""
     marker = tmp_path / "changed-app-ran"
     changed = app_copy(tmp_path / "coordinator", TRACE_ON_IMPORT.format(marker=str(marker)))
     changed_hash = bundle_sha256(changed)
@@ -277,9 +277,11 @@ def test_a_site_runs_only_app_bundles_it_approved_and_tells_the_coordinator_why(
     changed_run = deployment.root / "changed-run"
     config = _run_config(site_data, changed_run, rounds=1, **{"min-sites": 2})
     status = deployment.wait(deployment.submit(config, app=changed), timeout_s=600)
-    assert status["status"] == "finished:completed", status
+    assert status["status"] == "finished:failed", status  # its one round had 1 trained site, min-sites 2
+    assert "fewer than min-sites = 2" in str(status.get("status-details")), status
+    assert not (changed_run / "global_model.pt").exists()
     [line] = read_rounds(changed_run)
-    assert line.sites_trained == ["south"] and len(line.failures) == 1
+    assert line.sites_trained == ["south"] and len(line.failures) == 1 and line.failed is not None
     [failure] = line.failures
     assert f"app bundle sha256 {changed_hash} is not approved by this site" in failure, failure
     ran_at = marker.read_text().split()

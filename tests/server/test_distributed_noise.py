@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import NonFiniteError
 from common.federation import RunSettings
 from server.distributed_noise import distributed_strategy, secure_aggregation
 from server.secure_sum import SecureSum
@@ -29,7 +30,7 @@ def test_the_sum_moves_the_trainable_weights_and_the_replies_are_recorded() -> N
     weights = {"w": torch.ones(3), "frozen": torch.zeros(2)}
     total = {"w": np.array([10.0, 20.0, -30.0])}
     metrics = [_metrics("0"), _metrics("1"), _metrics("2", declined=True), _metrics("3"), _metrics("4")]
-    updated = strategy.step(SecureSum(total, metrics), weights)
+    updated = strategy.step(1, SecureSum(total, metrics), weights)
     assert updated is not None
     torch.testing.assert_close(updated["w"], torch.tensor([0.0, -1.0, 4.0]))  # w - sum / batch-size
     assert torch.equal(updated["frozen"], weights["frozen"])
@@ -40,9 +41,26 @@ def test_the_sum_moves_the_trainable_weights_and_the_replies_are_recorded() -> N
 
 def test_a_halted_protocol_changes_nothing_and_says_so() -> None:
     strategy = distributed_strategy(SETTINGS, ["w"])
-    assert strategy.step(SecureSum(None, [_metrics("0")], ["node 7 failed"]), {"w": torch.ones(3)}) is None
+    assert strategy.step(1, SecureSum(None, [_metrics("0")], ["node 7 failed"]), {"w": torch.ones(3)}) is None
     assert strategy.last_round.trained == [] and len(strategy.last_round.failures) == 2
     assert strategy.last_round.everyone_failed
+
+
+def test_a_sum_in_which_every_site_declined_is_a_failed_round() -> None:
+    """Declined sites are in the sum with pure noise (min-sites is the size of every sum): the round fails only
+    when no site trained, and then it applies nothing."""
+    strategy = distributed_strategy(SETTINGS, ["w"])
+    metrics = [_metrics(str(site), declined=True) for site in range(5)]
+    assert strategy.step(1, SecureSum({"w": np.ones(3)}, metrics), {"w": torch.ones(3)}) is None
+    assert strategy.last_round.failed == "no site trained; the global model is unchanged"
+    assert not strategy.last_round.everyone_failed, "declines are not failures: the run goes on"
+
+
+def test_a_non_finite_step_stops_the_run() -> None:
+    strategy = distributed_strategy(SETTINGS, ["w"])
+    metrics = [_metrics(str(site)) for site in range(5)]
+    with pytest.raises(NonFiniteError, match=r"round 3: the aggregate .* holds NaN or infinity in 'w'"):
+        strategy.step(3, SecureSum({"w": np.array([np.inf, 0.0, 0.0])}, metrics), {"w": torch.ones(3)})
 
 
 def test_the_protocol_covers_a_share_that_assumes_no_other_site() -> None:

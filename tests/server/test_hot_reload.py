@@ -127,6 +127,27 @@ def test_a_corrupt_model_keeps_the_old_version_serving_and_names_the_file(
     assert f"{tmp_path / GLOBAL_MODEL_FILE}: cannot read the model file" in logged and logged.count("\n") == 1
 
 
+def test_a_non_finite_model_keeps_the_old_version_serving_and_names_the_file_and_parameter(
+    versions: dict[str, Version], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    install(tmp_path, versions["A"])
+    live = LiveRecommender(tmp_path, torch.device("cpu"), RankingOptions())
+    serving = live.current
+    nan_model = SASRec(serving.model.config)
+    with torch.no_grad():
+        nan_model.output.bias.fill_(float("nan"))
+    save_model(tmp_path, nan_model, serving.catalog, GLOBAL_MODEL_FILE)
+    with pytest.raises(ReloadError, match=f"still serving model {versions['A'].model_id}"):
+        live.reload()
+    assert live.current is serving
+    assert [r.item for r in live.current.recommend(["item-1"], K).items] == [
+        r.item for r in versions["A"].reference.recommend(["item-1"], K).items
+    ]
+    logged = capsys.readouterr().err
+    assert f"{tmp_path / GLOBAL_MODEL_FILE}: parameter 'output.bias' holds NaN or infinity" in logged
+    assert logged.count("\n") == 1
+
+
 def test_a_model_whose_catalogue_is_not_beside_it_is_refused_naming_both(
     versions: dict[str, Version], tmp_path: Path
 ) -> None:

@@ -148,6 +148,25 @@ def test_evaluate_and_serve_load_a_federated_run_folders_global_model(tmp_path: 
 
 
 @pytest.mark.parametrize("command", ["evaluate", "serve"])
+def test_a_non_finite_model_is_refused_in_one_line_naming_the_file_and_the_parameter(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An all-NaN global model, as a run whose sites' updates were all NaN used to keep: evaluate used to report
+    NDCG@10 = 1.0 for it, and serve to serve it."""
+    catalog = load_dataset(SMALL).catalog()
+    model = SASRec(ModelConfig(num_items=catalog.num_items, max_len=20, hidden=16, heads=1, blocks=1))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    save_model(tmp_path, model, catalog, GLOBAL_MODEL_FILE)
+    args = [str(tmp_path), SMALL] if command == "evaluate" else [str(tmp_path), "--port", str(free_loopback_port())]
+    assert main([command, *args]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert f"{tmp_path / GLOBAL_MODEL_FILE}: parameter 'item_embedding.weight' holds NaN or infinity" in error
+
+
+@pytest.mark.parametrize("command", ["evaluate", "serve"])
 def test_an_unfinished_run_folder_is_told_so_and_pointed_at_its_log_and_checkpoint(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -98,6 +98,17 @@ def test_a_run_where_every_site_fails_stops_and_says_why(tmp_path: Path) -> None
         simulate(RunSettings(**SMALL, out_dir=str(out)), Resources(sites=2))
 
 
+@pytest.mark.slow
+def test_a_huge_learning_rate_never_ends_as_a_completed_run_with_a_nan_model_scored_perfect(tmp_path: Path) -> None:
+    """`fedtail simulate ... --lr 1e30` used to exit 0 keeping an all-NaN global model with NDCG@10 1.0000. Whatever
+    the sites do with such a rate (decline it, or send back NaN), the run now fails and keeps no model."""
+    out = tmp_path / "run"
+    with pytest.raises(SimulationFailed):
+        simulate(RunSettings(dataset="synthetic:users=300,items=100", rounds=1, learning_rate=1e30, out_dir=str(out)),
+                 Resources(sites=2))
+    assert not (out / "global_model.pt").exists() and not (out / "summary.json").exists()
+
+
 def test_preflight_rejects_empty_sites_and_a_delta_too_large_for_a_site() -> None:
     with pytest.raises(ConfigError, match="1/users"):
         preflight(RunSettings(**{**SMALL, "delta": 0.05}), 4)

@@ -39,3 +39,15 @@ def test_mismatched_or_corrupt_files_are_clear_errors(tmp_path: Path) -> None:
         load_model(tmp_path)
     with pytest.raises(DataError, match="elsewhere: no such folder"):
         load_model(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_model_is_refused_at_load_naming_the_file_and_the_parameter(tmp_path: Path, bad: float) -> None:
+    catalog = Catalog.from_items(["a", "b", "c"])
+    model = SASRec(ModelConfig(num_items=catalog.num_items, max_len=4, hidden=8, heads=2, blocks=1))
+    with torch.no_grad():
+        model.position_embedding.weight[2, 3] = bad
+    save_model(tmp_path, model, catalog)
+    with pytest.raises(DataError, match=r"model.pt: parameter 'position_embedding.weight' holds NaN or infinity") as e:
+        load_model(tmp_path)
+    assert "\n" not in str(e.value)

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from common.data.split import EvaluationCases
-from common.recommender.evaluation import evaluate, popularity_scorer
+from common.errors import NonFiniteError
+from common.recommender.evaluation import evaluate, model_scorer, popularity_scorer
 from common.recommender.metrics import exclusion_mask, item_metrics, rank_targets, ranking_metrics, top_k, user_groups
+from common.recommender.model import ModelConfig, SASRec
 
 
 def test_known_ranks_give_known_hr_ndcg_mrr() -> None:
@@ -115,3 +117,42 @@ def test_top_k_never_returns_excluded_items_when_few_are_left() -> None:
     metrics = item_metrics(np.array([[3, 0, 0]]), np.array([0, 5, 3, 1]), num_users=4, k=3)
     assert metrics["coverage@3"] == pytest.approx(1 / 3)
     assert metrics["tail_share@3"] == pytest.approx(1.0)
+
+
+def _cases(users: int, items: int) -> EvaluationCases:
+    histories = [np.array([1 + u % items]) for u in range(users)]
+    return EvaluationCases(
+        inputs=torch.tensor([[0, 1 + u % items] for u in range(users)]),
+        targets=torch.tensor([1 + (u + 1) % items for u in range(users)]),
+        histories=histories,
+        training_lengths=np.ones(users, dtype=np.int64),
+        users=np.arange(users),
+    )
+
+
+def test_an_all_nan_model_is_refused_rather_than_scored_perfect() -> None:
+    """NaN >= NaN is false: ranked by #(scores >= target score), every target of a NaN model would rank first and
+    score NDCG@10 = 1.0. Evaluation refuses it with one line and reports nothing."""
+    model = SASRec(ModelConfig(num_items=20, max_len=4, hidden=8, heads=2, blocks=1))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    popularity = np.arange(21)
+    with pytest.raises(NonFiniteError, match="evaluation refused: the model's scores hold NaN or infinity for 12 of 12"
+                       ) as refused:
+        evaluate(model_scorer(model, torch.device("cpu")), _cases(12, 20), popularity, num_users=12)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_non_finite_score_is_refused_and_minus_infinity_ranks_last(bad: float) -> None:
+    scores = torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
+    excluded = torch.zeros((2, 4), dtype=torch.bool)
+    targets = torch.tensor([3, 3])
+    broken = scores.clone()
+    broken[1, 2] = bad
+    with pytest.raises(NonFiniteError, match="for 1 of 2 users"):
+        rank_targets(broken, targets, excluded)
+    never = scores.clone()
+    never[0, 3] = float("-inf")  # re-ranking's "never recommend": ranks last, and is no error
+    assert rank_targets(never, targets, excluded).tolist() == [3, 0]
