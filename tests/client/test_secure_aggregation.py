@@ -200,7 +200,7 @@ def _share_std(shares: int) -> float:
 
 
 TRUSTING = {"trust-secure-aggregation": "true", "secure-aggregation-sites": SHARES, "window-epsilon": 0}
-"""No per-run cap: each round's fallback epsilon is checked on its own (the cap's whole-window check has its own test)."""
+"""No per-run cap: each round's fallback epsilon is checked alone (the whole-window check has its own test)."""
 
 
 @pytest.mark.parametrize(
