@@ -12,16 +12,18 @@ or the error text Flower would send for an exception, must satisfy:
 - neighbour-blind: everything in the reply but the noisy arrays (their names and shapes stay) and the ledger-head
   hash (a hiding commitment), and the random SecAgg+ key material, is identical at the two neighbours;
 - within budget: no ledger line, recomputed from the ledger's history, passes the site's ``max-epsilon``, nor its
-  fallback epsilon ``max-fallback-epsilon`` (default ``max-epsilon``), and no non-private update leaves a site
-  that does not allow it;
+  fallback epsilon ``max-fallback-epsilon`` (default ``max-epsilon``); no non-private update leaves a site that
+  does not allow it, and no ``distributed`` share leaves outside a SecAgg+ exchange;
 - count-free text: no string in a reply names the site's files, a user id, or the site's user or interaction
   count;
 - bounded work: no request keeps the site busy for more than ``WATCHDOG_S`` CPU seconds or past ``MEMORY_HEADROOM``
   bytes of memory (a coordinator must not be able to size the site's computation without limit).
 
-Budgets: the default test command runs ``CI_EXAMPLES`` examples per scenario, derandomized and without an example
-database, so a CI run is reproducible. The slow mode draws ``FEDTAIL_FUZZ_EXAMPLES`` examples in all (at least
-10,000 is the documented check), split over the two scenarios, with a random seed::
+Budgets: the attacks already named run first, as explicit examples. The default test command then runs
+``CI_EXAMPLES`` examples per scenario, derandomized and without an example database, so a CI run is reproducible
+(37 s for both scenarios on a loaded two-core machine). The slow mode draws ``FEDTAIL_FUZZ_EXAMPLES`` examples in
+all (at least 10,000 is the documented check; about 0.6 s each), split over the two scenarios, with a random
+seed::
 
     FEDTAIL_FUZZ_EXAMPLES=10000 pytest -m slow tests/client/test_hostile_fuzz.py
 """
@@ -79,7 +81,7 @@ from tests.client.hostile_strategies import (
     train_steps,
 )
 
-CI_EXAMPLES = 12
+CI_EXAMPLES = 30
 """Examples per scenario in the default test command (measured: see docs/privacy.md)."""
 SLOW_EXAMPLES = int(os.environ.get("FEDTAIL_FUZZ_EXAMPLES", "10000"))
 WATCHDOG_S = 30.0
@@ -284,7 +286,8 @@ def check_text(reply: Reply, site: FuzzedSite, coordinator_text: str) -> None:
 
 def check_budget(site: FuzzedSite, replies: list[Reply]) -> None:
     """Recomputed from the ledger itself: no prefix of the history passes max-epsilon, no distributed prefix
-    passes the fallback cap, and nothing non-private left a site that does not allow it."""
+    passes the fallback cap; nothing non-private left a site that does not allow it, and no share left in the
+    clear (a reply with arrays but no SecAgg+ record while the ledger's last line is a distributed share)."""
     node = site.node_config
     delta, cap = float(node["delta"]), float(node["max-epsilon"])
     fallback_cap = float(node.get("max-fallback-epsilon", cap))
@@ -298,13 +301,20 @@ def check_budget(site: FuzzedSite, replies: list[Reply]) -> None:
             assert fallback <= fallback_cap + EPSILON_TOLERANCE, (
                 f"within budget: ledger line {line} reaches a fallback epsilon {fallback:.3f} > {fallback_cap}"
             )
-    if not node.get("allow-non-private"):
-        for reply in replies:
-            if reply.message is not None and "metrics" in reply.message.content.metric_records:
-                metrics = reply.message.content.metric_records["metrics"]
-                assert not (metrics.get("dp") == 0 and reply.message.content.array_records), (
-                    "within budget: a non-private update left a site that does not allow one"
-                )
+    for reply in replies:
+        if reply.message is None:
+            continue
+        content = reply.message.content
+        sent = any(len(record) for record in content.array_records.values())
+        metrics = content.metric_records.get("metrics", {})
+        assert not (sent and metrics.get("dp") == 0 and not node.get("allow-non-private")), (
+            "within budget: a non-private update left a site that does not allow one"
+        )
+        in_clear = sent and RECORD_KEY_CONFIGS not in content.config_records
+        assert not (in_clear and entries and entries[-1].get("noise_placement") == "distributed"), (
+            "within budget: a distributed noise share left in the clear, outside SecAgg+ (only its fallback "
+            "epsilon protects it)"
+        )
 
 
 def check_pair(site_a: FuzzedSite, site_b: FuzzedSite, reply_a: Reply, reply_b: Reply, coordinator_text: str,
@@ -438,7 +448,7 @@ def test_train_and_popularity_requests_from_a_hostile_coordinator(slow: bool) ->
     @example(run=("site", TINY_RUN), steps=ROUND_1, smaller=0, budget=8.0)  # empty site: trains pure noise
     @example(run=("site", TINY_RUN), steps=ROUND_1, smaller=1, budget=8.0)  # one user
     @example(run=("site", {**TINY_RUN, "learning-rate": 1e30}), steps=ROUND_1, smaller=23, budget=8.0)
-    @example(run=("distributed", DISTRIBUTED_RUN), steps=ROUND_1, smaller=23, budget=3.5)  # a share in the clear
+    @example(run=("distributed", DISTRIBUTED_RUN), steps=ROUND_1, smaller=23, budget=8.0)  # a share in the clear
     @example(run=("site", {**TINY_RUN, "popularity-share": 0.1}), steps=["query", "query", *ROUND_1], smaller=23,
              budget=8.0)
     def fuzz(run: tuple[str, dict[str, Any]], steps: list[TrainStep | str], smaller: int, budget: float) -> None:
