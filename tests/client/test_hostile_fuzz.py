@@ -451,6 +451,11 @@ def test_train_and_popularity_requests_from_a_hostile_coordinator(slow: bool) ->
     @example(run=("distributed", DISTRIBUTED_RUN), steps=ROUND_1, smaller=23, budget=8.0)  # a share in the clear
     @example(run=("site", {**TINY_RUN, "popularity-share": 0.1}), steps=["query", "query", *ROUND_1], smaller=23,
              budget=8.0)
+    @example(run=("site", {**TINY_RUN, "sample-rate": 1e-9}), steps=ROUND_1, smaller=23, budget=8.0)  # work:
+    @example(run=("site", {**TINY_RUN, "local-epochs": 1e6}), steps=ROUND_1, smaller=23, budget=8.0)  # steps,
+    @example(run=("site", {**TINY_RUN, "rounds": 2**63 - 1}), steps=ROUND_1, smaller=23, budget=8.0)  # calibration,
+    @example(run=("site", {**TINY_RUN, "epsilon": 1e300}), steps=ROUND_1, smaller=23, budget=8.0)
+    @example(run=("site", {**TINY_RUN, "max-len": 2**31 - 1}), steps=ROUND_1, smaller=23, budget=8.0)  # memory
     def fuzz(run: tuple[str, dict[str, Any]], steps: list[TrainStep | str], smaller: int, budget: float) -> None:
         fuzz_requests(run[0], dict(run[1]), steps, smaller, budget)
 
