@@ -347,7 +347,7 @@ def global_weights(run_config: Mapping[str, Any], edits: tuple[WeightEdit, ...])
         names = list(weights)
         name = names[edit.tensor % len(names)]
         tensor = weights[name].clone()
-        if edit.kind == "value":
+        if edit.kind == "value" and tensor.numel():  # a run asking hidden = 0 has empty tensors
             tensor.view(-1)[edit.position % tensor.numel()] = edit.value
         elif edit.kind == "fill":
             tensor.fill_(edit.value)
@@ -456,6 +456,8 @@ def test_train_and_popularity_requests_from_a_hostile_coordinator(slow: bool) ->
     @example(run=("site", {**TINY_RUN, "rounds": 2**63 - 1}), steps=ROUND_1, smaller=23, budget=8.0)  # calibration,
     @example(run=("site", {**TINY_RUN, "epsilon": 1e300}), steps=ROUND_1, smaller=23, budget=8.0)
     @example(run=("site", {**TINY_RUN, "max-len": 2**31 - 1}), steps=ROUND_1, smaller=23, budget=8.0)  # memory
+    @example(run=("site", {**TINY_RUN, "hidden": 0}), steps=ROUND_1, smaller=23, budget=8.0)  # an error naming the
+    # Poisson batch's size
     def fuzz(run: tuple[str, dict[str, Any]], steps: list[TrainStep | str], smaller: int, budget: float) -> None:
         fuzz_requests(run[0], dict(run[1]), steps, smaller, budget)
 
