@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from client.dp_sgd import secret_generator
+from client.dp_sgd import gaussian_noise, secret_generator
 from client.replay import ReleasedUpdate
 from client.round_plan import PrivacyPlan
 from client.secure_aggregation import DISTRIBUTED_TRUST, share_noise_multiplier
@@ -103,8 +103,7 @@ def release_site_popularity(
                      "fallback_epsilon_so_far": fallback}
     if own_sigma > 0:
         generator = secret_generator(torch.device("cpu"))  # unpredictable to the coordinator, as DP-SGD's noise
-        release += torch.normal(0.0, own_sigma * POPULARITY_BOUND, (num_items + 1,), generator=generator,
-                                dtype=torch.float64)
+        release += gaussian_noise(own_sigma * POPULARITY_BOUND, (num_items + 1,), generator, torch.float64)
     noisy = release.float()
     noisy[PADDING_INDEX] = 0.0  # not an item; zeroing it is post-processing
     entry = ledger.append(

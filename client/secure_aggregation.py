@@ -43,7 +43,7 @@ from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, pa
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from client.dp_sgd import secret_generator
+from client.dp_sgd import gaussian_noise, secret_generator
 from client.public_errors import PublicInputError
 
 HEADROOM_STDS = 12.0
@@ -98,7 +98,7 @@ def noise_share(
     scale = 1.0 if norm <= bound else bound / norm
     std = share_noise_multiplier(noise_multiplier, shares) * max_grad_norm
     return {
-        name: tensor.double() * scale + torch.normal(0.0, std, tensor.shape, generator=generator, dtype=torch.float64)
+        name: tensor.double() * scale + gaussian_noise(std, tensor.shape, generator, torch.float64)
         for name, tensor in clipped.items()
     }
 

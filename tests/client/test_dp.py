@@ -12,7 +12,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp_sgd import make_private, physical_batches, private_step
+from client.dp_sgd import gaussian_noise, make_private, physical_batches, private_step
 from client.ghost_clipping import embedding_norm_sample, linear_norm_sample
 from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
 from client.site_round import train_site_round
@@ -379,3 +379,26 @@ def test_a_site_with_no_users_trains_and_replies_as_any_site_with_pure_noise(
         assert len(moved) == len(before)  # the noise moves every parameter, users or not
         replies.append((outcome.epsilon, sorted(outcome.state_dict)))
     assert replies[0] == replies[1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_noise_value_is_a_single_floating_point_gaussian_draw(mode: str) -> None:
+    """One draw of a floating-point Gaussian takes a sparse set of values, which the attacks of Mironov (2012) and
+    Jin et al. (2022) read; every site noise (DP-SGD, the popularity release, a distributed share) is the sum of
+    four draws over 2 (``gaussian_noise``), with the same N(0, std^2)."""
+    examples = _examples(6)
+    training = LocalTraining(sample_rate=1.0, batch_size=6, grad_sample_mode=mode)
+    model = SASRec(CONFIG)
+    dp = make_private(model, examples, training, PrivacyPlan(max_grad_norm=0.5), RoundPlan(1.0, 1, 1.0),
+                      *_generators("cpu", 3))
+    dp.optimizer.zero_grad()
+    dp.loss(examples.inputs[:0], examples.targets[:0]).backward()
+    dp.optimizer.pre_step()
+    first = next(model.parameters())
+    noise = first.grad * dp.optimizer.expected_batch_size
+    one_draw = torch.normal(0.0, 0.5, first.shape, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(noise, one_draw), "the noise is one plain draw from the noise generator"
+    four = gaussian_noise(0.5, first.shape, torch.Generator().manual_seed(3))
+    assert torch.allclose(noise, four, atol=1e-6)
+    draws = gaussian_noise(2.0, (200_000,), torch.Generator().manual_seed(4), torch.float64)
+    assert float(draws.std()) == pytest.approx(2.0, rel=0.01) and abs(float(draws.mean())) < 0.02
