@@ -97,7 +97,8 @@ def _documented_keys(doc: str) -> dict[str, str]:
     for item in re.split(r"\n- ", doc.split("\n\n", 1)[-1]):
         found = re.match(r"``([a-z-]+)``:\s*(.*)", item, re.DOTALL)
         if found:
-            meanings[found.group(1)] = " ".join(found.group(2).split()).rstrip(";.") + "."
+            meaning = found.group(2).split("\n\n", 1)[0]  # the item ends at the first blank line
+            meanings[found.group(1)] = " ".join(meaning.split()).rstrip(";.") + "."
     return meanings
 
 
