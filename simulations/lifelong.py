@@ -40,7 +40,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from client.round_plan import steps_per_round
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
 from common.data.split import EvaluationCases, evaluation_cases, item_popularity
@@ -51,6 +50,7 @@ from common.federation import RunSettings
 from common.privacy.accounting import MechanismStep, epsilon_from_history
 from common.privacy.ledger import Ledger
 from common.privacy.lifetime import window_epsilon
+from common.protocol.round_plan import steps_per_round
 from common.recommender.artifacts import load_model
 from common.recommender.continuation import grow_items
 from common.recommender.evaluation import Scorer, evaluate, model_scorer, popularity_scorer

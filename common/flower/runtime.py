@@ -78,8 +78,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from common.errors import ConfigError, FedtailError
+from common.flower.pacing import OBJECT_RETRY_SECONDS
 from common.utils import timeline
-from common.utils.flower_pacing import OBJECT_RETRY_SECONDS
 from common.utils.processes import APP_DIR, executable
 from common.utils.progress import log
 
@@ -276,13 +276,6 @@ def start_clientapp(
     )
 
 
-def load_installed_app() -> ClientApp:
-    """The installed release's ClientApp, imported once (torch, opacus, flwr, pandas): what every warm task reuses."""
-    from client.app import app  # noqa: PLC0415 - imported here so that refusing sites and tests stay light
-
-    return app
-
-
 def serve(
     address: str, approval: Approval, root_certificates: Path | None = None, warm: ClientApp | None = None
 ) -> None:
@@ -347,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(load_installed_app: Callable[[], ClientApp], argv: Sequence[str] | None = None) -> int:
+    """``python -m client.runtime``; ``load_installed_app`` imports the installed release's ClientApp (client/ lies
+    above this module), called only when the runtime runs it warm."""
     args = build_parser().parse_args(argv)
     # `kill` (SIGTERM) stops the runtime like Ctrl-C, so that its Flower home of installed bundles is removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -361,6 +356,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("fedtail-site runtime: stopped")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

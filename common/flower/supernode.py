@@ -7,7 +7,7 @@ round waits on average about 3 s for the site to look again, whatever the sites 
 a small round (docs/benchmarks.md, deployment). No Flower option sets these intervals.
 
 How: ``python -m client.supernode [--idle-poll S] FLOWER-SUPERNODE-OPTIONS`` runs Flower's own ``flower_supernode()``
-in this process after shortening that loop's waits (``common.utils.flower_pacing``): its idle sleep lasts at most
+in this process after shortening that loop's waits (``common.flower.pacing``): its idle sleep lasts at most
 ``--idle-poll`` seconds (default 0.2), its waits on its own memory for the ClientApp's reply at most 0.05 s, and a
 part of a message not yet at the SuperLink (the global weights while the coordinator still uploads them) is asked
 for again after 0.05 s instead of 1 s. Everything else is Flower's: TLS, SuperNode authentication, node config,
@@ -39,7 +39,7 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 from flwr.supernode.fleet_http_client import FleetHttpClient
 
 from common.errors import ConfigError
-from common.utils.flower_pacing import cap_sleeps, quick_object_pulls
+from common.flower.pacing import cap_sleeps, quick_object_pulls
 from common.utils.progress import log
 
 IDLE_POLL_SECONDS = 0.2
@@ -145,6 +145,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.argv = ["flower-supernode", *flower_options]
     flower_supernode()
 
-
-if __name__ == "__main__":
-    main()

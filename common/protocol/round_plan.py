@@ -18,12 +18,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
-from client.policy import SitePolicy
 from common.federation import RunSettings
 from common.privacy.accounting import GradSampleMode, calibrate_noise
 from common.privacy.popularity import popularity_step, training_noise
 from common.recommender.model import LossName
+
+
+class SiteLimits(Protocol):
+    """What a site's own node config sets for its privacy plan (``client.policy.SitePolicy``, kept at the site)."""
+
+    @property
+    def delta(self) -> float: ...
+    @property
+    def max_epsilon(self) -> float: ...
+    @property
+    def window_epsilon(self) -> float: ...
+    @property
+    def secure_aggregation_sites(self) -> float: ...
+    @property
+    def fallback_cap(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,7 @@ class PrivacyPlan:
     the budget."""
 
     @classmethod
-    def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
+    def from_settings(cls, settings: RunSettings, policy: SiteLimits | None = None) -> PrivacyPlan:
         """The run's target under the site's own budget and delta (``client.policy`` declined any other delta)."""
         if policy is None:
             return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds,

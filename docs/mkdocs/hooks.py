@@ -127,8 +127,8 @@ def _commands(parser: argparse.ArgumentParser, name: str) -> list[tuple[str, arg
 
 
 def cli() -> str:
-    from client.runtime import build_parser as runtime_parser  # noqa: PLC0415
-    from client.supernode import build_parser as supernode_parser  # noqa: PLC0415
+    from common.flower.runtime import build_parser as runtime_parser  # noqa: PLC0415
+    from common.flower.supernode import build_parser as supernode_parser  # noqa: PLC0415
     from simulations.cli import build_parser  # noqa: PLC0415
 
     os.environ["COLUMNS"] = "110"  # argparse wraps help at the terminal's width
