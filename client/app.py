@@ -70,7 +70,7 @@ from common.privacy.popularity import (
     popularity_step,
     popularity_sum_bound,
 )
-from common.protocol.records import NOISE_MULTIPLIER_METRIC, POPULARITY_TASK, POPULARITY_TASK_KEY
+from common.protocol.records import NOISE_MULTIPLIER_METRIC, POPULARITY_TASK, POPULARITY_TASK_KEY, WEIGHT_METRIC
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
 from common.protocol.secure_sum import clipping_range, protocol_problem
 from common.recommender.item_tables import apply_item_tables
@@ -137,7 +137,7 @@ def site_from_context(node_config: dict, settings: RunSettings) -> Site:
 def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:
     lines, head_hash = site.ledger.public_head()
     metrics = MetricRecord(
-        {"weight": site.policy.fedavg_weight, "dp": int(dp), "declined": int(outcome.state_dict is None),
+        {WEIGHT_METRIC: site.policy.fedavg_weight, "dp": int(dp), "declined": int(outcome.state_dict is None),
          "ledger-lines": lines}
     )
     if dp:

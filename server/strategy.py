@@ -28,9 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from common.errors import ConfigError
+from common.protocol.records import WEIGHT_METRIC
 from common.utils.records import scalar
-
-WEIGHT_KEY = "weight"
 
 
 @dataclass
@@ -85,7 +84,7 @@ class PrivateAggregation(FedAvg):
             min_train_nodes=min_sites,
             min_evaluate_nodes=0,
             min_available_nodes=min_sites,
-            weighted_by_key=WEIGHT_KEY,
+            weighted_by_key=WEIGHT_METRIC,
             train_metrics_aggr_fn=_count_trained,
             **server_optimizer,
         )

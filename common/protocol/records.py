@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-REPLY_METRICS = ("weight", "epsilon", "dp", "declined", "ledger-lines")
+WEIGHT_METRIC = "weight"
+"""The reply field FedAvg weighs a site's update by (its node config's public ``fedavg-weight``)."""
+REPLY_METRICS = (WEIGHT_METRIC, "epsilon", "dp", "declined", "ledger-lines")
 """The fields of a site's training reply's "metrics" record: public numbers only."""
 REPLY_SITE_FIELDS = ("site-id", "reason", "ledger-hash")
 """The fields of a site's training reply's "site" record."""
