@@ -55,30 +55,24 @@ from client.catalog_memory import check_extends_trained, remember_trained
 from client.policy import SitePolicy, incoming_weights_problem, simulated_node_config
 from client.popularity import release_site_popularity
 from client.public_errors import PublicInputError, public_errors_mod
-from client.round_plan import LocalTraining, PrivacyPlan, plan_round
-from client.secure_aggregation import (
-    clipping_range,
-    is_secure_round,
-    noise_share,
-    protocol_problem,
-    secure_aggregation_mod,
-    secure_reply,
-)
+from client.secure_aggregation import noise_share, secure_aggregation_mod, secure_reply
 from client.shard import SiteShard, deployed_shard, simulated_shard
 from client.site_round import RoundOutcome, train_site_round
 from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
-from common.packed_content import packed_content_mod
+from common.flower.packed_content import packed_content_mod
+from common.flower.secaggplus_site import is_secure_round
 from common.privacy.ledger import Ledger
 from common.privacy.popularity import (
     POPULARITY_ARRAY,
     POPULARITY_BOUND,
-    POPULARITY_TASK,
-    POPULARITY_TASK_KEY,
     popularity_step,
     popularity_sum_bound,
 )
+from common.protocol.records import NOISE_MULTIPLIER_METRIC, POPULARITY_TASK, POPULARITY_TASK_KEY, WEIGHT_METRIC
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
+from common.protocol.secure_sum import clipping_range, protocol_problem
 from common.recommender.item_tables import apply_item_tables
 from common.recommender.model import SASRec
 from common.recommender.training import pick_device
@@ -92,11 +86,7 @@ app = ClientApp(mods=[public_errors_mod, packed_content_mod, secure_aggregation_
 unchanged."""
 logger = logging.getLogger("fedtail.client")
 
-REPLY_METRICS = ("weight", "epsilon", "dp", "declined", "ledger-lines")
-REPLY_SITE_FIELDS = ("site-id", "reason", "ledger-hash")
 LEDGER_HEAD = "ledger-head"
-CENTRAL_NOISE_METRIC = "noise-multiplier"
-"""noise=central: the multiplier of the total noise the site's epsilon assumes; the coordinator adds at least that."""
 SHARE_ONLY_IN_SECURE_AGGREGATION = (
     "declined: the run asks for noise = distributed, where this site sends its noise share only inside a secure "
     "aggregation (SecAgg+) exchange, and this message is not one"
@@ -147,7 +137,7 @@ def site_from_context(node_config: dict, settings: RunSettings) -> Site:
 def reply_content(outcome: RoundOutcome, site: Site, dp: bool) -> RecordDict:
     lines, head_hash = site.ledger.public_head()
     metrics = MetricRecord(
-        {"weight": site.policy.fedavg_weight, "dp": int(dp), "declined": int(outcome.state_dict is None),
+        {WEIGHT_METRIC: site.policy.fedavg_weight, "dp": int(dp), "declined": int(outcome.state_dict is None),
          "ledger-lines": lines}
     )
     if dp:
@@ -287,7 +277,7 @@ def site_round(
         logger.warning("site %s round %d: NON-PRIVATE update sent (dp = false)", site.site_id, round_number)
     elif settings.noise in ("central", "distributed"):  # the total noise its epsilon assumes (public: settings alone)
         plan = plan_round(LocalTraining.from_settings(settings), PrivacyPlan.from_settings(settings, site.policy))
-        content.metric_records["metrics"][CENTRAL_NOISE_METRIC] = plan.noise_multiplier
+        content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC] = plan.noise_multiplier
     return content, outcome, site
 
 
@@ -390,5 +380,5 @@ def popularity(msg: Message, context: Context) -> Message:
         logger.warning("site %s popularity release: %s", site.site_id, outcome.declined_reason)
     elif settings.noise == "central":  # the noise its epsilon assumes, for the coordinator to add (settings alone)
         step = popularity_step(settings.epsilon, site.policy.delta, settings.popularity_share)
-        content.metric_records["metrics"][CENTRAL_NOISE_METRIC] = step[0]
+        content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC] = step[0]
     return Message(content, reply_to=msg)

@@ -21,14 +21,9 @@ from __future__ import annotations
 import torch
 
 from client.dp_sgd import PIECE_USERS, backward_clipped, make_private, secret_generator
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.data.split import TrainingExamples
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.model import SASRec
-
-
-def trainable_names(model: SASRec) -> list[str]:
-    """The parameters a step changes (frozen ones, ``requires_grad`` False, are neither summed nor sent)."""
-    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
 def clipped_sum(

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.clipping import HooksClipping
 from client.ghost_clipping import GhostClipping, use_fast_norm_samplers
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from client.tied_grad_sampler import use_tied_samplers
 from common.data.split import TrainingExamples, length_sorted_pieces, trim_left_padding
 from common.privacy.accounting import ACCOUNTANT, MechanismStep
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.item_tables import trainable_parameters
 from common.recommender.model import SASRec, per_user_loss
 

@@ -92,6 +92,7 @@ import torch
 
 from common.errors import ConfigError
 from common.federation import RunSettings, steps_per_round
+from common.protocol.round_plan import DEFAULT_MAX_ABS_WEIGHT
 from common.recommender.model import activation_bound
 
 SIMULATED_SITES_ENV = "FEDTAIL_SIMULATED_SITES"
@@ -125,7 +126,7 @@ class SitePolicy:
     max_epsilon: float = 8.0
     delta: float = 1e-5
     allow_non_private: bool = False
-    max_abs_weight: float = 100.0
+    max_abs_weight: float = DEFAULT_MAX_ABS_WEIGHT
     run_ranges: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(RUN_RANGES))
     """Each checked run-config key's (lowest, highest) allowed value: ``RUN_RANGES`` with the node config's ends."""
     fedavg_weight: float = 1.0

@@ -29,8 +29,7 @@ import torch
 
 from client.dp_sgd import gaussian_noise, secret_generator
 from client.replay import ReleasedUpdate
-from client.round_plan import PrivacyPlan
-from client.secure_aggregation import DISTRIBUTED_TRUST, share_noise_multiplier
+from client.secure_aggregation import DISTRIBUTED_TRUST
 from client.site_round import RoundOutcome, library_versions, over_budget, over_fallback_cap
 from common.data.catalog import PADDING_INDEX
 from common.data.split import TrainingExamples
@@ -38,6 +37,8 @@ from common.errors import ConfigError
 from common.privacy.accounting import ACCOUNTANT, epsilon_from_history
 from common.privacy.ledger import Ledger, Spend
 from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
+from common.protocol.round_plan import PrivacyPlan
+from common.protocol.secure_sum import share_noise_multiplier
 
 POPULARITY_RELEASE = "gaussian sum of per-user item indicators, each scaled to L2 norm 1"
 CENTRAL_POPULARITY_TRUST = (

@@ -18,10 +18,9 @@ from __future__ import annotations
 import logging
 
 from flwr.app import Context, Error, Message
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode
 
 from common.errors import ConfigError
+from common.flower.mods import ClientAppCallable, ErrorCode
 
 SITE_FAILED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 SITE_FAILED_REASON = "the site could not answer this message; its operator finds why in the site's own log"

@@ -19,13 +19,14 @@ import torch
 from client.clipped_sum import clipped_sum
 from client.dp_sgd import train_non_private, train_private
 from client.replay import ReleasedUpdate, weights_fingerprint
-from client.round_plan import LocalTraining, PrivacyPlan, plan_round
-from client.secure_aggregation import DISTRIBUTED_TRUST, noise_share, share_noise_multiplier
+from client.secure_aggregation import DISTRIBUTED_TRUST, noise_share
 from common.data.split import TrainingExamples
 from common.errors import ConfigError
 from common.privacy.accounting import ACCOUNTANT, MechanismStep, epsilon_from_history
 from common.privacy.fallback import fallback_epsilon
 from common.privacy.ledger import Ledger, Spend
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
+from common.protocol.secure_sum import share_noise_multiplier
 from common.recommender.model import SASRec
 
 BUDGET_TOLERANCE = 1e-9

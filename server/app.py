@@ -39,10 +39,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from client.clipped_sum import trainable_names
 from common.data.catalog import Catalog
 from common.federation import RunSettings
+from common.flower.polling_grid import PollingGrid
 from common.privacy.accounting import model_selection_statement
+from common.protocol.records import trainable_names
 from common.recommender.artifacts import save_model
 from common.recommender.content import initialise_from_text, item_content_vectors, save_item_vectors
 from common.recommender.continuation import continued_model
@@ -73,7 +74,6 @@ from server.checkpoint import BestRound, Checkpoint, load_checkpoint
 from server.distributed_noise import DISTRIBUTED_STATEMENT, distributed_strategy
 from server.evaluator import Evaluator, server_catalog, validation_line
 from server.iterate_average import IterateAverage
-from server.polling_grid import PollingGrid
 from server.popularity import (
     PopularityFloor,
     initialise_output_bias,

@@ -39,11 +39,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.federation import RunSettings
 from common.privacy.accounting import calibrate_noise
+from common.protocol.records import NOISE_MULTIPLIER_METRIC
 from common.utils.records import scalar
 from server.strategy import PrivateAggregation
 
-NOISE_MULTIPLIER_METRIC = "noise-multiplier"
-"""The reply field in which a site states the multiplier of the total noise its epsilon assumes (client.app)."""
 CENTRAL_STATEMENT = (
     "central: each site trusts the coordinator to add the noise; against the coordinator itself a site's release "
     "is NOT private (it sends the un-noised sum of its users' clipped gradients). The guarantee holds against "

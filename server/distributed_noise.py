@@ -3,9 +3,9 @@ sum formed by Flower's secure aggregation, so that the coordinator never holds a
 
 Each round is one DP step over the union of all sites' users, as under ``central`` (``server.central_noise``), but
 the coordinator adds no noise: every site sends its clipped sum plus its share of the noise
-(``client.secure_aggregation``) through SecAgg+ (``server.secure_sum``, Flower's workflow unchanged), and the
-coordinator receives only the sum. It divides that by the public ``batch-size`` and applies the same server
-optimizer as ``central`` (post-processing).
+(``client.secure_aggregation``) through SecAgg+ (``common.flower.secaggplus_driver``, Flower's workflow
+unchanged), and the coordinator receives only the sum. It divides that by the public ``batch-size`` and applies the
+same server optimizer as ``central`` (post-processing).
 
 Flower's SecAgg+ is driven from Flower's legacy workflow API, so this strategy replaces ``Strategy.start``'s
 send-and-receive round by one secure sum per round; the reply bookkeeping (trained, declined, failures, epsilons,
@@ -23,10 +23,11 @@ from flwr.common import Scalar
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from client.secure_aggregation import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
 from common.federation import RunSettings
+from common.flower.secaggplus_driver import SecureAggregation, SecureSum, secure_sum
+from common.protocol.records import NOISE_MULTIPLIER_METRIC
+from common.protocol.secure_sum import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
 from server.central_noise import CentralNoise, central_noise_multiplier, server_optimizer
-from server.secure_sum import SecureAggregation, SecureSum, secure_sum
 from server.strategy import RoundReplies
 
 DISTRIBUTED_STATEMENT = (
@@ -95,8 +96,8 @@ class DistributedNoise(CentralNoise):
         for metrics in outcome.site_metrics:
             site = str(metrics["site-id"])
             self._record(report, site, metrics)
-            if not metrics["declined"] and "noise-multiplier" in metrics:
-                required.append(float(metrics["noise-multiplier"]))
+            if not metrics["declined"] and NOISE_MULTIPLIER_METRIC in metrics:
+                required.append(float(metrics[NOISE_MULTIPLIER_METRIC]))
         self.last_round = report
         if outcome.total is None:
             report.failures.append("the secure sum did not complete (Flower's SecAgg+ workflow halted)")

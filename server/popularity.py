@@ -31,32 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from client.round_plan import LocalTraining, PrivacyPlan, plan_round
-from client.secure_aggregation import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
 from common.data.catalog import PADDING_INDEX, Catalog
 from common.errors import DataError
 from common.federation import RunSettings
+from common.flower.sampling import connected_nodes
+from common.flower.secaggplus_driver import SecureAggregation, secure_sum
 from common.privacy.popularity import (
     POPULARITY_ARRAY,
     POPULARITY_BOUND,
-    POPULARITY_TASK,
-    POPULARITY_TASK_KEY,
     popularity_step,
     popularity_sum_bound,
 )
+from common.protocol.records import NOISE_MULTIPLIER_METRIC, POPULARITY_TASK, POPULARITY_TASK_KEY
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
+from common.protocol.secure_sum import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
 from common.recommender.model import SASRec
 from common.run_files import site_order
 from common.utils.files import load_torch, save_torch, write_json
 from common.utils.progress import log
 from common.utils.records import scalar
-from server.central_noise import CENTRAL_STATEMENT, NOISE_MULTIPLIER_METRIC
+from server.central_noise import CENTRAL_STATEMENT
 from server.distributed_noise import DISTRIBUTED_STATEMENT
-from server.secure_sum import SecureAggregation, secure_sum
 from server.strategy import root_cause
 
 POPULARITY_PRIOR_FILE = "popularity_prior.pt"
@@ -127,7 +125,7 @@ def request_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: 
     """Ask every connected site (at least ``min-sites``) for its release and sum the answers."""
     if settings.noise == "distributed":
         return secure_popularity(grid, settings, run_id, catalog)
-    _, nodes = sample_nodes(grid, settings.min_sites, 0)
+    nodes = connected_nodes(grid, settings.min_sites)
     config = ConfigRecord({"run-id": run_id, "catalog-sha256": catalog.fingerprint(), "flwr-version": version("flwr")})
     messages = [
         Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=node)

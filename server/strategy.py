@@ -35,11 +35,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from common.errors import ConfigError, NonFiniteError
+from common.protocol.records import WEIGHT_METRIC
 from common.run_files import site_order
 from common.utils.finite import first_non_finite
 from common.utils.records import scalar
-
-WEIGHT_KEY = "weight"
 
 
 @dataclass
@@ -96,7 +95,7 @@ class PrivateAggregation(FedAvg):
             min_train_nodes=min_sites,
             min_evaluate_nodes=0,
             min_available_nodes=min_sites,
-            weighted_by_key=WEIGHT_KEY,
+            weighted_by_key=WEIGHT_METRIC,
             train_metrics_aggr_fn=_count_trained,
             **server_optimizer,
         )
@@ -167,9 +166,9 @@ class PrivateAggregation(FedAvg):
         """Why a trained site's update cannot be averaged; "" when it can."""
         if "arrays" not in reply.content.array_records:
             return "the reply holds no weights"
-        weight = scalar(reply.content["metrics"].get(WEIGHT_KEY, 1.0))
+        weight = scalar(reply.content["metrics"].get(WEIGHT_METRIC, 1.0))
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            return f"'{WEIGHT_KEY}' = {weight!r} is not a positive finite number"
+            return f"'{WEIGHT_METRIC}' = {weight!r} is not a positive finite number"
         broken = first_non_finite(reply.content.array_records["arrays"])
         return "" if broken is None else f"its update holds NaN or infinity in '{broken}'; left out of the average"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import tomli
 
 from client.check import check_site
-from client.runtime import bundle_sha256
 from common.data.catalog import Catalog
 from common.data.datasets import load_dataset
 from common.errors import ConfigError
 from common.federation import RunSettings
+from common.flower.runtime import bundle_sha256
 from common.recommender.model import ModelOptions
 from common.utils.processes import APP_DIR
 from simulations.credentials import CA_CERT, CA_KEY, write_certificates, write_site_keys

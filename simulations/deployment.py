@@ -30,9 +30,9 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from client.supernode import IDLE_POLL_SECONDS
 from common.data.catalog import Catalog
 from common.federation import RunSettings
+from common.flower.supernode import IDLE_POLL_SECONDS
 from common.utils.processes import APP_DIR, die_with_parent, executable, free_loopback_port
 from common.utils.progress import log
 from simulations.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, write_certificates, write_site_keys

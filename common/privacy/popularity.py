@@ -29,9 +29,6 @@ POPULARITY_BOUND = 1.0
 """Largest L2 norm of one user's popularity vector: the release's sensitivity (add or remove one user)."""
 POPULARITY_SAMPLE_RATE = 1.0
 POPULARITY_STEPS = 1
-POPULARITY_TASK = "popularity"
-"""The value of ``POPULARITY_TASK_KEY`` in a secure sum's config that asks for the popularity release, not a round."""
-POPULARITY_TASK_KEY = "fedtail-task"
 LARGEST_NOISE = 1e6
 """Calibration gives up above this noise multiplier: the budget left is too small to be useful."""
 

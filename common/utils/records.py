@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app.typing import ConfigScalar
+from flwr.app import ConfigScalar
 
 
 def scalar(value: object) -> ConfigScalar:

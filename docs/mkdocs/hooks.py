@@ -3,8 +3,9 @@
 A page holds a marker line ``<!-- reference: NAME -->`` and this hook replaces it with the table or help text for
 NAME: ``run-settings`` (``common.federation.RunSettings``: each setting's run-config key, command-line option,
 default, allowed values and help), ``node-config`` (``client.policy.SitePolicy``: each key's default, with its meaning
-from the module's documented key list) and ``cli`` (the ``--help`` of every command). Nothing is copied by hand, so
-the reference cannot drift from the code.
+from the module's documented key list), ``cli`` (the ``--help`` of every command) and ``flower-door`` (the README of
+``common/flower``: the Flower versions supported and each workaround of Flower's internals). Nothing is copied by
+hand, so the reference cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def _commands(parser: argparse.ArgumentParser, name: str) -> list[tuple[str, arg
 
 
 def cli() -> str:
-    from client.runtime import build_parser as runtime_parser  # noqa: PLC0415
-    from client.supernode import build_parser as supernode_parser  # noqa: PLC0415
+    from common.flower.runtime import build_parser as runtime_parser  # noqa: PLC0415
+    from common.flower.supernode import build_parser as supernode_parser  # noqa: PLC0415
     from simulations.cli import build_parser  # noqa: PLC0415
 
     os.environ["COLUMNS"] = "110"  # argparse wraps help at the terminal's width
@@ -147,7 +148,13 @@ def cli() -> str:
     return "\n".join(sections)
 
 
-GENERATORS = {"run-settings": run_settings, "node-config": node_config, "cli": cli}
+def flower_door() -> str:
+    """The Flower door's README (``common/flower/README.md``), below the page's own title."""
+    readme = Path(__file__).resolve().parents[2] / "common" / "flower" / "README.md"
+    return readme.read_text(encoding="utf-8").split("\n", 1)[1].lstrip()
+
+
+GENERATORS = {"run-settings": run_settings, "node-config": node_config, "cli": cli, "flower-door": flower_door}
 
 
 def on_page_markdown(markdown: str, **_: Any) -> str:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.supernode import IDLE_POLL_SECONDS
 from common.data.datasets import load_dataset
 from common.federation import RunSettings
+from common.flower.polling_grid import REPLY_POLL_ENV
+from common.flower.supernode import IDLE_POLL_SECONDS
 from common.privacy.accounting import CACHE_DIR_ENV
 from common.run_files import SUMMARY_FILE, read_rounds
 from common.utils import timeline
-from server.polling_grid import REPLY_POLL_ENV
 from simulations.bench.core import Benchmark, Context, site_training_seconds
 from simulations.deployment import LocalDeployment, site_node_config, write_site_files
 from simulations.report import markdown_table

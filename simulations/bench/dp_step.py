@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from client.dp_sgd import make_private, private_step
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.data.split import training_examples
 from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.model import ModelOptions, SASRec, sequence_loss
 from common.utils.plot import Panel, Series, write_line_charts
 from simulations.bench.core import Benchmark, Context, peak_rss, rss_bytes, timed

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from client.dp_sgd import PIECE_USERS, make_private, private_step
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from client.shard import simulated_shard
 from common.data.datasets import DEFAULT_DATASET
 from common.data.split import length_sorted_pieces
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.model import ModelOptions, SASRec
 from simulations.bench.core import AMAZON_BEAUTY, ML_100K, Benchmark, Context, timed
 from simulations.report import markdown_table

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from client.round_plan import LocalTraining, PrivacyPlan
 from client.shard import simulated_shard
 from client.site_round import train_site_round
 from common.federation import RunSettings
 from common.privacy.ledger import Ledger
+from common.protocol.round_plan import LocalTraining, PrivacyPlan
 from common.recommender.model import SASRec
 from common.recommender.training import pick_device
 from common.run_files import read_rounds

@@ -11,12 +11,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import REPLY_METRICS, REPLY_SITE_FIELDS, train
+from client.app import train
 from client.shard import simulated_shard
 from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
 from common.privacy.ledger import GENESIS_HASH, Ledger
+from common.protocol.records import REPLY_METRICS, REPLY_SITE_FIELDS
 from common.recommender.model import SASRec
 
 

@@ -26,7 +26,6 @@ import client.policy
 from client.app import train
 from client.dp_sgd import make_private
 from client.policy import RUN_RANGES, SitePolicy, run_range_problems
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
 from client.site_round import train_site_round
 from common.data.catalog import PADDING_INDEX, Catalog
 from common.data.split import training_examples
@@ -34,6 +33,7 @@ from common.errors import ConfigError
 from common.federation import PLACEMENT_RECIPES, RunSettings
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.ledger import Ledger
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
 from common.recommender.model import ModelConfig, SASRec
 from tests.client.test_hostile_coordinator import (  # noqa: F401 (flower_task_identity: an autouse fixture)
     POISONED_ITEM,

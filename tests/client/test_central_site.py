@@ -13,9 +13,8 @@ from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import popularity
-from client.clipped_sum import clipped_sum, trainable_names
+from client.clipped_sum import clipped_sum
 from client.popularity import clipped_popularity_sum
-from client.round_plan import LocalTraining
 from client.shard import deployed_shard, simulated_shard
 from client.site_round import CENTRAL_TRUST
 from common.data.catalog import Catalog
@@ -24,6 +23,8 @@ from common.federation import RunSettings
 from common.privacy.accounting import GRAD_SAMPLE_MODES, calibrate_noise, epsilon_from_history
 from common.privacy.ledger import Ledger
 from common.privacy.popularity import POPULARITY_ARRAY, popularity_step
+from common.protocol.records import trainable_names
+from common.protocol.round_plan import LocalTraining
 from common.recommender.model import ModelConfig, SASRec
 from server.central_noise import reply_problem, sum_replies
 from tests.client.test_hostile_coordinator import _node, _public_reply, _settings, _site, _train

@@ -23,11 +23,11 @@ from torch import nn
 from client.app import train
 from client.dp_sgd import make_private, physical_batches, private_step
 from client.policy import SitePolicy, incoming_weights_problem
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.data.catalog import Catalog
 from common.data.split import training_examples
 from common.federation import RunSettings
 from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.model import ModelConfig, SASRec
 
 CONFIG = ModelConfig(num_items=25, max_len=6, hidden=16, heads=2, blocks=1, dropout=0.0)

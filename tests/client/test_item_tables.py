@@ -12,13 +12,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.dp_sgd import make_private
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from client.site_round import train_site_round
 from common.data.split import training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.ledger import Ledger
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.item_tables import ITEM_TABLE_PARAMETERS, apply_item_tables, frozen_parameters
 from common.recommender.model import ModelConfig, SASRec
 from server.strategy import private_strategy

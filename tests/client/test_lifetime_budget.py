@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from client.policy import DEPLOYED_WINDOW_SHARE, SitePolicy
-from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from client.site_round import RoundOutcome, train_site_round
 from common.data.split import TrainingExamples, training_examples
 from common.errors import ConfigError
@@ -18,6 +17,7 @@ from common.federation import RunSettings
 from common.privacy.accounting import epsilon_from_history
 from common.privacy.ledger import Ledger
 from common.privacy.lifetime import lifetime_spend, window_epsilon
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
 from common.recommender.model import ModelConfig, SASRec
 
 CONFIG = ModelConfig(num_items=25, max_len=6, hidden=8, heads=2, blocks=1, dropout=0.0)

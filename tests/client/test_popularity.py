@@ -18,7 +18,6 @@ from client.popularity import (
     clipped_popularity_sum,
     release_site_popularity,
 )
-from client.round_plan import LocalTraining, PrivacyPlan, plan_round
 from client.secure_aggregation import DISTRIBUTED_TRUST
 from client.site_round import train_site_round
 from common.data.split import training_examples
@@ -27,6 +26,7 @@ from common.federation import RunSettings
 from common.privacy.accounting import epsilon_from_history
 from common.privacy.ledger import Ledger
 from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step, training_noise
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
 from common.recommender.model import ModelConfig, SASRec
 
 ITEMS = 60

@@ -19,22 +19,21 @@ from client.app import SHARE_ONLY_IN_SECURE_AGGREGATION, distributed_round
 from client.policy import SitePolicy
 from client.popularity import release_site_popularity
 from client.public_errors import PublicInputError
-from client.round_plan import LocalTraining, PrivacyPlan, plan_round
-from client.secure_aggregation import (
-    HEADROOM_STDS,
-    clipping_range,
-    noise_share,
-    protocol_problem,
-    secure_aggregation_mod,
-    share_noise_multiplier,
-    sum_bound,
-)
+from client.secure_aggregation import noise_share, secure_aggregation_mod
 from client.site_round import train_site_round
 from common.data.split import training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.accounting import epsilon_from_history
 from common.privacy.ledger import Ledger
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
+from common.protocol.secure_sum import (
+    HEADROOM_STDS,
+    clipping_range,
+    protocol_problem,
+    share_noise_multiplier,
+    sum_bound,
+)
 from common.recommender.model import ModelConfig, SASRec
 from simulations.audit.fallback import fallback_findings
 from simulations.audit.ledgers import check_chain

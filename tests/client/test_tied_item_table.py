@@ -15,13 +15,13 @@ import torch
 
 from client.clipped_sum import clipped_sum
 from client.dp_sgd import make_private
-from client.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from client.site_round import train_site_round
 from common.data.catalog import PADDING_INDEX
 from common.data.split import training_examples
 from common.federation import RunSettings
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.ledger import Ledger
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.content import initialise_items
 from common.recommender.continuation import grow_items
 from common.recommender.model import ModelConfig, SASRec, TiedItemTable

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from client.runtime import bundle_sha256
 from common.data.synthetic import SyntheticConfig, generate
+from common.flower.runtime import bundle_sha256
 from common.privacy.ledger import Ledger
 from common.run_files import read_rounds
 from common.utils.processes import APP_DIR, executable

@@ -50,6 +50,12 @@ def test_every_command_has_its_help_on_the_commands_page(hooks: ModuleType) -> N
     assert "--activation-wait" in page
 
 
+def test_the_flower_page_is_the_doors_readme(hooks: ModuleType) -> None:
+    page = hooks.on_page_markdown("# Flower\n\n<!-- reference: flower-door -->\n")
+    assert ".ci/flower-newest" in page and "`secaggplus_driver.py`" in page
+    assert "# Flower's internals, behind one door" not in page  # the page's own title stands above it
+
+
 def test_a_page_marker_is_replaced_and_an_unknown_one_is_an_error(hooks: ModuleType) -> None:
     page = hooks.on_page_markdown("# Node config\n\n<!-- reference: node-config -->\n")
     assert "<!-- reference" not in page and "`max-epsilon`" in page

@@ -8,8 +8,8 @@ import torch
 
 from common.errors import NonFiniteError
 from common.federation import RunSettings
+from common.flower.secaggplus_driver import SecureSum
 from server.distributed_noise import distributed_strategy, secure_aggregation
-from server.secure_sum import SecureSum
 
 SETTINGS = RunSettings(noise="distributed", min_sites=5, secure_aggregation_tolerated=2, central_optimizer="sgd",
                        server_learning_rate=1.0, server_momentum=0.0, batch_size=10)

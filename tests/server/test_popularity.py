@@ -15,8 +15,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.data.catalog import Catalog
 from common.federation import RunSettings
 from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step
+from common.protocol.records import NOISE_MULTIPLIER_METRIC
 from common.recommender.model import ModelConfig, SASRec
-from server.central_noise import NOISE_MULTIPLIER_METRIC
 from server.popularity import (
     PRIOR_SMOOTHING,
     PopularityFloor,

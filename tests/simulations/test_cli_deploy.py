@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from client.runtime import bundle_sha256
 from common.data.catalog import Catalog
+from common.flower.runtime import bundle_sha256
 from common.utils.processes import APP_DIR
 from simulations.cli import main
 from simulations.cli_deploy import default_bundle_folder

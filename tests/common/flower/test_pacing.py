@@ -1,6 +1,6 @@
 """Flower's waits shortened in one module at a time (the site's SuperNode loop, the ServerApp's Grid), nothing else
 changed; a Flower version whose modules were not read is refused. The real processes run in tests/deploy (every
-deployed site starts through ``client.supernode``, every deployed ServerApp through ``server.polling_grid``)."""
+deployed site starts through ``client.supernode``, every deployed ServerApp through ``common.flower.polling_grid``)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ import pytest
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supernode import start_client_internal
 
-from client import supernode
-from client.supernode import idle_poll_seconds
 from common.errors import ConfigError
-from common.utils.flower_pacing import (
+from common.flower import supernode
+from common.flower.pacing import (
     LOCAL_WAIT_SECONDS,
     OBJECT_RETRY_SECONDS,
     CappedSleep,
     cap_sleeps,
     quick_object_pulls,
 )
+from common.flower.supernode import idle_poll_seconds
 
 
 def test_capped_sleep_caps_the_idle_poll_and_the_local_waits_apart_and_passes_the_rest_of_time_through(

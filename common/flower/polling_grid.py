@@ -7,8 +7,8 @@ sites reply within a second still waits up to 3 s for the coordinator to look. T
 ``send_and_receive`` with Flower's own public ``push_messages`` and ``pull_messages`` and a short interval (one small
 request to the SuperLink on the same machine per interval), and delegates everything else to Flower's Grid. A reply
 seen while the site still uploads its parts is asked for again after 0.05 s instead of 1 s
-(``common.utils.flower_pacing.quick_object_pulls``), and each message's content travels as one byte string
-(``common.packed_content``).
+(``common.flower.pacing.quick_object_pulls``), and each message's content travels as one byte string
+(``common.flower.packed_content``).
 
 It also prints the coordinator's side of the round timeline (``common.utils.timeline``): when a round's messages
 were sent and when each site's reply arrived (times only).
@@ -29,9 +29,9 @@ from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid, http_grid
 
 from common.errors import ConfigError
-from common.packed_content import PackedContentError, is_packed, pack, unpack
+from common.flower.pacing import quick_object_pulls
+from common.flower.packed_content import PackedContentError, is_packed, pack, unpack
 from common.utils import timeline
-from common.utils.flower_pacing import quick_object_pulls
 
 REPLY_POLL_SECONDS = 0.05
 REPLY_POLL_ENV = "FEDTAIL_REPLY_POLL_SECONDS"
@@ -80,7 +80,7 @@ class PollingGrid(Grid):
         self.inner = inner
         self.poll_seconds = reply_poll_seconds() if poll_seconds is None else poll_seconds
         self.packs = isinstance(inner, HttpGrid)
-        """Deployed: content travels packed (``common.packed_content``), and a reply's parts still being uploaded are
+        """Deployed: content travels packed (``packed_content``), and a reply's parts still being uploaded are
         asked for again soon."""
         if self.packs:
             quick_object_pulls(http_grid)

@@ -17,12 +17,32 @@ of the total noise, calibrated on ``rounds`` steps at the same public rate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from client.policy import SitePolicy
 from common.federation import RunSettings, steps_per_round
 from common.privacy.accounting import GradSampleMode, calibrate_noise
 from common.privacy.popularity import popularity_step, training_noise
 from common.recommender.model import LossName
+
+DEFAULT_MAX_ABS_WEIGHT = 100.0
+"""A site's weight box when its node config sets no ``max-abs-weight`` (``client.policy``)."""
+
+
+class SiteLimits(Protocol):
+    """What a site's own node config sets for its privacy plan (``client.policy.SitePolicy``, kept at the site)."""
+
+    @property
+    def delta(self) -> float: ...
+    @property
+    def max_epsilon(self) -> float: ...
+    @property
+    def window_epsilon(self) -> float: ...
+    @property
+    def secure_aggregation_sites(self) -> float: ...
+    @property
+    def fallback_cap(self) -> float: ...
+    @property
+    def max_abs_weight(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -46,12 +66,12 @@ class LocalTraining:
     grad_sample_mode: GradSampleMode = RunSettings.grad_sample_mode  # type: ignore[assignment]
     max_physical_batch_size: int = RunSettings.max_physical_batch_size
     """Split larger Poisson batches into pieces of at most this many users (0: never split); privacy is unchanged."""
-    max_abs_weight: float = SitePolicy.max_abs_weight
+    max_abs_weight: float = DEFAULT_MAX_ABS_WEIGHT
     """The site's node config ``max-abs-weight``: after every local step each trainable weight is projected onto
     [-max_abs_weight, max_abs_weight] (``client.dp_sgd.bounded_adam``)."""
 
     @classmethod
-    def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> LocalTraining:
+    def from_settings(cls, settings: RunSettings, policy: SiteLimits | None = None) -> LocalTraining:
         return cls(
             settings.sample_rate,
             settings.batch_size,
@@ -60,7 +80,7 @@ class LocalTraining:
             settings.loss,  # type: ignore[arg-type]
             settings.grad_sample_mode,  # type: ignore[arg-type]
             settings.max_physical_batch_size,
-            (policy or SitePolicy()).max_abs_weight,
+            policy.max_abs_weight if policy else DEFAULT_MAX_ABS_WEIGHT,
         )
 
 
@@ -91,7 +111,7 @@ class PrivacyPlan:
     the budget."""
 
     @classmethod
-    def from_settings(cls, settings: RunSettings, policy: SitePolicy | None = None) -> PrivacyPlan:
+    def from_settings(cls, settings: RunSettings, policy: SiteLimits | None = None) -> PrivacyPlan:
         """The run's target under the site's own budget and delta (``client.policy`` declined any other delta)."""
         if policy is None:
             return cls(settings.dp, settings.epsilon, settings.delta, settings.max_grad_norm, settings.rounds,

@@ -17,8 +17,8 @@ from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supernode.nodestate import NodeStateFactory
 
-from client.runtime import Approval, approved_sha256, bundle_sha256, task_heartbeat
 from common.errors import ConfigError
+from common.flower.runtime import Approval, approved_sha256, bundle_sha256, task_heartbeat
 from tests.apps import app_copy
 
 

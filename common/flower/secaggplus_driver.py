@@ -50,9 +50,9 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.errors import ConfigError
+from common.flower.sampling import sample_nodes
 
 QUANTIZATION_RANGE = 2**22
 MODULUS_RANGE = 2**32

@@ -11,7 +11,7 @@ How: ``pack`` serialises the content with Flower's own protobuf form of a Record
 format Flower itself used on the wire before it moved to object trees) into a single ``bytes`` value of a
 ConfigRecord named ``PACKED_RECORD``. ``unpack`` parses it back and checks every array's bytes against the dtype and
 shape it declares before anyone reads it (numpy's own format, never pickled); anything else is refused with the
-reason. The coordinator packs only on a deployment (``server.polling_grid``); a site unpacks what arrives packed and
+reason. The coordinator packs only on a deployment (``polling_grid``); a site unpacks what arrives packed and
 packs its reply only then (``packed_content_mod``), so the Simulation Engine and an unpacking peer see plain
 records. Nothing about the content changes: the same records, in order, the same values bit for bit. What a packed
 message may carry is what a plain one may: the site's checks on the coordinator's records run after unpacking.

@@ -10,7 +10,7 @@ taking a reply while the SuperNode still pushes it) waits 1 s, then 2 s, ... bef
 spends most of its time in these waits.
 
 How: each function here replaces one name in one Flower module (its ``time`` or its ``pull_objects``), in the
-process that runs that module (the site's SuperNode: ``client.supernode``; the ServerApp: ``server.polling_grid``).
+process that runs that module (the site's SuperNode: ``client.supernode``; the ServerApp: ``polling_grid``).
 What is sent, to whom, and when it counts as received does not change; only how long a process waits before it
 looks again. The modules were read for the Flower versions in ``READ_FOR``; another version is refused, so a
 changed loop is never patched blindly.
@@ -62,7 +62,7 @@ def check_flower(flower_version: str | None = None) -> None:
     if flower_version not in READ_FOR:
         raise ConfigError(
             f"flwr {flower_version}: fedtail's shorter Flower waits were checked against flwr {', '.join(READ_FOR)} "
-            "only; read the new modules (common/utils/flower_pacing.py says which) and add the version"
+            "only; read the new modules (common/flower/pacing.py says which) and add the version"
         )
 
 

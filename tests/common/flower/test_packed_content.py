@@ -15,9 +15,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
 from common.federation import RunSettings
-from common.packed_content import PACKED_KEY, PACKED_RECORD, PackedContentError, pack, packed_content_mod, unpack
+from common.flower.packed_content import PACKED_KEY, PACKED_RECORD, PackedContentError, pack, packed_content_mod, unpack
+from common.flower.polling_grid import PollingGrid
 from common.recommender.model import SASRec
-from server.polling_grid import PollingGrid
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from flwr.supercore.error import ApiErrorCode, FlowerError
 
-from client.supernode import main, wait_for_activation
+from common.flower.supernode import main, wait_for_activation
 
 
 def _answer(code: int, status: int = 412) -> httpx.HTTPStatusError:

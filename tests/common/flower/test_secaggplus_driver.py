@@ -21,9 +21,10 @@ from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from client.secure_aggregation import STATE_NAMES, SUM_NAMES, secure_aggregation_mod, secure_reply
+from client.secure_aggregation import secure_aggregation_mod, secure_reply
 from common.errors import ConfigError
-from server.secure_sum import SecureAggregation, SecureSum, secure_sum
+from common.flower.secaggplus_driver import SecureAggregation, SecureSum, secure_sum
+from common.protocol.secure_sum import STATE_NAMES, SUM_NAMES
 
 SITES = 4
 # Long enough that a random vector correlates with a site's by chance (|r| >= 0.9) with odds far below 1e-20:

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.errors import ConfigError
-from server.polling_grid import REPLY_POLL_ENV, REPLY_POLL_SECONDS, PollingGrid
+from common.flower.polling_grid import REPLY_POLL_ENV, REPLY_POLL_SECONDS, PollingGrid
 
 
 class SlowSites(Grid):

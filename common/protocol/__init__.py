@@ -1,0 +1,1 @@
+"""The protocol between a site and the coordinator: round plans, the names on the wire, the secure sum's checks."""
