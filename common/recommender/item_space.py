@@ -33,13 +33,19 @@ class ItemSpace:
     """Where the vectors and categories come from, in words, for the report."""
 
 
-def item_space(model: SASRec, content_vectors: torch.Tensor | None = None) -> ItemSpace:
-    """Content vectors when given, else the model's learned output-layer rows; categories: their clusters."""
+def similarity_vectors(model: SASRec, content_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """[N, d] unit rows (padding: zeros) of the content vectors when given, else of the model's learned output
+    layer, and which they are, in words."""
     learned = content_vectors is None
     vectors = (model.item_tables()[-1] if learned else content_vectors).detach().float().cpu()
     unit = unit_rows(vectors)
     unit[0] = 0.0
-    source = "learned output-layer item vectors" if learned else "public content vectors"
+    return unit, "learned output-layer item vectors" if learned else "public content vectors"
+
+
+def item_space(model: SASRec, content_vectors: torch.Tensor | None = None) -> ItemSpace:
+    """``similarity_vectors``, and their clusters as categories."""
+    unit, source = similarity_vectors(model, content_vectors)
     return ItemSpace(
         unit, vector_clusters(unit.numpy().astype(np.float64), CATEGORY_CLUSTERS),
         f"{source}; categories: {CATEGORY_CLUSTERS} k-means clusters of them",

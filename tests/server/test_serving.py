@@ -20,9 +20,11 @@ import uvicorn
 from common.data.catalog import Catalog
 from common.errors import ConfigError
 from common.recommender.artifacts import save_model
+from common.recommender.augment import AugmentOptions
 from common.recommender.content import save_item_vectors
 from common.recommender.model import ModelConfig, SASRec
 from common.recommender.ranking import RankingOptions
+from common.recommender.rerank import DiversityOptions
 from server.http import MAX_BODY_BYTES
 from server.serving import PRIOR_STRATEGY, Recommender
 from simulations.cli import main
@@ -256,3 +258,60 @@ def test_a_port_in_use_is_one_line_and_exit_2(model_dir: Path, capsys: pytest.Ca
         port = taken.getsockname()[1]
         assert main(["serve", str(model_dir), "--port", str(port), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"fedtail: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_diversity_reranks_and_the_strategy_says_what_it_changed(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"), diversity=DiversityOptions())
+    history = ["item-3", "item-7", "item-9"]
+    plain = recommender.recommend(history, k=8)
+    mixed = recommender.recommend(history, k=8, diversity=DiversityOptions(diversity=0.9))
+    assert plain.strategy == "model" and "diversity" not in plain.strategy
+    assert "diversity 0.9 (MMR:" in mixed.strategy
+    assert mixed.items[0].item == plain.items[0].item, "the first pick is the most relevant item either way"
+    assert [r.item for r in mixed.items] != [r.item for r in plain.items]
+    assert [r.score for r in mixed.items] == sorted((r.score for r in mixed.items), reverse=True)
+    assert not {r.item for r in mixed.items} & set(history) and all(r.because_of in history for r in mixed.items)
+
+
+def test_the_repetition_penalty_moves_shown_items_down_and_counts_them(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"), diversity=DiversityOptions())
+    history = ["item-3", "item-7", "item-9"]
+    plain = [r.item for r in recommender.recommend(history, k=5).items]
+    tired = recommender.recommend(history, k=5, diversity=DiversityOptions(repeat_penalty=1.0), shown=plain[:2])
+    assert [r.item for r in tired.items][:3] == plain[2:5], "the two shown items fall behind the rest"
+    assert "repetition penalty 1 (2 of 2 already shown item(s)" in tired.strategy
+
+
+def test_augmentation_prepends_pseudo_items_and_names_them(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"), augmentation=AugmentOptions())
+    short = recommender.recommend(["item-3"], k=5, augmentation=AugmentOptions(augment_to=4))
+    assert len(short.pseudo_items) == 3 and "item-3" not in short.pseudo_items
+    assert f"augmented with 3 pseudo-prior item(s) before the history ({', '.join(short.pseudo_items)})" in (
+        short.strategy)
+    assert all(r.because_of == "item-3" for r in short.items), "explanations name only the user's own items"
+    expected = recommender.pseudo_prior.generate([recommender.catalog.index_of("item-3")], 3)
+    assert short.pseudo_items == [recommender.catalog.raw_id(i) for i in expected]
+    long = recommender.recommend([f"item-{i}" for i in range(1, 6)], k=5, augmentation=AugmentOptions(augment_to=4))
+    assert long.pseudo_items == [] and "augmented" not in long.strategy
+
+
+def test_reranking_and_augmentation_are_request_options_over_http(model_dir: Path) -> None:
+    with running_service(model_dir, "--diversity", "0.5", "--repeat-penalty", "0", "--augment-to", "0") as url:
+        body = {"history": ["item-3"], "k": 5}
+        status, default = _post(f"{url}/recommend", json.dumps(body).encode())
+        assert status == 200 and "diversity 0.5" in default["strategy"], "the server's default applies"
+        status, chosen = _post(f"{url}/recommend", json.dumps(
+            {**body, "diversity": 0, "repeat_penalty": 1, "shown": [default["items"][0]["item"]], "augment_to": 3}
+        ).encode())
+        assert status == 200 and "diversity" not in chosen["strategy"]
+        assert "repetition penalty 1" in chosen["strategy"] and len(chosen["pseudo_items"]) == 2
+        status, batch = _post(f"{url}/recommend/batch", json.dumps(
+            {"histories": [["item-3"], ["item-4"]], "k": 3, "shown": [["item-1"], []], "augment_to": 2}
+        ).encode())
+        assert status == 200 and all(len(r["pseudo_items"]) == 1 for r in batch["results"])
+        status, refused = _post(f"{url}/recommend/batch", json.dumps(
+            {"histories": [["item-3"]], "shown": [[], []]}
+        ).encode())
+        assert status == 400 and "shown: 2 lists for 1 histories" in refused["detail"]
+        status, refused = _post(f"{url}/recommend", json.dumps({**body, "diversity": 1.0}).encode())
+        assert status == 400 and refused["detail"].startswith("diversity:")
