@@ -1,4 +1,4 @@
-"""Beyond one accurate item, for a saved model: ``python -m simulations.engagement MODEL_DIR DATASET --out DIR``.
+"""Beyond one accurate item, for a saved model: ``fedtail engagement MODEL_DIR DATASET --out DIR``.
 
 Three tables, printed and written to ``DIR/engagement.json`` (the trade-off curve also as ``DIR/tradeoff.svg``):
 
@@ -151,10 +151,9 @@ def plot_tradeoff(path: Path, result: dict[str, Any]) -> None:
     write_line_charts(path, panels)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
-    parser.add_argument("dataset")
+def add_engagement_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="a trained model folder (model.pt) or a finished federated run folder")
+    parser.add_argument("dataset", help="the dataset the model was trained on (its test split is measured)")
     parser.add_argument("--out", required=True, help="folder for engagement.json and tradeoff.svg")
     parser.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS),
                         help="diversity weights of the trade-off curve (0: the plain model)")
@@ -163,13 +162,16 @@ def main() -> None:
     parser.add_argument("--augment-to", type=int, nargs="+", default=list(AUGMENT_TO),
                         help="augmentation lengths to measure (0: off)")
     defaults = DiversityOptions()
-    parser.add_argument("--diversity", type=float, default=defaults.diversity, help="the replay's re-ranker")
+    parser.add_argument("--diversity", type=float, default=defaults.diversity, help="the replay's MMR weight")
     parser.add_argument("--repeat-penalty", type=float, default=defaults.repeat_penalty,
                         help="the replay's repetition penalty")
     parser.add_argument("--augment", type=int, default=AugmentOptions().augment_to,
-                        help="the replay's augmentation length")
+                        help="the replay's augmentation length (0: off)")
     parser.add_argument("--steps", type=int, default=STEPS, help="replayed events per user")
-    args = parser.parse_args()
+    parser.set_defaults(handler=run_arguments)
+
+
+def run_arguments(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     result = engagement_tables(
         Path(args.model_dir), args.dataset, tuple(args.weights), tuple(args.tail_penalties), tuple(args.augment_to),
@@ -180,7 +182,11 @@ def main() -> None:
     write_json(out / "engagement.json", result)
     plot_tradeoff(out / "tradeoff.svg", result)
     print(format_tables(result))
+    print(f"\nwrote {out / 'engagement.json'}, {out / 'tradeoff.svg'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_engagement_arguments(parser)
+    raise SystemExit(run_arguments(parser.parse_args()))
