@@ -64,7 +64,7 @@ def engagement_tables(
     for penalty in tail_penalties:
         base = plain if penalty == 0 else reranked_scorer(plain, prior, RankingOptions(tail_penalty=penalty))
         for weight in weights:
-            reorder = diversity_reorder(space.unit, DiversityOptions(weight), max(KS)) if weight > 0 else None
+            reorder = diversity_reorder(space.unit, DiversityOptions(weight, 0.0), max(KS)) if weight > 0 else None
             report = evaluate(base, cases, popularity, len(sequences), space=space, reorder=reorder)
             tradeoff.append({"diversity": weight, "tail_penalty": penalty, **_groups(report)})
     pseudo = PseudoPrior.from_model(model)
@@ -78,8 +78,8 @@ def engagement_tables(
                                  "ndcg@10": report["overall"]["ndcg@10"],
                                  "tail_ndcg@10": report["groups"]["tail"]["ndcg@10"]})
     augmented = augmented_scorer(plain, pseudo, augment)
-    mmr = Reranking(space.unit, DiversityOptions(chosen.diversity))
-    repetition = Reranking(space.unit, DiversityOptions(repeat_penalty=chosen.repeat_penalty))
+    mmr = Reranking(space.unit, DiversityOptions(chosen.diversity, 0.0))
+    repetition = Reranking(space.unit, DiversityOptions(0.0, chosen.repeat_penalty))
     both = Reranking(space.unit, chosen)
     replays = {
         name: replay(scorer, sequences, steps, max_len, reranking=reranked)

@@ -31,8 +31,9 @@ from common.utils.files import write_json
 from simulations.report import markdown_table
 
 TAIL_PENALTIES = (0.2, 0.5)
-COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5)
-CONTENT_COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5, cold_start_prior="content")
+COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5, tail_penalty=0.0)
+CONTENT_COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5, tail_penalty=0.0,
+                                    cold_start_prior="content")
 SHORT_HISTORIES = (1, 3)
 
 

@@ -36,7 +36,7 @@ def test_the_repetition_penalty_stops_repeats_at_a_cost_in_hits() -> None:
     unit = torch.eye(ITEMS)[:, :ITEMS]
     unit[PADDING_INDEX] = 0.0
     report = replay(next_one, SEQUENCES, steps=3, max_len=6, k=2,
-                    reranking=Reranking(unit, DiversityOptions(repeat_penalty=1.0)))
+                    reranking=Reranking(unit, DiversityOptions(diversity=0.0, repeat_penalty=1.0)))
     # Step 2: item 4 was shown, its relevance 1 - 1 = 0 falls below 5's 2/3 and 6's 1/3: [5, 6], a miss.
     # Step 3: 5 (1 - 1 = 0) ties with 7 (0) and comes first by score: [5, 7], a hit, one repeat.
     overall = report["overall"]
