@@ -134,18 +134,17 @@ def evaluate(
     shown = torch.cat(recommended).numpy()
     lists = np.empty_like(shown)
     lists[order.numpy()] = shown
-    report = {
+    grouped = grouped_ranking_metrics(all_ranks, cases.training_lengths)
+    report: dict[str, Any] = {
         "overall": {**ranking_metrics(all_ranks), "users": len(all_ranks)},
-        "groups": grouped_ranking_metrics(all_ranks, cases.training_lengths),
+        "groups": grouped,
         "items": _list_metrics(lists, cases, popularity, num_users, space, np.ones(len(cases), dtype=bool)),
     }
     if space is not None:
         groups = user_groups(cases.training_lengths)
         for name in GROUPS:
             if (groups == name).any():
-                report["groups"][name].update(
-                    _list_metrics(lists, cases, popularity, num_users, space, groups == name)
-                )
+                grouped[name].update(_list_metrics(lists, cases, popularity, num_users, space, groups == name))
         report["item_space"] = space.description
     return report
 

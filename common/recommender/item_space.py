@@ -36,11 +36,13 @@ class ItemSpace:
 def similarity_vectors(model: SASRec, content_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """[N, d] unit rows (padding: zeros) of the content vectors when given, else of the model's learned output
     layer, and which they are, in words."""
-    learned = content_vectors is None
-    vectors = (model.item_tables()[-1] if learned else content_vectors).detach().float().cpu()
-    unit = unit_rows(vectors)
+    if content_vectors is None:
+        vectors, source = model.item_tables()[-1], "learned output-layer item vectors"
+    else:
+        vectors, source = content_vectors, "public content vectors"
+    unit = unit_rows(vectors.detach().float().cpu())
     unit[0] = 0.0
-    return unit, "learned output-layer item vectors" if learned else "public content vectors"
+    return unit, source
 
 
 def item_space(model: SASRec, content_vectors: torch.Tensor | None = None) -> ItemSpace:
