@@ -33,8 +33,12 @@ from tests.server.service import running_service
 ITEMS = [f"item-{i}" for i in range(1, 41)]
 DEFAULTS = "tail penalty 0.5 + diversity 0.2 (MMR:"
 """What the served default adds to the model's own list (a request with no ``shown`` items has nothing to penalise)."""
-PLAIN = {"ranking": RankingOptions(tail_penalty=0.0), "diversity": DiversityOptions(0.0, 0.0)}
-"""The model's own list: no tail penalty, no re-ranking."""
+
+
+def plain_recommender(model_dir: Path) -> Recommender:
+    """The model's own list: no tail penalty, no re-ranking."""
+    return Recommender.load(model_dir, torch.device("cpu"), RankingOptions(tail_penalty=0.0),
+                            DiversityOptions(0.0, 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +270,7 @@ def test_a_port_in_use_is_one_line_and_exit_2(model_dir: Path, capsys: pytest.Ca
 
 
 def test_diversity_reranks_and_the_strategy_says_what_it_changed(model_dir: Path) -> None:
-    recommender = Recommender.load(model_dir, torch.device("cpu"), **PLAIN)
+    recommender = plain_recommender(model_dir)
     history = ["item-3", "item-7", "item-9"]
     plain = recommender.recommend(history, k=8)
     mixed = recommender.recommend(history, k=8, diversity=DiversityOptions(diversity=0.9, repeat_penalty=0.0))
@@ -279,7 +283,7 @@ def test_diversity_reranks_and_the_strategy_says_what_it_changed(model_dir: Path
 
 
 def test_the_repetition_penalty_moves_shown_items_down_and_counts_them(model_dir: Path) -> None:
-    recommender = Recommender.load(model_dir, torch.device("cpu"), **PLAIN)
+    recommender = plain_recommender(model_dir)
     history = ["item-3", "item-7", "item-9"]
     plain = [r.item for r in recommender.recommend(history, k=5).items]
     tired = recommender.recommend(history, k=5, diversity=DiversityOptions(diversity=0.0, repeat_penalty=1.0),
