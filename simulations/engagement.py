@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from common.data.datasets import load_dataset
-from common.data.split import evaluation_cases, item_popularity, training_history
+from common.data.split import evaluation_cases, item_popularity
 from common.recommender.artifacts import load_model
 from common.recommender.augment import AugmentOptions, PseudoPrior, augmented_scorer
 from common.recommender.content import load_item_vectors
@@ -55,7 +55,7 @@ def engagement_tables(
     _, sequences = dataset.sequences(catalog)
     max_len = model.config.max_len
     cases = evaluation_cases(sequences, "test", max_len)
-    popularity = item_popularity([training_history(s) for s in sequences], catalog.num_items)
+    popularity = item_popularity(sequences, catalog.num_items)
     space = item_space(model, load_item_vectors(model_dir, catalog.num_items))
     plain = model_scorer(model, device)
     popular = evaluate(popularity_scorer(popularity), cases, popularity, len(sequences), space=space)

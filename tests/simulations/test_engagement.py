@@ -10,8 +10,12 @@ import torch
 
 from common.data.datasets import load_dataset
 from common.recommender.artifacts import save_model
+from common.recommender.augment import AugmentOptions
 from common.recommender.model import ModelConfig, SASRec
+from common.recommender.rerank import DiversityOptions
+from simulations.centralized import evaluate_saved
 from simulations.cli import main
+from simulations.engagement import engagement_tables
 
 DATA = "synthetic:users=80,items=100,seed=2"
 
@@ -40,3 +44,17 @@ def test_engagement_writes_the_curve_the_augmentation_and_the_replay(
     assert replay["repetition"]["overall"]["repeat_rate"] <= replay["plain"]["overall"]["repeat_rate"]
     assert (out / "tradeoff.svg").read_text().startswith("<svg")
     assert "cumulative hits@10 per step" in capsys.readouterr().out
+
+
+def test_the_most_popular_row_is_the_evaluation_baseline(tmp_path: Path) -> None:
+    """Popularity counts the training histories once: the row equals ``fedtail evaluate``'s most-popular."""
+    torch.manual_seed(0)
+    catalog = load_dataset(DATA).catalog()
+    save_model(tmp_path / "model", SASRec(ModelConfig(num_items=catalog.num_items, max_len=8, hidden=8, heads=2,
+                                                      blocks=1)), catalog)
+    result = engagement_tables(tmp_path / "model", DATA, (0.0,), (0.0,), (0,), DiversityOptions(), AugmentOptions(),
+                               steps=1)
+    baseline = evaluate_saved(tmp_path / "model", load_dataset(DATA), torch.device("cpu"))["baselines"]["most_popular"]
+    row = result["tradeoff"][0]
+    assert row["overall ndcg@10"] == pytest.approx(baseline["overall"]["ndcg@10"])
+    assert row["overall tail_share@10"] == pytest.approx(baseline["items"]["tail_share@10"])
