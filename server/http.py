@@ -24,6 +24,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import ConfigError
+from common.recommender.augment import AugmentOptions
+from common.recommender.rerank import DiversityOptions
 from server.reloading import LiveRecommender, ReloadError
 from server.serving import MAX_K, ModelInfo, RecommendationList, Recommender
 
@@ -56,23 +58,43 @@ ItemId = Annotated[
 ]
 
 
-class RecommendRequest(BaseModel):
+class ListOptions(BaseModel):
+    """What both endpoints take beside the histories; each option left out takes the server's default."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    history: list[ItemId] = Field(max_length=MAX_HISTORY, description="raw item ids, oldest first ([] for none)")
     k: int = Field(10, ge=1, le=MAX_K, description="how many items to recommend")
     exclude_history: bool = Field(True, description="never recommend an item of the history")
     explain: bool = Field(True, description="name the history item behind each recommendation (costs one forward "
                           "pass per history item)")
+    diversity: float | None = Field(None, ge=0, lt=1, description="MMR weight of similarity to the items already in "
+                                    "the list (0: the model's own order; default: the server's, fedtail serve "
+                                    "--diversity)")
+    repeat_penalty: float | None = Field(None, ge=0, le=1, description="how far items already shown to the user "
+                                         "move down (0: off; default: the server's, --repeat-penalty)")
+    augment_to: int | None = Field(None, ge=0, le=MAX_HISTORY, description="score a history shorter than this with "
+                                   "pseudo-prior items the model generates before it (0: off; default: the "
+                                   "server's, --augment-to)")
+
+    def options(self, served: Recommender) -> tuple[DiversityOptions, AugmentOptions]:
+        """This request's re-ranker and augmentation: its own choices over the server's defaults."""
+        diversity = DiversityOptions(
+            served.diversity.diversity if self.diversity is None else self.diversity,
+            served.diversity.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
+        )
+        return diversity, served.augmentation if self.augment_to is None else AugmentOptions(self.augment_to)
 
 
-class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class RecommendRequest(ListOptions):
+    history: list[ItemId] = Field(max_length=MAX_HISTORY, description="raw item ids, oldest first ([] for none)")
+    shown: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY,
+                                description="items already shown to this user, for the repetition penalty")
 
+
+class BatchRequest(ListOptions):
     histories: list[list[ItemId]] = Field(max_length=MAX_BATCH, description="one history per user, as in /recommend")
-    k: int = Field(10, ge=1, le=MAX_K)
-    exclude_history: bool = True
-    explain: bool = True
+    shown: list[list[ItemId]] | None = Field(None, max_length=MAX_BATCH,
+                                             description="per history, the items already shown to that user")
 
 
 class BatchResponse(BaseModel):
@@ -216,7 +238,8 @@ def create_app(live: LiveRecommender) -> FastAPI:
     def recommend(request: RecommendRequest, response: Response) -> RecommendationList:
         served = live.current
         try:
-            answer = served.recommend(request.history, request.k, request.exclude_history, request.explain)
+            answer = served.recommend(request.history, request.k, request.exclude_history, request.explain,
+                                      *request.options(served), request.shown)
         except ConfigError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         _label(response, served)
@@ -226,7 +249,8 @@ def create_app(live: LiveRecommender) -> FastAPI:
     def recommend_batch(request: BatchRequest, response: Response) -> BatchResponse:
         served = live.current
         try:
-            lists = served.recommend_many(request.histories, request.k, request.exclude_history, request.explain)
+            lists = served.recommend_many(request.histories, request.k, request.exclude_history, request.explain,
+                                          *request.options(served), request.shown)
         except ConfigError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         _label(response, served)

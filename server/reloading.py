@@ -31,8 +31,10 @@ import torch
 
 from common.errors import DataError
 from common.recommender.artifacts import CATALOG_FILE, MODEL_FILE
+from common.recommender.augment import AugmentOptions
 from common.recommender.content import ITEM_VECTORS_FILE
 from common.recommender.ranking import RankingOptions
+from common.recommender.rerank import DiversityOptions
 from common.run_files import GLOBAL_MODEL_FILE, SUMMARY_FILE
 from common.utils.progress import log
 from server.serving import Recommender
@@ -73,10 +75,15 @@ class ReloadResult:
 class LiveRecommender:
     """The version being served (``current``), replaced whole by ``reload``."""
 
-    def __init__(self, run_dir: str | Path, device: torch.device | None, ranking: RankingOptions) -> None:
+    def __init__(
+        self, run_dir: str | Path, device: torch.device | None, ranking: RankingOptions,
+        diversity: DiversityOptions = DiversityOptions(), augmentation: AugmentOptions = AugmentOptions(),
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.device = device
         self.ranking = ranking
+        self.diversity = diversity
+        self.augmentation = augmentation
         self._lock = threading.Lock()  # one reload at a time: the watcher's and an explicit request's
         self._current, self._state = self._load()
         self._failed_state: FolderState | None = None
@@ -113,7 +120,7 @@ class LiveRecommender:
         """A version read from files none of which was replaced during the read."""
         for _ in range(SNAPSHOT_TRIES):
             before = folder_state(self.run_dir)
-            recommender = Recommender.load(self.run_dir, self.device, self.ranking)
+            recommender = Recommender.load(self.run_dir, self.device, self.ranking, self.diversity, self.augmentation)
             if folder_state(self.run_dir) == before:
                 return recommender, before
         raise DataError(f"its files were replaced during each of {SNAPSHOT_TRIES} reads; try again", self.run_dir)

@@ -37,6 +37,7 @@ from simulations.centralized import evaluate_saved, train_centralized
 from simulations.cli_deploy import add_deploy_commands
 from simulations.cli_serve import add_serve_arguments
 from simulations.deployment import deal_to_sites
+from simulations.engagement import add_engagement_arguments
 from simulations.lifelong import STRATEGIES, run_lifelong
 from simulations.lifelong import format_summary as format_lifelong
 from simulations.report import format_federated_summary, format_metrics_table
@@ -303,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="write the metrics JSON here")
     evaluate.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     evaluate.set_defaults(handler=_evaluate)
+
+    engagement = commands.add_parser(
+        "engagement", help="beyond one accurate item: the diversity trade-off curve, augmentation of short histories, "
+        "and a multi-step replay, per user group"
+    )
+    add_engagement_arguments(engagement)
 
     serve = commands.add_parser("serve", help="HTTP recommendation service over a run folder's model")
     add_serve_arguments(serve)

@@ -11,7 +11,9 @@ import sys
 import torch
 
 from common.errors import ConfigError
+from common.recommender.augment import AugmentOptions
 from common.recommender.ranking import COLD_START_PRIORS, RankingOptions
+from common.recommender.rerank import DiversityOptions
 
 
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
@@ -34,6 +36,16 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="history length at which the blend has faded out")
     serve.add_argument("--tail-penalty", type=float, default=ranking.tail_penalty,
                        help="lift rare items: score - penalty * log(prior) (0: off)")
+    diversity, augmentation = DiversityOptions(), AugmentOptions()
+    serve.add_argument("--diversity", type=float, default=diversity.diversity,
+                       help="default MMR weight of similarity to items already in the list, in [0, 1) (0: the "
+                       "model's own order); a request's 'diversity' overrides it")
+    serve.add_argument("--repeat-penalty", type=float, default=diversity.repeat_penalty,
+                       help="default penalty, in [0, 1], for items a request lists as already 'shown' to the user "
+                       "(0: off); a request's 'repeat_penalty' overrides it")
+    serve.add_argument("--augment-to", type=int, default=augmentation.augment_to,
+                       help="default: score histories shorter than this with pseudo-prior items the model generates "
+                       "before them (0: off); a request's 'augment_to' overrides it")
     serve.set_defaults(handler=_serve)
 
 
@@ -46,8 +58,10 @@ def _serve(args: argparse.Namespace) -> int:
     ranking = RankingOptions(
         args.cold_start_weight, args.cold_start_fade, args.tail_penalty, args.cold_start_prior, args.content_temperature
     )
+    diversity, augmentation = DiversityOptions(args.diversity, args.repeat_penalty), AugmentOptions(args.augment_to)
     with _listen(args.host, args.port) as listening:
-        live = LiveRecommender(args.run_dir, torch.device(args.device) if args.device else None, ranking)
+        live = LiveRecommender(args.run_dir, torch.device(args.device) if args.device else None, ranking,
+                               diversity, augmentation)
         info = live.current.info
         watching = f"checked every {args.watch_interval:g} s" if args.watch_interval else "not watched"
         print(f"fedtail: serving {args.run_dir} (model {info.model_id}, {info.catalog_size} items; run folder "

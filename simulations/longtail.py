@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from common.data.datasets import load_dataset
-from common.data.split import EvaluationCases, evaluation_cases, item_popularity, training_history
+from common.data.split import EvaluationCases, evaluation_cases, item_popularity
 from common.recommender.artifacts import load_model
 from common.recommender.content import item_content_vectors, load_item_vectors
 from common.recommender.evaluation import evaluate, model_scorer, popularity_scorer, reranked_scorer
@@ -31,8 +31,9 @@ from common.utils.files import write_json
 from simulations.report import markdown_table
 
 TAIL_PENALTIES = (0.2, 0.5)
-COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5)
-CONTENT_COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5, cold_start_prior="content")
+COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5, tail_penalty=0.0)
+CONTENT_COLD_START = RankingOptions(cold_start_weight=0.5, cold_start_fade=5, tail_penalty=0.0,
+                                    cold_start_prior="content")
 SHORT_HISTORIES = (1, 3)
 
 
@@ -51,7 +52,7 @@ def longtail_table(
     dataset, _ = load_dataset(dataset_spec).restricted_to(catalog)
     _, sequences = dataset.sequences(catalog)
     cases = evaluation_cases(sequences, "test", max_len or model.config.max_len)
-    popularity = item_popularity([training_history(s) for s in sequences], catalog.num_items)
+    popularity = item_popularity(sequences, catalog.num_items)
     prior = model_prior(model)
     plain = model_scorer(model, device)
     vectors = load_item_vectors(model_dir, catalog.num_items)

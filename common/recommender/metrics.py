@@ -11,6 +11,10 @@ Conventions (see DESIGN.md, "Evaluation conventions"):
 - users are grouped by training-history length: tail = bottom 20%, head = top
   20%, torso = the rest; all users of one length fall in the same group (the
   threshold decides), so group sizes can differ from 20% and are reported.
+
+Beyond accuracy, per list: intra-list diversity (mean pairwise cosine distance
+of the list's item vectors) and miscalibration (Steck 2018: how far the
+list's category mix is from the mix of the user's history).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from common.errors import NonFiniteError
 KS = (10, 20)
 GROUPS = ("tail", "torso", "head")
 GROUP_SHARE = 0.2
+CALIBRATION_ALPHA = 0.01
+"""Steck's smoothing: the list's category mix is (1 - alpha) q + alpha p, so KL(p || .) stays finite."""
 
 
 def exclusion_mask(histories: Sequence[np.ndarray], targets: torch.Tensor, width: int) -> torch.Tensor:
@@ -142,3 +148,61 @@ def item_metrics(recommended: np.ndarray, popularity: np.ndarray, num_users: int
         f"tail_share@{k}": tail_share,
         f"novelty@{k}": novelty,
     }
+
+
+def intra_list_diversity(lists: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """Per list: mean over pairs of its items of 1 - cosine similarity (NaN for a list of fewer than 2 items).
+
+    lists: [users, k] item indices, PADDING_INDEX for empty slots; unit: [N, d] item vectors scaled to length 1
+    (an item without a vector is a zero row: distance 1 to everything).
+    """
+    lists = np.asarray(lists)
+    vectors = unit[lists]  # [users, k, d]
+    similarity = vectors @ vectors.transpose(0, 2, 1)  # [users, k, k]
+    real = lists != PADDING_INDEX
+    pairs = real[:, :, None] & real[:, None, :] & ~np.eye(lists.shape[1], dtype=bool)[None]
+    counts = pairs.sum(axis=(1, 2))
+    distance = np.where(pairs, 1.0 - similarity, 0.0).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, distance / np.maximum(counts, 1), np.nan)
+
+
+def miscalibration(
+    histories: Sequence[np.ndarray], lists: np.ndarray, categories: np.ndarray, alpha: float = CALIBRATION_ALPHA
+) -> np.ndarray:
+    """Per user: KL(p || (1 - alpha) q + alpha p), Steck (2018), in nats; NaN for an empty history or list.
+
+    p: the category distribution of the user's history, q: that of the list, each the mean of its items'
+    distributions (every item weighs the same); categories: [N, G], row i the distribution p(g | i) of item i
+    (a row of zeros: the item has no category, and counts for nothing).
+    """
+    out = np.full(len(histories), np.nan)
+    for user, (history, shown) in enumerate(zip(histories, np.asarray(lists), strict=True)):
+        p = categories[np.asarray(history, dtype=np.int64)].sum(axis=0)
+        q = categories[shown[shown != PADDING_INDEX]].sum(axis=0)
+        if p.sum() <= 0 or q.sum() <= 0:
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        present = p > 0
+        out[user] = float((p[present] * np.log(p[present] / ((1 - alpha) * q[present] + alpha * p[present]))).sum())
+    return out
+
+
+def vector_clusters(vectors: np.ndarray, clusters: int, seed: int = 0, iterations: int = 25) -> np.ndarray:
+    """[N, clusters] one-hot category rows from spherical k-means of the item vectors (row 0, padding: zeros).
+
+    Stands in for genres where items have none: items whose vectors point the same way share a cluster.
+    """
+    unit = vectors[1:] / np.maximum(np.linalg.norm(vectors[1:], axis=1, keepdims=True), 1e-12)
+    clusters = min(clusters, len(unit))
+    centres = unit[np.random.default_rng(seed).choice(len(unit), clusters, replace=False)]
+    for _ in range(iterations):
+        labels = np.argmax(unit @ centres.T, axis=1)
+        for cluster in range(clusters):
+            members = unit[labels == cluster]
+            if len(members):
+                centres[cluster] = members.sum(axis=0) / max(np.linalg.norm(members.sum(axis=0)), 1e-12)
+    labels = np.argmax(unit @ centres.T, axis=1)
+    one_hot = np.zeros((len(vectors), clusters))
+    one_hot[np.arange(1, len(vectors)), labels] = 1.0
+    return one_hot

@@ -1,6 +1,6 @@
 """Long-tail re-ranking on top of the model's scores, shared by serving and evaluation.
 
-Two switches, both off by default:
+Two switches: the blend is off by default, the tail penalty on (at 0.5):
 
 - cold-start blend: for a user with few known items the model has little to go
   on, so its next-item distribution is mixed with a prior distribution over
@@ -36,7 +36,9 @@ class RankingOptions:
     """Weight of the prior for an empty history; 0 switches the blend off."""
     cold_start_fade: int = 5
     """History length at which the prior's weight has faded to 0."""
-    tail_penalty: float = 0.0
+    tail_penalty: float = 0.5
+    """The default lifts the tail-item share of the diversity re-ranker's lists (``common.recommender.rerank``),
+    which MMR alone can lower (docs/results.md, "Beyond one accurate item"); 0 switches it off."""
     cold_start_prior: str = "model"
     """What the blend mixes in: "model" (the global prior) or "content" (items like the user's, per user)."""
     content_temperature: float = 0.1

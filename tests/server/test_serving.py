@@ -20,15 +20,25 @@ import uvicorn
 from common.data.catalog import Catalog
 from common.errors import ConfigError
 from common.recommender.artifacts import save_model
+from common.recommender.augment import AugmentOptions
 from common.recommender.content import save_item_vectors
 from common.recommender.model import ModelConfig, SASRec
 from common.recommender.ranking import RankingOptions
+from common.recommender.rerank import DiversityOptions
 from server.http import MAX_BODY_BYTES
 from server.serving import PRIOR_STRATEGY, Recommender
 from simulations.cli import main
 from tests.server.service import running_service
 
 ITEMS = [f"item-{i}" for i in range(1, 41)]
+DEFAULTS = "tail penalty 0.5 + diversity 0.2 (MMR:"
+"""What the served default adds to the model's own list (a request with no ``shown`` items has nothing to penalise)."""
+
+
+def plain_recommender(model_dir: Path) -> Recommender:
+    """The model's own list: no tail penalty, no re-ranking."""
+    return Recommender.load(model_dir, torch.device("cpu"), RankingOptions(tail_penalty=0.0),
+                            DiversityOptions(0.0, 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +55,7 @@ def test_recommendations_exclude_the_history_and_explain_themselves_with_it(mode
     recommender = Recommender.load(model_dir, torch.device("cpu"))
     history = ["item-3", "item-7", "item-9"]
     result = recommender.recommend(history + ["not-an-item"], k=5)
-    assert result.strategy == "model" and result.unknown_items == ["not-an-item"]
+    assert result.strategy.startswith(f"model + {DEFAULTS}") and result.unknown_items == ["not-an-item"]
     assert len(result.items) == 5 and not {r.item for r in result.items} & set(history)
     assert all(r.because_of in history for r in result.items)
     assert [r.score for r in result.items] == sorted((r.score for r in result.items), reverse=True)
@@ -81,8 +91,9 @@ def test_the_explanation_is_the_item_whose_removal_costs_the_most(model_dir: Pat
 def test_cold_start_uses_the_models_prior(model_dir: Path) -> None:
     recommender = Recommender.load(model_dir, torch.device("cpu"))
     result = recommender.recommend([], k=3)
-    assert result.strategy == PRIOR_STRATEGY and len(result.items) == 3 and result.items[0].because_of is None
-    assert recommender.recommend(["unknown"], k=3).strategy == PRIOR_STRATEGY
+    assert result.strategy.startswith(PRIOR_STRATEGY) and len(result.items) == 3
+    assert result.items[0].because_of is None
+    assert recommender.recommend(["unknown"], k=3).strategy.startswith(PRIOR_STRATEGY)
 
 
 def test_k_out_of_range_is_refused(model_dir: Path) -> None:
@@ -110,9 +121,9 @@ def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple
 def test_the_service_answers_over_http(service: str) -> None:
     status, body = _post(f"{service}/recommend", json.dumps({"history": ["item-3", 7, "nope"], "k": 4}).encode())
     assert status == 200 and len(body["items"]) == 4 and body["unknown_items"] == ["7", "nope"]
-    assert body["strategy"] == "model" and body["items"][0]["because_of"] == "item-3"
+    assert body["strategy"].startswith(f"model + {DEFAULTS}") and body["items"][0]["because_of"] == "item-3"
     status, body = _post(f"{service}/recommend/batch", json.dumps({"histories": [["item-1"], []], "k": 2}).encode())
-    assert status == 200 and [r["strategy"] for r in body["results"]] == ["model", PRIOR_STRATEGY]
+    assert status == 200 and [r["strategy"].split(" + ")[0] for r in body["results"]] == ["model", PRIOR_STRATEGY]
     with urllib.request.urlopen(f"{service}/model") as response:
         info = json.loads(response.read())
     assert info["catalog_size"] == len(ITEMS) and len(info["model_id"]) == 16
@@ -256,3 +267,61 @@ def test_a_port_in_use_is_one_line_and_exit_2(model_dir: Path, capsys: pytest.Ca
         port = taken.getsockname()[1]
         assert main(["serve", str(model_dir), "--port", str(port), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"fedtail: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_diversity_reranks_and_the_strategy_says_what_it_changed(model_dir: Path) -> None:
+    recommender = plain_recommender(model_dir)
+    history = ["item-3", "item-7", "item-9"]
+    plain = recommender.recommend(history, k=8)
+    mixed = recommender.recommend(history, k=8, diversity=DiversityOptions(diversity=0.9, repeat_penalty=0.0))
+    assert plain.strategy == "model" and "diversity" not in plain.strategy
+    assert "diversity 0.9 (MMR:" in mixed.strategy
+    assert mixed.items[0].item == plain.items[0].item, "the first pick is the most relevant item either way"
+    assert [r.item for r in mixed.items] != [r.item for r in plain.items]
+    assert [r.score for r in mixed.items] == sorted((r.score for r in mixed.items), reverse=True)
+    assert not {r.item for r in mixed.items} & set(history) and all(r.because_of in history for r in mixed.items)
+
+
+def test_the_repetition_penalty_moves_shown_items_down_and_counts_them(model_dir: Path) -> None:
+    recommender = plain_recommender(model_dir)
+    history = ["item-3", "item-7", "item-9"]
+    plain = [r.item for r in recommender.recommend(history, k=5).items]
+    tired = recommender.recommend(history, k=5, diversity=DiversityOptions(diversity=0.0, repeat_penalty=1.0),
+                                  shown=plain[:2])
+    assert [r.item for r in tired.items][:3] == plain[2:5], "the two shown items fall behind the rest"
+    assert "repetition penalty 1 (2 of 2 already shown item(s)" in tired.strategy
+
+
+def test_augmentation_prepends_pseudo_items_and_names_them(model_dir: Path) -> None:
+    recommender = Recommender.load(model_dir, torch.device("cpu"), augmentation=AugmentOptions())
+    short = recommender.recommend(["item-3"], k=5, augmentation=AugmentOptions(augment_to=4))
+    assert len(short.pseudo_items) == 3 and "item-3" not in short.pseudo_items
+    assert f"augmented with 3 pseudo-prior item(s) before the history ({', '.join(short.pseudo_items)})" in (
+        short.strategy)
+    assert all(r.because_of == "item-3" for r in short.items), "explanations name only the user's own items"
+    expected = recommender.pseudo_prior.generate([recommender.catalog.index_of("item-3")], 3)
+    assert short.pseudo_items == [recommender.catalog.raw_id(i) for i in expected]
+    long = recommender.recommend([f"item-{i}" for i in range(1, 6)], k=5, augmentation=AugmentOptions(augment_to=4))
+    assert long.pseudo_items == [] and "augmented" not in long.strategy
+
+
+def test_reranking_and_augmentation_are_request_options_over_http(model_dir: Path) -> None:
+    with running_service(model_dir, "--diversity", "0.5", "--repeat-penalty", "0", "--augment-to", "0") as url:
+        body = {"history": ["item-3"], "k": 5}
+        status, default = _post(f"{url}/recommend", json.dumps(body).encode())
+        assert status == 200 and "diversity 0.5" in default["strategy"], "the server's default applies"
+        status, chosen = _post(f"{url}/recommend", json.dumps(
+            {**body, "diversity": 0, "repeat_penalty": 1, "shown": [default["items"][0]["item"]], "augment_to": 3}
+        ).encode())
+        assert status == 200 and "diversity" not in chosen["strategy"]
+        assert "repetition penalty 1" in chosen["strategy"] and len(chosen["pseudo_items"]) == 2
+        status, batch = _post(f"{url}/recommend/batch", json.dumps(
+            {"histories": [["item-3"], ["item-4"]], "k": 3, "shown": [["item-1"], []], "augment_to": 2}
+        ).encode())
+        assert status == 200 and all(len(r["pseudo_items"]) == 1 for r in batch["results"])
+        status, refused = _post(f"{url}/recommend/batch", json.dumps(
+            {"histories": [["item-3"]], "shown": [[], []]}
+        ).encode())
+        assert status == 400 and "shown: 2 lists for 1 histories" in refused["detail"]
+        status, refused = _post(f"{url}/recommend", json.dumps({**body, "diversity": 1.0}).encode())
+        assert status == 400 and refused["detail"].startswith("diversity:")

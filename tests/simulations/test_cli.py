@@ -45,7 +45,9 @@ def test_train_then_evaluate_writes_the_documented_files_and_layout(tmp_path: Pa
         assert set(section["overall"]) >= {"ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "users"}
         assert set(section["groups"]) == {"tail", "torso", "head"}
         assert sum(section["groups"][g]["users"] for g in ("tail", "torso", "head")) == section["overall"]["users"]
-        assert set(section["items"]) == {"coverage@10", "gini@10", "tail_share@10", "novelty@10"}
+        assert set(section["items"]) == {"coverage@10", "gini@10", "tail_share@10", "novelty@10", "ild@10",
+                                         "miscalibration@10"}
+        assert {"ild@10", "coverage@10"} <= set(section["groups"]["tail"])
     evaluated = tmp_path / "eval.json"
     assert main(["evaluate", str(out), SMALL, "--out", str(evaluated)]) == 0
     again = json.loads(evaluated.read_text())

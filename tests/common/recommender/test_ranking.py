@@ -15,12 +15,12 @@ PRIOR = torch.tensor([0.0, 0.7, 0.2, 0.1])  # index 0 is padding
 
 def test_off_by_default_returns_the_scores_untouched() -> None:
     scores = torch.randn(3, 4)
-    assert rerank(scores, torch.tensor([0, 2, 9]), PRIOR, RankingOptions()) is scores
+    assert rerank(scores, torch.tensor([0, 2, 9]), PRIOR, RankingOptions(tail_penalty=0.0)) is scores
 
 
 def test_the_cold_start_blend_is_the_prior_at_zero_items_and_gone_at_the_fade() -> None:
     scores = torch.tensor([[0.0, -5.0, -5.0, 5.0]] * 3)  # the model is sure of item 3
-    options = RankingOptions(cold_start_weight=1.0, cold_start_fade=4)
+    options = RankingOptions(cold_start_weight=1.0, cold_start_fade=4, tail_penalty=0.0)
     ranked = rerank(scores, torch.tensor([0, 2, 4]), PRIOR, options)
     assert torch.argmax(ranked[0, 1:]) + 1 == 1  # empty history: the prior's favourite
     torch.testing.assert_close(ranked[2], torch.log_softmax(scores[2], dim=0))  # faded out: the model alone
@@ -62,7 +62,8 @@ def test_the_content_prior_favours_items_like_the_users_and_falls_back_without_h
     torch.testing.assert_close(prior[3], fallback)  # a history without content
 
     scores = torch.zeros(2, 8)
-    blended = rerank(scores, torch.tensor([1, 2]), fallback, RankingOptions(cold_start_weight=1.0), prior[:2])
+    blended = rerank(scores, torch.tensor([1, 2]), fallback, RankingOptions(cold_start_weight=1.0, tail_penalty=0.0),
+                     prior[:2])
     assert torch.argmax(blended[0, 1:]) + 1 in (1, 2, 3) and torch.argmax(blended[1, 1:]) + 1 in (4, 5, 6)
 
 
