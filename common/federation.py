@@ -76,7 +76,7 @@ class RunSettings:
         "Beauty_item2attributes.json (or its folder); '' for random",
     )
     item_tables: str = setting(
-        "trained",
+        "tied",
         "trained: DP training updates the item tables; frozen: the item embedding and output weight keep their "
         "public content initialisation (needs item-text) and only the rest trains: far fewer noised parameters; "
         "tied: one item table serves as the input embedding and the output layer's weight (half the item "
@@ -261,8 +261,10 @@ class RunSettings:
     def to_run_config(self) -> dict[str, Any]:
         return {name.replace("_", "-"): getattr(self, name) for name in self.__dataclass_fields__}
 
-    def model_config(self, num_items: int) -> ModelConfig:
-        options = ModelOptions(
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(
             self.max_len, self.hidden, self.heads, self.blocks, self.dropout, tied_items=self.item_tables == "tied"
         )
-        return options.for_catalog(num_items)
+
+    def model_config(self, num_items: int) -> ModelConfig:
+        return self.model_options().for_catalog(num_items)
