@@ -11,7 +11,7 @@ import torch
 
 from client.policy import SitePolicy
 from client.round_plan import LocalTraining, PrivacyPlan, plan_round
-from client.site_round import RoundOutcome, train_site_round
+from client.site_round import RoundOutcome, over_budget, train_site_round
 from common.data.split import TrainingExamples, training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
@@ -77,3 +77,23 @@ def test_a_run_asking_more_than_the_sites_window_epsilon_is_declined_on_public_i
     assert policy.decline_reason(RunSettings(epsilon=3.0)) == ""
     with pytest.raises(ConfigError, match="window-epsilon=9"):
         SitePolicy(max_epsilon=8.0, window_epsilon=9.0)
+
+
+def test_a_site_checks_its_budget_with_the_accountant_it_calibrates_and_records_with(tmp_path: Path) -> None:
+    """PLD throughout: the run is calibrated to its target under PLD (RDP would put it above), every round fits a
+    budget of exactly that target, and each ledger line names PLD and composes with it."""
+    target = 4.0
+    settings = RunSettings(epsilon=target, delta=DELTA, rounds=ROUNDS, sample_rate=TRAINING.sample_rate)
+    plan = plan_round(TRAINING, PrivacyPlan.from_settings(settings))
+    run_steps = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * ROUNDS
+    pld, rdp = epsilon_from_history(run_steps, DELTA, "pld"), epsilon_from_history(run_steps, DELTA, "rdp")
+    assert pld <= target < rdp
+    ledger = Ledger(tmp_path / "site-0.jsonl")
+    outcomes = _window(ledger, SitePolicy(max_epsilon=target, delta=DELTA), target, "run")
+    assert all(o.state_dict is not None for o in outcomes), [o.declined_reason for o in outcomes]
+    assert [e["accountant"] for e in ledger.entries()] == ["pld"] * ROUNDS
+    assert outcomes[-1].epsilon == pytest.approx(pld)
+    # The check itself: a budget between PLD's and RDP's epsilon of one more round admits it.
+    privacy = PrivacyPlan(target_epsilon=target, delta=DELTA, max_epsilon=(pld + rdp) / 2)
+    assert over_budget(run_steps[:-1], run_steps[-1], privacy, "round") == ""
+    assert "declined" in over_budget(run_steps, run_steps[-1], privacy, "round")
