@@ -45,11 +45,12 @@ class CeilingRun:
 
 
 def bench_ceiling(
-    dataset: str, item_tables: tuple[str, ...], seeds: tuple[int, ...], out: Path, config: TrainConfig = TrainConfig()
+    dataset: str, item_tables: tuple[str, ...], seeds: tuple[int, ...], out: Path, config: TrainConfig | None = None
 ) -> list[CeilingRun]:
     """``fedtail train DATASET`` with its defaults but ``item-tables``, once per seed; the peer's rows when the data
     is MovieLens-100K."""
     data = load_dataset(dataset)
+    config = config or TrainConfig()
     name = Path(dataset).name
     runs = []
     for tables in item_tables:

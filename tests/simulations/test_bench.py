@@ -14,9 +14,9 @@ import torch
 
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.popularity import popularity_step
+from common.recommender.training import TrainConfig
 from server.popularity import PopularityFloor
 from simulations import cli
-from common.recommender.training import TrainConfig
 from simulations.bench import ceiling, core, deployment, dp_step, floor, frontier, pieces, registry, serving, suite
 
 
