@@ -29,7 +29,7 @@ from client.clipping import HooksClipping
 from client.ghost_clipping import GhostClipping, use_fast_norm_samplers
 from client.tied_grad_sampler import use_tied_samplers
 from common.data.split import TrainingExamples, length_sorted_pieces, trim_left_padding
-from common.privacy.accounting import ACCOUNTANT, MechanismStep
+from common.privacy.accounting import HISTORY_RECORDER, MechanismStep
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.item_tables import trainable_parameters
 from common.recommender.model import SASRec, per_user_loss
@@ -133,7 +133,7 @@ def make_private(
     use_tied_samplers()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=ACCOUNTANT)
+        engine = PrivacyEngine(accountant=HISTORY_RECORDER)
         made = engine.make_private(
             module=model,
             optimizer=optimizer,

@@ -26,11 +26,11 @@ NOISE_PLACEMENTS = ("site", "central", "distributed")
 every site's clipped per-user gradients (``central``: sites must trust the coordinator; ``server.central_noise``), or
 by the sites in shares summed by Flower's secure aggregation (``distributed``: sites must trust the SecAgg+ protocol;
 ``server.distributed_noise``)."""
-ONE_NOISE_RECIPE: dict[str, Any] = {"rounds": 40, "evaluate_every": 5, "sample_rate": 0.5, "item_tables": "tied"}
+ONE_NOISE_RECIPE: dict[str, Any] = {"rounds": 40, "evaluate_every": 5, "sample_rate": 0.5}
 """What ``fedtail simulate`` uses under ``noise = central`` or ``distributed`` for these settings when the command
 line does not give them (the declarations below are ``site``'s). A round is then one DP step over the whole
-federation, so it takes more, larger, cheaper rounds; one tied item table halves the noised item parameters
-(+22% NDCG@10 on MovieLens-100K and +14% on Amazon Beauty at epsilon 8, at no cost without DP); the server's
+federation, so it takes more, larger, cheaper rounds (the default tied item table, which halves the noised item
+parameters, matters most here: +22% NDCG@10 on MovieLens-100K and +14% on Amazon Beauty at epsilon 8); the server's
 Adam learning rate for it is ``server.central_noise.DEFAULT_LEARNING_RATE``. Chosen by the runs in
 docs/results.md ("The recipe per noise placement"), on public development data only."""
 PLACEMENT_RECIPES: dict[str, dict[str, Any]] = {"central": ONE_NOISE_RECIPE, "distributed": ONE_NOISE_RECIPE}
@@ -83,7 +83,7 @@ class RunSettings:
         "Beauty_item2attributes.json (or its folder); '' for random",
     )
     item_tables: str = setting(
-        "trained",
+        "tied",
         "trained: DP training updates the item tables; frozen: the item embedding and output weight keep their "
         "public content initialisation (needs item-text) and only the rest trains: far fewer noised parameters; "
         "tied: one item table serves as the input embedding and the output layer's weight (half the item "
@@ -268,8 +268,10 @@ class RunSettings:
     def to_run_config(self) -> dict[str, Any]:
         return {name.replace("_", "-"): getattr(self, name) for name in self.__dataclass_fields__}
 
-    def model_config(self, num_items: int) -> ModelConfig:
-        options = ModelOptions(
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(
             self.max_len, self.hidden, self.heads, self.blocks, self.dropout, tied_items=self.item_tables == "tied"
         )
-        return options.for_catalog(num_items)
+
+    def model_config(self, num_items: int) -> ModelConfig:
+        return self.model_options().for_catalog(num_items)

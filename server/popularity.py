@@ -115,7 +115,7 @@ class PopularityFloor:
             "statement": (
                 f"The popularity release took {settings.popularity_share:.0%} of each site's target epsilon "
                 f"{settings.epsilon:g} on its own; training's noise was calibrated so that the release and all "
-                f"rounds together compose (RDP) to the target, which raised training's noise multiplier from "
+                f"rounds together compose (PLD) to the target, which raised training's noise multiplier from "
                 f"{without.noise_multiplier:.3f} to {with_release:.3f}. Its ledger line is the site's round 0."
             ),
         }

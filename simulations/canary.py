@@ -178,7 +178,8 @@ def format_empirical(report: dict[str, Any]) -> str:
             "| | value |",
             "|---|---|",
             f"| training | {'DP-SGD' if report['dp'] else 'NON-PRIVATE (control)'} |",
-            f"| accountant epsilon (ledgers, Opacus RDP) | {'none' if accountant is None else f'{accountant:.3f}'} |",
+            "| accountant epsilon (ledgers, each site's own accountant) | "
+            f"{'none' if accountant is None else f'{accountant:.3f}'} |",
             f"| empirical epsilon lower bound | {report['empirical_epsilon_lower_bound']:.3f} "
             f"at {report['confidence']:.0%} confidence |",
             f"| canaries (planted) | {report['canaries']} ({report['members']}) |",

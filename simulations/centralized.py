@@ -14,6 +14,7 @@ from common.data.split import evaluation_cases, item_popularity, training_exampl
 from common.recommender.artifacts import load_model, save_model, saved_model_file
 from common.recommender.content import initialise_from_text, save_item_vectors
 from common.recommender.evaluation import evaluate_with_baselines, model_scorer
+from common.recommender.item_tables import apply_item_tables
 from common.recommender.model import ModelOptions, SASRec
 from common.recommender.training import TrainConfig, fit, pick_device
 from common.utils.files import write_json
@@ -29,10 +30,12 @@ def train_centralized(
     config: TrainConfig,
     device: torch.device | None = None,
     item_text: Path | None = None,
+    item_tables: str = "trained",
 ) -> dict[str, Any]:
     """Train on all users, pick the best epoch on validation, report on test; writes model, catalogue, metrics.
 
-    ``item_text``: public item metadata to initialise item embeddings from (``common.recommender.content``).
+    ``item_text``: public item metadata to initialise item embeddings from (``common.recommender.content``);
+    ``item_tables = frozen`` keeps both tables at that initialisation (``common.recommender.item_tables``).
     """
     device = device or pick_device()
     catalog = dataset.catalog()
@@ -49,6 +52,7 @@ def train_centralized(
     torch.manual_seed(config.seed)
     model = SASRec(model_config)
     vectors = None if item_text is None else initialise_from_text(model, catalog, item_text)
+    apply_item_tables(model, item_tables)
     result = fit(model, examples, valid, popularity, len(sequences), config, device)
     report = evaluate_with_baselines(model_scorer(model, device), test, popularity, len(sequences))
     report["run"] = {
@@ -58,6 +62,7 @@ def train_centralized(
         "data": dataset.stats().as_dict(),
         "catalog": "built from the dataset",
         "item_init": f"content: {item_text}" if item_text is not None else "random",
+        "item_tables": item_tables,
         "model": model_config.as_dict(),
         "train": config.as_dict(),
         "fit": result.as_dict(),

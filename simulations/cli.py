@@ -26,7 +26,6 @@ from common.data.datasets import DEFAULT_DATASET, load_dataset
 from common.data.readers import FORMATS, ColumnNames
 from common.errors import ConfigError, FedtailError
 from common.federation import PLACEMENT_RECIPES, RunSettings
-from common.recommender.model import ModelOptions
 from common.recommender.training import TrainConfig, pick_device
 from common.utils.files import write_json
 from simulations.audit import audit
@@ -104,7 +103,8 @@ def _check_out_folder(out: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     _check_out_folder(args.out)
-    options = ModelOptions(args.max_len, args.hidden, args.heads, args.blocks, args.dropout)
+    # Checked as a run's are; a setting a noise placement's recipe fills is absent unless given (its declared default)
+    settings = RunSettings(**{name: value for name, value in vars(args).items() if name in MODEL_SETTINGS})
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -116,7 +116,10 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     item_text = Path(args.item_text) if args.item_text else None
-    report = train_centralized(_load(args), Path(args.out), options, config, pick_device(args.device), item_text)
+    report = train_centralized(
+        _load(args), Path(args.out), settings.model_options(), config, pick_device(args.device), item_text,
+        settings.item_tables,
+    )
     print(format_metrics_table(report, title=f"test split, {args.dataset}"))
     print(f"\nwrote {args.out}/model.pt, catalog.json, metrics.json ({report['run']['fit']['seconds']:.0f}s training)")
     return 0
@@ -130,7 +133,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_SETTINGS = ("max_len", "hidden", "heads", "blocks", "dropout", "loss", "item_text")
+MODEL_SETTINGS = ("max_len", "hidden", "heads", "blocks", "dropout", "loss", "item_text", "item_tables")
 """The run settings that describe the model, which centralized training takes too."""
 
 

@@ -17,16 +17,37 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Literal, get_args
 
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import ConfigError
 from common.utils import timeline
 from common.utils.files import atomic_write_text
 
-ACCOUNTANT = "rdp"
+ACCOUNTANT = "pld"
+"""The spending accountant: a site calibrates its noise, checks its budget and writes its ledger lines with it.
+
+Google's dp-accounting privacy-loss distribution (PLD) of the Poisson-subsampled Gaussian, composed numerically.
+Its pessimistic discretisation makes it an upper bound on epsilon, like RDP, but a far tighter one: at the same
+noise it states 8 to 12% less epsilon than Opacus' RDP, so at the same epsilon a run gets less noise
+(docs/privacy.md, "Accountants")."""
+LEGACY_ACCOUNTANT = "rdp"
+"""What a ledger line that names no accountant was spent with: fedtail calibrated with Opacus' RDP before PLD."""
+ACCOUNTANTS = ("pld", "rdp", "prv")
+"""The accountants a ledger line may name: each gives an upper bound on the epsilon of its history."""
+HISTORY_RECORDER = "rdp"
+"""The Opacus accountant a site's PrivacyEngine keeps: only its history (noise, rate, steps) is read, never its
+epsilon (Opacus has no PLD accountant)."""
+PLD_DISCRETIZATION = 1e-3
+"""dp-accounting's ``value_discretization_interval``: privacy losses are rounded *up* to this grid, so a coarser grid
+only overstates epsilon (below noise multiplier 1 it widens as 1 / sigma, ``pld_epsilon``). 1e-3 lands within 5e-4
+of 1e-4's epsilon at the settings fedtail runs (q from 0.01 to 0.5,
+40 to 2,000 steps, epsilon 1 to 8) in about 0.2 s an evaluation, 8x faster than 1e-4; 1e-2 overstates by up to 0.05."""
 EPSILON_TOLERANCE = 0.005
-"""How close to the target epsilon a calibrated noise multiplier lands (Opacus' ``epsilon_tolerance``)."""
+"""How close below the target epsilon a calibrated noise multiplier lands (as Opacus' ``epsilon_tolerance``)."""
+MAX_NOISE_MULTIPLIER = 1e6
+"""Where the calibration gives up (Opacus' ``MAX_SIGMA``): a target no such noise reaches is a configuration error."""
 CACHE_DIR_ENV = "FEDTAIL_CACHE_DIR"
 MechanismStep = tuple[float, float, int]
 """(noise_multiplier, sample_rate, steps): one training call, as Opacus' accountants store it."""
@@ -66,12 +87,42 @@ def merged_history(history: Sequence[MechanismStep]) -> tuple[MechanismStep, ...
 
 @lru_cache(maxsize=1024)
 def _epsilon(history: tuple[MechanismStep, ...], delta: float, accountant: str) -> float:
-    """Memoized: a fresh accountant over the same history always gives the same answer (and RDP is slow)."""
+    """Memoized: a fresh accountant over the same history always gives the same answer (and each takes 0.1-0.6 s)."""
+    return _fresh_epsilon(history, delta, accountant)
+
+
+def _fresh_epsilon(history: Sequence[MechanismStep], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
+    if accountant == "pld":
+        return pld_epsilon(history, delta)
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"unknown accountant '{accountant}': use one of {', '.join(ACCOUNTANTS)}")
     fresh = create_accountant(accountant)
     fresh.history = list(history)
     return float(fresh.get_epsilon(delta))
+
+
+def pld_epsilon(history: Sequence[MechanismStep], delta: float) -> float:
+    """dp-accounting's PLD over the Poisson-subsampled Gaussian steps, add-or-remove-one-user neighbouring."""
+    # The privacy loss spreads as 1/sigma: below sigma 1 the grid widens with it, so that the distribution keeps
+    # about the same number of points (at sigma 1e-4, a 1e-3 grid would hold 1e8 and never finish); coarser only
+    # overstates.
+    interval = PLD_DISCRETIZATION * max(1.0, 1.0 / min(sigma for sigma, _, _ in history))
+    accountant = pld_privacy_accountant.PLDAccountant(
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=interval
+    )
+    accountant.compose(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps
+                )
+                for sigma, rate, steps in history
+            ]
+        )
+    )
+    return float(accountant.get_epsilon(delta))
 
 
 def calibration_cache_dir() -> Path:
@@ -105,29 +156,43 @@ def calibrate_noise(
         raise ConfigError(f"need steps >= 1 and 0 < sample rate <= 1, got {total_steps}, {sample_rate}")
     with timeline.stage("calibration"):
         key = json.dumps([float(target_epsilon), float(delta), float(sample_rate), int(total_steps), accountant,
-                          EPSILON_TOLERANCE, version("opacus")])
+                          EPSILON_TOLERANCE, PLD_DISCRETIZATION, version("opacus"), version("dp-accounting")])
         path = calibration_cache_dir() / f"noise-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.json"
         cached = _cached_noise(path, key)
         if cached is not None:
             spent = epsilon_from_history([(cached, sample_rate, total_steps)], delta, accountant)
             if target_epsilon - 2 * EPSILON_TOLERANCE <= spent <= target_epsilon:
                 return cached
-        noise = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=total_steps,
-                accountant=accountant,
-                epsilon_tolerance=EPSILON_TOLERANCE,
-            )
-        )
+        noise = _search_noise(target_epsilon, delta, sample_rate, total_steps, accountant)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"key": key, "noise_multiplier": noise}))
         except OSError:
             pass  # a cache that cannot be written (read-only home, a concurrent writer) only costs time
         return noise
+
+
+def _search_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus' ``get_noise_multiplier`` bisection, step for step, for any accountant here (Opacus knows no PLD): the
+    least noise found whose epsilon is below the target and within ``EPSILON_TOLERANCE`` of it."""
+
+    def cost(noise: float) -> float:
+        return _fresh_epsilon([(noise, sample_rate, steps)], delta, accountant)
+
+    low, high, spent = 0.0, 10.0, math.inf
+    while spent > target_epsilon:
+        high *= 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ConfigError(f"epsilon={target_epsilon} is out of reach of any noise multiplier up to 1e6")
+        spent = cost(high)
+    while target_epsilon - spent > EPSILON_TOLERANCE:
+        middle = (low + high) / 2
+        middle_spent = cost(middle)
+        if middle_spent < target_epsilon:
+            high, spent = middle, middle_spent
+        else:
+            low = middle
+    return high
 
 
 def _cached_noise(path: Path, key: str) -> float | None:

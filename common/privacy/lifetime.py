@@ -2,7 +2,7 @@
 
 A lifelong run trains one run per time window on the same users, so their spend composes (the sites' ledgers
 are shared across windows). With a lifetime cap L over W identical windows, each window is asked the epsilon
-at which W such windows compose to at most L: under RDP that is more than L / W (composition is sublinear), so
+at which W such windows compose to at most L: under RDP or PLD that is more than L / W (composition is sublinear), so
 splitting evenly in epsilon would waste budget.
 """
 

@@ -10,7 +10,7 @@ which the accountants take as one step at sample rate 1 with noise multiplier
 sigma (``MechanismStep`` (sigma, 1.0, 1)). Its ledger line is composed with the
 training lines by the same accountants, so the run's target epsilon covers
 both: training's noise is calibrated on the *composition* (``training_noise``),
-which under RDP leaves training more than target minus the release's own epsilon.
+which under RDP or PLD leaves training more than target minus the release's own epsilon.
 Everything here is a function of public run settings only.
 """
 

@@ -14,6 +14,7 @@ import torch
 from common.data.split import EvaluationCases, TrainingExamples, length_buckets, trim_left_padding
 from common.errors import ConfigError
 from common.recommender.evaluation import evaluate, model_scorer
+from common.recommender.item_tables import trainable_parameters
 from common.recommender.model import LossName, SASRec, sequence_loss
 from common.utils.progress import log, progress_bar
 
@@ -108,7 +109,9 @@ def fit(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        trainable_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     best_state = copy.deepcopy(model.state_dict())
     result = FitResult(best_epoch=0, best_valid_ndcg10=-1.0, epochs_run=0, seconds=0.0)
     started = time.perf_counter()

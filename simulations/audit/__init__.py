@@ -3,9 +3,9 @@
 An auditor must not trust the server, the training code, or the epsilon a
 ledger line claims. So the audit re-reads every line and re-checks its hash
 chain (``ledgers``), re-derives each site's epsilon with three accountants
-(``accounting``: Opacus' RDP, which the sites spend with; Opacus' PRV; Google's
-dp-accounting PLD, an independent code base) and compares them with what was
-recorded. Where the coordinator's record of a run is given (a run folder, or
+(``accounting``: Google's dp-accounting PLD, which the sites spend with, or the
+accountant an older ledger names; Opacus' PRV, another code base; Opacus' RDP)
+and compares them with what was recorded. Where the coordinator's record of a run is given (a run folder, or
 ``coordinator=``), every ledger is checked against the heads its site reported
 (``witness``). ``report`` states the guarantee and writes it, with whatever the
 audit could not check.
@@ -25,7 +25,7 @@ from common.errors import DataError
 from common.privacy.accounting import epsilon_from_history, model_selection_statement
 from common.privacy.ledger import Spend
 from common.run_files import LEDGER_DIR, ROUNDS_FILE, site_order
-from simulations.audit.accounting import independent_epsilons
+from simulations.audit.accounting import BY_LEDGER_NAME, TIGHT_ACCOUNTANTS, independent_epsilons
 from simulations.audit.fallback import fallback_findings
 from simulations.audit.findings import Finding, exceeds
 from simulations.audit.ledgers import Entry, LedgerFile, check_chain, check_recorded_epsilons, check_rounds
@@ -148,10 +148,12 @@ def _site_audit(
     findings += fallback_findings(site, entries, delta)
     recomputed = independent_epsilons(history, delta)
     recorded = None if composed else float(entries[-1].data["epsilon_so_far"])
+    spending = entries[-1].accountant  # the site's accountant now: its last line's epsilon covers every line before
+    checked = {BY_LEDGER_NAME[spending], *TIGHT_ACCOUNTANTS}
     for name, value in recomputed.items():
         if value is None:
             findings.append(Finding("warning", f"site {site}", f"{name} could not evaluate this history"))
-        elif recorded is not None and exceeds(value, recorded):
+        elif recorded is not None and name in checked and exceeds(value, recorded):
             findings.append(
                 Finding(
                     "error",
@@ -170,12 +172,13 @@ def _site_audit(
         delta=delta,
         recorded_epsilon=recorded,
         recomputed=recomputed,
+        accountant=BY_LEDGER_NAME[spending],
         users=site_users,
         mechanism=", ".join(
             f"{symbol} {_value_range([float(e.data[name]) for e in entries])}"
             for symbol, name in (("sigma", "noise_multiplier"), ("q", "sample_rate"), ("C", "max_grad_norm"))
         ),
-        epsilon_per_entry=[epsilon_from_history(history[: i + 1], delta) for i in range(len(history))],
+        epsilon_per_entry=[epsilon_from_history(history[: i + 1], delta, spending) for i in range(len(history))],
         trust=list(dict.fromkeys(_trust(e.data) for e in entries)),
     )
     if audit_.delta_below_one_over_users is False:

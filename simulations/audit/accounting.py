@@ -1,24 +1,27 @@
-"""Epsilon recomputed from a ledger's mechanism history by three accountants, two of them independent of the sites'.
+"""Epsilon recomputed from a ledger's mechanism history by three accountants, whichever one the sites spent with.
 
-Opacus' RDP is what the sites spend with; Opacus' PRV and Google's
-dp-accounting PLD (another code base) are tighter numerical accountants that
-cross-check it.
+Sites spend with dp-accounting's PLD (ledgers written before it: Opacus' RDP;
+each line names its own). PLD and Opacus' PRV are two numerical accountants
+from separate code bases that estimate the same exact epsilon from above, so
+each cross-checks the other; RDP is a looser upper bound, shown beside them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
 from opacus.accountants import PRVAccountant
 
 from common.privacy.accounting import MechanismStep, epsilon_from_history, merged_history
 from simulations.audit.findings import RELATIVE_TOLERANCE
 
 ACCOUNTANTS = ("opacus-rdp", "opacus-prv", "dp-accounting-pld")
-SPENDING_ACCOUNTANT = "opacus-rdp"
-PLD_DISCRETIZATION = 1e-3
+BY_LEDGER_NAME = {"rdp": "opacus-rdp", "prv": "opacus-prv", "pld": "dp-accounting-pld"}
+"""The audit's name for each accountant a ledger line may name (``common.privacy.accounting.ACCOUNTANTS``)."""
+TIGHT_ACCOUNTANTS = ("opacus-prv", "dp-accounting-pld")
+"""Numerical accountants of the exact epsilon (within their error bounds): a recorded epsilon below either one is
+understated whatever the site spent with. RDP is an upper bound known to be looser, so a site that spent with PLD
+records less than RDP recomputes, rightly."""
 PRV_COARSE_ERROR, PRV_FINEST_ERROR = 0.01, 1e-3
 
 
@@ -33,7 +36,7 @@ def independent_epsilons(history: Sequence[MechanismStep], delta: float) -> dict
     for name, compute in (
         ("opacus-rdp", lambda: epsilon_from_history(history, delta, "rdp")),
         ("opacus-prv", lambda: prv_epsilon(history, delta)),
-        ("dp-accounting-pld", lambda: pld_epsilon(history, delta)),
+        ("dp-accounting-pld", lambda: epsilon_from_history(history, delta, "pld")),
     ):
         try:
             results[name] = float(compute()) if history else 0.0
@@ -50,21 +53,3 @@ def prv_epsilon(history: Sequence[MechanismStep], delta: float) -> float:
     if coarse > PRV_COARSE_ERROR / (RELATIVE_TOLERANCE / 4):
         return coarse
     return float(accountant.get_epsilon(delta, eps_error=max(PRV_FINEST_ERROR, coarse * RELATIVE_TOLERANCE / 4)))
-
-
-def pld_epsilon(history: Sequence[MechanismStep], delta: float) -> float:
-    """Google's dp-accounting privacy-loss-distribution accountant over the same Poisson-subsampled Gaussian steps."""
-    accountant = pld_privacy_accountant.PLDAccountant(
-        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION
-    )
-    accountant.compose(
-        dp_accounting.ComposedDpEvent(
-            [
-                dp_accounting.SelfComposedDpEvent(
-                    dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps
-                )
-                for sigma, rate, steps in history
-            ]
-        )
-    )
-    return float(accountant.get_epsilon(delta))

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 
 from common.privacy.fallback import fallback_history
-from simulations.audit.accounting import independent_epsilons
+from simulations.audit.accounting import BY_LEDGER_NAME, TIGHT_ACCOUNTANTS, independent_epsilons
 from simulations.audit.findings import Finding, exceeds
 from simulations.audit.ledgers import Entry
 
@@ -46,7 +46,9 @@ def fallback_findings(site: str, entries: Sequence[Entry], delta: float) -> list
     findings: list[Finding] = []
     recorded = distributed[-1].data.get("fallback_epsilon_so_far")
     last_is_distributed = distributed[-1] is entries[-1]
-    if last_is_distributed and isinstance(recorded, int | float) and any(exceeds(v, recorded) for v in values):
+    own = BY_LEDGER_NAME[distributed[-1].accountant]  # the accountant the site computed its fallback with
+    checked = [v for k, v in recomputed.items() if v is not None and k in {own, *TIGHT_ACCOUNTANTS}]
+    if last_is_distributed and isinstance(recorded, int | float) and any(exceeds(v, recorded) for v in checked):
         findings.append(
             Finding(
                 "error",
@@ -55,7 +57,7 @@ def fallback_findings(site: str, entries: Sequence[Entry], delta: float) -> list
                 + ", ".join(f"{k} {v:.4f}" for k, v in recomputed.items() if v is not None),
             )
         )
-    fallback = max(values) if values else math.inf
+    fallback = recomputed.get(own) or (max(values) if values else math.inf)
     findings.append(
         Finding(
             "note",

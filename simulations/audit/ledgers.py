@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.federation import NOISE_PLACEMENTS
-from common.privacy.accounting import MechanismStep, epsilon_from_history
+from common.privacy.accounting import ACCOUNTANTS, LEGACY_ACCOUNTANT, MechanismStep, epsilon_from_history
 from common.privacy.ledger import (
     GENESIS_HASH,
     LEDGER_FORMAT,
@@ -34,7 +34,6 @@ REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
     "max_grad_norm": (float, int),
     "steps": (int,),
     "delta": (float,),
-    "accountant": (str,),
     "epsilon_so_far": (float, int),
 }
 
@@ -49,6 +48,11 @@ class Entry:
     @property
     def step(self) -> MechanismStep:
         return (float(self.data["noise_multiplier"]), float(self.data["sample_rate"]), int(self.data["steps"]))
+
+    @property
+    def accountant(self) -> str:
+        """The accountant the site spent with: the line's own, or RDP for a line written before lines named one."""
+        return str(self.data.get("accountant", LEGACY_ACCOUNTANT))
 
 
 @dataclass
@@ -152,8 +156,8 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
         problems.append(f"steps {entry['steps']} is not positive")
     if not 0 < entry["delta"] < 1:
         problems.append(f"delta {entry['delta']} is not in (0, 1)")
-    if entry["accountant"] not in ("rdp", "prv", "gdp"):
-        problems.append(f"accountant {entry['accountant']!r} is not one Opacus knows")
+    if entry.get("accountant", LEGACY_ACCOUNTANT) not in ACCOUNTANTS:
+        problems.append(f"accountant {entry['accountant']!r} is not one of {', '.join(ACCOUNTANTS)}")
     if entry.get("sampling", "poisson") != "poisson":
         problems.append(f"sampling {entry.get('sampling')!r}: only Poisson sampling is accounted here")
     if entry.get("noise_placement", "site") not in NOISE_PLACEMENTS:
@@ -211,13 +215,13 @@ def check_recorded_epsilons(entries: Sequence[Entry]) -> list[Finding]:
     for entry in entries:
         history.append(entry.step)
         claimed = float(entry.data["epsilon_so_far"])
-        recomputed = epsilon_from_history(history, float(entry.data["delta"]), str(entry.data["accountant"]))
+        recomputed = epsilon_from_history(history, float(entry.data["delta"]), entry.accountant)
         if exceeds(recomputed, claimed):
             findings.append(
                 Finding(
                     "error",
                     entry.where,
-                    f"epsilon UNDERSTATED: the line claims {claimed:.4f} so far, a fresh {entry.data['accountant']} "
+                    f"epsilon UNDERSTATED: the line claims {claimed:.4f} so far, a fresh {entry.accountant} "
                     f"accountant over lines 1..here gives {recomputed:.4f}",
                 )
             )

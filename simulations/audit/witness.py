@@ -196,7 +196,7 @@ def _check_reported_epsilon(
                     f"lines 1-{count} use several deltas {deltas}")
         ]
     history = [e.step for e in entries]
-    recomputed = epsilon_from_history(history, deltas[0], str(entries[-1].data["accountant"])) if entries else 0.0
+    recomputed = epsilon_from_history(history, deltas[0], entries[-1].accountant) if entries else 0.0
     if exceeds(reported, recomputed):
         return [
             Finding(

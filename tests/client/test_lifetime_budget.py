@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client.policy import DEPLOYED_WINDOW_SHARE, SitePolicy
-from client.site_round import RoundOutcome, train_site_round
+from client.site_round import RoundOutcome, over_budget, train_site_round
 from common.data.split import TrainingExamples, training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
@@ -93,3 +93,23 @@ def test_a_deployed_site_caps_every_run_at_half_its_budget_unless_it_says_otherw
     for chosen, cap in ((0, 0.0), (8.0, 8.0), (1.5, 1.5)):
         policy = SitePolicy.from_node_config({"max-epsilon": 8.0, "window-epsilon": chosen}, deployed=True)
         assert policy.window_epsilon == cap
+
+
+def test_a_site_checks_its_budget_with_the_accountant_it_calibrates_and_records_with(tmp_path: Path) -> None:
+    """PLD throughout: the run is calibrated to its target under PLD (RDP would put it above), every round fits a
+    budget of exactly that target, and each ledger line names PLD and composes with it."""
+    target = 4.0
+    settings = RunSettings(epsilon=target, delta=DELTA, rounds=ROUNDS, sample_rate=TRAINING.sample_rate)
+    plan = plan_round(TRAINING, PrivacyPlan.from_settings(settings))
+    run_steps = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * ROUNDS
+    pld, rdp = epsilon_from_history(run_steps, DELTA, "pld"), epsilon_from_history(run_steps, DELTA, "rdp")
+    assert pld <= target < rdp
+    ledger = Ledger(tmp_path / "site-0.jsonl")
+    outcomes = _window(ledger, SitePolicy(max_epsilon=target, delta=DELTA), target, "run")
+    assert all(o.state_dict is not None for o in outcomes), [o.declined_reason for o in outcomes]
+    assert [e["accountant"] for e in ledger.entries()] == ["pld"] * ROUNDS
+    assert outcomes[-1].epsilon == pytest.approx(pld)
+    # The check itself: a budget between PLD's and RDP's epsilon of one more round admits it.
+    privacy = PrivacyPlan(target_epsilon=target, delta=DELTA, max_epsilon=(pld + rdp) / 2)
+    assert over_budget(run_steps[:-1], run_steps[-1], privacy, "round") == ""
+    assert "declined" in over_budget(run_steps, run_steps[-1], privacy, "round")

@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from dp_accounting.pld import pld_privacy_accountant
 
 from client.popularity import (
     CENTRAL_POPULARITY_TRUST,
@@ -23,7 +24,7 @@ from client.site_round import train_site_round
 from common.data.split import training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.privacy.accounting import epsilon_from_history
+from common.privacy.accounting import PLD_DISCRETIZATION, epsilon_from_history
 from common.privacy.ledger import Ledger
 from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step, training_noise
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
@@ -59,10 +60,12 @@ def test_the_release_is_charged_as_its_own_ledger_line_and_its_epsilon_recompute
     [line] = ledger.entries()
     assert (line["round"], line["sample_rate"], line["steps"], line["max_grad_norm"]) == (0, 1.0, 1, POPULARITY_BOUND)
     assert line["release"] == POPULARITY_RELEASE and line["users"] == 3
-    fresh = RDPAccountant()
-    fresh.history = [(line["noise_multiplier"], line["sample_rate"], line["steps"])]
+    fresh = pld_privacy_accountant.PLDAccountant(  # the site's accountant, built here
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION
+    )
+    fresh.compose(dp_accounting.GaussianDpEvent(line["noise_multiplier"]))
     recomputed = fresh.get_epsilon(1e-4)
-    assert outcome.epsilon == pytest.approx(recomputed, rel=1e-9)
+    assert line["accountant"] == "pld" and outcome.epsilon == pytest.approx(recomputed, rel=1e-3)
     assert recomputed <= 1.0 and recomputed == pytest.approx(1.0, abs=0.01), "a quarter of the target"
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from common.errors import DataError
-from common.privacy.accounting import epsilon_from_history
+from common.privacy.accounting import ACCOUNTANT, epsilon_from_history
 from common.privacy.ledger import GENESIS_HASH, UNSALTED_FORMAT, Ledger, Spend
 from simulations.audit import audit
 from simulations.audit.accounting import independent_epsilons
@@ -25,7 +25,8 @@ SIGMA, RATE, STEPS, DELTA = 1.1, 0.1, 20, 1e-5
 
 
 def _spend(round_number: int, run_id: str = "run-a", site: str = "3", users: int = 500, steps: int = STEPS) -> Spend:
-    return Spend(run_id, round_number, site, RATE, SIGMA, 1.0, steps, DELTA, "rdp", {"opacus": "1.6.0"}, users=users)
+    return Spend(run_id, round_number, site, RATE, SIGMA, 1.0, steps, DELTA, ACCOUNTANT, {"opacus": "1.6.0"},
+                 users=users)
 
 
 def _ledger(path: Path, rounds: int = 4, **spend: object) -> Path:
@@ -55,14 +56,47 @@ def test_an_intact_ledger_passes_and_every_accountant_confirms_it(tmp_path: Path
     report = audit([path])
     assert report.passed, report.findings
     site = report.sites["3"]
-    expected = epsilon_from_history([(SIGMA, RATE, STEPS)] * 4, DELTA)
-    assert site.recorded_epsilon == pytest.approx(expected)
-    assert site.recomputed["opacus-rdp"] == pytest.approx(expected)
-    # The tighter accountants land below RDP, never above it.
-    assert site.recomputed["dp-accounting-pld"] <= expected
-    assert site.recomputed["opacus-prv"] <= expected
+    expected = epsilon_from_history([(SIGMA, RATE, STEPS)] * 4, DELTA, "pld")
+    assert site.accountant == "dp-accounting-pld" and site.recorded_epsilon == pytest.approx(expected)
+    assert site.recomputed["dp-accounting-pld"] == pytest.approx(expected)
+    # PRV (another code base) agrees with PLD; RDP, a looser bound, lands above both.
+    assert site.recomputed["opacus-prv"] == pytest.approx(expected, rel=0.01)
+    assert site.recomputed["opacus-rdp"] > 1.05 * expected
     assert site.steps == 4 * STEPS and site.delta_below_one_over_users is True
     assert report.epsilon == pytest.approx(expected)
+
+
+def test_a_ledger_written_before_lines_named_their_accountant_is_audited_with_rdp(tmp_path: Path) -> None:
+    """Such ledgers were spent with RDP: their guarantee is RDP's, and a site that moved on to PLD states PLD's."""
+    path = _ledger(tmp_path / "site-3.jsonl", rounds=2)
+    old = [  # as an older fedtail wrote them: no accountant, RDP's epsilon so far
+        {**{k: v for k, v in entry.items() if k != "accountant"},
+         "epsilon_so_far": epsilon_from_history([(SIGMA, RATE, STEPS)] * count, DELTA, "rdp")}
+        for count, entry in enumerate(Ledger(path).entries(), start=1)
+    ]
+    path.write_text(_rechain(old))
+    report = audit([path])
+    assert report.passed, report.findings
+    rdp = epsilon_from_history([(SIGMA, RATE, STEPS)] * 2, DELTA, "rdp")
+    assert report.sites["3"].accountant == "opacus-rdp" and report.epsilon == pytest.approx(rdp)
+    Ledger(path).append(_spend(3))  # the same site now, spending with PLD over every line
+    report = audit([path])
+    assert report.passed, report.findings
+    pld = epsilon_from_history([(SIGMA, RATE, STEPS)] * 3, DELTA, "pld")
+    assert report.sites["3"].accountant == "dp-accounting-pld" and report.epsilon == pytest.approx(pld)
+    assert pld < epsilon_from_history([(SIGMA, RATE, STEPS)] * 3, DELTA, "rdp")
+
+
+def test_a_line_understated_against_prv_and_pld_fails_whatever_accountant_it_names(tmp_path: Path) -> None:
+    """A line may name RDP and record less than RDP gives only if PRV and PLD (the exact epsilon, from above)
+    agree; below them it is understated, whichever accountant it names."""
+    path = _ledger(tmp_path / "site-3.jsonl", rounds=1)
+    (entry,) = Ledger(path).entries()
+    pld = epsilon_from_history([(SIGMA, RATE, STEPS)], DELTA, "pld")
+    path.write_text(_rechain([{**entry, "accountant": "rdp", "epsilon_so_far": 0.9 * pld}]))
+    errors = _errors(path)
+    for name in ("opacus-rdp", "opacus-prv", "dp-accounting-pld"):
+        assert any(f"{name} recomputes" in e for e in errors), (name, errors)
 
 
 def test_a_removed_line_is_reported_at_the_line_after_it(tmp_path: Path) -> None:
@@ -132,7 +166,9 @@ def test_runs_of_the_same_site_compose_and_one_ledger_given_twice_is_not_counted
     first = _ledger(tmp_path / "a" / "site-3.jsonl", rounds=3, run_id="run-a")
     second = _ledger(tmp_path / "b" / "site-3.jsonl", rounds=2, run_id="run-b")
     composed = audit([first, second]).sites["3"]
-    assert composed.recomputed["opacus-rdp"] == pytest.approx(epsilon_from_history([(SIGMA, RATE, STEPS)] * 5, DELTA))
+    assert composed.recomputed["dp-accounting-pld"] == pytest.approx(
+        epsilon_from_history([(SIGMA, RATE, STEPS)] * 5, DELTA)
+    )
     assert composed.recorded_epsilon is None and composed.runs == ["run-a", "run-b"]
     twice = audit([first, first]).sites["3"]
     assert twice.steps == 3 * STEPS

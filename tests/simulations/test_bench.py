@@ -14,9 +14,10 @@ import torch
 
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.popularity import popularity_step
+from common.recommender.training import TrainConfig
 from server.popularity import PopularityFloor
 from simulations import cli
-from simulations.bench import core, deployment, dp_step, floor, frontier, pieces, registry, serving, suite
+from simulations.bench import ceiling, core, deployment, dp_step, floor, frontier, pieces, registry, serving, suite
 
 
 def test_peak_rss_sees_a_large_allocation() -> None:
@@ -36,6 +37,21 @@ def test_dp_step_benchmark_measures_every_mode_against_non_private() -> None:
     for result in results:
         assert len(result.step_times_s) == 2 and all(t > 0 for t in result.step_times_s)
         assert result.median_s > 0 and result.time_ratio > 0
+
+
+def test_ceiling_benchmark_trains_each_item_table_choice_per_seed_and_averages_them(tmp_path: Path) -> None:
+    runs = ceiling.bench_ceiling("synthetic:users=60,items=80", ("tied", "trained"), (0, 1), tmp_path,
+                                 TrainConfig(epochs=2, eval_every=1))
+    assert [(r.model, r.seed) for r in runs] == [
+        ("fedtail, item-tables tied", 0), ("fedtail, item-tables tied", 1),
+        ("fedtail, item-tables trained", 0), ("fedtail, item-tables trained", 1),
+    ]
+    assert all(0 <= r.ndcg10 <= 1 and r.epochs_run == 2 for r in runs)
+    assert runs[0].ndcg10 != runs[2].ndcg10, "tied and separate tables are different models"
+    mean = (runs[0].ndcg10 + runs[1].ndcg10) / 2
+    assert f"**{mean:.4f}**" in ceiling.format_table(runs)
+    saved = json.loads((tmp_path / "ceiling-synthetic:users=60,items=80-tied-seed1" / "metrics.json").read_text())
+    assert saved["run"]["item_tables"] == "tied" and saved["run"]["model"]["tied_items"] is True
 
 
 def test_pieces_benchmark_steps_the_same_batches_whole_and_in_pieces() -> None:

@@ -71,6 +71,7 @@ def test_malformed_input_exits_non_zero_with_file_and_line_and_no_traceback(tmp_
         (["train", SMALL, "--out", "unused", "--heads", "3"], "not divisible"),
         (["train", SMALL, "--out", "unused", "--lr", "0"], "learning rate"),
         (["train", SMALL, "--out", "unused", "--lr", "nan"], "learning rate must be a positive finite number"),
+        (["train", SMALL, "--out", "unused", "--item-tables", "frozen"], "item-tables=frozen needs item-text"),
         (["evaluate", "no-such-model-dir", SMALL], "no-such-model-dir: no such folder"),
     ],
 )

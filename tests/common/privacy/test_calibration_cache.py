@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dp_accounting
 import pytest
+from dp_accounting.pld import pld_privacy_accountant
 
-from common.privacy.accounting import CACHE_DIR_ENV, calibrate_noise, epsilon_from_history
+from common.privacy.accounting import (
+    ACCOUNTANT,
+    CACHE_DIR_ENV,
+    EPSILON_TOLERANCE,
+    PLD_DISCRETIZATION,
+    calibrate_noise,
+    epsilon_from_history,
+)
 
 PLAN = (4.0, 1e-3, 0.1, 30)
 
@@ -60,3 +69,22 @@ def test_an_unwritable_cache_only_costs_time(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv(CACHE_DIR_ENV, str(blocked / "cache"))
     calibrate_noise.cache_clear()
     assert calibrate_noise(*PLAN) > 0
+
+
+def test_the_noise_is_calibrated_with_pld_at_or_below_the_target(cache: Path) -> None:
+    """Spent with PLD, the plan costs at most its target, also on a 10x finer grid than the one it was found on;
+    RDP, looser, needs more noise for the same target."""
+    target, delta, rate, steps = PLAN
+    noise = calibrate_noise(*PLAN)
+    assert ACCOUNTANT == "pld"
+    assert target - 2 * EPSILON_TOLERANCE <= epsilon_from_history([(noise, rate, steps)], delta, "pld") <= target
+    finer = pld_privacy_accountant.PLDAccountant(
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION / 10
+    )
+    finer.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), steps
+        )
+    )
+    assert finer.get_epsilon(delta) <= target
+    assert noise < 0.97 * calibrate_noise(*PLAN, "rdp")

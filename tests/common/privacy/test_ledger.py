@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from common.errors import DataError
-from common.privacy.accounting import calibrate_noise, epsilon_from_history
+from common.privacy.accounting import ACCOUNTANT, calibrate_noise, epsilon_from_history
 from common.privacy.ledger import GENESIS_HASH, LEDGER_FORMAT, UNSALTED_FORMAT, Ledger, Spend
 
 
 def _spend(round_number: int, sigma: float = 1.1) -> Spend:
-    return Spend("run", round_number, "3", 0.1, sigma, 1.0, 20, 1e-5, "rdp", {"opacus": "1.6.0"})
+    return Spend("run", round_number, "3", 0.1, sigma, 1.0, 20, 1e-5, ACCOUNTANT, {"opacus": "1.6.0"})
 
 
 def _ledger(tmp_path: Path, rounds: int = 3) -> Ledger:
@@ -33,6 +33,18 @@ def test_epsilon_so_far_composes_every_line(tmp_path: Path) -> None:
         assert entry["epsilon_so_far"] == pytest.approx(epsilon_from_history([(1.1, 0.1, 20)] * count, 1e-5))
     assert ledger.epsilon(1e-5) == pytest.approx(entries[-1]["epsilon_so_far"])
     assert {"privacy_unit", "neighbouring", "sampling", "accountant", "library_versions", "run_id"} <= set(entries[0])
+
+
+def test_a_line_composes_every_earlier_line_with_its_own_accountant(tmp_path: Path) -> None:
+    """A site that spent with RDP and now spends with PLD: its new line covers the old lines too, under PLD."""
+    ledger = Ledger(tmp_path / "site-3.jsonl")
+    ledger.append(Spend("old", 1, "3", 0.1, 1.1, 1.0, 20, 1e-5, "rdp", {}))
+    ledger.append(_spend(1))
+    old, new = ledger.entries()
+    assert (old["accountant"], new["accountant"]) == ("rdp", "pld")
+    both = [(1.1, 0.1, 20)] * 2
+    assert new["epsilon_so_far"] == pytest.approx(epsilon_from_history(both, 1e-5, "pld"))
+    assert new["epsilon_so_far"] < 0.95 * epsilon_from_history(both, 1e-5, "rdp")
 
 
 @pytest.mark.parametrize("tamper", ["delete", "edit", "reorder"])
