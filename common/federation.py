@@ -34,7 +34,7 @@ federation, so it takes more, larger, cheaper rounds; one tied item table halves
 Adam learning rate for it is ``server.central_noise.DEFAULT_LEARNING_RATE``. Chosen by the runs in
 docs/results.md ("The recipe per noise placement"), on public development data only."""
 PLACEMENT_RECIPES: dict[str, dict[str, Any]] = {"central": ONE_NOISE_RECIPE, "distributed": ONE_NOISE_RECIPE}
-CENTRAL_OPTIMIZERS = ("adam", "adam-bc", "sgd")
+CENTRAL_OPTIMIZERS = ("adam", "sgd")
 """noise=central: what the server does with the noisy mean gradient (``server.central_noise``)."""
 MODEL_SELECTIONS = ("best-validation", "last")
 """Which round's global model the run keeps. Choosing by the server's held-out validation users is
@@ -127,8 +127,8 @@ class RunSettings:
     )
     central_optimizer: str = setting(
         "adam",
-        "noise=central: the server's optimizer on the noisy mean gradient: adam (DP-Adam), adam-bc (DP-Adam with "
-        "the noise variance taken out of its second moment, Tang et al. AAAI 2024), sgd (with server-momentum); "
+        "noise=central: the server's optimizer on the noisy mean gradient: adam (DP-Adam), sgd (with "
+        "server-momentum); "
         "server-lr is its learning rate, server-momentum its beta_1 or momentum",
         choices=CENTRAL_OPTIMIZERS,
     )
@@ -147,11 +147,6 @@ class RunSettings:
         flag="server-lr",
     )
     server_momentum: float = setting(0.9, "fedavgm's momentum, fedadam's beta_1")
-    iterate_average_decay: float = setting(
-        0.0, "validate, keep and release an exponential moving average of the global model over rounds with this "
-        "decay (warmed up as min(decay, (1 + t) / (10 + t))); training continues from the last round's weights; "
-        "post-processing, no privacy cost; 0: off",
-    )
     dp: bool = setting(True, "NON-PRIVATE federated baseline: no clipping, no noise (each site must allow it)",
                        flag="no-dp")
     epsilon: float = setting(8.0, "each site's target epsilon after ALL rounds (noise is calibrated on it)")
@@ -228,8 +223,6 @@ class RunSettings:
             f"server-learning-rate={self.server_learning_rate}: must be 0 (default) or positive"
             * (self.server_learning_rate < 0),
             f"server-momentum={self.server_momentum}: must be in [0, 1)" * (not 0 <= self.server_momentum < 1),
-            f"iterate-average-decay={self.iterate_average_decay}: must be in [0, 1)"
-            * (not 0 <= self.iterate_average_decay < 1),
             f"epsilon={self.epsilon}: must be positive" * (self.dp and self.epsilon <= 0),
             f"delta={self.delta}: must be in (0, 1)" * (self.dp and not 0 < self.delta < 1),
             f"max-grad-norm={self.max_grad_norm}: must be positive" * (self.dp and self.max_grad_norm <= 0),

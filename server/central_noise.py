@@ -13,9 +13,8 @@ clipped gradients (``client.clipped_sum``); the coordinator
 3. divides by the public ``batch-size`` (the expected federation batch: all
    sites' users x sample-rate; a public constant, never a count);
 4. applies its optimizer to the global weights with that noisy mean as the
-   gradient: Adam (DP-Adam) by default, Adam with the noise variance taken out
-   of its second moment (DP-AdamBC, Tang et al., AAAI 2024), or SGD with
-   momentum. This is post-processing of the noisy sum.
+   gradient: Adam (DP-Adam) by default, or SGD with momentum. This is
+   post-processing of the noisy sum.
 
 Trust: each site trusts the coordinator to add the noise. Against the
 coordinator itself a site's release (the un-noised sum) is NOT private; the
@@ -48,27 +47,19 @@ CENTRAL_STATEMENT = (
     "is NOT private (it sends the un-noised sum of its users' clipped gradients). The guarantee holds against "
     "everyone who sees only the global models, provided the coordinator added the noise."
 )
-DEFAULT_LEARNING_RATE = {"adam": 1e-2, "adam-bc": 1e-3, "sgd": 1.0}
+DEFAULT_LEARNING_RATE = {"adam": 1e-2, "sgd": 1.0}
 """The server's learning rate when ``server-lr`` is 0: Adam's was measured against 3e-2 (docs/results.md, "The
-recipe per noise placement"); DP-AdamBC diverged at 1e-2 there."""
+recipe per noise placement")."""
 ADAM_BETA_2, ADAM_EPSILON = 0.999, 1e-8
-BIAS_CORRECTION_FLOOR = 1e-8
-"""DP-AdamBC's gamma: the smallest second moment left after subtracting the noise variance (not tuned here)."""
 
 
 @dataclass
 class ServerOptimizer:
-    """The server's step on the global weights from the noisy mean gradient: ``adam``, ``adam-bc`` or ``sgd``.
-
-    ``noise_variance`` (sigma C / B)^2 per coordinate is what DP-AdamBC
-    subtracts from Adam's second moment: Adam's denominator on noisy gradients
-    is otherwise dominated by the noise, which makes it sign-SGD-like.
-    """
+    """The server's step on the global weights from the noisy mean gradient: ``adam`` or ``sgd``."""
 
     kind: str
     learning_rate: float
     momentum: float
-    noise_variance: float = 0.0
     steps: int = 0
     first: dict[str, torch.Tensor] = field(default_factory=dict)
     second: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -88,10 +79,7 @@ class ServerOptimizer:
                 self.second[name] = second
                 mean = first / (1 - self.momentum**self.steps)
                 variance = second / (1 - ADAM_BETA_2**self.steps)
-                if self.kind == "adam-bc":
-                    direction = mean / (variance - self.noise_variance).clamp(min=BIAS_CORRECTION_FLOOR).sqrt()
-                else:
-                    direction = mean / (variance.sqrt() + ADAM_EPSILON)
+                direction = mean / (variance.sqrt() + ADAM_EPSILON)
             self.first[name] = first
             updated[name] = weights[name] - self.learning_rate * direction.to(weights[name].dtype)
         return updated
@@ -180,7 +168,6 @@ class CentralSum(FedAvg):
         generator = torch.Generator().manual_seed(secrets.randbits(63))  # never a seed the sites could know
         noise = gaussian_noise(total, sigma * self.max_grad_norm, generator)
         mean = {name: ((total[name] + noise[name].to(torch.float64)) / self.batch_size).float() for name in total}
-        self.optimizer.noise_variance = (sigma * self.max_grad_norm / self.batch_size) ** 2
         updated = self.optimizer.step(self.global_weights, mean)
         return ArrayRecord(updated), MetricRecord({"sites-summed": len(required), "noise-multiplier": sigma})
 

@@ -110,9 +110,6 @@ class DistributedNoise(CentralNoise):
         sigma = max(required)
         self.last_noise_multiplier = sigma
         mean = {name: torch.from_numpy(value / self.batch_size).float() for name, value in outcome.total.items()}
-        # each site in the sum added variance sigma^2 C^2 / threshold: with no dropout, more than sigma^2 C^2
-        shares = len(outcome.site_metrics) / self.protocol.threshold
-        self.optimizer.noise_variance = shares * (sigma * self.max_grad_norm / self.batch_size) ** 2
         updated = self.optimizer.step(weights, mean)
         self.require_finite(server_round, updated)
         return updated
