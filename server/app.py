@@ -43,6 +43,7 @@ from common.data.catalog import Catalog
 from common.federation import RunSettings
 from common.flower.polling_grid import PollingGrid
 from common.privacy.accounting import model_selection_statement
+from common.privacy.mechanisms import PLACEMENT_STATEMENTS
 from common.protocol.records import trainable_names
 from common.recommender.artifacts import save_model
 from common.recommender.content import initialise_from_text, item_content_vectors, save_item_vectors
@@ -69,9 +70,9 @@ from common.utils.files import write_json
 from common.utils.plot import write_round_plot
 from common.utils.processes import die_with_parent, lock_run_folder
 from common.utils.progress import log
-from server.central_noise import CENTRAL_STATEMENT, central_strategy
+from server.central_noise import central_strategy
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
-from server.distributed_noise import DISTRIBUTED_STATEMENT, distributed_strategy
+from server.distributed_noise import distributed_strategy
 from server.evaluator import Evaluator, server_catalog, validation_line
 from server.popularity import (
     PopularityFloor,
@@ -99,7 +100,7 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
     if not settings.dp:
         return {"dp": False, "epsilon": None, "delta": None, "per_site": {}, "guarantee": "NONE: trained without DP"}
     epsilon = max(site_epsilon.values(), default=0.0)
-    statement = {"central": CENTRAL_STATEMENT, "distributed": DISTRIBUTED_STATEMENT}.get(settings.noise)
+    statement = PLACEMENT_STATEMENTS.get(settings.noise)
     central = {"noise": settings.noise, "trust": statement} if statement else {}
     return {
         **central,

@@ -12,13 +12,14 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp_sgd import gaussian_noise, make_private, physical_batches, private_step
+from client.dp_sgd import make_private, physical_batches, private_step
 from client.ghost_clipping import embedding_norm_sample, linear_norm_sample
 from client.site_round import train_site_round
 from common.data.split import training_examples
 from common.errors import ConfigError
 from common.privacy.accounting import GRAD_SAMPLE_MODES, check_delta
 from common.privacy.ledger import Ledger
+from common.privacy.mechanisms.gaussian import gaussian_noise
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
 from common.recommender.model import ModelConfig, SASRec, sequence_loss
 from tests.gradients import mean_of_clipped, true_per_user_gradients
