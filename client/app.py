@@ -66,7 +66,7 @@ from common.flower.secaggplus_site import is_secure_round
 from common.privacy.ledger import Ledger
 from common.privacy.mechanisms import SITE
 from common.privacy.mechanisms.gaussian import GaussianMechanism
-from common.privacy.popularity import POPULARITY_ARRAY, popularity_mechanism, popularity_step, popularity_sum_bound
+from common.privacy.popularity import POPULARITY_ARRAY, popularity_mechanism, popularity_sum_bound
 from common.protocol.records import NOISE_MULTIPLIER_METRIC, POPULARITY_TASK, POPULARITY_TASK_KEY, WEIGHT_METRIC
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round, round_mechanism
 from common.protocol.secure_sum import clipping_range, protocol_problem, sum_bound
@@ -380,6 +380,6 @@ def popularity(msg: Message, context: Context) -> Message:
     if outcome.state_dict is None:
         logger.warning("site %s popularity release: %s", site.site_id, outcome.declined_reason)
     elif settings.noise == "central":  # the noise its epsilon assumes, for the coordinator to add (settings alone)
-        step = popularity_step(settings.epsilon, site.policy.delta, settings.popularity_share)
-        content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC] = step[0]
+        mechanism = popularity_mechanism(settings.epsilon, site.policy.delta, settings.popularity_share, "central")
+        content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC] = mechanism.noise_multiplier
     return Message(content, reply_to=msg)
