@@ -16,16 +16,12 @@ from typing import Any
 from common.data.partition import SCHEMES
 from common.errors import ConfigError
 from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.privacy.mechanisms import PLACEMENTS
 from common.recommender.item_tables import ITEM_TABLES
 from common.recommender.model import ModelConfig, ModelOptions
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
-NOISE_PLACEMENTS = ("site", "central", "distributed")
-"""Where the DP noise is added: each site on its own update (``site``), or once by the coordinator over the sum of
-every site's clipped per-user gradients (``central``: sites must trust the coordinator; ``server.central_noise``), or
-by the sites in shares summed by Flower's secure aggregation (``distributed``: sites must trust the SecAgg+ protocol;
-``server.distributed_noise``)."""
 ONE_NOISE_RECIPE: dict[str, Any] = {"rounds": 40, "evaluate_every": 5, "sample_rate": 0.5, "item_tables": "tied"}
 """What ``fedtail simulate`` uses under ``noise = central`` or ``distributed`` for these settings when the command
 line does not give them (the declarations below are ``site``'s). A round is then one DP step over the whole
@@ -117,7 +113,7 @@ class RunSettings:
         "noise for the whole federation; each site must trust the coordinator: node config "
         "trust-coordinator-noise) or distributed (as central, but each site adds a share of the noise and the "
         "coordinator sees only the sum, through Flower's SecAgg+; node config trust-secure-aggregation)",
-        choices=NOISE_PLACEMENTS,
+        choices=PLACEMENTS,
     )
     secure_aggregation_tolerated: int = setting(
         1,
@@ -201,7 +197,7 @@ class RunSettings:
             * (not self.dataset and not self.catalog_path),
             f"rounds={self.rounds}: must be at least 1" * (self.rounds < 1),
             f"evaluate-every={self.evaluate_every}: must be at least 1" * (self.evaluate_every < 1),
-            f"noise='{self.noise}': use one of {', '.join(NOISE_PLACEMENTS)}" * (self.noise not in NOISE_PLACEMENTS),
+            f"noise='{self.noise}': use one of {', '.join(PLACEMENTS)}" * (self.noise not in PLACEMENTS),
             "noise='central' needs dp = true (the coordinator's noise is the privacy)"
             * (self.noise == "central" and not self.dp),
             "noise='distributed' needs dp = true, fraction-sites = 1 and min-sites >= 3 (every site of the "

@@ -35,7 +35,10 @@ from common.privacy.accounting import MechanismStep
 SITE, COORDINATOR = "site", "coordinator"
 """The two parties a half can run at."""
 PLACEMENTS = ("site", "central", "distributed")
-"""Where a mechanism's aggregate half runs (``noise`` in the run config)."""
+"""Where a mechanism's aggregate half runs (``noise`` in the run config): each site on its own release (``site``), or
+once by the coordinator over the sum of every site's release (``central``: sites must trust the coordinator;
+``server.central_noise``), or by the sites in shares summed by Flower's secure aggregation (``distributed``: sites
+must trust the SecAgg+ protocol; ``server.distributed_noise``)."""
 
 SITE_TRUST = "no one: the site adds the noise to its own release"
 CENTRAL_TRUST = (
