@@ -41,7 +41,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -64,15 +64,12 @@ from common.federation import RunSettings
 from common.flower.packed_content import packed_content_mod
 from common.flower.secaggplus_site import is_secure_round
 from common.privacy.ledger import Ledger
-from common.privacy.popularity import (
-    POPULARITY_ARRAY,
-    POPULARITY_BOUND,
-    popularity_step,
-    popularity_sum_bound,
-)
+from common.privacy.mechanisms import SITE
+from common.privacy.mechanisms.gaussian import GaussianMechanism
+from common.privacy.popularity import POPULARITY_ARRAY, popularity_mechanism, popularity_sum_bound
 from common.protocol.records import NOISE_MULTIPLIER_METRIC, POPULARITY_TASK, POPULARITY_TASK_KEY, WEIGHT_METRIC
-from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
-from common.protocol.secure_sum import clipping_range, protocol_problem
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round, round_mechanism
+from common.protocol.secure_sum import clipping_range, protocol_problem, sum_bound
 from common.recommender.item_tables import apply_item_tables
 from common.recommender.model import SASRec
 from common.recommender.training import pick_device
@@ -294,22 +291,25 @@ def distributed_round(
     if config.get(POPULARITY_TASK_KEY) == POPULARITY_TASK:
         return distributed_popularity(context, config, global_weights, sum_names, protocol)
 
-    def share_plan(policy: SitePolicy, settings: RunSettings) -> tuple[float, int]:
-        plan = plan_round(LocalTraining.from_settings(settings), PrivacyPlan.from_settings(settings, policy))
-        return plan.noise_multiplier, int(policy.secure_aggregation_sites)
+    def share_mechanism(policy: SitePolicy, settings: RunSettings) -> GaussianMechanism:
+        """The round's mechanism as this SecAgg+ stage runs it: placed ``distributed`` whatever the run config says
+        (a site that declines still sends its pure-noise share)."""
+        privacy = PrivacyPlan.from_settings(settings, policy)
+        mechanism = round_mechanism(privacy, plan_round(LocalTraining.from_settings(settings), privacy))
+        return replace(mechanism, placement="distributed")
 
     def refusal(policy: SitePolicy, settings: RunSettings) -> str:
-        noise_multiplier, shares = share_plan(policy, settings)
-        needed = clipping_range(settings.max_grad_norm, settings.batch_size, noise_multiplier, shares)
-        return protocol_problem(protocol, shares, needed)
+        mechanism = share_mechanism(policy, settings)
+        needed = clipping_range(sum_bound(mechanism.clip, settings.batch_size), mechanism.noise_std(SITE))
+        return protocol_problem(protocol, mechanism.shares, needed)
 
     content, outcome, site = site_round(context, config, global_weights, refusal)
     if outcome.state_dict is not None:
         return content, outcome.state_dict
     settings = run_settings(context)
-    noise_multiplier, shares = share_plan(site.policy, settings)
+    mechanism = share_mechanism(site.policy, settings)
     zeros = {name: torch.zeros_like(global_weights[name], dtype=torch.float64) for name in sum_names}
-    return content, noise_share(zeros, settings.max_grad_norm, settings.batch_size, noise_multiplier, shares)
+    return content, noise_share(zeros, mechanism, sum_bound(mechanism.clip, settings.batch_size))
 
 
 def distributed_popularity(
@@ -329,14 +329,15 @@ def distributed_popularity(
             f"secure popularity release: the coordinator asks for {sum_names[:3]}, not one vector"
         )
     privacy = PrivacyPlan.from_settings(settings, site.policy)  # the plan the release itself uses
-    shares, bound = privacy.noise_shares, popularity_sum_bound(settings.batch_size, settings.sample_rate)
-    sigma = popularity_step(privacy.target_epsilon, privacy.delta, privacy.popularity_share)[0]
+    bound = popularity_sum_bound(settings.batch_size, settings.sample_rate)
+    mechanism = popularity_mechanism(privacy.target_epsilon, privacy.delta, privacy.popularity_share, "distributed",
+                                     privacy.noise_shares)
     refusal = site.policy.decline_reason(settings)
     if not refusal and not (settings.dp and settings.popularity_share > 0 and settings.noise == "distributed"):
         refusal = "declined: a secure popularity sum is answered only under DP with noise = distributed and " \
             "popularity-share > 0"
     if not refusal:
-        refusal = protocol_problem(protocol, shares, clipping_range(POPULARITY_BOUND, bound, sigma, shares))
+        refusal = protocol_problem(protocol, mechanism.shares, clipping_range(bound, mechanism.noise_std(SITE)))
     outcome = RoundOutcome(None, site.ledger.epsilon(site.policy.delta), refusal)
     if not refusal:  # public input alone decided so far; now the data
         shard = site.load_shard()
@@ -350,7 +351,7 @@ def distributed_popularity(
         return reply_content(outcome, site, settings.dp), {POPULARITY_ARRAY: outcome.state_dict[POPULARITY_ARRAY]}
     logger.warning("site %s popularity release: %s", site.site_id, outcome.declined_reason)
     zeros = {POPULARITY_ARRAY: torch.zeros_like(global_weights[POPULARITY_ARRAY], dtype=torch.float64)}
-    return reply_content(outcome, site, settings.dp), noise_share(zeros, POPULARITY_BOUND, bound, sigma, shares)
+    return reply_content(outcome, site, settings.dp), noise_share(zeros, mechanism, bound)
 
 
 @app.query()
@@ -379,6 +380,6 @@ def popularity(msg: Message, context: Context) -> Message:
     if outcome.state_dict is None:
         logger.warning("site %s popularity release: %s", site.site_id, outcome.declined_reason)
     elif settings.noise == "central":  # the noise its epsilon assumes, for the coordinator to add (settings alone)
-        step = popularity_step(settings.epsilon, site.policy.delta, settings.popularity_share)
-        content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC] = step[0]
+        mechanism = popularity_mechanism(settings.epsilon, site.policy.delta, settings.popularity_share, "central")
+        content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC] = mechanism.noise_multiplier
     return Message(content, reply_to=msg)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from client.dp_sgd import PIECE_USERS, backward_clipped, make_private, secret_generator
+from client.dp_sgd import PIECE_USERS, backward_clipped, make_private
 from common.data.split import TrainingExamples
+from common.privacy.mechanisms.gaussian import secret_generator
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.model import SASRec
 

@@ -3,14 +3,16 @@
 Per-user clipping happens in two places, one per grad-sample mode, both
 built on ``client.clipping.clip_coefficients``: ``client.clipping`` for
 Opacus' per-sample hooks and ``client.ghost_clipping`` for ghost clipping.
-The noise is Opacus' own, drawn from a generator seeded from the operating
-system (``secret_generator``), in Opacus' secure mode (``gaussian_noise``).
+The round's mechanism (``common.privacy.mechanisms.gaussian``) gives Opacus
+its clip and, under ``noise = site``, its noise multiplier: the noise is
+Opacus' own, added in its DPOptimizer's step, drawn from a generator seeded
+from the operating system (``secret_generator``), in Opacus' secure mode
+(``gaussian_noise``).
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +22,6 @@ from typing import Any
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,7 +31,9 @@ from client.ghost_clipping import GhostClipping, use_fast_norm_samplers
 from client.tied_grad_sampler import use_tied_samplers
 from common.data.split import TrainingExamples, length_sorted_pieces, trim_left_padding
 from common.privacy.accounting import HISTORY_RECORDER, MechanismStep
-from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
+from common.privacy.mechanisms import SITE
+from common.privacy.mechanisms.gaussian import secret_generator
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan, round_mechanism
 from common.recommender.item_tables import trainable_parameters
 from common.recommender.model import SASRec, per_user_loss
 
@@ -40,30 +43,6 @@ PIECE_USERS = 16
 # Opacus' hooks on the embedding tables, whose inputs (item ids) take no gradient, make PyTorch warn on every
 # backward pass; the hook still gets the output gradient it needs (tests/client/test_dp.py checks the clipping).
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect")
-
-
-def secret_generator(device: torch.device) -> torch.Generator:
-    """Seeded from the operating system's entropy, never from run parameters.
-
-    Which users a step samples and the noise it adds must be unpredictable to
-    the server: with a seed it could compute, it could subtract the noise or
-    know the batch, and the accounted epsilon would be a fiction.
-    """
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
-
-
-def gaussian_noise(
-    std: float, shape: torch.Size | tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """N(0, std^2) noise as Opacus' secure mode draws it: (Z1 + Z2 + Z3 + Z4) / 2, four draws per value.
-
-    A single floating-point Gaussian draw takes only a sparse set of values, and whether ``release - f(D)`` lies
-    in that set can tell neighbouring datasets apart (Mironov, CCS 2012; Jin et al., IEEE S&P 2022). Summing 2n = 4
-    draws makes that test cost about 2^159 work (Holohan & Braghin 2021, section 5.1); the distribution, and so
-    the accounting, is the same N(0, std^2). The generator stays ``secret_generator``'s (PyTorch's, seeded with
-    63 bits from the operating system), not a cryptographic one: docs/privacy.md says what that leaves.
-    """
-    return _generate_noise(std, torch.zeros(shape, dtype=dtype, device=generator.device), generator, secure_mode=True)
 
 
 @dataclass
@@ -118,7 +97,17 @@ def make_private(
     users (1 / len(loader) and users x rate), which the coordinator must not
     learn. The noise generator must live on the model's device (Opacus draws
     the noise there).
+
+    Opacus runs the round mechanism's individual half (per-user clipping at
+    its ``clip``) and, under ``noise = site``, its aggregate half (noise of
+    the site's multiplier); under ``central`` the site's multiplier is 0 and
+    the step only clips (``client.clipped_sum``). A ``distributed`` share is
+    added to the projected sum, not per step (``client.secure_aggregation``).
     """
+    mechanism = round_mechanism(privacy, plan)
+    if mechanism.placement == "distributed":
+        raise ValueError("a distributed noise share is added to the round's projected sum, not inside DP-SGD: "
+                         "build the clipped sum with placement central (client.clipped_sum)")
     sampler: UniformWithReplacementSampler | NoUsersSampler = (
         UniformWithReplacementSampler(
             num_samples=len(examples), sample_rate=plan.sample_rate, generator=sampling_generator
@@ -138,8 +127,8 @@ def make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
+            noise_multiplier=mechanism.noise_multiplier_at(SITE),
+            max_grad_norm=mechanism.clip,
             poisson_sampling=False,  # the loader above already samples users independently at the plan's rate
             noise_generator=noise_generator,
             grad_sample_mode=training.grad_sample_mode,

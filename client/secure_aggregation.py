@@ -1,8 +1,9 @@
 """``noise = distributed`` at a site: its share of the noise, the value range, and its part in Flower's SecAgg+.
 
-Mechanism (one DP step per round, as ``central``): every site sums its Poisson-sampled users' clipped gradients
-(``client.clipped_sum``), projects that sum onto the L2 ball of public radius R = batch-size x max-grad-norm, adds
-Gaussian noise of std sigma C / sqrt(H) and sends the result through Flower's secure aggregation
+Mechanism (one DP step per round, as ``central``; the Gaussian mechanism of ``common.privacy.mechanisms.gaussian``
+placed ``distributed``): every site sums its Poisson-sampled users' clipped gradients (``client.clipped_sum``, the
+individual half), projects that sum onto the L2 ball of public radius R = batch-size x max-grad-norm, adds its share
+of the aggregate half, Gaussian noise of std sigma C / sqrt(H), and sends the result through Flower's secure aggregation
 (``secaggplus_mod``, unchanged), so that the coordinator sees only the sum over the sites. sigma is the noise
 multiplier of the total noise (calibrated as for ``central``); H is the fewest sites' shares every sum holds, from
 the site's own node config (``secure-aggregation-sites``): the noise of any H shares has variance sigma^2 C^2, the
@@ -29,7 +30,6 @@ own share's noise alone: the ledger records that fallback epsilon (``common.priv
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from client.dp_sgd import gaussian_noise, secret_generator
 from client.public_errors import PublicInputError
 from common.flower.mods import ClientAppCallable
 from common.flower.secaggplus_site import (
@@ -48,38 +47,25 @@ from common.flower.secaggplus_site import (
     secaggplus_mod,
     unmask_node_ids,
 )
-from common.protocol.secure_sum import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, share_noise_multiplier, sum_bound
-
-DISTRIBUTED_TRUST = (
-    "Flower's secure aggregation (SecAgg+) and the other sites: this site added only a share of the noise (std "
-    "noise_multiplier x max_grad_norm / sqrt(secure_aggregation_sites)); the epsilon holds if the coordinator saw "
-    "only the sum over the sites and every sum held the shares of at least secure_aggregation_sites sites that did "
-    "not collude with it. Flower's SecAgg+ is secure against a coordinator that follows the protocol, not one that "
-    "deviates from it; if it failed, the fallback epsilon (this site's own share alone) is what holds"
-)
+from common.privacy.mechanisms import SITE
+from common.privacy.mechanisms.gaussian import GaussianMechanism, project
+from common.protocol.secure_sum import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES
 
 
 def noise_share(
     clipped: Mapping[str, torch.Tensor],
-    max_grad_norm: float,
-    batch_size: int,
-    noise_multiplier: float,
-    shares: int,
+    mechanism: GaussianMechanism,
+    radius: float,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The site's release: its clipped sum projected onto the ball of radius ``sum_bound``, plus its noise share.
+    """The site's release (float64): its clipped sum projected onto the ball of public ``radius``, plus its share of
+    ``mechanism``'s noise (placed ``distributed``).
 
     With ``clipped`` all zeros (a site that declined) it is pure noise, which keeps the sum's noise full.
     """
-    generator = generator or secret_generator(torch.device("cpu"))
-    norm = math.sqrt(sum(float(tensor.double().pow(2).sum()) for tensor in clipped.values()))
-    bound = sum_bound(max_grad_norm, batch_size)
-    scale = 1.0 if norm <= bound else bound / norm
-    std = share_noise_multiplier(noise_multiplier, shares) * max_grad_norm
-    return {
-        name: tensor.double() * scale + gaussian_noise(std, tensor.shape, generator, torch.float64)
-        for name, tensor in clipped.items()
-    }
+    if mechanism.placement != "distributed":
+        raise ValueError(f"a noise share belongs to a distributed mechanism, not one placed '{mechanism.placement}'")
+    return mechanism.add_noise(project(clipped, radius), SITE, generator)
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

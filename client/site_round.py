@@ -10,7 +10,7 @@ the update already released (``client.replay``). The ledger line is written
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from typing import Any
 
@@ -19,22 +19,17 @@ import torch
 from client.clipped_sum import clipped_sum
 from client.dp_sgd import train_non_private, train_private
 from client.replay import ReleasedUpdate, weights_fingerprint
-from client.secure_aggregation import DISTRIBUTED_TRUST, noise_share
+from client.secure_aggregation import noise_share
 from common.data.split import TrainingExamples
 from common.errors import ConfigError
 from common.privacy.accounting import ACCOUNTANT, MechanismStep, epsilon_from_history
 from common.privacy.fallback import fallback_epsilon
 from common.privacy.ledger import Ledger, Spend
-from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
-from common.protocol.secure_sum import share_noise_multiplier
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round, round_mechanism
+from common.protocol.secure_sum import sum_bound
 from common.recommender.model import SASRec
 
 BUDGET_TOLERANCE = 1e-9
-CENTRAL_TRUST = (
-    "the coordinator: this site sent it the un-noised sum of its sampled users' clipped gradients, and the epsilon "
-    "holds only if the coordinator added Gaussian noise of std noise_multiplier x max_grad_norm once to the sum over "
-    "all sites; against the coordinator itself this release is NOT private"
-)
 
 
 @dataclass(frozen=True)
@@ -78,6 +73,7 @@ def train_site_round(
     if ledger is None:
         raise ConfigError("DP training needs a ledger on the site's disk")
     plan = plan_round(training, privacy)
+    mechanism = round_mechanism(privacy, plan)  # its halves run where privacy.noise_placement says
     released = ReleasedUpdate(ledger.path.with_suffix(".last-update.pt"))
     global_fingerprint = weights_fingerprint(model.state_dict())
     history = ledger.history()
@@ -87,46 +83,30 @@ def train_site_round(
         return RoundOutcome(replay, spent)
     checked = max(1, privacy.planned_rounds - round_number + 1) if privacy.whole_run else 1
     what = "round" if checked == 1 else f"window's remaining {checked} rounds"
-    refusal = over_budget(history, (plan.noise_multiplier, plan.sample_rate, plan.steps), privacy, what, checked)
-    share = share_noise_multiplier(plan.noise_multiplier, privacy.noise_shares)
-    fallback = 0.0
-    if not refusal and privacy.noise_placement == "distributed":
-        fallback, refusal = over_fallback_cap(ledger.entries(), (share, plan.sample_rate, plan.steps), privacy, what,
-                                              checked)
+    refusal = over_budget(history, mechanism.step, privacy, what, checked)
+    fallback = None
+    if not refusal and mechanism.placement == "distributed":
+        fallback, refusal = over_fallback_cap(ledger.entries(), mechanism.share_step, privacy, what, checked)
     if refusal:
         return RoundOutcome(None, spent, refusal)
-    placement: dict[str, Any] = {}
-    if privacy.noise_placement in ("central", "distributed"):
-        weights = clipped_sum(model, examples, training, privacy.max_grad_norm, device)
-        noise_multiplier, sample_rate, steps = plan.noise_multiplier, plan.sample_rate, plan.steps
-        placement = {"noise_placement": "central", "trust": CENTRAL_TRUST}
-        if privacy.noise_placement == "distributed":
-            weights = noise_share(
-                weights, privacy.max_grad_norm, training.batch_size, noise_multiplier, privacy.noise_shares
-            )
-            placement = {
-                "noise_placement": "distributed",
-                "trust": DISTRIBUTED_TRUST,
-                "share_noise_multiplier": share,
-                "fallback_epsilon_so_far": fallback,
-            }
-    else:
+    if mechanism.placement in ("central", "distributed"):  # the individual half here, the noise after the sum
+        weights = clipped_sum(model, examples, training, mechanism.clip, device)
+        if mechanism.placement == "distributed":
+            weights = noise_share(weights, mechanism, sum_bound(mechanism.clip, training.batch_size))
+    else:  # both halves here, inside Opacus' DP-SGD steps; the ledger records what Opacus' accountant recorded
         noise_multiplier, sample_rate, steps = train_private(model, examples, training, privacy, plan, device)
+        mechanism = replace(mechanism, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         weights = _weights(model)
     entry = ledger.append(
         Spend(
             run_id=run_id,
             round=round_number,
             site=site,
-            sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            steps=steps,
             delta=privacy.delta,
             accountant=ACCOUNTANT,
             library_versions=library_versions(),
             users=len(examples),
-            **placement,
+            **mechanism.ledger_fields(fallback),
         )
     )
     released.save(run_id, round_number, global_fingerprint, weights)

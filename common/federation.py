@@ -16,16 +16,12 @@ from typing import Any
 from common.data.partition import SCHEMES
 from common.errors import ConfigError
 from common.privacy.accounting import GRAD_SAMPLE_MODES
+from common.privacy.mechanisms import PLACEMENTS
 from common.recommender.item_tables import ITEM_TABLES
 from common.recommender.model import ModelConfig, ModelOptions
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
-NOISE_PLACEMENTS = ("site", "central", "distributed")
-"""Where the DP noise is added: each site on its own update (``site``), or once by the coordinator over the sum of
-every site's clipped per-user gradients (``central``: sites must trust the coordinator; ``server.central_noise``), or
-by the sites in shares summed by Flower's secure aggregation (``distributed``: sites must trust the SecAgg+ protocol;
-``server.distributed_noise``)."""
 ONE_NOISE_RECIPE: dict[str, Any] = {"rounds": 40, "evaluate_every": 5, "sample_rate": 0.5}
 """What ``fedtail simulate`` uses under ``noise = central`` or ``distributed`` for these settings when the command
 line does not give them (the declarations below are ``site``'s). A round is then one DP step over the whole
@@ -34,7 +30,7 @@ parameters, matters most here: +22% NDCG@10 on MovieLens-100K and +14% on Amazon
 Adam learning rate for it is ``server.central_noise.DEFAULT_LEARNING_RATE``. Chosen by the runs in
 docs/results.md ("The recipe per noise placement"), on public development data only."""
 PLACEMENT_RECIPES: dict[str, dict[str, Any]] = {"central": ONE_NOISE_RECIPE, "distributed": ONE_NOISE_RECIPE}
-CENTRAL_OPTIMIZERS = ("adam", "adam-bc", "sgd")
+CENTRAL_OPTIMIZERS = ("adam", "sgd")
 """noise=central: what the server does with the noisy mean gradient (``server.central_noise``)."""
 MODEL_SELECTIONS = ("best-validation", "last")
 """Which round's global model the run keeps. Choosing by the server's held-out validation users is
@@ -117,7 +113,7 @@ class RunSettings:
         "noise for the whole federation; each site must trust the coordinator: node config "
         "trust-coordinator-noise) or distributed (as central, but each site adds a share of the noise and the "
         "coordinator sees only the sum, through Flower's SecAgg+; node config trust-secure-aggregation)",
-        choices=NOISE_PLACEMENTS,
+        choices=PLACEMENTS,
     )
     secure_aggregation_tolerated: int = setting(
         1,
@@ -127,8 +123,8 @@ class RunSettings:
     )
     central_optimizer: str = setting(
         "adam",
-        "noise=central: the server's optimizer on the noisy mean gradient: adam (DP-Adam), adam-bc (DP-Adam with "
-        "the noise variance taken out of its second moment, Tang et al. AAAI 2024), sgd (with server-momentum); "
+        "noise=central: the server's optimizer on the noisy mean gradient: adam (DP-Adam), sgd (with "
+        "server-momentum); "
         "server-lr is its learning rate, server-momentum its beta_1 or momentum",
         choices=CENTRAL_OPTIMIZERS,
     )
@@ -147,11 +143,6 @@ class RunSettings:
         flag="server-lr",
     )
     server_momentum: float = setting(0.9, "fedavgm's momentum, fedadam's beta_1")
-    iterate_average_decay: float = setting(
-        0.0, "validate, keep and release an exponential moving average of the global model over rounds with this "
-        "decay (warmed up as min(decay, (1 + t) / (10 + t))); training continues from the last round's weights; "
-        "post-processing, no privacy cost; 0: off",
-    )
     dp: bool = setting(True, "NON-PRIVATE federated baseline: no clipping, no noise (each site must allow it)",
                        flag="no-dp")
     epsilon: float = setting(8.0, "each site's target epsilon after ALL rounds (noise is calibrated on it)")
@@ -206,7 +197,7 @@ class RunSettings:
             * (not self.dataset and not self.catalog_path),
             f"rounds={self.rounds}: must be at least 1" * (self.rounds < 1),
             f"evaluate-every={self.evaluate_every}: must be at least 1" * (self.evaluate_every < 1),
-            f"noise='{self.noise}': use one of {', '.join(NOISE_PLACEMENTS)}" * (self.noise not in NOISE_PLACEMENTS),
+            f"noise='{self.noise}': use one of {', '.join(PLACEMENTS)}" * (self.noise not in PLACEMENTS),
             "noise='central' needs dp = true (the coordinator's noise is the privacy)"
             * (self.noise == "central" and not self.dp),
             "noise='distributed' needs dp = true, fraction-sites = 1 and min-sites >= 3 (every site of the "
@@ -228,8 +219,6 @@ class RunSettings:
             f"server-learning-rate={self.server_learning_rate}: must be 0 (default) or positive"
             * (self.server_learning_rate < 0),
             f"server-momentum={self.server_momentum}: must be in [0, 1)" * (not 0 <= self.server_momentum < 1),
-            f"iterate-average-decay={self.iterate_average_decay}: must be in [0, 1)"
-            * (not 0 <= self.iterate_average_decay < 1),
             f"epsilon={self.epsilon}: must be positive" * (self.dp and self.epsilon <= 0),
             f"delta={self.delta}: must be in (0, 1)" * (self.dp and not 0 < self.delta < 1),
             f"max-grad-norm={self.max_grad_norm}: must be positive" * (self.dp and self.max_grad_norm <= 0),

@@ -86,8 +86,15 @@ def write_run_record(out_dir: Path, record: RunRecord) -> None:
     write_json(out_dir / RUN_FILE, {key: value for key, value in asdict(record).items() if value is not None})
 
 
+REMOVED_SETTINGS: dict[str, Any] = {"iterate-average-decay": 0.0}
+"""Settings a run folder may still hold from an earlier version, with the value that meant "off": a saved run
+with that value resumes as if the setting had never existed (any other value is a difference, refused)."""
+
+
 def check_same_settings(out_dir: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
     """Refuse to continue the run in ``out_dir`` with other settings, naming every one that differs, in one line."""
+    saved = {key: value for key, value in saved.items()
+             if not (key in REMOVED_SETTINGS and key not in now and value == REMOVED_SETTINGS[key])}
     keys = [*now, *(key for key in saved if key not in now)]
     differences = [f"{key} {saved.get(key)!r} (saved) vs {now.get(key)!r} (now)"
                    for key in keys if saved.get(key) != now.get(key)]

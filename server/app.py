@@ -43,6 +43,7 @@ from common.data.catalog import Catalog
 from common.federation import RunSettings
 from common.flower.polling_grid import PollingGrid
 from common.privacy.accounting import model_selection_statement
+from common.privacy.mechanisms import PLACEMENT_STATEMENTS
 from common.protocol.records import trainable_names
 from common.recommender.artifacts import save_model
 from common.recommender.content import initialise_from_text, item_content_vectors, save_item_vectors
@@ -69,11 +70,10 @@ from common.utils.files import write_json
 from common.utils.plot import write_round_plot
 from common.utils.processes import die_with_parent, lock_run_folder
 from common.utils.progress import log
-from server.central_noise import CENTRAL_STATEMENT, central_strategy
+from server.central_noise import central_strategy
 from server.checkpoint import BestRound, Checkpoint, load_checkpoint
-from server.distributed_noise import DISTRIBUTED_STATEMENT, distributed_strategy
+from server.distributed_noise import distributed_strategy
 from server.evaluator import Evaluator, server_catalog, validation_line
-from server.iterate_average import IterateAverage
 from server.popularity import (
     PopularityFloor,
     initialise_output_bias,
@@ -100,7 +100,7 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
     if not settings.dp:
         return {"dp": False, "epsilon": None, "delta": None, "per_site": {}, "guarantee": "NONE: trained without DP"}
     epsilon = max(site_epsilon.values(), default=0.0)
-    statement = {"central": CENTRAL_STATEMENT, "distributed": DISTRIBUTED_STATEMENT}.get(settings.noise)
+    statement = PLACEMENT_STATEMENTS.get(settings.noise)
     central = {"noise": settings.noise, "trust": statement} if statement else {}
     return {
         **central,
@@ -119,13 +119,11 @@ def privacy_summary(settings: RunSettings, site_epsilon: dict[str, float]) -> di
 
 @dataclass
 class RunState:
-    """Where a run stands at the server: the rounds finished, each site's epsilon, the best round so far, and the
-    average of the rounds' models (with ``iterate-average-decay``)."""
+    """Where a run stands at the server: the rounds finished, each site's epsilon, the best round so far."""
 
     done: int = 0
     site_epsilon: dict[str, float] = field(default_factory=dict)
     best: BestRound | None = None
-    average: IterateAverage | None = None
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
@@ -145,9 +143,6 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     if floor is not None:
         initialise_output_bias(model, floor.prior())
     state = resume(out_dir, settings, model, run_id)
-    if state.average is None and settings.iterate_average_decay > 0:
-        state.average = IterateAverage(settings.iterate_average_decay)
-    average = state.average
     if floor is not None and state.done == 0:
         state.best = floor_candidate(model, device, evaluator, settings)
     for site, epsilon in ({} if floor is None else floor.site_epsilon).items():
@@ -182,7 +177,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
         if server_round == 0:
             return None
         latest = arrays.to_torch_state_dict()
-        model.load_state_dict(latest if average is None else average.update(latest))
+        model.load_state_dict(latest)
         record = finish_round(
             server_round + state.done, model, device, evaluator, strategy, settings, run_id, round_started[0]
         )
@@ -190,8 +185,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         state.best = keep_if_best(state.best, record, weights)
         Checkpoint(
-            run_id, record.round, latest, settings.to_run_config(), record.site_epsilon, state.best,
-            None if average is None else average.state(),
+            run_id, record.round, latest, settings.to_run_config(), record.site_epsilon, state.best
         ).save(out_dir)
         log_round(record, settings)
         round_started[0] = time.perf_counter()
@@ -210,8 +204,6 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     rounds = read_rounds(out_dir)
     if not any(r.failed is None for r in rounds):
         raise RuntimeError(no_trained_round(rounds))
-    if average is not None and average.weights:
-        model.load_state_dict(average.weights)  # the last model, as validated (already there unless nothing ran)
     kept = state.best if settings.model_selection == "best-validation" else None
     if kept is not None:
         model.load_state_dict(kept.state_dict)
@@ -282,8 +274,7 @@ def resume(out_dir: Path, settings: RunSettings, model: SASRec, run_id: str) -> 
     model.load_state_dict(checkpoint.state_dict)
     truncate_rounds(out_dir, checkpoint.round)
     log(f"fedtail: resuming run {run_id} after round {checkpoint.round} of {settings.rounds}")
-    average = None if checkpoint.iterate_average is None else IterateAverage.from_state(checkpoint.iterate_average)
-    return RunState(checkpoint.round, checkpoint.site_epsilon, checkpoint.best, average)
+    return RunState(checkpoint.round, checkpoint.site_epsilon, checkpoint.best)
 
 
 def finish_round(

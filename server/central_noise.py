@@ -7,19 +7,21 @@ clipped gradients (``client.clipped_sum``); the coordinator
 
 1. sums the sites' sums, refusing any reply that is not finite or does not fit
    the global model (that site is left out of the round, with the reason);
-2. adds N(0, sigma^2 C^2) to every coordinate ONCE, from a generator seeded by
-   the operating system (``secrets``), with sigma the largest noise multiplier
-   any site required, and never less than the one the run's own settings give;
+2. adds N(0, sigma^2 C^2) to every coordinate ONCE, the aggregate half of the
+   Gaussian mechanism placed ``central`` (``common.privacy.mechanisms.gaussian``:
+   Opacus' secure-mode draw, from a generator seeded by the operating system),
+   with sigma the largest noise multiplier any site required, and never less
+   than the one the run's own settings give;
 3. divides by the public ``batch-size`` (the expected federation batch: all
    sites' users x sample-rate; a public constant, never a count);
 4. applies its optimizer to the global weights with that noisy mean as the
-   gradient: Adam (DP-Adam) by default, Adam with the noise variance taken out
-   of its second moment (DP-AdamBC, Tang et al., AAAI 2024), or SGD with
-   momentum. This is post-processing of the noisy sum.
+   gradient: Adam (DP-Adam) by default, or SGD with momentum. This is
+   post-processing of the noisy sum.
 
-Trust: each site trusts the coordinator to add the noise. Against the
-coordinator itself a site's release (the un-noised sum) is NOT private; the
-guarantee holds against everyone who sees only the global models.
+Trust: each site trusts the coordinator to add the noise
+(``common.privacy.mechanisms.CENTRAL_STATEMENT``). Against the coordinator
+itself a site's release (the un-noised sum) is NOT private; the guarantee
+holds against everyone who sees only the global models.
 
 The optimizer's state (moments) is not checkpointed: a resumed run restarts it.
 """
@@ -27,7 +29,6 @@ The optimizer's state (moments) is not checkpointed: a resumed run restarts it.
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,36 +40,25 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.federation import RunSettings
 from common.privacy.accounting import calibrate_noise
+from common.privacy.mechanisms import COORDINATOR
+from common.privacy.mechanisms.gaussian import GaussianMechanism
 from common.protocol.records import NOISE_MULTIPLIER_METRIC
 from common.utils.records import scalar
 from server.strategy import PrivateAggregation
 
-CENTRAL_STATEMENT = (
-    "central: each site trusts the coordinator to add the noise; against the coordinator itself a site's release "
-    "is NOT private (it sends the un-noised sum of its users' clipped gradients). The guarantee holds against "
-    "everyone who sees only the global models, provided the coordinator added the noise."
-)
-DEFAULT_LEARNING_RATE = {"adam": 1e-2, "adam-bc": 1e-3, "sgd": 1.0}
+DEFAULT_LEARNING_RATE = {"adam": 1e-2, "sgd": 1.0}
 """The server's learning rate when ``server-lr`` is 0: Adam's was measured against 3e-2 (docs/results.md, "The
-recipe per noise placement"); DP-AdamBC diverged at 1e-2 there."""
+recipe per noise placement")."""
 ADAM_BETA_2, ADAM_EPSILON = 0.999, 1e-8
-BIAS_CORRECTION_FLOOR = 1e-8
-"""DP-AdamBC's gamma: the smallest second moment left after subtracting the noise variance (not tuned here)."""
 
 
 @dataclass
 class ServerOptimizer:
-    """The server's step on the global weights from the noisy mean gradient: ``adam``, ``adam-bc`` or ``sgd``.
-
-    ``noise_variance`` (sigma C / B)^2 per coordinate is what DP-AdamBC
-    subtracts from Adam's second moment: Adam's denominator on noisy gradients
-    is otherwise dominated by the noise, which makes it sign-SGD-like.
-    """
+    """The server's step on the global weights from the noisy mean gradient: ``adam`` or ``sgd``."""
 
     kind: str
     learning_rate: float
     momentum: float
-    noise_variance: float = 0.0
     steps: int = 0
     first: dict[str, torch.Tensor] = field(default_factory=dict)
     second: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -88,10 +78,7 @@ class ServerOptimizer:
                 self.second[name] = second
                 mean = first / (1 - self.momentum**self.steps)
                 variance = second / (1 - ADAM_BETA_2**self.steps)
-                if self.kind == "adam-bc":
-                    direction = mean / (variance - self.noise_variance).clamp(min=BIAS_CORRECTION_FLOOR).sqrt()
-                else:
-                    direction = mean / (variance.sqrt() + ADAM_EPSILON)
+                direction = mean / (variance.sqrt() + ADAM_EPSILON)
             self.first[name] = first
             updated[name] = weights[name] - self.learning_rate * direction.to(weights[name].dtype)
         return updated
@@ -139,10 +126,6 @@ def sum_replies(replies: Iterable[Message]) -> tuple[dict[str, torch.Tensor], li
     return total, required
 
 
-def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {name: torch.normal(0.0, std, tensor.shape, generator=generator) for name, tensor in like.items()}
-
-
 class CentralSum(FedAvg):
     """Sum, noise once, divide by the public batch size, optimizer step (see the module's docstring)."""
 
@@ -177,10 +160,9 @@ class CentralSum(FedAvg):
             return None, None
         sigma = max(self.noise_multiplier, *required)
         self.last_noise_multiplier = sigma
-        generator = torch.Generator().manual_seed(secrets.randbits(63))  # never a seed the sites could know
-        noise = gaussian_noise(total, sigma * self.max_grad_norm, generator)
-        mean = {name: ((total[name] + noise[name].to(torch.float64)) / self.batch_size).float() for name in total}
-        self.optimizer.noise_variance = (sigma * self.max_grad_norm / self.batch_size) ** 2
+        mechanism = GaussianMechanism(sigma, self.max_grad_norm, placement="central")
+        noisy = mechanism.add_noise(total, COORDINATOR)  # its own secret generator: never a seed the sites could know
+        mean = {name: (noisy[name] / self.batch_size).float() for name in total}
         updated = self.optimizer.step(self.global_weights, mean)
         return ArrayRecord(updated), MetricRecord({"sites-summed": len(required), "noise-multiplier": sigma})
 

@@ -39,8 +39,6 @@ class Checkpoint:
     run_config: dict[str, Any]
     site_epsilon: dict[str, float]
     best: BestRound | None = None
-    iterate_average: dict[str, Any] | None = None
-    """``server.iterate_average.IterateAverage.state()`` when the run averages its iterates."""
 
     def save(self, out_dir: Path) -> None:
         payload = {
@@ -51,7 +49,6 @@ class Checkpoint:
             "run_config": self.run_config,
             "site_epsilon": self.site_epsilon,
             "best": None if self.best is None else vars(self.best),
-            "iterate_average": self.iterate_average,
         }
         save_torch(out_dir / CHECKPOINT_FILE, payload)
 
@@ -73,5 +70,4 @@ def load_checkpoint(out_dir: Path, run_config: dict[str, Any]) -> Checkpoint | N
         payload["run_config"],
         payload["site_epsilon"],
         None if best is None else BestRound(int(best["round"]), float(best["valid_ndcg"]), best["state_dict"]),
-        payload.get("iterate_average"),
     )

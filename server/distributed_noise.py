@@ -25,17 +25,12 @@ from flwr.serverapp.strategy import Result
 
 from common.federation import RunSettings
 from common.flower.secaggplus_driver import SecureAggregation, SecureSum, secure_sum
+from common.privacy.mechanisms import SITE
+from common.privacy.mechanisms.gaussian import GaussianMechanism
 from common.protocol.records import NOISE_MULTIPLIER_METRIC
-from common.protocol.secure_sum import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
+from common.protocol.secure_sum import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range, sum_bound
 from server.central_noise import CentralNoise, central_noise_multiplier, server_optimizer
 from server.strategy import RoundReplies
-
-DISTRIBUTED_STATEMENT = (
-    "distributed: each site added a share of the noise and trusted Flower's secure aggregation (SecAgg+) to show the "
-    "coordinator only the sum over the sites; the guarantee holds against everyone, the coordinator included, if the "
-    "coordinator followed the protocol and no more sites than tolerated dropped out or colluded with it. Otherwise "
-    "a site's release is protected by its own noise share alone: see each site's fallback epsilon in its ledger."
-)
 
 
 class DistributedNoise(CentralNoise):
@@ -110,9 +105,6 @@ class DistributedNoise(CentralNoise):
         sigma = max(required)
         self.last_noise_multiplier = sigma
         mean = {name: torch.from_numpy(value / self.batch_size).float() for name, value in outcome.total.items()}
-        # each site in the sum added variance sigma^2 C^2 / threshold: with no dropout, more than sigma^2 C^2
-        shares = len(outcome.site_metrics) / self.protocol.threshold
-        self.optimizer.noise_variance = shares * (sigma * self.max_grad_norm / self.batch_size) ** 2
         updated = self.optimizer.step(weights, mean)
         self.require_finite(server_round, updated)
         return updated
@@ -134,11 +126,11 @@ class DistributedNoise(CentralNoise):
 def secure_aggregation(settings: RunSettings) -> SecureAggregation:
     """The run's SecAgg+ parameters: every site in every sum; a value range wide enough for any site's share, even
     one that assumes no other site's noise (``secure-aggregation-sites`` 1)."""
-    noise = central_noise_multiplier(settings)
+    widest = GaussianMechanism(central_noise_multiplier(settings), settings.max_grad_norm, placement="distributed")
     return SecureAggregation(
         settings.min_sites,
         settings.secure_aggregation_tolerated,
-        clipping_range(settings.max_grad_norm, settings.batch_size, noise, shares=1),
+        clipping_range(sum_bound(widest.clip, settings.batch_size), widest.noise_std(SITE)),
     )
 
 

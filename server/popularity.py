@@ -15,7 +15,7 @@ each site adds its share of the noise and the coordinator receives only the sum 
 
 Under ``noise = central`` the sites send their sums without noise (each site's node config trusts the coordinator
 with them) and the coordinator adds N(0, sigma^2) once to the sum over the sites, with sigma the largest any site
-requires and never less than the run's own settings give (``central_popularity_noise``), before anything is kept:
+requires and never less than the run's own settings give (``central_popularity_mechanism``), before anything is kept:
 only the noisy sum is saved.
 
 A resumed run reads the saved sum instead of asking again.
@@ -24,7 +24,6 @@ A resumed run reads the saved sum instead of asking again.
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -39,12 +38,9 @@ from common.errors import DataError
 from common.federation import RunSettings
 from common.flower.sampling import connected_nodes
 from common.flower.secaggplus_driver import SecureAggregation, secure_sum
-from common.privacy.popularity import (
-    POPULARITY_ARRAY,
-    POPULARITY_BOUND,
-    popularity_step,
-    popularity_sum_bound,
-)
+from common.privacy.mechanisms import COORDINATOR, PLACEMENT_STATEMENTS, SITE
+from common.privacy.mechanisms.gaussian import GaussianMechanism
+from common.privacy.popularity import POPULARITY_ARRAY, popularity_mechanism, popularity_sum_bound
 from common.protocol.records import NOISE_MULTIPLIER_METRIC, POPULARITY_TASK, POPULARITY_TASK_KEY
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
 from common.protocol.secure_sum import NAME_SEPARATOR, STATE_NAMES, SUM_NAMES, clipping_range
@@ -53,8 +49,6 @@ from common.run_files import site_order
 from common.utils.files import load_torch, save_torch, write_json
 from common.utils.progress import log
 from common.utils.records import scalar
-from server.central_noise import CENTRAL_STATEMENT
-from server.distributed_noise import DISTRIBUTED_STATEMENT
 from server.strategy import root_cause
 
 POPULARITY_PRIOR_FILE = "popularity_prior.pt"
@@ -100,7 +94,7 @@ class PopularityFloor:
             "sites" if central else "each site adding a share of the noise, the sum formed by Flower's secure "
             "aggregation" if self.secure_sum else "each site adding its own noise"
         )
-        trust = CENTRAL_STATEMENT if central else DISTRIBUTED_STATEMENT if self.secure_sum else None
+        trust = PLACEMENT_STATEMENTS["central" if central else "distributed"] if central or self.secure_sum else None
         return {
             "mechanism": f"Gaussian sum of per-user item indicators scaled to L2 norm 1, before round 1, {added}",
             **({"trust": trust} if trust else {}),
@@ -158,10 +152,10 @@ def request_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: 
         floor.noisy_sum += vector
         floor.sites.append(site)
     if settings.noise == "central" and floor.sites:
-        floor.central_noise_multiplier = central_popularity_noise(settings, required)
-        generator = torch.Generator().manual_seed(secrets.randbits(63))  # never a seed the sites could know
-        floor.noisy_sum += torch.normal(0.0, floor.central_noise_multiplier * POPULARITY_BOUND,
-                                        tuple(floor.noisy_sum.shape), generator=generator)
+        mechanism = central_popularity_mechanism(settings, required)
+        floor.central_noise_multiplier = mechanism.noise_multiplier
+        # the aggregate half, once over the sum; its own secret generator: never a seed the sites could know
+        floor.noisy_sum = mechanism.add_noise({POPULARITY_ARRAY: floor.noisy_sum}, COORDINATOR)[POPULARITY_ARRAY]
         floor.noisy_sum[PADDING_INDEX] = 0.0
     log(f"fedtail: popularity floor from {len(floor.sites)} site(s)"
         + (f"; declined: {', '.join(floor.declined)}" if floor.declined else "")
@@ -172,10 +166,10 @@ def request_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: 
 def secure_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: Catalog) -> PopularityFloor:
     """``noise = distributed``: the release as one SecAgg+ sum over the ``min-sites`` sites; a site that declines
     adds pure noise, so the sum keeps every site's share (``client.app.distributed_popularity``)."""
-    sigma = popularity_step(settings.epsilon, settings.delta, settings.popularity_share)[0]
+    widest = popularity_mechanism(settings.epsilon, settings.delta, settings.popularity_share, "distributed")
     bound = popularity_sum_bound(settings.batch_size, settings.sample_rate)
-    protocol = SecureAggregation(  # a range wide enough for a share that assumes no other site's noise
-        settings.min_sites, settings.secure_aggregation_tolerated, clipping_range(POPULARITY_BOUND, bound, sigma, 1)
+    protocol = SecureAggregation(  # a range wide enough for a share that assumes no other site's noise (shares 1)
+        settings.min_sites, settings.secure_aggregation_tolerated, clipping_range(bound, widest.noise_std(SITE))
     )
     config = ConfigRecord({
         "run-id": run_id, "catalog-sha256": catalog.fingerprint(), "flwr-version": version("flwr"),
@@ -207,10 +201,11 @@ def secure_popularity(grid: Grid, settings: RunSettings, run_id: str, catalog: C
     return floor
 
 
-def central_popularity_noise(settings: RunSettings, required: list[float]) -> float:
-    """The multiplier of the coordinator's one noise: the largest any summed site requires, never less than the
-    run's own settings give."""
-    return max(popularity_step(settings.epsilon, settings.delta, settings.popularity_share)[0], *required)
+def central_popularity_mechanism(settings: RunSettings, required: list[float]) -> GaussianMechanism:
+    """The release's mechanism placed ``central``, its multiplier the largest any summed site requires, never less
+    than the run's own settings give."""
+    own = popularity_mechanism(settings.epsilon, settings.delta, settings.popularity_share, "central")
+    return replace(own, noise_multiplier=max(own.noise_multiplier, *required))
 
 
 def initialise_output_bias(model: SASRec, prior: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from common.errors import DataError
 from common.privacy.accounting import MechanismStep, epsilon_from_history
+from common.privacy.mechanisms import GRADIENT_SUM, SITE_TRUST
 
 LEDGER_FORMAT = "fedtail-ledger/2"
 UNSALTED_FORMAT = "fedtail-ledger/1"
@@ -57,12 +58,12 @@ class Spend:
     privacy_unit: str = "user"
     neighbouring: str = "add or remove one user with all of their interactions at this site"
     sampling: str = "poisson"
-    release: str = "dp-sgd training"
+    release: str = GRADIENT_SUM.release
     """What was released: DP-SGD weights, or the popularity sum (``common.privacy.popularity``): both Gaussian."""
     noise_placement: str = "site"
     """Who added the noise whose multiplier is recorded: this site (``site``), or the coordinator once over the sum
     of every site's clipped gradients (``central``; ``noise_multiplier`` is then that of the total noise)."""
-    trust: str = "no one: the site adds the noise to its own release"
+    trust: str = SITE_TRUST
     """What the recorded epsilon relies on, in plain words."""
     share_noise_multiplier: float | None = None
     """``distributed``: the multiplier of the noise share the site added itself (``noise_multiplier``: the total's)."""

@@ -22,6 +22,8 @@ from functools import lru_cache
 
 from common.errors import ConfigError
 from common.privacy.accounting import ACCOUNTANT, MechanismStep, epsilon_from_history
+from common.privacy.mechanisms import POPULARITY
+from common.privacy.mechanisms.gaussian import GaussianMechanism
 
 POPULARITY_ARRAY = "popularity"
 """The key of a site's noisy vector in its reply's ArrayRecord."""
@@ -37,6 +39,15 @@ def popularity_step(target_epsilon: float, delta: float, share: float) -> Mechan
     """The release as the accountants see it: sigma at which it alone costs ``share`` of ``target_epsilon``."""
     sigma = training_noise((), share * target_epsilon, delta, POPULARITY_SAMPLE_RATE, POPULARITY_STEPS)
     return sigma, POPULARITY_SAMPLE_RATE, POPULARITY_STEPS
+
+
+def popularity_mechanism(
+    target_epsilon: float, delta: float, share: float, placement: str, shares: int = 1
+) -> GaussianMechanism:
+    """The release as one Gaussian mechanism: per-user vectors of L2 norm at most ``POPULARITY_BOUND``, the noise of
+    ``popularity_step``, added where ``placement`` says (``shares``: H under ``distributed``)."""
+    sigma, sample_rate, steps = popularity_step(target_epsilon, delta, share)
+    return GaussianMechanism(sigma, POPULARITY_BOUND, sample_rate, steps, placement, shares, POPULARITY)
 
 
 def popularity_sum_bound(batch_size: int, sample_rate: float) -> int:

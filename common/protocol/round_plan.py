@@ -21,6 +21,7 @@ from typing import Protocol
 
 from common.federation import RunSettings, steps_per_round
 from common.privacy.accounting import GradSampleMode, calibrate_noise
+from common.privacy.mechanisms.gaussian import GaussianMechanism
 from common.privacy.popularity import popularity_step, training_noise
 from common.recommender.model import LossName
 
@@ -151,3 +152,10 @@ def plan_round(training: LocalTraining, privacy: PrivacyPlan) -> RoundPlan:
             privacy.target_epsilon, privacy.delta, training.sample_rate, steps * privacy.planned_rounds
         )
     return RoundPlan(training.sample_rate, steps, noise)
+
+
+def round_mechanism(privacy: PrivacyPlan, plan: RoundPlan) -> GaussianMechanism:
+    """The round's Gaussian mechanism at this site: the plan's noise, rate and steps, the run's clip, the site's
+    placement and its number of noise shares (``distributed``)."""
+    return GaussianMechanism(plan.noise_multiplier, privacy.max_grad_norm, plan.sample_rate, plan.steps,
+                             privacy.noise_placement, privacy.noise_shares)

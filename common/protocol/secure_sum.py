@@ -8,7 +8,6 @@ before it sends anything.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,15 +25,10 @@ def sum_bound(max_grad_norm: float, batch_size: int) -> float:
     return max_grad_norm * batch_size
 
 
-def share_noise_multiplier(noise_multiplier: float, shares: int) -> float:
-    """The multiplier of one site's share: any ``shares`` shares together carry the total noise's variance."""
-    return noise_multiplier / math.sqrt(shares)
-
-
-def clipping_range(max_grad_norm: float, batch_size: int, noise_multiplier: float, shares: int) -> float:
-    """Flower's per-coordinate range: the sum's bound plus ``HEADROOM_STDS`` share standard deviations."""
-    share_std = share_noise_multiplier(noise_multiplier, shares) * max_grad_norm
-    return sum_bound(max_grad_norm, batch_size) + HEADROOM_STDS * share_std
+def clipping_range(bound: float, share_std: float) -> float:
+    """Flower's per-coordinate range: the bound on a site's sum plus ``HEADROOM_STDS`` standard deviations of its
+    noise share (the mechanism's ``noise_std`` at the site)."""
+    return bound + HEADROOM_STDS * share_std
 
 
 def protocol_problem(protocol: Mapping[str, Any], shares: int, required_range: float) -> str:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.federation import NOISE_PLACEMENTS
 from common.privacy.accounting import ACCOUNTANTS, LEGACY_ACCOUNTANT, MechanismStep, epsilon_from_history
 from common.privacy.ledger import (
     GENESIS_HASH,
@@ -22,6 +21,7 @@ from common.privacy.ledger import (
     LedgerLine,
     scan,
 )
+from common.privacy.mechanisms import PLACEMENTS
 from common.run_files import ledger_site
 from simulations.audit.findings import Finding, exceeds
 
@@ -160,10 +160,10 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
         problems.append(f"accountant {entry['accountant']!r} is not one of {', '.join(ACCOUNTANTS)}")
     if entry.get("sampling", "poisson") != "poisson":
         problems.append(f"sampling {entry.get('sampling')!r}: only Poisson sampling is accounted here")
-    if entry.get("noise_placement", "site") not in NOISE_PLACEMENTS:
+    if entry.get("noise_placement", "site") not in PLACEMENTS:
         problems.append(
             f"noise placement {entry.get('noise_placement')!r} is not one fedtail accounts "
-            f"({', '.join(NOISE_PLACEMENTS)})"
+            f"({', '.join(PLACEMENTS)})"
         )
     if entry.get("privacy_unit", "user") != "user":
         problems.append(f"privacy unit {entry.get('privacy_unit')!r}: fedtail's guarantee is per user")

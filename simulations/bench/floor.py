@@ -23,7 +23,7 @@ from client.popularity import clipped_popularity_sum
 from common.data.datasets import DEFAULT_DATASET, load_dataset
 from common.data.split import training_examples
 from common.federation import RunSettings
-from common.privacy.popularity import POPULARITY_BOUND, popularity_step
+from common.privacy.popularity import POPULARITY_BOUND, popularity_mechanism, popularity_step
 from common.recommender.evaluation import evaluate, popularity_scorer
 from common.utils.plot import Panel, Series, write_line_charts
 from server.evaluator import Evaluator
@@ -74,7 +74,8 @@ def _dataset_floor(dataset: str, epsilons: tuple[float, ...], sites: int, draws:
     evaluator = Evaluator.from_settings(settings)
     _, sequences = load_dataset(dataset).sequences(evaluator.catalog)
     train = training_examples(sequences, settings.max_len)  # every site's users together: the sum is the same
-    exact = clipped_popularity_sum(train, evaluator.catalog.num_items).float()
+    clip_only = popularity_mechanism(max(epsilons), delta, 1.0, "site")  # its individual half: the per-user bound
+    exact = clipped_popularity_sum(train, evaluator.catalog.num_items, clip_only).float()
     popular = evaluate(popularity_scorer(evaluator.popularity), evaluator.test, evaluator.popularity,
                        evaluator.num_users)
 

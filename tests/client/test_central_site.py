@@ -16,13 +16,13 @@ from client.app import popularity
 from client.clipped_sum import clipped_sum
 from client.popularity import clipped_popularity_sum
 from client.shard import deployed_shard, simulated_shard
-from client.site_round import CENTRAL_TRUST
 from common.data.catalog import Catalog
 from common.data.split import training_examples
 from common.federation import RunSettings
 from common.privacy.accounting import GRAD_SAMPLE_MODES, calibrate_noise, epsilon_from_history
 from common.privacy.ledger import Ledger
-from common.privacy.popularity import POPULARITY_ARRAY, popularity_step
+from common.privacy.mechanisms import CENTRAL_TRUST
+from common.privacy.popularity import POPULARITY_ARRAY, popularity_mechanism, popularity_step
 from common.protocol.records import trainable_names
 from common.protocol.round_plan import LocalTraining
 from common.recommender.model import ModelConfig, SASRec
@@ -154,7 +154,8 @@ def test_the_popularity_release_under_central_noise_needs_the_trust_and_states_t
     sigma = popularity_step(settings.epsilon, settings.delta, settings.popularity_share)[0]
     assert reply.content["metrics"]["declined"] == 0 and reply.content["metrics"]["noise-multiplier"] == sigma
     shard = deployed_shard(str(data), str(tmp_path / "catalog.json"), settings.max_len)
-    exact = clipped_popularity_sum(shard.examples, catalog.num_items).float()
+    bounded = popularity_mechanism(settings.epsilon, settings.delta, settings.popularity_share, "central")
+    exact = clipped_popularity_sum(shard.examples, catalog.num_items, bounded).float()
     assert torch.equal(reply.content["arrays"].to_torch_state_dict()[POPULARITY_ARRAY], exact)
     (line,) = Ledger(tmp_path / "ledger" / "site-north.jsonl").entries()
     assert (line["round"], line["noise_placement"], line["noise_multiplier"]) == (0, "central", sigma)

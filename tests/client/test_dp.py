@@ -12,14 +12,16 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp_sgd import gaussian_noise, make_private, physical_batches, private_step
+from client.dp_sgd import make_private, physical_batches, private_step
 from client.ghost_clipping import embedding_norm_sample, linear_norm_sample
 from client.site_round import train_site_round
 from common.data.split import training_examples
 from common.errors import ConfigError
 from common.privacy.accounting import GRAD_SAMPLE_MODES, check_delta
 from common.privacy.ledger import Ledger
-from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
+from common.privacy.mechanisms import SITE
+from common.privacy.mechanisms.gaussian import gaussian_noise
+from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round, round_mechanism
 from common.recommender.model import ModelConfig, SASRec, sequence_loss
 from tests.gradients import mean_of_clipped, true_per_user_gradients
 
@@ -402,3 +404,29 @@ def test_no_noise_value_is_a_single_floating_point_gaussian_draw(mode: str) -> N
     assert torch.allclose(noise, four, atol=1e-6)
     draws = gaussian_noise(2.0, (200_000,), torch.Generator().manual_seed(4), torch.float64)
     assert float(draws.std()) == pytest.approx(2.0, rel=0.01) and abs(float(draws.mean())) < 0.02
+
+
+@pytest.mark.parametrize("placement", ["site", "central"])
+def test_opacus_adds_the_noise_of_the_rounds_mechanism_at_the_site(placement: str) -> None:
+    """Under ``site`` Opacus' DPOptimizer is the mechanism's aggregate half: its noise std (multiplier x clip, and
+    the noise it draws on an empty batch) is the mechanism's at the site; under ``central`` the site adds none."""
+    examples = _examples(6)
+    training = LocalTraining(sample_rate=1.0, batch_size=6, grad_sample_mode="ghost")
+    privacy = PrivacyPlan(max_grad_norm=0.3, noise_placement=placement)
+    plan = RoundPlan(1.0, 1, 2.5)
+    mechanism = round_mechanism(privacy, plan)
+    model = SASRec(CONFIG)
+    dp = make_private(model, examples, training, privacy, plan, *_generators("cpu", 6))
+    assert dp.optimizer.noise_multiplier * dp.optimizer.max_grad_norm == mechanism.noise_std(SITE)
+    assert dp.optimizer.max_grad_norm == mechanism.clip
+    dp.optimizer.zero_grad()
+    dp.loss(examples.inputs[:0], examples.targets[:0]).backward()
+    dp.optimizer.pre_step()
+    noise = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    noise = noise * dp.optimizer.expected_batch_size
+    if placement == "site":
+        assert mechanism.noise_std(SITE) == pytest.approx(2.5 * 0.3)
+        four_errors = 4 / math.sqrt(2 * noise.numel())  # relative standard error of a sample std, times 4
+        assert float(noise.std()) == pytest.approx(mechanism.noise_std(SITE), rel=four_errors)
+    else:
+        assert mechanism.noise_std(SITE) == 0.0 and bool((noise == 0).all())

@@ -13,24 +13,27 @@ import pytest
 import torch
 from dp_accounting.pld import pld_privacy_accountant
 
-from client.popularity import (
-    CENTRAL_POPULARITY_TRUST,
-    POPULARITY_RELEASE,
-    clipped_popularity_sum,
-    release_site_popularity,
-)
-from client.secure_aggregation import DISTRIBUTED_TRUST
+from client.popularity import clipped_popularity_sum, release_site_popularity
 from client.site_round import train_site_round
 from common.data.split import training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.accounting import PLD_DISCRETIZATION, epsilon_from_history
 from common.privacy.ledger import Ledger
-from common.privacy.popularity import POPULARITY_ARRAY, POPULARITY_BOUND, popularity_step, training_noise
+from common.privacy.mechanisms import CENTRAL_POPULARITY_TRUST, DISTRIBUTED_TRUST, POPULARITY
+from common.privacy.popularity import (
+    POPULARITY_ARRAY,
+    POPULARITY_BOUND,
+    popularity_mechanism,
+    popularity_step,
+    training_noise,
+)
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
 from common.recommender.model import ModelConfig, SASRec
 
 ITEMS = 60
+BOUNDED = popularity_mechanism(8.0, 1e-5, 0.1, "site")
+"""The release's mechanism: its individual half bounds each user's vector (its noise is not used here)."""
 CONFIG = ModelConfig(num_items=ITEMS, max_len=8, hidden=16, heads=2, blocks=1, dropout=0.0)
 
 
@@ -45,7 +48,7 @@ def test_one_user_moves_the_sum_by_at_most_the_bound_however_many_items_they_hav
     for size in (2, 5, 40):  # the training example keeps the last max_len + 1 items: still many
         heavy = _examples([size], seed=size)
         both = type(others)(torch.cat([others.inputs, heavy.inputs]), torch.cat([others.targets, heavy.targets]))
-        moved = clipped_popularity_sum(both, ITEMS) - clipped_popularity_sum(others, ITEMS)
+        moved = clipped_popularity_sum(both, ITEMS, BOUNDED) - clipped_popularity_sum(others, ITEMS, BOUNDED)
         assert float(moved.norm()) == pytest.approx(POPULARITY_BOUND, rel=1e-9), size
         assert float(moved[0]) == 0.0, "padding is not an item"
         assert int((moved > 0).sum()) == len(set(heavy.inputs.flatten().tolist() + heavy.targets.flatten().tolist())
@@ -59,7 +62,7 @@ def test_the_release_is_charged_as_its_own_ledger_line_and_its_epsilon_recompute
     assert outcome.state_dict is not None and outcome.state_dict[POPULARITY_ARRAY].shape == (ITEMS + 1,)
     [line] = ledger.entries()
     assert (line["round"], line["sample_rate"], line["steps"], line["max_grad_norm"]) == (0, 1.0, 1, POPULARITY_BOUND)
-    assert line["release"] == POPULARITY_RELEASE and line["users"] == 3
+    assert line["release"] == POPULARITY.release and line["users"] == 3
     fresh = pld_privacy_accountant.PLDAccountant(  # the site's accountant, built here
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION
     )
@@ -76,7 +79,7 @@ def test_the_released_vector_carries_noise_of_std_sigma(tmp_path: Path) -> None:
     sigma = popularity_step(8.0, 1e-5, 0.1)[0]
     outcome = release_site_popularity(examples, items, privacy, Ledger(tmp_path / "s.jsonl"), "run-a", "1")
     assert outcome.state_dict is not None
-    noise = outcome.state_dict[POPULARITY_ARRAY].double()[1:] - clipped_popularity_sum(examples, items)[1:]
+    noise = outcome.state_dict[POPULARITY_ARRAY].double()[1:] - clipped_popularity_sum(examples, items, BOUNDED)[1:]
     assert float(noise.std()) == pytest.approx(sigma * POPULARITY_BOUND, rel=6 * math.sqrt(1 / (2 * items)) + 0.005)
     assert abs(float(noise.mean())) < 6.5 * sigma / math.sqrt(items)
 
@@ -89,7 +92,7 @@ def test_under_central_noise_the_site_sends_the_exact_clipped_sum_and_its_ledger
     privacy = PrivacyPlan(target_epsilon=4.0, delta=1e-4, popularity_share=0.25, noise_placement="central")
     outcome = release_site_popularity(examples, ITEMS, privacy, ledger, "run-a", "2")
     assert outcome.state_dict is not None
-    exact = clipped_popularity_sum(examples, ITEMS).float()
+    exact = clipped_popularity_sum(examples, ITEMS, BOUNDED).float()
     assert torch.equal(outcome.state_dict[POPULARITY_ARRAY], exact), "no noise at the site: the coordinator adds it"
     [line] = ledger.entries()
     assert line["noise_placement"] == "central" and line["trust"] == CENTRAL_POPULARITY_TRUST
@@ -106,7 +109,7 @@ def test_under_distributed_noise_the_site_adds_its_share_alone_and_records_the_f
     ledger = Ledger(tmp_path / "site-1.jsonl")
     outcome = release_site_popularity(examples, items, privacy, ledger, "run-a", "1", sum_bound=100)
     assert outcome.state_dict is not None
-    noise = outcome.state_dict[POPULARITY_ARRAY].double()[1:] - clipped_popularity_sum(examples, items)[1:]
+    noise = outcome.state_dict[POPULARITY_ARRAY].double()[1:] - clipped_popularity_sum(examples, items, BOUNDED)[1:]
     share = sigma / math.sqrt(shares)
     assert float(noise.std()) == pytest.approx(share, rel=6 * math.sqrt(1 / (2 * items)) + 0.005)
     [line] = ledger.entries()
@@ -118,7 +121,7 @@ def test_under_distributed_noise_the_site_adds_its_share_alone_and_records_the_f
 
 def test_a_distributed_release_is_projected_onto_the_public_bound(tmp_path: Path) -> None:
     examples = _examples([4, 6, 7, 5, 8, 3] * 10)
-    exact = clipped_popularity_sum(examples, ITEMS)
+    exact = clipped_popularity_sum(examples, ITEMS, BOUNDED)
     assert float(exact.norm()) > 5.0
     privacy = PrivacyPlan(target_epsilon=1e4, delta=1e-4, popularity_share=0.5, noise_placement="distributed")
     outcome = release_site_popularity(examples, ITEMS, privacy, Ledger(tmp_path / "s.jsonl"), "run-a", "1",

@@ -26,14 +26,10 @@ from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.accounting import epsilon_from_history
 from common.privacy.ledger import Ledger
+from common.privacy.mechanisms import SITE
+from common.privacy.mechanisms.gaussian import GaussianMechanism
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round
-from common.protocol.secure_sum import (
-    HEADROOM_STDS,
-    clipping_range,
-    protocol_problem,
-    share_noise_multiplier,
-    sum_bound,
-)
+from common.protocol.secure_sum import HEADROOM_STDS, clipping_range, protocol_problem, sum_bound
 from common.recommender.model import ModelConfig, SASRec
 from simulations.audit.fallback import fallback_findings
 from simulations.audit.ledgers import check_chain
@@ -49,15 +45,20 @@ def flower_task_identity() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
 
 
+def _share(sigma: float, clip: float) -> GaussianMechanism:
+    return GaussianMechanism(sigma, clip, placement="distributed", shares=SHARES)
+
+
 def test_any_sites_beyond_the_tolerated_carry_the_full_noise() -> None:
     """Each of K=5 sites adds pure noise (a declined site's share); every sum of K-T=3 shares has variance
     sigma^2 C^2 (statistical, 60,000 coordinates), and more shares only add to it."""
     sigma, clip, coordinates = 1.3, 0.7, 60_000
     zeros = {"w": torch.zeros(coordinates)}
     shares = [
-        noise_share(zeros, clip, 64, sigma, SHARES, torch.Generator().manual_seed(site))["w"] for site in range(SITES)
+        noise_share(zeros, _share(sigma, clip), sum_bound(clip, 64), torch.Generator().manual_seed(site))["w"]
+        for site in range(SITES)
     ]
-    assert share_noise_multiplier(sigma, SHARES) ** 2 * SHARES == pytest.approx(sigma**2)
+    assert _share(sigma, clip).share_noise_multiplier ** 2 * SHARES == pytest.approx(sigma**2)
     target = (sigma * clip) ** 2
     tolerance = 4 * target * math.sqrt(2 / coordinates)  # four standard errors of a sample variance
     for subset in itertools.combinations(range(SITES), SHARES):
@@ -75,17 +76,19 @@ def test_the_projection_keeps_the_sensitivity_and_leaves_small_sums_alone() -> N
         big = torch.from_numpy(rng.normal(size=300) * rng.uniform(0.1, 3) * batch * clip)
         user = torch.from_numpy(rng.normal(size=300))
         user = user / user.norm() * clip * rng.uniform(0, 1)
-        a = noise_share({"w": big}, clip, batch, 0.0, SHARES)["w"]
-        b = noise_share({"w": big + user}, clip, batch, 0.0, SHARES)["w"]
+        a = noise_share({"w": big}, _share(0.0, clip), sum_bound(clip, batch))["w"]
+        b = noise_share({"w": big + user}, _share(0.0, clip), sum_bound(clip, batch))["w"]
         assert float(a.norm()) <= sum_bound(clip, batch) + 1e-9
         assert float((a - b).norm()) <= clip + 1e-9
     small = torch.full((10,), 0.1)
-    assert torch.equal(noise_share({"w": small}, clip, batch, 0.0, SHARES)["w"], small.double())
+    assert torch.equal(noise_share({"w": small}, _share(0.0, clip), sum_bound(clip, batch))["w"], small.double())
 
 
 def test_the_clipping_range_leaves_headroom_for_the_share() -> None:
-    std = share_noise_multiplier(2.0, SHARES) * 0.5
-    assert clipping_range(0.5, 100, 2.0, SHARES) == pytest.approx(50 + HEADROOM_STDS * std)
+    std = 2.0 / math.sqrt(SHARES) * 0.5
+    assert clipping_range(sum_bound(0.5, 100), _share(2.0, 0.5).noise_std(SITE)) == pytest.approx(
+        50 + HEADROOM_STDS * std
+    )
 
 
 PROTOCOL = {"sample_num": 5, "threshold": 3, "target_range": 2**22, "mod_range": 2**32, "max_weight": 1.0,
@@ -195,7 +198,8 @@ def _share_std(shares: int) -> float:
     settings = _settings(noise="distributed", min_sites=SITES, secure_aggregation_tolerated=TOLERATED)
     plan = plan_round(LocalTraining.from_settings(settings), PrivacyPlan.from_settings(settings, SitePolicy(
         delta=1e-5, secure_aggregation_sites=shares)))
-    return share_noise_multiplier(plan.noise_multiplier, shares) * settings.max_grad_norm
+    return GaussianMechanism(plan.noise_multiplier, settings.max_grad_norm, placement="distributed",
+                             shares=shares).noise_std(SITE)
 
 
 TRUSTING = {"trust-secure-aggregation": "true", "secure-aggregation-sites": SHARES, "window-epsilon": 0}

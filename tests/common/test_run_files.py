@@ -6,9 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.federation import RunSettings
-from common.run_files import ROUNDS_FILE, RoundRecord, append_round, read_rounds, site_order, truncate_rounds
+from common.run_files import (
+    ROUNDS_FILE,
+    RoundRecord,
+    append_round,
+    check_same_settings,
+    read_rounds,
+    site_order,
+    truncate_rounds,
+)
 from server.app import privacy_summary
 
 
@@ -54,3 +62,10 @@ def test_numbered_and_named_sites_sort_together() -> None:
     assert sorted(["north", "10", "2", "east"], key=site_order) == ["2", "10", "east", "north"]
     summary = privacy_summary(RunSettings(), {"north": 1.0, "10": 2.0, "2": 3.0})
     assert list(summary["per_site"]) == ["2", "10", "north"]
+
+
+def test_a_run_saved_with_a_removed_setting_off_resumes_and_one_with_it_on_is_refused(tmp_path: Path) -> None:
+    now = RunSettings().to_run_config()
+    check_same_settings(tmp_path, {**now, "iterate-average-decay": 0.0}, now)
+    with pytest.raises(ConfigError, match="iterate-average-decay 0.9 \\(saved\\) vs None"):
+        check_same_settings(tmp_path, {**now, "iterate-average-decay": 0.9}, now)

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from common.federation import RunSettings
+from common.privacy.mechanisms import CENTRAL_STATEMENT
 from common.recommender.model import SASRec
 from server.app import finish_round, keep_if_best, privacy_summary
-from server.central_noise import CENTRAL_STATEMENT, central_strategy
+from server.central_noise import central_strategy
 from server.evaluator import Evaluator
 from simulations.report import format_federated_summary
 

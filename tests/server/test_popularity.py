@@ -20,7 +20,7 @@ from common.recommender.model import ModelConfig, SASRec
 from server.popularity import (
     PRIOR_SMOOTHING,
     PopularityFloor,
-    central_popularity_noise,
+    central_popularity_mechanism,
     initialise_output_bias,
     load_popularity,
     request_popularity,
@@ -110,11 +110,13 @@ def test_under_central_noise_the_coordinator_adds_one_noise_of_the_largest_sigma
     answers[12]["metrics"][NOISE_MULTIPLIER_METRIC] = 2 * own
     floor = request_popularity(_Grid(answers), settings, "run-a", catalog)  # type: ignore[arg-type]
     assert floor.sites == ["a", "b"] and len(floor.failures) == 1 and "without the noise" in floor.failures[0]
-    assert floor.central_noise_multiplier == central_popularity_noise(settings, [own, 2 * own]) == 2 * own
+    coordinator = central_popularity_mechanism(settings, [own, 2 * own])
+    assert floor.central_noise_multiplier == coordinator.noise_multiplier == 2 * own
     noise = floor.noisy_sum[1:].double() - 2.0
     assert float(floor.noisy_sum[0]) == 0.0
     assert float(noise.std()) == pytest.approx(2 * own * POPULARITY_BOUND, rel=6.5 * math.sqrt(1 / (2 * items)))
     assert abs(float(noise.mean())) < 6.5 * 2 * own / math.sqrt(items)
     report = floor.report(settings)
     assert "added by the coordinator" in report["mechanism"] and "NOT private" in report["trust"]
-    assert central_popularity_noise(settings, [0.5 * own]) == own, "never less than the run's own settings give"
+    least = central_popularity_mechanism(settings, [0.5 * own])
+    assert least.noise_multiplier == own, "never less than the run's own settings give"

@@ -8,9 +8,9 @@ from pathlib import Path
 import dp_accounting
 import pytest
 
-from client.site_round import CENTRAL_TRUST
 from common.privacy.accounting import ACCOUNTANT, calibrate_noise
 from common.privacy.ledger import Ledger, Spend
+from common.privacy.mechanisms import CENTRAL_TRUST
 from simulations.audit import audit
 from simulations.audit.report import format_markdown
 
