@@ -49,7 +49,8 @@ def test_the_audit_tutorial_passes_a_run_and_catches_a_cut_ledger(tmp_path: Path
 @pytest.mark.slow
 def test_the_partner_site_tutorial_reaches_an_audited_run(tmp_path: Path) -> None:
     app = app_copy(tmp_path)  # `flwr run .` and the site's runtime from the same release, as a reader's checkout
-    printed = follow(TUTORIALS / "partner-site.md", app, ports=(9092, 9094, 9095), timeout_s=900)
+    printed = follow(TUTORIALS / "partner-site.md", app, ports=(9092, 9093, 9094, 9095), timeout_s=900)
+    assert "\n404\n" in printed  # the proxy refused the Control API
     assert '"finished:completed"' in printed
     summary = json.loads((app / "runs" / "trial" / "run" / "summary.json").read_text())
     assert sorted(summary["privacy"]["per_site"]) == ["north", "south"]

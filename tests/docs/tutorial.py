@@ -4,7 +4,9 @@ Markers, HTML comments the site does not show, on the line before a block:
 
 - ``<!-- not run -->``: shown only (installing, a command for another machine);
 - ``<!-- in the background; ready when it prints "TEXT" -->``: a long-running program (a server); it keeps running
-  until the tutorial ends, and the next block starts once its output holds TEXT.
+  until the tutorial ends, and the next block starts once its output holds TEXT;
+- ``<!-- in the background; ready when HOST:PORT accepts connections -->``: the same, for a program that prints
+  nothing (nginx): the next block starts once a TCP connection to HOST:PORT succeeds.
 
 ``export`` lines carry over to later blocks, as in the reader's terminal. Ports the page uses are replaced by free
 ones (``ports``), so that the test never collides with a program already listening.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,14 +27,33 @@ from pathlib import Path
 from common.utils.processes import free_loopback_port
 
 BLOCK = re.compile(r"(?:^<!-- (?P<marker>[^\n]*?) -->\n)?^```bash\n(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL)
-READY = re.compile(r'in the background; ready when it prints "(?P<text>[^"]+)"')
+READY = re.compile(r'in the background; ready when (?:it prints "(?P<text>[^"]+)"|(?P<address>\S+):(?P<port>\d+) '
+                   r'accepts connections)')
+
+
+@dataclass(frozen=True)
+class Ready:
+    """When a background program is ready: its output holds ``text``, or ``host``:``port`` accepts connections."""
+
+    text: str | None = None
+    host: str = ""
+    port: str = ""
+
+    def reached(self, log: Path, ports: dict[str, str]) -> bool:
+        if self.text is not None:
+            return self.text in log.read_text(errors="replace")
+        try:
+            socket.create_connection((self.host, int(ports.get(self.port, self.port))), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
 
 @dataclass(frozen=True)
 class Step:
     code: str
-    background_until: str | None
-    """The text a background program prints once it is ready; None: run to completion."""
+    background_until: Ready | None
+    """When a background program is ready; None: run to completion."""
 
 
 def steps(page: Path) -> list[Step]:
@@ -43,7 +65,9 @@ def steps(page: Path) -> list[Step]:
         ready = READY.fullmatch(marker)
         if marker and ready is None:
             raise ValueError(f"{page}: unknown marker <!-- {marker} -->")
-        found.append(Step(block.group("code"), ready.group("text") if ready else None))
+        until = None if ready is None else (Ready(text=ready.group("text")) if ready.group("text") is not None
+                                            else Ready(host=ready.group("address"), port=ready.group("port")))
+        found.append(Step(block.group("code"), until))
     return found
 
 
@@ -70,9 +94,9 @@ def follow(page: Path, folder: Path, ports: tuple[int, ...] = (), timeout_s: flo
                 process = subprocess.Popen(["bash", "-c", script], cwd=folder, env=env, stdout=log.open("wb"),
                                            stderr=subprocess.STDOUT, start_new_session=True)
                 background.append((process, log))
-                while step.background_until not in log.read_text(errors="replace"):
+                while not step.background_until.reached(log, replaced):
                     if process.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(f"{page.name}, step {number} never printed {step.background_until!r}:"
+                        raise AssertionError(f"{page.name}, step {number} never got ready ({step.background_until}):"
                                              f"\n{code}\n{log.read_text(errors='replace')[-3000:]}")
                     time.sleep(0.2)
                 continue
