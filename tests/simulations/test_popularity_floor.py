@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from common.federation import RunSettings
 from common.privacy.popularity import popularity_step
@@ -22,6 +21,7 @@ from server.popularity import POPULARITY_PRIOR_FILE, load_popularity
 from server.serving import Recommender
 from simulations.audit import audit
 from simulations.simulate import Resources, simulate
+from tests.ledgers import fresh_pld_epsilon
 from tests.simulations.test_simulate import SMALL
 
 
@@ -39,9 +39,7 @@ def test_a_federation_with_the_popularity_floor_and_frozen_items_charges_both_an
         lines = [json.loads(line) for line in (out / "ledgers" / f"site-{site}.jsonl").read_text().splitlines()]
         assert [line["round"] for line in lines] == [0, 1, 2], "the release is the site's round 0"
         assert (lines[0]["sample_rate"], lines[0]["steps"]) == (1.0, 1)
-        fresh = RDPAccountant()
-        fresh.history = [(line["noise_multiplier"], line["sample_rate"], line["steps"]) for line in lines]
-        recomputed = fresh.get_epsilon(settings.delta)
+        recomputed = fresh_pld_epsilon(lines, settings.delta)
         assert summary["privacy"]["per_site"][site] == pytest.approx(recomputed)
         assert recomputed <= 4.0 and recomputed == pytest.approx(4.0, abs=0.05), "the target covers both"
     floor_report = summary["privacy"]["popularity_floor"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from common.errors import ConfigError
 from common.federation import RunSettings
@@ -23,6 +22,7 @@ from common.utils.processes import LAUNCHER_LOCK
 from server.checkpoint import Checkpoint, load_checkpoint
 from simulations.audit import audit
 from simulations.simulate import Resources, SimulationFailed, preflight, simulate
+from tests.ledgers import fresh_pld_epsilon
 
 SMALL = dict(
     dataset="synthetic:users=240,items=90,seed=2",
@@ -39,9 +39,7 @@ SMALL = dict(
 
 def _fresh_epsilon(ledger_path: Path) -> float:
     lines = [json.loads(line) for line in ledger_path.read_text().splitlines()]
-    accountant = RDPAccountant()
-    accountant.history = [(line["noise_multiplier"], line["sample_rate"], line["steps"]) for line in lines]
-    return accountant.get_epsilon(lines[-1]["delta"])
+    return fresh_pld_epsilon(lines, lines[-1]["delta"])
 
 
 def test_a_small_dp_federation_runs_through_flower_and_writes_everything(tmp_path: Path) -> None:
