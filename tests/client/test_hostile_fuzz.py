@@ -185,7 +185,10 @@ def deliver(site: FuzzedSite, message: Message, run_config: Mapping[str, Any], w
                       run_config=dict(run_config))
     try:
         with bounded_work():
-            return Reply(app(message, context))
+            answer = app(message, context)
+        if answer.has_error():  # the site's own error reply (client.public_errors): what the coordinator reads
+            return Reply(None, f"{answer.error.code}:<'{answer.error.reason}'>")
+        return Reply(answer)
     except UnboundedWork:
         raise AssertionError(f"bounded work: the site spent {WATCHDOG_S:g} CPU seconds on {what}") from None
     except MemoryError:
