@@ -14,6 +14,7 @@ from common.errors import ConfigError
 from common.recommender.augment import AugmentOptions
 from common.recommender.ranking import COLD_START_PRIORS, RankingOptions
 from common.recommender.rerank import DiversityOptions
+from common.utils.arguments import seconds_between
 
 
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless you mean it)")
     serve.add_argument("--port", type=_port, default=8000, help="TCP port to listen on, 1-65535")
     serve.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
-    serve.add_argument("--watch-interval", type=_seconds, default=1.0,
+    serve.add_argument("--watch-interval", type=seconds_between(0), default=1.0,
                        help="check the run folder for a new model every this many seconds and serve it once its files "
                        "have settled (0: never; POST /admin/reload from loopback reloads at once either way)")
     ranking = RankingOptions()
@@ -91,17 +92,6 @@ def _listen(host: str, port: int) -> socket.socket:
         listening.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     return listening
-
-
-def _seconds(text: str) -> float:
-    """argparse type of --watch-interval: a finite number of seconds, 0 or more."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more seconds")
-    return seconds
 
 
 def _port(text: str) -> int:

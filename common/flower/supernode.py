@@ -25,7 +25,6 @@ SuperLink's log. This one says so, and tries again every ``--activation-retry`` 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from flwr.supernode.fleet_http_client import FleetHttpClient
 
 from common.errors import ConfigError
 from common.flower.pacing import cap_sleeps, quick_object_pulls
+from common.utils.arguments import seconds_between
 from common.utils.progress import log
 
 IDLE_POLL_SECONDS = 0.2
@@ -83,24 +83,8 @@ def wait_for_activation(
     client.ActivateNode = activate_when_registered
 
 
-def idle_poll_seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and 0.01 <= seconds <= 3):
-        raise argparse.ArgumentTypeError(f"{text!r}: need seconds between 0.01 and 3 (Flower's own interval)")
-    return seconds
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: need a number of seconds, 0 or more")
-    return seconds
+idle_poll_seconds = seconds_between(0.01, 3, " (Flower's own interval)")
+positive_seconds = seconds_between(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
