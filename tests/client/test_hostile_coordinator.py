@@ -115,7 +115,7 @@ def test_a_user_whose_gradient_is_not_finite_adds_exactly_nothing(mode: str, spl
     assert torch.isfinite(noisy).all()
 
 
-def _hostile(weights: dict[str, torch.Tensor], value: float, name: str = "item_embedding.weight") -> dict:
+def _hostile(weights: dict[str, torch.Tensor], value: float, name: str = "output.weight") -> dict:
     weights = copy.deepcopy(weights)
     weights[name][POISONED_ITEM % len(weights[name])] = value
     return weights
@@ -124,8 +124,8 @@ def _hostile(weights: dict[str, torch.Tensor], value: float, name: str = "item_e
 @pytest.mark.parametrize(
     ("value", "tensor", "reason"),
     [
-        (1e38, "item_embedding.weight", "above this site's max-abs-weight"),
-        (math.inf, "item_embedding.weight", "non-finite"),
+        (1e38, "output.weight", "above this site's max-abs-weight"),  # the tied item table: input and output
+        (math.inf, "output.weight", "non-finite"),
         (math.nan, "position_embedding.weight", "non-finite"),
         (1e4, "blocks.0.attention_norm.weight", "above this site's max-abs-weight"),
     ],

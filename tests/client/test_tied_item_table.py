@@ -61,8 +61,8 @@ def test_one_table_serves_both_uses_and_the_state_has_no_separate_embedding() ->
 
 
 def test_run_config_tied_builds_a_tied_model() -> None:
-    assert RunSettings(item_tables="tied").model_config(10).tied_items
-    assert not RunSettings().model_config(10).tied_items
+    assert RunSettings().model_config(10).tied_items, "one tied item table is the default"
+    assert not RunSettings(item_tables="trained").model_config(10).tied_items
 
 
 def test_both_uses_reach_the_true_per_user_gradient() -> None:

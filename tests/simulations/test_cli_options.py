@@ -60,7 +60,7 @@ def test_a_one_noise_placement_fills_what_is_not_given_from_its_recipe(tmp_path,
     assert settings.item_tables == "tied" and settings.model_config(10).tied_items
     assert settings.max_grad_norm == RunSettings.max_grad_norm, "settings outside the recipe keep their declaration"
     site = _run_settings(build_parser().parse_args(["simulate", "--out", out]), "synthetic:users=200,items=80", out)
-    assert (site.rounds, site.sample_rate, site.evaluate_every, site.item_tables) == (10, 0.1, 1, "trained")
+    assert (site.rounds, site.sample_rate, site.evaluate_every, site.item_tables) == (10, 0.1, 1, "tied")
 
 
 def test_no_dp_turns_dp_off(tmp_path) -> None:

@@ -76,10 +76,11 @@ def test_a_catalogue_that_does_not_extend_the_released_one_is_refused(tmp_path: 
 
 def test_the_server_continues_from_init_model_and_names_a_mismatch(tmp_path: Path) -> None:
     released, catalog = _released(tmp_path / "released")
-    shape = {"max_len": 6, "hidden": 8, "heads": 2, "blocks": 1, "dropout": 0.0}
+    shape = {"max_len": 6, "hidden": 8, "heads": 2, "blocks": 1, "dropout": 0.0, "item_tables": "trained"}
     settings = RunSettings(init_model=str(tmp_path / "released"), **shape)
     grown = initial_model(settings, catalog.extend(["new"]), tmp_path / "run")
     assert grown.config.num_items == 21
     torch.testing.assert_close(grown.output.weight[:21], released.output.weight)
     with pytest.raises(ConfigError, match=r"init-model .*released: .* max-len 6 in the released model vs 50 here"):
-        initial_model(RunSettings(init_model=str(tmp_path / "released")), catalog, tmp_path / "run")
+        untied = RunSettings(init_model=str(tmp_path / "released"), item_tables="trained")
+        initial_model(untied, catalog, tmp_path / "run")
