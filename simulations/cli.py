@@ -23,11 +23,23 @@ from typing import Any
 import torch
 
 from common.data.datasets import DEFAULT_DATASET, load_dataset
+from common.data.interactions import DataStats
 from common.data.readers import FORMATS, ColumnNames
 from common.errors import ConfigError, FedtailError
-from common.federation import PLACEMENT_RECIPES, RunSettings
+from common.federation import RunSettings
+from common.recipe import (
+    DEFAULT_PASSES,
+    FILLS,
+    ONE_NOISE_PLACEMENTS,
+    PublicFacts,
+    Recipe,
+    choose_recipe,
+    rounded_estimate,
+)
+from common.recommender.content import metadata_beside
 from common.recommender.training import TrainConfig, pick_device
 from common.utils.files import write_json
+from common.utils.progress import log
 from simulations.audit import audit
 from simulations.audit.report import format_markdown, write_audit
 from simulations.bench import suite as bench_suite
@@ -115,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss,
         seed=args.seed,
     )
-    item_text = Path(args.item_text) if args.item_text else None
+    item_text = Path(args.item_text) if getattr(args, "item_text", "") else None
     report = train_centralized(
         _load(args), Path(args.out), settings.model_options(), config, pick_device(args.device), item_text,
         settings.item_tables,
@@ -148,29 +160,53 @@ def _add_run_settings(parser: argparse._ActionsContainer, names: tuple[str, ...]
             parser.add_argument(flag, dest=declared.name, action="store_false", help=meta["help"])
             continue
         kind = {"int": int, "float": float, "str": str}[str(declared.type)]
-        recipes = {noise: recipe[declared.name] for noise, recipe in PLACEMENT_RECIPES.items()
-                   if declared.name in recipe}
-        placed = "; ".join(f"noise={noise}: {value}" for noise, value in recipes.items())
+        filled = declared.name in FILLS or declared.name == "item_text"
         parser.add_argument(
             flag, dest=declared.name, type=kind, choices=meta["choices"] or None,
-            # a placement's recipe fills what is not given (_run_settings); argparse must not fill it first
-            default=argparse.SUPPRESS if recipes else declared.default,
+            # filled in by _run_settings when not given (the recipe rule, the data's own metadata): argparse must
+            # not fill it first
+            default=argparse.SUPPRESS if filled else declared.default,
             metavar=None if meta["choices"] else flag[2:].upper().replace("-", "_"),
-            help=f"{meta['help']} (default: {declared.default}; {placed})" if recipes else meta["help"],
+            help=f"{meta['help']} (default: {FILLED[declared.name]})" if declared.name in FILLED
+            else f"{meta['help']} (default: {declared.default}; noise=central or distributed: the recipe rule's "
+                 "choice, printed at the start)" if filled else meta["help"],
         )
+
+
+FILLED = {"item_text": "the item metadata beside the data when there is some: a MovieLens folder's titles (with "
+                       "the sentence encoder installed) or an *item2attributes.json; '' for random"}
+"""Run settings whose default is found in the data rather than declared."""
 
 
 def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettings:
     if args.user_col or args.item_col or args.time_col or args.site_col:
         raise ConfigError("federated runs read files with detected columns only; name columns the detector knows")
     _check_out_folder(out)
+    data = load_dataset(dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
     chosen = {f.name: getattr(args, f.name) for f in fields(RunSettings) if f.metadata["cli"] and f.name in args}
-    chosen = {**PLACEMENT_RECIPES.get(chosen["noise"], {}), **chosen}  # given on the command line wins
-    chosen["item_text"] = str(Path(args.item_text).resolve()) if args.item_text else ""
+    if "item_text" not in chosen:
+        found = metadata_beside(Path(dataset.partition(":")[2] if ":" in dataset else dataset))
+        if found is not None:
+            log(f"fedtail: item metadata beside the data: {found} (--item-text '' trains items from random)")
+        chosen["item_text"] = str(found or "")
+    if chosen.get("noise", RunSettings.noise) in ONE_NOISE_PLACEMENTS:
+        chosen = {**one_noise_recipe(args, data.stats(), chosen).settings(), **chosen}  # given on the line wins
+    chosen["item_text"] = str(Path(chosen["item_text"]).resolve()) if chosen["item_text"] else ""
     chosen["init_model"] = str(Path(args.init_model).resolve()) if args.init_model else ""
-    settings = RunSettings(**chosen, dataset=dataset, kcore=args.kcore, out_dir=out)
-    load_dataset(dataset, kcore=args.kcore)  # fail here, with a clear message, rather than inside Flower
-    return settings
+    return RunSettings(**chosen, dataset=dataset, kcore=args.kcore, out_dir=out)
+
+
+def one_noise_recipe(args: argparse.Namespace, stats: DataStats, chosen: dict[str, Any]) -> Recipe:
+    """The recipe rule's choice for this run (``common.recipe``), printed with its reasons."""
+    estimate = args.users_estimate or rounded_estimate(stats.users)
+    facts = PublicFacts(estimate, stats.items, args.sites, chosen.get("epsilon", RunSettings.epsilon),
+                        chosen.get("delta", RunSettings.delta), args.compute_passes)
+    recipe = choose_recipe(facts)
+    source = "--users-estimate" if args.users_estimate else "the data's user count to 2 significant digits"
+    given = [f"--{name.replace('_', '-')}" for name in FILLS if name in chosen]
+    log(f"fedtail: recipe ({source}): {recipe.why}" + (f"; given on the command line: {', '.join(given)}"
+                                                       if given else ""))
+    return recipe
 
 
 def _resources(args: argparse.Namespace) -> Resources:
@@ -231,6 +267,13 @@ def _add_federation_arguments(parser: argparse._ActionsContainer) -> None:
                         help="CPU cores reserved per simulated site (how many train at once)")
     parser.add_argument("--gpus-per-site", type=float, default=None,
                         help="GPU share per site (default: 0.5 when CUDA is present, else 0)")
+    parser.add_argument("--users-estimate", type=int, default=0,
+                        help="noise=central or distributed: a public estimate of the federation's users, which the "
+                             "recipe rule sizes its rounds and batch from (0: the data's count rounded to 2 "
+                             "significant digits; a deployment states its own)")
+    parser.add_argument("--compute-passes", type=float, default=DEFAULT_PASSES,
+                        help="noise=central or distributed: the compute budget, expected gradient computations per "
+                             "user over the run (rounds x sample rate); the recipe rule spreads it over its rounds")
     _add_run_settings(parser)
 
 

