@@ -47,6 +47,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.data.datasets import Dataset
+from common.data.split import users_with_training_pairs
 from common.errors import ConfigError
 from common.privacy.accounting import calibrate_noise
 
@@ -148,6 +150,12 @@ def choose_recipe(facts: PublicFacts) -> Recipe:
 def expected_batch(rate: float, users_estimate: int) -> int:
     """The public divisor of each noisy sum: the expected number of sampled users."""
     return max(1, round(rate * users_estimate))
+
+
+def simulated_estimate(data: Dataset) -> int:
+    """A simulation's public estimate of its federation's users: those with training pairs, to 2 significant digits
+    (a simulation's operator owns the data; a deployment states its own estimate)."""
+    return rounded_estimate(users_with_training_pairs(data.frame.groupby("user", sort=False).size().to_numpy()))
 
 
 def rounded_estimate(count: int) -> int:

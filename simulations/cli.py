@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from common.data.datasets import DEFAULT_DATASET, load_dataset
-from common.data.interactions import DataStats
+from common.data.datasets import DEFAULT_DATASET, Dataset, load_dataset
 from common.data.readers import FORMATS, ColumnNames
 from common.errors import ConfigError, FedtailError
 from common.federation import RunSettings
@@ -34,7 +33,7 @@ from common.recipe import (
     PublicFacts,
     Recipe,
     choose_recipe,
-    rounded_estimate,
+    simulated_estimate,
 )
 from common.recommender.content import metadata_beside
 from common.recommender.training import TrainConfig, pick_device
@@ -190,19 +189,19 @@ def _run_settings(args: argparse.Namespace, dataset: str, out: str) -> RunSettin
             log(f"fedtail: item metadata beside the data: {found} (--item-text '' trains items from random)")
         chosen["item_text"] = str(found or "")
     if chosen.get("noise", RunSettings.noise) in ONE_NOISE_PLACEMENTS:
-        chosen = {**one_noise_recipe(args, data.stats(), chosen).settings(), **chosen}  # given on the line wins
+        chosen = {**one_noise_recipe(args, data, chosen).settings(), **chosen}  # given on the line wins
     chosen["item_text"] = str(Path(chosen["item_text"]).resolve()) if chosen["item_text"] else ""
     chosen["init_model"] = str(Path(args.init_model).resolve()) if args.init_model else ""
     return RunSettings(**chosen, dataset=dataset, kcore=args.kcore, out_dir=out)
 
 
-def one_noise_recipe(args: argparse.Namespace, stats: DataStats, chosen: dict[str, Any]) -> Recipe:
+def one_noise_recipe(args: argparse.Namespace, data: Dataset, chosen: dict[str, Any]) -> Recipe:
     """The recipe rule's choice for this run (``common.recipe``), printed with its reasons."""
-    estimate = args.users_estimate or rounded_estimate(stats.users)
-    facts = PublicFacts(estimate, stats.items, args.sites, chosen.get("epsilon", RunSettings.epsilon),
+    estimate = args.users_estimate or simulated_estimate(data)
+    facts = PublicFacts(estimate, data.stats().items, args.sites, chosen.get("epsilon", RunSettings.epsilon),
                         chosen.get("delta", RunSettings.delta), args.compute_passes)
     recipe = choose_recipe(facts)
-    source = "--users-estimate" if args.users_estimate else "the data's user count to 2 significant digits"
+    source = "--users-estimate" if args.users_estimate else "the data's users with training pairs, rounded"
     given = [f"--{name.replace('_', '-')}" for name in FILLS if name in chosen]
     log(f"fedtail: recipe ({source}): {recipe.why}" + (f"; given on the command line: {', '.join(given)}"
                                                        if given else ""))

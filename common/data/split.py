@@ -29,6 +29,12 @@ def training_history(sequence: np.ndarray) -> np.ndarray:
     return sequence[:-2] if len(sequence) >= MIN_EVALUATED_LENGTH else sequence
 
 
+def users_with_training_pairs(lengths: np.ndarray) -> int:
+    """How many of the users with these history lengths give ``training_examples`` at least one pair."""
+    kept = np.where(lengths >= MIN_EVALUATED_LENGTH, lengths - 2, lengths)
+    return int((kept >= 2).sum())
+
+
 def left_pad(sequence: np.ndarray, length: int) -> np.ndarray:
     """The most recent ``length`` items, padded on the left with the padding index."""
     out = np.full(length, PADDING_INDEX, dtype=np.int64)

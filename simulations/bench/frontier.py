@@ -5,7 +5,7 @@ On the synthetic default, and with ``--full`` on MovieLens 100K too when the ben
 (``core.SHARED_DATA``, beside the checkout) holds ``ml-100k``.
 Placements: ``site`` (the defaults: each site noises its own local epochs) and ``central`` / ``distributed`` with
 the recipe rule's rounds, sample rate, batch and learning rate for each epsilon (``common.recipe``, as
-``fedtail simulate`` chooses them), from the data's user count rounded to 2 significant digits.
+``fedtail simulate`` chooses them), from the data's users with training pairs, rounded to 2 significant digits.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common.data.datasets import DEFAULT_DATASET, load_dataset
 from common.federation import RunSettings
-from common.recipe import PublicFacts, choose_recipe, rounded_estimate
+from common.recipe import PublicFacts, choose_recipe, simulated_estimate
 from common.utils.plot import Panel, Series, write_line_charts
 from simulations.bench.core import ML_100K, Benchmark, Context
 from simulations.report import markdown_table
@@ -47,8 +47,8 @@ def placement_settings(dataset: str, noise: str, epsilon: float | None, rounds: 
     if epsilon is None or noise == "site":
         return RunSettings(dataset=dataset, rounds=rounds, out_dir=out_dir, dp=epsilon is not None,
                            epsilon=epsilon or RunSettings.epsilon)
-    stats = load_dataset(dataset).stats()
-    recipe = choose_recipe(PublicFacts(rounded_estimate(stats.users), stats.items, sites, epsilon, RunSettings.delta))
+    data = load_dataset(dataset)
+    recipe = choose_recipe(PublicFacts(simulated_estimate(data), data.stats().items, sites, epsilon, RunSettings.delta))
     distributed = noise == "distributed"
     return RunSettings(
         dataset=dataset, out_dir=out_dir, epsilon=epsilon, noise=noise, **recipe.settings(),

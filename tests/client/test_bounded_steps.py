@@ -31,10 +31,10 @@ from common.data.catalog import PADDING_INDEX, Catalog
 from common.data.split import training_examples
 from common.errors import ConfigError
 from common.federation import RunSettings
-from common.recipe import ONE_NOISE_PLACEMENTS, PublicFacts, choose_recipe
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.ledger import Ledger
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan, plan_round
+from common.recipe import ONE_NOISE_PLACEMENTS, PublicFacts, choose_recipe
 from common.recommender.model import ModelConfig, SASRec
 from tests.client.test_hostile_coordinator import (  # noqa: F401 (flower_task_identity: an autouse fixture)
     POISONED_ITEM,

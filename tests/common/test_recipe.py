@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from common.data.split import training_examples, users_with_training_pairs
 from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.accounting import calibrate_noise
@@ -66,6 +69,12 @@ def test_the_grid_and_the_estimate() -> None:
     assert round_grid(20) == [40, 80, 160, 320, 640]
     assert round_grid(0.3) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
     assert [rounded_estimate(n) for n in (7, 943, 6040, 22363)] == [7, 940, 6000, 22000]
+    # users 1-4 train (lengths 2, 4, 5, 9: 1, 1, 2, 6 pairs); a history of 3 is only held out, one of 1 gives nothing
+    frame = pd.DataFrame({"user": [1] * 2 + [2] * 4 + [3] * 5 + [4] * 9 + [5] * 3 + [6], "item": range(24),
+                          "timestamp": range(24)})
+    assert users_with_training_pairs(frame.groupby("user").size().to_numpy()) == 4
+    sequences = [np.arange(n) for n in frame.groupby("user").size()]
+    assert len(training_examples(sequences, max_len=10)) == 4, "the count the split itself trains on"
 
 
 @pytest.mark.parametrize("facts, named", [

@@ -7,8 +7,9 @@ from dataclasses import fields
 
 import pytest
 
+from common.data.datasets import load_dataset
 from common.federation import RunSettings
-from common.recipe import PublicFacts, choose_recipe
+from common.recipe import PublicFacts, choose_recipe, simulated_estimate
 from simulations.cli import _run_settings, build_parser, main
 
 
@@ -57,7 +58,8 @@ def test_a_one_noise_placement_fills_what_is_not_given_from_its_recipe(tmp_path,
     out = str(tmp_path / "run")
     args = build_parser().parse_args(["simulate", "--out", out, "--noise", noise, "--rounds", "7", "--min-sites", "3"])
     settings = _run_settings(args, "synthetic:users=200,items=80", out)
-    recipe = choose_recipe(PublicFacts(200, 80, 5, RunSettings.epsilon, RunSettings.delta))
+    data = load_dataset("synthetic:users=200,items=80")
+    recipe = choose_recipe(PublicFacts(simulated_estimate(data), 80, 5, RunSettings.epsilon, RunSettings.delta))
     assert settings.rounds == 7, "given wins"
     assert (settings.sample_rate, settings.batch_size, settings.evaluate_every, settings.server_learning_rate) == (
         recipe.sample_rate, recipe.batch_size, recipe.evaluate_every, recipe.server_learning_rate), "the rule fills"
