@@ -17,7 +17,7 @@ error is the root mean square over the T prefix sums, per coordinate, in units o
   public function of the user; step i Poisson-samples group i mod b at rate q b, so the expected batch is qN as
   for DP-SGD. Columns of C b or more steps apart have disjoint rows, so a user's k = ceil(T / b) steps add up as
   orthogonal vectors, and the release is as private as DP-SGD at rate q b for k steps with noise multiplier sigma
-  (their Theorem 4): the same ``calibrate_noise``. b = 1 is DP-SGD itself.
+  (their amplification theorem for b-banded C): the same ``calibrate_noise``. b = 1 is DP-SGD itself.
 - **Un-amplified** b-min-separation bound: the same release accounted without sampling, a Gaussian of sensitivity
   sqrt(k) ||c|| (``calibrate_noise`` at rate 1). At b = 1/q each step takes its whole group and both bounds agree.
 
@@ -96,11 +96,15 @@ def toeplitz(column: np.ndarray, steps: int) -> np.ndarray:
     return np.where(rows >= cols, first[np.clip(rows - cols, 0, None)], 0.0)
 
 
+def series_of_inverse(polynomial: np.ndarray, steps: int) -> np.ndarray:
+    """The first ``steps`` coefficients of 1 / p(x): a lower-triangular Toeplitz matrix's inverse is the one whose
+    first column these are, found as the impulse response of the all-pole filter p in O(steps x degree)."""
+    return np.asarray(lfilter([1.0], polynomial, np.eye(1, steps)[0]))
+
+
 def decoder(bands: np.ndarray, steps: int) -> np.ndarray:
-    """First column of B = A C^-1, Toeplitz like A and C: the series of 1 / ((1 - x) c(x)) up to x^(steps - 1)."""
-    impulse = np.zeros(steps)
-    impulse[0] = 1.0
-    return np.asarray(lfilter([1.0], np.convolve(bands, [1.0, -1.0]), impulse))
+    """First column of B = A C^-1, Toeplitz like A and C: the series of 1 / ((1 - x) c(x))."""
+    return series_of_inverse(np.convolve(bands, [1.0, -1.0]), steps)
 
 
 def error_factor(bands: np.ndarray, steps: int) -> float:
@@ -135,7 +139,7 @@ def optimal_bands(count: int, steps: int) -> tuple[float, ...]:
         squared = float(np.dot(weights, beta**2))
         norm2 = float(np.dot(bands, bands))
         # d beta_j / d c_i = -e_(j-i), e the series of 1 / ((1 - x) c(x)^2)
-        e = np.asarray(lfilter([1.0], np.convolve(np.convolve(bands, bands), [1.0, -1.0]), np.eye(1, steps)[0]))
+        e = series_of_inverse(np.convolve(np.convolve(bands, bands), [1.0, -1.0]), steps)
         v = weights * beta
         d_squared = np.array([-2.0 * np.dot(v[i:], e[: steps - i]) for i in range(1, count)])
         value = math.log(norm2) + math.log(squared)
