@@ -27,6 +27,7 @@ C's b coefficients are optimised (``optimal_bands``), starting from the square-r
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -35,6 +36,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.signal import lfilter
 
+from common.errors import ConfigError
 from common.federation import RunSettings
 from common.privacy.accounting import calibrate_noise, epsilon_from_history
 from simulations.bench.core import Benchmark, Context
@@ -42,7 +44,7 @@ from simulations.report import markdown_table
 
 EPSILONS = (8.0, 1.0)
 PASSES = 20
-"""The compute budget E = q T: expected steps each user takes part in."""
+"""The compute budget E = q T: expected steps each user takes part in (``--passes``)."""
 MAX_SAMPLE_RATE = 0.5
 STEPS = (40, 100, 200, 500, 1000)
 FULL_STEPS = (40, 60, 100, 200, 300, 500, 700, 1000)
@@ -55,6 +57,8 @@ MATERIAL = 0.9
 @dataclass(frozen=True)
 class CorrelatedNoisePoint:
     epsilon: float
+    passes: int
+    """The budget E the sample rate was set from: q = E / T, at most ``MAX_SAMPLE_RATE``."""
     steps: int
     sample_rate: float
     dp_sgd_noise: float
@@ -77,7 +81,7 @@ class CorrelatedNoisePoint:
     """The epsilon at which DP-SGD at the same q and T would have MF's error: what correlating the noise is worth."""
 
 
-def sample_rate(steps: int, passes: float = PASSES) -> float:
+def sample_rate(steps: int, passes: int = PASSES) -> float:
     """The recipe's rate for a budget of ``passes`` expected steps per user: passes / T, at most ``MAX_SAMPLE_RATE``."""
     return min(MAX_SAMPLE_RATE, passes / steps)
 
@@ -158,7 +162,7 @@ def prefix_sum_rmse(noise: float, rate: float, bands: np.ndarray, steps: int) ->
 
 
 def bench_correlated_noise(epsilons: tuple[float, ...], step_counts: tuple[int, ...], delta: float,
-                           passes: float = PASSES) -> list[CorrelatedNoisePoint]:
+                           passes: int = PASSES) -> list[CorrelatedNoisePoint]:
     points = []
     for epsilon in epsilons:
         for steps in step_counts:
@@ -177,7 +181,7 @@ def bench_correlated_noise(epsilons: tuple[float, ...], step_counts: tuple[int, 
             dp_sgd_noise, dp_sgd_rmse = amplified[1]
             matched = dp_sgd_noise * amplified[best][1] / dp_sgd_rmse
             points.append(CorrelatedNoisePoint(
-                epsilon, steps, rate, dp_sgd_noise, dp_sgd_rmse, best, amplified[best][0], amplified[best][1],
+                epsilon, passes, steps, rate, dp_sgd_noise, dp_sgd_rmse, best, amplified[best][0], amplified[best][1],
                 prefix_sum_rmse(amplified[best][0], rate, sqrt_bands(best), steps), plain, unamplified[plain],
                 {str(count): rmse for count, (_, rmse) in amplified.items()},
                 epsilon if best == 1 else epsilon_from_history([(matched, rate, steps)], delta),
@@ -188,7 +192,16 @@ def bench_correlated_noise(epsilons: tuple[float, ...], step_counts: tuple[int, 
 
 
 def run(context: Context) -> list[CorrelatedNoisePoint]:
-    return bench_correlated_noise(EPSILONS, FULL_STEPS if context.full else STEPS, RunSettings.delta)
+    passes = context.options.passes
+    if passes < 1:
+        raise ConfigError(f"--passes {passes}: need at least 1 expected step per user")
+    return bench_correlated_noise(EPSILONS, FULL_STEPS if context.full else STEPS, RunSettings.delta, passes)
+
+
+def add_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--passes", type=int, default=PASSES, metavar="E",
+                       help="the compute budget: expected steps each user takes part in, q = E / T "
+                       "(default: %(default)s)")
 
 
 def format_table(points: list[CorrelatedNoisePoint]) -> str:
@@ -216,8 +229,9 @@ def conclusion(points: list[CorrelatedNoisePoint]) -> str:
             "at " + ", ".join(f"T = {p.steps} ({p.mf_rmse / p.dp_sgd_rmse:.2f}: DP-SGD's error at epsilon "
                               f"{p.equivalent_epsilon:.1f})" for p in gains)
         )
-        lines.append(f"At epsilon {epsilon:g}, banded MF's prefix-sum error is {min(ratios):.2f} to "
-                     f"{max(ratios):.2f} of DP-SGD's; at least {1 - MATERIAL:.0%} below it {where}.")
+        lines.append(f"At epsilon {epsilon:g} and {mine[0].passes} passes, banded MF's prefix-sum error is "
+                     f"{min(ratios):.2f} to {max(ratios):.2f} of DP-SGD's; at least {1 - MATERIAL:.0%} below it "
+                     f"{where}.")
     return " ".join(lines)
 
 
@@ -225,8 +239,9 @@ BENCHMARK = Benchmark(
     name="correlated-noise",
     help="banded matrix-factorisation noise (DP-FTRL) against amplified DP-SGD at the one-noise recipe's settings: "
     "error of the noisy prefix sums of the gradients, no training (--full: more step counts)",
-    description=f"At epsilon {' and '.join(f'{e:g}' for e in EPSILONS)} (delta 1e-5) and a budget of {PASSES} "
-    f"expected steps per user (q = {PASSES}/T, at most {MAX_SAMPLE_RATE}), the root-mean-squared error of the "
+    description=f"At epsilon {' and '.join(f'{e:g}' for e in EPSILONS)} (delta 1e-5) and a budget of E expected "
+    f"steps per user (`--passes`, default {PASSES}; q = E/T, at most {MAX_SAMPLE_RATE}), the root-mean-squared "
+    "error of the "
     "noisy prefix sums of the gradients (what SGD's iterates are), per coordinate, clip 1, each step's sum divided "
     "by its expected batch qN, in units of 1/N. DP-SGD: Poisson sampling at rate q, noise from the PLD "
     "calibration for T steps. Banded MF: a b-banded Toeplitz correlation C optimised for prefix sums, users in b "
@@ -239,4 +254,5 @@ BENCHMARK = Benchmark(
     run=run,
     format_table=format_table,
     conclusion=conclusion,
+    add_options=add_options,
 )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import norm
 
 from common.privacy.accounting import calibrate_noise
+from simulations import cli
 from simulations.bench import correlated_noise as mf
 
 DELTA = 1e-5
@@ -93,6 +95,12 @@ def test_band_choices_keep_one_groups_batch_at_most_the_whole_group() -> None:
     assert mf.band_choices(1.0) == (1,)
     assert all(rate * b <= 1 + 1e-12 for rate in (0.5, 0.2, 0.03, 0.02, 0.007) for b in mf.band_choices(rate))
     assert [mf.sample_rate(steps) for steps in (20, 40, 100, 1000)] == [0.5, 0.5, 0.2, 0.02]
+    assert mf.sample_rate(1000, passes=5) == 0.005
+
+
+def test_a_budget_below_one_pass_is_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "correlated-noise", "--passes", "0", "--out", str(tmp_path)]) == 2
+    assert "--passes 0: need at least 1 expected step per user" in capsys.readouterr().err
 
 
 def test_the_unamplified_bound_is_the_gaussian_of_sensitivity_root_k() -> None:
@@ -119,5 +127,6 @@ def test_with_one_band_mf_is_dp_sgd_and_more_bands_help_at_epsilon_8(capsys: pyt
     assert point.sqrt_bands_rmse >= point.mf_rmse and point.equivalent_epsilon > 8.0
     assert point.unamplified_bands == 5, "without amplification the most bands, fewest participations, win"
     table = mf.format_table([point])
-    assert "| 8 | 100 | 0.2 |" in table and "At epsilon 8, banded MF's prefix-sum error is" in mf.conclusion([point])
+    assert point.passes == mf.PASSES and "| 8 | 100 | 0.2 |" in table
+    assert "At epsilon 8 and 20 passes, banded MF's prefix-sum error is" in mf.conclusion([point])
     assert "correlated-noise epsilon 8 T 100" in capsys.readouterr().out
