@@ -55,6 +55,9 @@ class Benchmark(Generic[Result]):
     """Writes ``NAME.svg`` where a picture says more than the table."""
     add_options: Callable[[argparse._ArgumentGroup], None] | None = None
     """Its own command-line options, shown in a group of their own and handed over in ``Context.options``."""
+    conclusion: Callable[[list[Result]], str] | None = None
+    """A paragraph under the table, written from the results: what they say stays true of whichever run wrote the
+    page."""
 
     def option_defaults(self) -> dict[str, Any]:
         """Each of its own options' destination and default, to tell which ones a command line set."""

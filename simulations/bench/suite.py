@@ -106,6 +106,8 @@ def run(names: list[str], full: bool, out: Path, options: argparse.Namespace) ->
             benchmark.plot(out / f"{name}.svg", results)
         seconds = time.perf_counter() - started
         print(table, flush=True)
+        if benchmark.conclusion is not None:
+            print(benchmark.conclusion(results), flush=True)
         write_json(out / f"{name}.json", {
             "benchmark": name, "mode": "full" if full else "quick", "seconds": seconds, "machine": machine(),
             "device": str(context.device), "results": [asdict(r) for r in results],
@@ -126,7 +128,10 @@ def write_page(out: Path, page: Path | None = None) -> Path:
             machine_line = ", ".join(f"{key} {value}" for key, value in record["machine"].items() if value is not None)
             full = " --full" if record["mode"] == "full" else ""
             chart = Path(os.path.relpath(folder, page.parent)) / f"{name}.svg"
-            table = benchmark.format_table([benchmark.result(**r) for r in record["results"]])
+            results = [benchmark.result(**r) for r in record["results"]]
+            table = benchmark.format_table(results)
+            if benchmark.conclusion is not None:
+                table += f"\n\n{benchmark.conclusion(results)}"
             sections.append(
                 f"## {name}{full}\n\n{benchmark.description}\n\n"
                 f"`python -m simulations.bench {name}{full}` ({record['seconds']:.0f} s, device {record['device']})\n\n"

@@ -118,7 +118,7 @@ def tiny_registered(monkeypatch: pytest.MonkeyPatch) -> None:
         name="tiny", help="a benchmark of the test", description="Measures nothing.", result=Tiny,
         run=lambda context: [Tiny(context.options.level, context.full)],
         format_table=lambda results: "\n".join(f"| {r.level} | {r.full} |" for r in results),
-        plot=_tiny_plot, add_options=_tiny_options,
+        plot=_tiny_plot, add_options=_tiny_options, conclusion=lambda results: f"Level {results[0].level} says so.",
     ))
 
 
@@ -133,15 +133,19 @@ def test_an_option_of_a_benchmark_not_run_is_refused_before_anything_runs(
 
 
 @pytest.mark.usefixtures("tiny_registered")
-def test_a_registered_module_is_run_with_its_option_saved_plotted_and_paged(tmp_path: Path) -> None:
+def test_a_registered_module_is_run_with_its_option_saved_plotted_and_paged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     assert suite.main(["tiny", "--level", "3", "--full", "--out", str(out)]) == 0
+    assert "| 3 | True |\nLevel 3 says so." in capsys.readouterr().out
     record = json.loads((out / "tiny.json").read_text())
     assert record["benchmark"] == "tiny" and record["mode"] == "full" and record["results"] == [
         {"level": 3, "full": True}
     ]
     page = (out / "benchmarks.md").read_text()
-    assert "## tiny --full\n\nMeasures nothing." in page and "| 3 | True |" in page and "![tiny](tiny.svg)" in page
+    assert "## tiny --full\n\nMeasures nothing." in page and "| 3 | True |\n\nLevel 3 says so.\n" in page
+    assert "![tiny](tiny.svg)" in page
 
 
 def test_serving_sizes_follow_quick_full_and_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
