@@ -83,7 +83,7 @@ def add_options(group: argparse._ArgumentGroup) -> None:
 
 
 def run(context: Context) -> list[FedAvgResult]:
-    return bench_dp_fedavg(list(CATALOGS), calls=10 if context.full else 3, device=context.device,
+    return bench_dp_fedavg(list(CATALOGS), calls=10 if context.full else 5, device=context.device,
                            users=context.options.fedavg_users, user_steps=context.options.fedavg_user_steps)
 
 
