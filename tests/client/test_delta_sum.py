@@ -145,11 +145,13 @@ def test_dropout_masks_are_drawn_per_user() -> None:
     assert not torch.allclose(deltas["final_norm.weight"][0], deltas["final_norm.weight"][1])
 
 
-def test_a_delta_round_is_accounted_exactly_as_a_gradient_round(tmp_path: Path) -> None:
+@pytest.mark.parametrize("placement", ["central", "distributed"])
+def test_a_delta_round_is_accounted_exactly_as_a_gradient_round(tmp_path: Path, placement: str) -> None:
     """Same mechanism in the ledger (noise, rate, one step, clip, placement, epsilon): the sensitivity is C either
-    way; the site sends a sum of the trainable parameters' shape."""
+    way; the site sends a sum of the trainable parameters' shape (under distributed, with its noise share)."""
     examples = _examples(30, seed=4)
-    privacy = PrivacyPlan(target_epsilon=4.0, planned_rounds=3, noise_placement="central")
+    privacy = PrivacyPlan(target_epsilon=4.0, planned_rounds=3, noise_placement=placement, noise_shares=3,
+                          max_fallback_epsilon=float("inf"))
     lines = {}
     for update in ("gradient", "delta"):
         model = _model()
@@ -162,3 +164,4 @@ def test_a_delta_round_is_accounted_exactly_as_a_gradient_round(tmp_path: Path) 
         (lines[update],) = ledger.entries()
     mechanism = ("noise_placement", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "epsilon_so_far")
     assert [lines["delta"][key] for key in mechanism] == [lines["gradient"][key] for key in mechanism]
+    assert lines["delta"]["noise_placement"] == placement and lines["delta"]["steps"] == 1
