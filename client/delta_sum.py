@@ -99,6 +99,8 @@ def user_deltas(
     The loss is the training loss (``per_user_loss``: the user's mean over their positions); dropout follows the
     model's mode, with masks drawn independently per user (``randomness="different"``).
     """
+    if training.user_steps < 1:  # the run config's rule; without a step the delta would be taken in place of theta_0
+        raise ValueError(f"user-steps={training.user_steps}: must be at least 1")
     start = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     fixed = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
     fixed |= dict(model.named_buffers())

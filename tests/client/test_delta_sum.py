@@ -165,3 +165,12 @@ def test_a_delta_round_is_accounted_exactly_as_a_gradient_round(tmp_path: Path, 
     mechanism = ("noise_placement", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "epsilon_so_far")
     assert [lines["delta"][key] for key in mechanism] == [lines["gradient"][key] for key in mechanism]
     assert lines["delta"]["noise_placement"] == placement and lines["delta"]["steps"] == 1
+
+
+def test_no_local_step_is_an_error_naming_the_setting_and_leaves_the_weights_alone() -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = _examples(2)
+    with pytest.raises(ValueError, match="user-steps=0: must be at least 1"):
+        user_deltas(model, examples.inputs, examples.targets, LocalTraining(user_steps=0))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
