@@ -182,6 +182,15 @@ def bounded_adam(model: SASRec, training: LocalTraining) -> torch.optim.Adam:
     return optimizer
 
 
+def poisson_sample(users: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """The indices of one Poisson draw over ``users`` users at ``sample_rate``: Opacus' sampler, as DP-SGD's
+    loader draws them (``make_private``); empty when there are no users."""
+    if users == 0:  # Opacus' sampler refuses an empty dataset: nobody is drawn
+        return torch.zeros(0, dtype=torch.long)
+    draw = next(iter(UniformWithReplacementSampler(num_samples=users, sample_rate=sample_rate, generator=generator)))
+    return torch.tensor(draw, dtype=torch.long)
+
+
 def _stack_users(examples: TrainingExamples) -> Callable[[list[tuple[torch.Tensor, ...]]], list[torch.Tensor]]:
     """Collate sampled users into (inputs, targets); an empty Poisson draw gives [0, L] tensors."""
 

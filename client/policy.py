@@ -70,7 +70,10 @@ simulations use passes:
 - ``max-grad-norm`` [0, 100]: the clipping norm C;
 - ``max-len`` [1, 1024], ``hidden`` [1, 1024], ``heads`` [1, 64], ``blocks`` [1, 16],
   ``dropout`` [0, 0.9]: the model's shape;
-- ``popularity-share`` [0, 0.9]: the share of epsilon spent on the popularity release.
+- ``popularity-share`` [0, 0.9]: the share of epsilon spent on the popularity release;
+- ``user-steps`` [1, 100], ``user-learning-rate`` [0, 10]: under ``user-update = delta``,
+  each sampled user's local SGD steps and their step size (``client.delta_sum``); the
+  steps bound a round's compute, the clip bounds what a user adds whatever they are.
 
 The ranges keep a run within what the site meant to run; what keeps every
 forward pass finite is the weight box, ``max-abs-weight``, which holds on
@@ -117,6 +120,8 @@ RUN_RANGES: dict[str, tuple[float, float]] = {
     "blocks": (1, 16),
     "dropout": (0.0, 0.9),
     "popularity-share": (0.0, 0.9),
+    "user-steps": (1, 100),
+    "user-learning-rate": (0.0, 10.0),
 }
 """The default range of each run-config value the site checks (inclusive); node config ``min-KEY`` / ``max-KEY``."""
 

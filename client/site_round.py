@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from client.clipped_sum import clipped_sum
+from client.delta_sum import clipped_delta_sum
 from client.dp_sgd import train_non_private, train_private
 from client.replay import ReleasedUpdate, weights_fingerprint
 from client.secure_aggregation import noise_share
@@ -37,7 +38,8 @@ class RoundOutcome:
     """``state_dict`` is None when the site declined; ``epsilon`` is the site's total after this round.
 
     Under ``noise = central`` ``state_dict`` is not weights but the round's sum of clipped per-user gradients of the
-    trainable parameters (``client.clipped_sum``)."""
+    trainable parameters (``client.clipped_sum``), or with ``user-update = delta`` of clipped per-user model deltas
+    (``client.delta_sum``)."""
 
     state_dict: dict[str, torch.Tensor] | None
     epsilon: float
@@ -90,7 +92,8 @@ def train_site_round(
     if refusal:
         return RoundOutcome(None, spent, refusal)
     if mechanism.placement in ("central", "distributed"):  # the individual half here, the noise after the sum
-        weights = clipped_sum(model, examples, training, mechanism.clip, device)
+        user_sum = clipped_delta_sum if training.user_update == "delta" else clipped_sum
+        weights = user_sum(model, examples, training, mechanism.clip, device)
         if mechanism.placement == "distributed":
             weights = noise_share(weights, mechanism, sum_bound(mechanism.clip, training.batch_size))
     else:  # both halves here, inside Opacus' DP-SGD steps; the ledger records what Opacus' accountant recorded

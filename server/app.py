@@ -83,6 +83,12 @@ from server.popularity import (
 )
 from server.strategy import PrivateAggregation, private_strategy
 
+ONE_NOISE_KINDS = {
+    "gradient": "DP-FedSGD (each sampled user's clipped gradient)",
+    "delta": "user-level DP-FedAvg (each sampled user's clipped model delta after user-steps local steps)",
+}
+"""The summary's words for a one-noise round, by ``user-update``."""
+
 app = ServerApp()
 
 
@@ -384,9 +390,10 @@ def finish_run(
     summary["run"] = {
         "kind": "federated, "
         + ("NON-PRIVATE" if not settings.dp else
-           "DP-FedSGD, one noise per step added by the coordinator" if settings.noise == "central" else
-           "DP-FedSGD, one noise per step added in shares by the sites, summed by SecAgg+"
-           if settings.noise == "distributed" else
+           f"{ONE_NOISE_KINDS[settings.user_update]}, one noise per step added by the coordinator"
+           if settings.noise == "central" else
+           f"{ONE_NOISE_KINDS[settings.user_update]}, one noise per step added in shares by the sites, summed by "
+           "SecAgg+" if settings.noise == "distributed" else
            "DP-SGD at every site"),
         "stage": "test" if evaluator is not None else "not evaluated: the coordinator holds no held-out users",
         "run_id": run_id_for(out_dir),

@@ -18,6 +18,13 @@ clipped gradients (``client.clipped_sum``); the coordinator
    gradient: Adam (DP-Adam) by default, or SGD with momentum. This is
    post-processing of the noisy sum.
 
+With ``user-update = delta`` (user-level DP-FedAvg) the sites' sums are of
+clipped per-user model deltas after a few local steps (``client.delta_sum``),
+not of gradients; a delta points downhill, so the optimizer's gradient is the
+noisy mean delta negated (with SGD at rate 1, FedAvg's own step). The noise,
+its calibration and each site's ledger are the same: a user still moves the
+sum by at most C, once per round.
+
 Trust: each site trusts the coordinator to add the noise
 (``common.privacy.mechanisms.CENTRAL_STATEMENT``). Against the coordinator
 itself a site's release (the un-noised sum) is NOT private; the guarantee
@@ -136,6 +143,7 @@ class CentralSum(FedAvg):
         max_grad_norm: float,
         batch_size: int,
         optimizer: ServerOptimizer,
+        user_update: str = RunSettings.user_update,
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
@@ -143,6 +151,7 @@ class CentralSum(FedAvg):
         self.max_grad_norm = max_grad_norm
         self.batch_size = batch_size
         self.optimizer = optimizer
+        self.user_update = user_update
         self.global_weights: dict[str, torch.Tensor] = {}
         self.last_noise_multiplier = 0.0
 
@@ -162,9 +171,14 @@ class CentralSum(FedAvg):
         self.last_noise_multiplier = sigma
         mechanism = GaussianMechanism(sigma, self.max_grad_norm, placement="central")
         noisy = mechanism.add_noise(total, COORDINATOR)  # its own secret generator: never a seed the sites could know
-        mean = {name: (noisy[name] / self.batch_size).float() for name in total}
-        updated = self.optimizer.step(self.global_weights, mean)
+        updated = self.optimizer.step(self.global_weights, self.mean_gradient(noisy))
         return ArrayRecord(updated), MetricRecord({"sites-summed": len(required), "noise-multiplier": sigma})
+
+    def mean_gradient(self, noisy_sum: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The noisy sum over the public batch size, as the gradient the optimizer steps against: negated when the
+        sum is of deltas (``user-update = delta``), which point the other way."""
+        sign = -1.0 if self.user_update == "delta" else 1.0
+        return {name: (value * (sign / self.batch_size)).float() for name, value in noisy_sum.items()}
 
 
 class CentralNoise(PrivateAggregation, CentralSum):
@@ -198,4 +212,5 @@ def central_strategy(
         max_grad_norm=settings.max_grad_norm,
         batch_size=settings.batch_size,
         optimizer=server_optimizer(settings),
+        user_update=settings.user_update,
     )

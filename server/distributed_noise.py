@@ -5,7 +5,7 @@ Each round is one DP step over the union of all sites' users, as under ``central
 the coordinator adds no noise: every site sends its clipped sum plus its share of the noise
 (``client.secure_aggregation``) through SecAgg+ (``common.flower.secaggplus_driver``, Flower's workflow
 unchanged), and the coordinator receives only the sum. It divides that by the public ``batch-size`` and applies the
-same server optimizer as ``central`` (post-processing).
+same server optimizer as ``central`` (post-processing), on the negated mean under ``user-update = delta``.
 
 Flower's SecAgg+ is driven from Flower's legacy workflow API, so this strategy replaces ``Strategy.start``'s
 send-and-receive round by one secure sum per round; the reply bookkeeping (trained, declined, failures, epsilons,
@@ -104,8 +104,8 @@ class DistributedNoise(CentralNoise):
             return None
         sigma = max(required)
         self.last_noise_multiplier = sigma
-        mean = {name: torch.from_numpy(value / self.batch_size).float() for name, value in outcome.total.items()}
-        updated = self.optimizer.step(weights, mean)
+        noisy = {name: torch.from_numpy(value) for name, value in outcome.total.items()}
+        updated = self.optimizer.step(weights, self.mean_gradient(noisy))
         self.require_finite(server_round, updated)
         return updated
 
@@ -151,4 +151,5 @@ def distributed_strategy(
         max_grad_norm=settings.max_grad_norm,
         batch_size=settings.batch_size,
         optimizer=server_optimizer(settings),
+        user_update=settings.user_update,
     )

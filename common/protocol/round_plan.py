@@ -70,6 +70,11 @@ class LocalTraining:
     max_abs_weight: float = DEFAULT_MAX_ABS_WEIGHT
     """The site's node config ``max-abs-weight``: after every local step each trainable weight is projected onto
     [-max_abs_weight, max_abs_weight] (``client.dp_sgd.bounded_adam``)."""
+    user_update: str = RunSettings.user_update
+    """``noise = central`` / ``distributed``: what a sampled user adds to the site's sum: their clipped gradient
+    (``client.clipped_sum``) or their clipped model delta after ``user_steps`` local steps (``client.delta_sum``)."""
+    user_steps: int = RunSettings.user_steps
+    user_learning_rate: float = RunSettings.user_learning_rate
 
     @classmethod
     def from_settings(cls, settings: RunSettings, policy: SiteLimits | None = None) -> LocalTraining:
@@ -82,6 +87,9 @@ class LocalTraining:
             settings.grad_sample_mode,  # type: ignore[arg-type]
             settings.max_physical_batch_size,
             policy.max_abs_weight if policy else DEFAULT_MAX_ABS_WEIGHT,
+            settings.user_update,
+            settings.user_steps,
+            settings.user_learning_rate,
         )
 
 

@@ -7,13 +7,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from simulations.bench import ceiling, correlated_noise, deployment, dp_step, floor, frontier, pieces, serving, sites
+from simulations.bench import (
+    ceiling,
+    correlated_noise,
+    deployment,
+    dp_fedavg,
+    dp_step,
+    floor,
+    frontier,
+    pieces,
+    serving,
+    sites,
+)
 from simulations.bench.core import Benchmark
 
 BENCHMARKS: dict[str, Benchmark[Any]] = {
     benchmark.name: benchmark
     for benchmark in (
-        dp_step.BENCHMARK, pieces.BENCHMARK, sites.BENCHMARK, frontier.BENCHMARK, floor.BENCHMARK, serving.BENCHMARK,
-        deployment.BENCHMARK, ceiling.BENCHMARK, correlated_noise.BENCHMARK,
+        dp_step.BENCHMARK, dp_fedavg.BENCHMARK, pieces.BENCHMARK, sites.BENCHMARK, frontier.BENCHMARK,
+        floor.BENCHMARK, serving.BENCHMARK, deployment.BENCHMARK, ceiling.BENCHMARK, correlated_noise.BENCHMARK,
     )
 }

@@ -42,7 +42,8 @@ RUN_KEYS: dict[str, str] = {
 """Every run-config key the site reads, with its declared type."""
 SITE_KEYS = ("learning-rate", "local-epochs", "sample-rate", "batch-size", "max-grad-norm", "epsilon", "delta",
              "rounds", "max-len", "hidden", "heads", "blocks", "dropout", "popularity-share", "grad-sample-mode",
-             "loss", "max-physical-batch-size", "item-tables", "noise", "seed", "dp")
+             "loss", "max-physical-batch-size", "item-tables", "noise", "seed", "dp", "user-update", "user-steps",
+             "user-learning-rate")
 """The keys that shape a site's computation or its privacy: drawn three times as often as the rest."""
 CHOICES: dict[str, tuple[str, ...]] = {
     name.replace("_", "-"): tuple(declared.metadata["choices"])

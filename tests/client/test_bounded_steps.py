@@ -204,6 +204,20 @@ def test_each_checked_value_outside_its_range_is_declined_by_name(overrides: dic
     assert reason.startswith("declined: ") and named in reason
 
 
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [({"user_steps": 10**6}, "user-steps=1e+06"), ({"user_learning_rate": 1e30}, "user-learning-rate=1e+30")],
+)
+def test_a_user_update_outside_its_range_is_declined_by_name(overrides: dict, named: str) -> None:
+    """Each sampled user's local steps bound a round's compute; their step size is the coordinator's to ask only
+    within the site's range."""
+    settings = _settings(noise="central", user_update="delta", **overrides)
+    trusting = SitePolicy(trust_coordinator_noise=True)
+    reason = trusting.decline_reason(settings)
+    assert reason.startswith("declined: ") and named in reason
+    assert trusting.decline_reason(_settings(noise="central", user_update="delta")) == ""
+
+
 def test_central_noise_takes_one_step_whatever_the_quotient() -> None:
     settings = _settings(local_epochs=100.0, sample_rate=5e-324, noise="central")
     assert run_range_problems(settings, RUN_RANGES) == []

@@ -28,6 +28,10 @@ def test_wrong_types_and_unknown_keys_are_named() -> None:
         RunSettings(partitioning="random")
     with pytest.raises(ConfigError, match="model-selection='best'"):
         RunSettings(model_selection="best")
+    with pytest.raises(ConfigError, match="user-update='deltas': use one of gradient, delta"):
+        RunSettings(noise="central", user_update="deltas")
+    with pytest.raises(ConfigError, match="user-update='delta' needs noise central or distributed"):
+        RunSettings(user_update="delta")
     assert RunSettings.from_run_config({"epsilon": 4}).epsilon == 4.0
 
 
@@ -35,7 +39,7 @@ def test_wrong_types_and_unknown_keys_are_named() -> None:
     ("key", "value"),
     [
         ("epsilon", -1.0), ("delta", 1.5), ("max-grad-norm", 0.0), ("batch-size", 0), ("learning-rate", 0.0),
-        ("heads", 3),
+        ("heads", 3), ("user-steps", 0), ("user-learning-rate", -0.5),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_key(key: str, value: float) -> None:

@@ -95,3 +95,16 @@ def test_each_server_optimizer_keeps_the_private_reply_handling_and_moves_agains
     gradient = torch.tensor([1.0, -2.0, 3.0, -4.0])
     updated = _updated(strategy, [_reply("a", {"w": gradient * strategy.batch_size}, 1.0)])["w"]
     assert torch.equal(torch.sign(updated), -torch.sign(gradient))
+
+
+@pytest.mark.parametrize(("user_update", "direction"), [("gradient", -1.0), ("delta", 1.0)])
+def test_the_server_steps_against_the_mean_gradient_or_along_the_mean_delta(user_update: str, direction: float) -> None:
+    """SGD at rate 1 without momentum: -(mean gradient), or +(mean delta), FedAvg's own step (noise ~1e-9 here)."""
+    strategy = CentralNoise(1.0, 1, noise_multiplier=1e-3, max_grad_norm=1e-6, batch_size=4,
+                            optimizer=ServerOptimizer("sgd", 1.0, 0.0), user_update=user_update)
+    strategy.global_weights = {"w": torch.zeros(4)}
+    summed = torch.tensor([4.0, -8.0, 12.0, -16.0])
+    updated = _updated(strategy, [_reply("a", {"w": summed})])["w"]
+    torch.testing.assert_close(updated, direction * summed / 4, atol=1e-6, rtol=0)
+    settings = RunSettings(noise="central", user_update="delta")
+    assert central_strategy(settings).user_update == "delta"

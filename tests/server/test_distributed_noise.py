@@ -25,14 +25,16 @@ def _metrics(site: str, declined: bool = False) -> dict[str, bool | bytes | floa
     return metrics
 
 
-def test_the_sum_moves_the_trainable_weights_and_the_replies_are_recorded() -> None:
-    strategy = distributed_strategy(SETTINGS, ["w"])
+@pytest.mark.parametrize(("user_update", "expected"), [("gradient", [0.0, -1.0, 4.0]), ("delta", [2.0, 3.0, -2.0])])
+def test_the_sum_moves_the_trainable_weights_and_the_replies_are_recorded(user_update: str, expected: list) -> None:
+    strategy = distributed_strategy(RunSettings(**{**SETTINGS.__dict__, "user_update": user_update}), ["w"])
     weights = {"w": torch.ones(3), "frozen": torch.zeros(2)}
     total = {"w": np.array([10.0, 20.0, -30.0])}
     metrics = [_metrics("0"), _metrics("1"), _metrics("2", declined=True), _metrics("3"), _metrics("4")]
     updated = strategy.step(1, SecureSum(total, metrics), weights)
     assert updated is not None
-    torch.testing.assert_close(updated["w"], torch.tensor([0.0, -1.0, 4.0]))  # w - sum / batch-size
+    # w - sum / batch-size for gradients; w + sum / batch-size for deltas (FedAvg's step at server rate 1)
+    torch.testing.assert_close(updated["w"], torch.tensor(expected))
     assert torch.equal(updated["frozen"], weights["frozen"])
     assert strategy.last_round.trained == ["0", "1", "3", "4"]
     assert strategy.last_round.declined == {"2": "declined: budget"}

@@ -17,7 +17,19 @@ from common.privacy.popularity import popularity_step
 from common.recommender.training import TrainConfig
 from server.popularity import PopularityFloor
 from simulations import cli
-from simulations.bench import ceiling, core, deployment, dp_step, floor, frontier, pieces, registry, serving, suite
+from simulations.bench import (
+    ceiling,
+    core,
+    deployment,
+    dp_fedavg,
+    dp_step,
+    floor,
+    frontier,
+    pieces,
+    registry,
+    serving,
+    suite,
+)
 
 
 def test_peak_rss_sees_a_large_allocation() -> None:
@@ -37,6 +49,15 @@ def test_dp_step_benchmark_measures_every_mode_against_non_private() -> None:
     for result in results:
         assert len(result.step_times_s) == 2 and all(t > 0 for t in result.step_times_s)
         assert result.median_s > 0 and result.time_ratio > 0
+
+
+def test_dp_fedavg_benchmark_times_both_sums_over_the_same_users_and_states_their_ratio() -> None:
+    results = dp_fedavg.bench_dp_fedavg([40, 90], calls=2, device=torch.device("cpu"), users=5, user_steps=1)
+    assert [(r.catalog_size, r.users, r.user_steps) for r in results] == [(40, 5, 1), (90, 5, 1)]
+    for result in results:
+        assert result.gradient_median_s > 0 and result.delta_median_s > 0
+        assert result.ratio == pytest.approx(result.delta_median_s / result.gradient_median_s)
+    assert "| 90 | 5 | 1 |" in dp_fedavg.format_table(results)
 
 
 def test_ceiling_benchmark_trains_each_item_table_choice_per_seed_and_averages_them(tmp_path: Path) -> None:

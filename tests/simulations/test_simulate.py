@@ -20,6 +20,7 @@ from common.recommender.artifacts import load_model
 from common.run_files import read_rounds
 from common.utils.processes import LAUNCHER_LOCK
 from server.checkpoint import Checkpoint, load_checkpoint
+from simulations import cli
 from simulations.audit import audit
 from simulations.simulate import Resources, SimulationFailed, preflight, simulate
 from tests.ledgers import fresh_pld_epsilon
@@ -224,3 +225,27 @@ def test_a_site_without_budget_declines_and_the_run_still_finishes(tmp_path: Pat
     assert all(r.sites_trained == ["1", "2"] for r in rounds)
     assert summary["privacy"]["per_site"]["0"] == pytest.approx(spent)
     assert len(earlier.entries()) == 1
+
+
+@pytest.mark.slow
+def test_user_level_dp_fedavg_under_central_noise_runs_through_flower_from_the_command_line(tmp_path: Path) -> None:
+    """``fedtail simulate --noise central --user-update delta``: every site sends its users' clipped deltas, each
+    round is one accounted step, and the auditor agrees with the summary."""
+    out = tmp_path / "run"
+    args = ["simulate", "synthetic:users=160,items=90,seed=3", "--out", str(out), "--sites", "2", "--rounds", "2",
+            "--noise", "central", "--user-update", "delta", "--user-steps", "2", "--epsilon", "4", "--delta", "1e-4",
+            "--hidden", "16", "--heads", "1", "--blocks", "1", "--max-len", "10", "--batch-size", "30"]
+    assert cli.main(args) == 0
+    rounds = read_rounds(out)
+    assert [r.round for r in rounds] == [1, 2] and all(r.sites_trained == ["0", "1"] for r in rounds)
+    for site in ("0", "1"):
+        lines = Ledger(out / "ledgers" / f"site-{site}.jsonl").entries()
+        assert [(line["noise_placement"], line["steps"]) for line in lines] == [("central", 1)] * 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["settings"]["user-update"] == "delta" and "user-level DP-FedAvg" in summary["run"]["kind"]
+    assert summary["privacy"]["epsilon"] <= 4.0
+    model, _ = load_model(out, "global_model.pt")
+    assert all(bool(torch.isfinite(value).all()) for value in model.state_dict().values())
+    report = audit([out])
+    assert report.passed, [str(f) for f in report.findings]
+    assert report.epsilon == pytest.approx(summary["privacy"]["epsilon"])

@@ -42,7 +42,8 @@ must trust the SecAgg+ protocol; ``server.distributed_noise``)."""
 
 SITE_TRUST = "no one: the site adds the noise to its own release"
 CENTRAL_TRUST = (
-    "the coordinator: this site sent it the un-noised sum of its sampled users' clipped gradients, and the epsilon "
+    "the coordinator: this site sent it the un-noised sum of its sampled users' clipped gradients (or clipped model "
+    "deltas, with user-update = delta), and the epsilon "
     "holds only if the coordinator added Gaussian noise of std noise_multiplier x max_grad_norm once to the sum over "
     "all sites; against the coordinator itself this release is NOT private"
 )
@@ -60,7 +61,8 @@ DISTRIBUTED_TRUST = (
 )
 CENTRAL_STATEMENT = (
     "central: each site trusts the coordinator to add the noise; against the coordinator itself a site's release "
-    "is NOT private (it sends the un-noised sum of its users' clipped gradients). The guarantee holds against "
+    "is NOT private (it sends the un-noised sum of its users' clipped gradients, or clipped model deltas). The "
+    "guarantee holds against "
     "everyone who sees only the global models, provided the coordinator added the noise."
 )
 DISTRIBUTED_STATEMENT = (
