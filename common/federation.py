@@ -22,19 +22,8 @@ from common.recommender.model import ModelConfig, ModelOptions
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 """What the server does with the averaged update (``server.strategy``); all of it is post-processing."""
-<<<<<<< HEAD
-=======
-ONE_NOISE_RECIPE: dict[str, Any] = {"rounds": 40, "evaluate_every": 5, "sample_rate": 0.5}
-"""What ``fedtail simulate`` uses under ``noise = central`` or ``distributed`` for these settings when the command
-line does not give them (the declarations below are ``site``'s). A round is then one DP step over the whole
-federation, so it takes more, larger, cheaper rounds (the default tied item table, which halves the noised item
-parameters, matters most here: +22% NDCG@10 on MovieLens-100K and +14% on Amazon Beauty at epsilon 8); the server's
-Adam learning rate for it is ``server.central_noise.DEFAULT_LEARNING_RATE``. Chosen by the runs in
-docs/results.md ("The recipe per noise placement"), on public development data only."""
-PLACEMENT_RECIPES: dict[str, dict[str, Any]] = {"central": ONE_NOISE_RECIPE, "distributed": ONE_NOISE_RECIPE}
 USER_UPDATES = ("gradient", "delta")
 """noise=central / distributed: what each sampled user contributes to a round's sum (``client.site_round``)."""
->>>>>>> fedavg
 CENTRAL_OPTIMIZERS = ("adam", "sgd")
 """noise=central: what the server does with the noisy mean gradient (``server.central_noise``)."""
 MODEL_SELECTIONS = ("best-validation", "last")
