@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from common.data.datasets import load_dataset
+from common.federation import RunSettings
 from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.privacy.popularity import popularity_step
+from common.recipe import PublicFacts, choose_recipe, simulated_estimate
 from common.recommender.training import TrainConfig
 from server.popularity import PopularityFloor
 from simulations import cli
@@ -219,13 +222,17 @@ def test_the_deployment_timeline_splits_each_round_along_the_site_that_replied_l
     assert sum(row[stage] for stage in deployment.STAGES) == pytest.approx(row["round"])
 
 
-def test_one_noise_frontier_points_take_more_rounds_of_half_the_federation_and_distributed_tolerates_two() -> None:
+def test_one_noise_frontier_points_take_the_recipe_rules_choice_and_distributed_tolerates_two() -> None:
     spec = "synthetic:users=200,items=100,seed=1"
     site = frontier.placement_settings(spec, "site", 4.0, 5, 5, "out")
     assert (site.noise, site.rounds, site.dp, site.epsilon) == ("site", 5, True, 4.0)
     assert not frontier.placement_settings(spec, "central", None, 5, 5, "out").dp
     central = frontier.placement_settings(spec, "central", 4.0, 5, 5, "out")
-    assert (central.noise, central.rounds, central.sample_rate, central.batch_size) == ("central", 20, 0.5, 100)
+    data = load_dataset(spec)
+    recipe = choose_recipe(PublicFacts(simulated_estimate(data), 100, 5, 4.0, RunSettings.delta))
+    assert central.noise == "central"
+    assert (central.rounds, central.sample_rate, central.batch_size, central.server_learning_rate) == (
+        recipe.rounds, recipe.sample_rate, recipe.batch_size, recipe.server_learning_rate)
     distributed = frontier.placement_settings(spec, "distributed", 4.0, 5, 5, "out")
     assert (distributed.min_sites, distributed.secure_aggregation_tolerated) == (5, 2)
 
