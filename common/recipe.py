@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from common.data.datasets import Dataset
 from common.data.split import users_with_training_pairs
@@ -96,7 +97,7 @@ class Recipe:
     noise_on_mean: float
     why: str
 
-    def settings(self) -> dict[str, float | int]:
+    def settings(self) -> dict[str, Any]:
         """The ``FILLS`` fields (the command line's own values win over these)."""
         return {name: getattr(self, name) for name in FILLS}
 
