@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from functools import cache
 from importlib.metadata import version
 from typing import Any
 
@@ -28,6 +29,7 @@ from common.privacy.ledger import Ledger, Spend
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round, round_mechanism
 from common.protocol.secure_sum import sum_bound
 from common.recommender.model import SASRec
+from common.utils import timeline
 
 BUDGET_TOLERANCE = 1e-9
 
@@ -90,7 +92,8 @@ def train_site_round(
     if refusal:
         return RoundOutcome(None, spent, refusal)
     if mechanism.placement in ("central", "distributed"):  # the individual half here, the noise after the sum
-        weights = clipped_sum(model, examples, training, mechanism.clip, device)
+        with timeline.stage("clipped-sum"):
+            weights = clipped_sum(model, examples, training, mechanism.clip, device)
         if mechanism.placement == "distributed":
             weights = noise_share(weights, mechanism, sum_bound(mechanism.clip, training.batch_size))
     else:  # both halves here, inside Opacus' DP-SGD steps; the ledger records what Opacus' accountant recorded
@@ -155,7 +158,10 @@ def over_fallback_cap(
     )
 
 
+@cache
 def library_versions() -> dict[str, str]:
+    """What every ledger line records; read once a process (each read of a package's metadata takes milliseconds,
+    and a run of one-step rounds writes a line every round). A site upgrades its libraries by restarting."""
     return {name: version(name) for name in ("opacus", "torch", "flwr")}
 
 

@@ -41,8 +41,10 @@ from flwr.serverapp.strategy import FedAvg
 from common.federation import RunSettings
 from common.privacy.accounting import calibrate_noise
 from common.privacy.mechanisms import COORDINATOR
-from common.privacy.mechanisms.gaussian import GaussianMechanism
+from common.privacy.mechanisms.gaussian import GaussianMechanism, secret_generator
 from common.protocol.records import NOISE_MULTIPLIER_METRIC
+from common.recommender.training import CPU
+from common.utils import timeline
 from common.utils.records import scalar
 from server.strategy import PrivateAggregation
 
@@ -110,10 +112,12 @@ def reply_problem(reply: Message, global_weights: dict[str, torch.Tensor]) -> st
     return ""
 
 
-def sum_replies(replies: Iterable[Message]) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The sum (float64) of the replies' clipped sums and the noise multiplier each of them requires. The replies
-    are those ``CentralNoise`` accepted (``reply_problem``); failed replies (errors) are skipped: the caller records
-    them."""
+def sum_replies(
+    replies: Iterable[Message], device: torch.device = CPU
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The sum (float64, on ``device``) of the replies' clipped sums and the noise multiplier each of them requires.
+    The replies are those ``CentralNoise`` accepted (``reply_problem``); failed replies (errors) are skipped: the
+    caller records them."""
     total: dict[str, torch.Tensor] = {}
     required: list[float] = []
     for reply in replies:
@@ -121,13 +125,17 @@ def sum_replies(replies: Iterable[Message]) -> tuple[dict[str, torch.Tensor], li
             continue
         required.append(float(scalar(reply.content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC])))
         for name, array in reply.content.array_records["arrays"].items():
-            value = torch.from_numpy(array.numpy()).to(torch.float64)
+            value = torch.from_numpy(array.numpy()).to(device, torch.float64)
             total[name] = total[name] + value if name in total else value
     return total, required
 
 
 class CentralSum(FedAvg):
-    """Sum, noise once, divide by the public batch size, optimizer step (see the module's docstring)."""
+    """Sum, noise once, divide by the public batch size, optimizer step (see the module's docstring).
+
+    All four run on ``device`` (the GPU when the server has one: ``server.app`` passes ``pick_device()``), the noise
+    drawn there from a generator of its own (``secret_generator``); the optimizer's moments stay there between
+    rounds, and the new weights come back to the CPU for Flower's message."""
 
     def __init__(
         self,
@@ -136,9 +144,11 @@ class CentralSum(FedAvg):
         max_grad_norm: float,
         batch_size: int,
         optimizer: ServerOptimizer,
+        device: torch.device = CPU,
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
+        self.device = device
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.batch_size = batch_size
@@ -155,15 +165,18 @@ class CentralSum(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        total, required = sum_replies(replies)
+        total, required = sum_replies(replies, self.device)
         if not required:
             return None, None
         sigma = max(self.noise_multiplier, *required)
         self.last_noise_multiplier = sigma
-        mechanism = GaussianMechanism(sigma, self.max_grad_norm, placement="central")
-        noisy = mechanism.add_noise(total, COORDINATOR)  # its own secret generator: never a seed the sites could know
-        mean = {name: (noisy[name] / self.batch_size).float() for name in total}
-        updated = self.optimizer.step(self.global_weights, mean)
+        with timeline.stage("noise-and-step"):
+            mechanism = GaussianMechanism(sigma, self.max_grad_norm, placement="central")
+            # its own secret generator: never a seed the sites could know
+            noisy = mechanism.add_noise(total, COORDINATOR, secret_generator(self.device))
+            mean = {name: (noisy[name] / self.batch_size).float() for name in total}
+            weights = {name: tensor.to(self.device) for name, tensor in self.global_weights.items()}
+            updated = {name: tensor.cpu() for name, tensor in self.optimizer.step(weights, mean).items()}
         return ArrayRecord(updated), MetricRecord({"sites-summed": len(required), "noise-multiplier": sigma})
 
 
@@ -187,7 +200,10 @@ def server_optimizer(settings: RunSettings) -> ServerOptimizer:
 
 
 def central_strategy(
-    settings: RunSettings, round_offset: int = 0, site_epsilon: dict[str, float] | None = None
+    settings: RunSettings,
+    round_offset: int = 0,
+    site_epsilon: dict[str, float] | None = None,
+    device: torch.device = CPU,
 ) -> CentralNoise:
     return CentralNoise(
         settings.fraction_sites,
@@ -198,4 +214,5 @@ def central_strategy(
         max_grad_norm=settings.max_grad_norm,
         batch_size=settings.batch_size,
         optimizer=server_optimizer(settings),
+        device=device,
     )

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from simulations.bench import ceiling, deployment, dp_step, floor, frontier, pieces, serving, sites
+from simulations.bench import ceiling, deployment, dp_step, floor, frontier, pieces, rounds, serving, sites
 from simulations.bench.core import Benchmark
 
 BENCHMARKS: dict[str, Benchmark[Any]] = {
     benchmark.name: benchmark
     for benchmark in (
         dp_step.BENCHMARK, pieces.BENCHMARK, sites.BENCHMARK, frontier.BENCHMARK, floor.BENCHMARK, serving.BENCHMARK,
-        deployment.BENCHMARK, ceiling.BENCHMARK,
+        deployment.BENCHMARK, ceiling.BENCHMARK, rounds.BENCHMARK,
     )
 }
