@@ -80,7 +80,8 @@ def train_site_round(
     global_fingerprint = weights_fingerprint(model.state_dict())
     history = ledger.history()
     spent = epsilon_from_history(history, privacy.delta)
-    replay = released.find(run_id, round_number, global_fingerprint)
+    retried = ledger.records_release(run_id, round_number)  # else there is nothing to re-send: skip loading it
+    replay = released.find(run_id, round_number, global_fingerprint) if retried else None
     if replay is not None:
         return RoundOutcome(replay, spent)
     checked = max(1, privacy.planned_rounds - round_number + 1) if privacy.whole_run else 1

@@ -194,6 +194,11 @@ class Ledger:
         hashes = list(verified.hashes)
         return list(verified.entries), (hashes[-1] if hashes else GENESIS_HASH), hashes
 
+    def records_release(self, run_id: str, round_number: int) -> bool:
+        """Whether a line records ``run_id``'s round ``round_number``: only then can a site hold that round's released
+        update (it is saved after its line, and lines are never removed), so only then is it worth loading."""
+        return any(e.get("run_id") == run_id and e.get("round") == round_number for e in reversed(self.entries()))
+
     def history(self) -> list[MechanismStep]:
         return _history(self.entries())
 
