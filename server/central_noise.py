@@ -29,10 +29,11 @@ The optimizer's state (moments) is not checkpointed: a resumed run restarts it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -86,7 +87,18 @@ class ServerOptimizer:
         return updated
 
 
-def reply_problem(reply: Message, global_weights: dict[str, torch.Tensor]) -> str:
+def reply_arrays(reply: Message) -> dict[str, np.ndarray]:
+    """The reply's clipped sums as numpy arrays, decoded from Flower's bytes (``Array.numpy()`` decodes on every
+    call: ``CentralSum.arrays_of`` keeps them for the round)."""
+    return {name: array.numpy() for name, array in reply.content.array_records["arrays"].items()}
+
+
+ArraysOf = Callable[[Message], Mapping[str, np.ndarray]]
+
+
+def reply_problem(
+    reply: Message, global_weights: dict[str, torch.Tensor], arrays_of: ArraysOf = reply_arrays
+) -> str:
     """Why a site's central reply cannot be summed; "" when it can."""
     required = reply.content.metric_records["metrics"].get(NOISE_MULTIPLIER_METRIC)
     if required is None:
@@ -96,13 +108,13 @@ def reply_problem(reply: Message, global_weights: dict[str, torch.Tensor]) -> st
         return f"'{NOISE_MULTIPLIER_METRIC}' = {value!r} is not a positive finite number"
     if "arrays" not in reply.content.array_records:
         return "the reply holds no clipped sum"
-    sums = reply.content.array_records["arrays"]
+    sums = arrays_of(reply)
     if not len(sums):
         return "the reply's clipped sum is empty"
-    for name in sums:
+    for name, tensor in sums.items():
         if name not in global_weights:
             return f"the clipped sum names '{name}', which the global model does not have"
-        tensor, expected = sums[name].numpy(), global_weights[name]
+        expected = global_weights[name]
         if tuple(tensor.shape) != tuple(expected.shape):
             return f"'{name}' has shape {tuple(tensor.shape)}, the global model's is {tuple(expected.shape)}"
         if not torch.is_floating_point(expected) or tensor.dtype.kind != "f":
@@ -113,7 +125,7 @@ def reply_problem(reply: Message, global_weights: dict[str, torch.Tensor]) -> st
 
 
 def sum_replies(
-    replies: Iterable[Message], device: torch.device = CPU
+    replies: Iterable[Message], device: torch.device = CPU, arrays_of: ArraysOf = reply_arrays
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """The sum (float64, on ``device``) of the replies' clipped sums and the noise multiplier each of them requires.
     The replies are those ``CentralNoise`` accepted (``reply_problem``); failed replies (errors) are skipped: the
@@ -124,8 +136,8 @@ def sum_replies(
         if reply.has_error():
             continue
         required.append(float(scalar(reply.content.metric_records["metrics"][NOISE_MULTIPLIER_METRIC])))
-        for name, array in reply.content.array_records["arrays"].items():
-            value = torch.from_numpy(array.numpy()).to(device, torch.float64)
+        for name, array in arrays_of(reply).items():
+            value = torch.from_numpy(array).to(device, torch.float64)
             total[name] = total[name] + value if name in total else value
     return total, required
 
@@ -155,17 +167,27 @@ class CentralSum(FedAvg):
         self.optimizer = optimizer
         self.global_weights: dict[str, torch.Tensor] = {}
         self.last_noise_multiplier = 0.0
+        self._decoded: dict[int, dict[str, np.ndarray]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_weights = arrays.to_torch_state_dict()
+        self._decoded.clear()
         return super().configure_train(server_round, arrays, config, grid)
+
+    def arrays_of(self, reply: Message) -> dict[str, np.ndarray]:
+        """``reply_arrays``, decoded once a round: checking and summing decoded every reply three times over, about
+        85 ms a round for 5 sites of the default model. Keyed by the reply object, alive until the round's sum."""
+        if id(reply) not in self._decoded:
+            self._decoded[id(reply)] = reply_arrays(reply)
+        return self._decoded[id(reply)]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        total, required = sum_replies(replies, self.device)
+        total, required = sum_replies(replies, self.device, self.arrays_of)
+        self._decoded.clear()
         if not required:
             return None, None
         sigma = max(self.noise_multiplier, *required)
@@ -185,7 +207,7 @@ class CentralNoise(PrivateAggregation, CentralSum):
     a reply that cannot be summed (``reply_problem``) counts as a failure of its site's round."""
 
     def update_problem(self, reply: Message) -> str:
-        return reply_problem(reply, self.global_weights)
+        return reply_problem(reply, self.global_weights, self.arrays_of)
 
 
 def central_noise_multiplier(settings: RunSettings) -> float:
