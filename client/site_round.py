@@ -159,11 +159,15 @@ def over_fallback_cap(
     )
 
 
-@cache
 def library_versions() -> dict[str, str]:
     """What every ledger line records; read once a process (each read of a package's metadata takes milliseconds,
     and a run of one-step rounds writes a line every round). A site upgrades its libraries by restarting."""
-    return {name: version(name) for name in ("opacus", "torch", "flwr")}
+    return dict(_installed_versions())
+
+
+@cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    return tuple((name, version(name)) for name in ("opacus", "torch", "flwr"))
 
 
 def _weights(model: SASRec) -> dict[str, torch.Tensor]:
