@@ -43,7 +43,6 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ from client.popularity import release_site_popularity
 from client.public_errors import PublicInputError, public_errors_mod
 from client.secure_aggregation import noise_share, secure_aggregation_mod, secure_reply
 from client.shard import SiteShard, deployed_shard, simulated_shard
-from client.site_round import RoundOutcome, train_site_round
+from client.site_round import RoundOutcome, library_versions, train_site_round
 from common.data.catalog import Catalog
 from common.errors import ConfigError, DataError
 from common.federation import RunSettings
@@ -179,7 +178,7 @@ def check_coordinator(config: Mapping[str, Any], catalog: Catalog) -> None:
     Weights for another catalogue would load whenever the sizes agree, and
     then score the wrong items without any error.
     """
-    theirs, mine = str(config.get("flwr-version", "unknown")), version("flwr")
+    theirs, mine = str(config.get("flwr-version", "unknown")), library_versions()["flwr"]
     if theirs != mine:
         raise PublicInputError(
             f"Flower version mismatch: the coordinator runs flwr {theirs}, this site flwr {mine}; "

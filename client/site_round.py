@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from functools import cache
 from importlib.metadata import version
 from typing import Any
 
@@ -29,6 +30,7 @@ from common.privacy.ledger import Ledger, Spend
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, plan_round, round_mechanism
 from common.protocol.secure_sum import sum_bound
 from common.recommender.model import SASRec
+from common.utils import timeline
 
 BUDGET_TOLERANCE = 1e-9
 
@@ -80,7 +82,8 @@ def train_site_round(
     global_fingerprint = weights_fingerprint(model.state_dict())
     history = ledger.history()
     spent = epsilon_from_history(history, privacy.delta)
-    replay = released.find(run_id, round_number, global_fingerprint)
+    retried = ledger.records_release(run_id, round_number)  # else there is nothing to re-send: skip loading it
+    replay = released.find(run_id, round_number, global_fingerprint) if retried else None
     if replay is not None:
         return RoundOutcome(replay, spent)
     checked = max(1, privacy.planned_rounds - round_number + 1) if privacy.whole_run else 1
@@ -93,7 +96,8 @@ def train_site_round(
         return RoundOutcome(None, spent, refusal)
     if mechanism.placement in ("central", "distributed"):  # the individual half here, the noise after the sum
         user_sum = clipped_delta_sum if training.user_update == "delta" else clipped_sum
-        weights = user_sum(model, examples, training, mechanism.clip, device)
+        with timeline.stage("clipped-sum"):
+            weights = user_sum(model, examples, training, mechanism.clip, device)
         if mechanism.placement == "distributed":
             weights = noise_share(weights, mechanism, sum_bound(mechanism.clip, training.batch_size))
     else:  # both halves here, inside Opacus' DP-SGD steps; the ledger records what Opacus' accountant recorded
@@ -159,7 +163,14 @@ def over_fallback_cap(
 
 
 def library_versions() -> dict[str, str]:
-    return {name: version(name) for name in ("opacus", "torch", "flwr")}
+    """What every ledger line records; read once a process (each read of a package's metadata takes milliseconds,
+    and a run of one-step rounds writes a line every round). A site upgrades its libraries by restarting."""
+    return dict(_installed_versions())
+
+
+@cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    return tuple((name, version(name)) for name in ("opacus", "torch", "flwr"))
 
 
 def _weights(model: SASRec) -> dict[str, torch.Tensor]:

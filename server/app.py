@@ -66,6 +66,7 @@ from common.run_files import (
     truncate_rounds,
     write_run_record,
 )
+from common.utils import timeline
 from common.utils.files import write_json
 from common.utils.plot import write_round_plot
 from common.utils.processes import die_with_parent, lock_run_folder
@@ -163,7 +164,7 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
     strategy = (
         distributed_strategy(settings, summed_names, state.done, state.site_epsilon)
         if settings.noise == "distributed"
-        else central_strategy(settings, state.done, state.site_epsilon)
+        else central_strategy(settings, state.done, state.site_epsilon, device)
         if settings.noise == "central"
         else private_strategy(
             settings.server_optimizer,
@@ -187,13 +188,16 @@ def _federate(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any
         record = finish_round(
             server_round + state.done, model, device, evaluator, strategy, settings, run_id, round_started[0]
         )
-        append_round(out_dir, record)
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        state.best = keep_if_best(state.best, record, weights)
-        Checkpoint(
-            run_id, record.round, latest, settings.to_run_config(), record.site_epsilon, state.best
-        ).save(out_dir)
+        with timeline.stage("records"):
+            append_round(out_dir, record)
+            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            state.best = keep_if_best(state.best, record, weights)
+            Checkpoint(
+                run_id, record.round, latest, settings.to_run_config(), record.site_epsilon, state.best
+            ).save(out_dir)
         log_round(record, settings)
+        timeline.emit("coordinator-round", round=record.round, **timeline.durations())
+        timeline.reset()
         round_started[0] = time.perf_counter()
         return None if record.valid is None else MetricRecord({"valid-ndcg@10": record.valid["ndcg@10"]})
 
@@ -305,7 +309,8 @@ def finish_round(
         )
     evaluation_started = time.perf_counter()
     due = number % settings.evaluate_every == 0 or number == settings.rounds
-    valid = None if evaluator is None or not due else validation_line(model, device, evaluator)
+    with timeline.stage("validation"):
+        valid = None if evaluator is None or not due else validation_line(model, device, evaluator)
     evaluation_seconds = time.perf_counter() - evaluation_started
     return RoundRecord(
         round=number,

@@ -45,6 +45,10 @@ class TrainConfig:
         return asdict(self)
 
 
+CPU = torch.device("cpu")
+"""The default where code takes a device argument and the caller says none (``pick_device`` picks the GPU)."""
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """CUDA when present (or when asked for), the CPU otherwise."""
     if requested:

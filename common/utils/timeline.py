@@ -3,7 +3,9 @@
 Why: a deployed round crosses several processes (ServerApp, SuperLink, SuperNode, the site's runtime, the
 ClientApp); only wall-clock times on one machine (the loopback benchmark) can be lined up across them. Each line is
 ``fedtail-timeline {json}``; ``simulations.bench.deployment`` reads them from the logs and builds the per-round
-timeline. A line holds times and durations only, never a count of the site's users or interactions.
+timeline, and ``simulations.bench.rounds`` splits a simulated ``noise = central`` round by them (the coordinator's
+``coordinator-round`` line holds its stages of the round). A line holds times and durations only, never a count of
+the site's users or interactions.
 """
 
 from __future__ import annotations

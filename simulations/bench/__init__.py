@@ -6,7 +6,7 @@ runs them (all by default); each prints a table and saves ``NAME.json`` (and
 all JSON results in the folder.
 
 One module per benchmark (``dp_step``, ``pieces``, ``sites``, ``frontier``,
-``serving``, ``deployment``) declares a ``core.Benchmark``: its name, help, own
+``serving``, ``deployment``, ``rounds``, ...) declares a ``core.Benchmark``: its name, help, own
 options, how to run it, print its table and plot it. ``registry`` lists them,
 ``suite`` runs them and builds the command line and the page from the registry,
 ``core`` holds what they share (timing, memory sampling, the machine).

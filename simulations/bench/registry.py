@@ -16,6 +16,7 @@ from simulations.bench import (
     floor,
     frontier,
     pieces,
+    rounds,
     serving,
     sites,
 )
@@ -26,5 +27,6 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     for benchmark in (
         dp_step.BENCHMARK, dp_fedavg.BENCHMARK, pieces.BENCHMARK, sites.BENCHMARK, frontier.BENCHMARK,
         floor.BENCHMARK, serving.BENCHMARK, deployment.BENCHMARK, ceiling.BENCHMARK, correlated_noise.BENCHMARK,
+        rounds.BENCHMARK,
     )
 }

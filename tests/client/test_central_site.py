@@ -159,3 +159,16 @@ def test_the_popularity_release_under_central_noise_needs_the_trust_and_states_t
     assert torch.equal(reply.content["arrays"].to_torch_state_dict()[POPULARITY_ARRAY], exact)
     (line,) = Ledger(tmp_path / "ledger" / "site-north.jsonl").entries()
     assert (line["round"], line["noise_placement"], line["noise_multiplier"]) == (0, "central", sigma)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_the_clipped_sum_on_the_gpu_is_the_cpus_and_comes_back_to_the_cpu() -> None:
+    """The same users sampled (sample rate 1), so the same sum up to floating-point order."""
+    torch.manual_seed(3)
+    model, site, clip = SASRec(CONFIG), _examples(12, seed=1), 0.01
+    training = LocalTraining(sample_rate=1.0, batch_size=64)
+    on_cpu = clipped_sum(model, site, training, clip, torch.device("cpu"))
+    on_gpu = clipped_sum(model, site, training, clip, torch.device("cuda"))
+    for name, tensor in on_cpu.items():
+        assert on_gpu[name].device.type == "cpu"
+        assert torch.allclose(on_gpu[name], tensor, atol=1e-5)

@@ -13,6 +13,7 @@ import torch
 
 from client.dp_sgd import make_private, physical_batches, private_step
 from client.ghost_clipping import embedding_norm_sample, linear_norm_sample
+from client.replay import ReleasedUpdate
 from client.site_round import train_site_round
 from common.data.split import training_examples
 from common.errors import ConfigError
@@ -241,6 +242,23 @@ def test_a_retried_round_resends_the_released_update_without_charging_again(tmp_
     attempt("run-a", 2, first.state_dict)
     attempt("run-a", 2, global_weights)  # same round, different global model: a new release, charged
     assert len(ledger.entries()) == 3
+
+
+def test_a_round_the_ledger_has_no_line_for_never_loads_the_last_released_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It is saved after its ledger line, so only a round the ledger records can be re-sent; loading it on every
+    round cost a one-step round ~20 ms per site."""
+    examples = _examples(10, seed=6)
+    training = LocalTraining(sample_rate=1.0, batch_size=10)
+    privacy = PrivacyPlan(target_epsilon=4.0, delta=1e-4, planned_rounds=3)
+    ledger = Ledger(tmp_path / "site-7.jsonl")
+    torch.manual_seed(6)
+    model = SASRec(CONFIG)
+    train_site_round(model, examples, training, privacy, ledger, "run-a", 1, "7", torch.device("cpu"), 1)
+    monkeypatch.setattr(ReleasedUpdate, "find", lambda *_: pytest.fail("loaded the released update of round 1"))
+    train_site_round(model, examples, training, privacy, ledger, "run-a", 2, "7", torch.device("cpu"), 2)
+    assert [entry["round"] for entry in ledger.entries()] == [1, 2]
 
 
 def test_noise_and_sampling_cannot_be_reproduced_from_the_public_run_parameters(tmp_path: Path) -> None:

@@ -108,3 +108,19 @@ def test_the_server_steps_against_the_mean_gradient_or_along_the_mean_delta(user
     torch.testing.assert_close(updated, direction * summed / 4, atol=1e-6, rtol=0)
     settings = RunSettings(noise="central", user_update="delta")
     assert central_strategy(settings).user_update == "delta"
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_noise_and_the_step_run_on_the_servers_device_and_the_weights_come_back_to_the_cpu(device: str) -> None:
+    strategy = CentralNoise(1.0, 1, noise_multiplier=1.0, max_grad_norm=1e-6, batch_size=2,
+                            optimizer=ServerOptimizer("sgd", 1.0, 0.0), device=torch.device(device))
+    strategy.global_weights = {"w": torch.zeros(4), "frozen": torch.ones(3)}
+    gradient = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    arrays, _ = strategy.aggregate_train(1, [_reply("a", {"w": gradient * 2}, 1.0)])
+    assert arrays is not None
+    assert strategy.optimizer.first["w"].device.type == device, "the optimizer's state lives on the device"
+    updated = arrays.to_torch_state_dict()
+    assert torch.allclose(updated["w"], -gradient, atol=1e-4) and torch.equal(updated["frozen"], torch.ones(3))

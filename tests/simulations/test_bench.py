@@ -30,6 +30,7 @@ from simulations.bench import (
     frontier,
     pieces,
     registry,
+    rounds,
     serving,
     suite,
 )
@@ -220,6 +221,28 @@ def test_the_deployment_timeline_splits_each_round_along_the_site_that_replied_l
     assert row["pull"] == 1.0 and row["start"] == pytest.approx(0.2) and row["training"] == pytest.approx(0.8)
     assert row["reply"] == 0.5 and row["aggregation"] == 0.5
     assert sum(row[stage] for stage in deployment.STAGES) == pytest.approx(row["round"])
+
+
+def test_a_central_round_splits_into_the_sites_work_the_coordinators_and_flowers_rest() -> None:
+    """Parts add up to the round (send to next send); sites' parts are summed over the sites; a round without a
+    next send or a coordinator line is left out."""
+    events = [
+        {"event": "coordinator-send", "round": 1, "t": 10.0},
+        {"event": "site-trained", "round": 1, "entered": 10.1, "t": 10.4, "clipped-sum": 0.2},
+        {"event": "site-trained", "round": 1, "entered": 10.5, "t": 10.7, "clipped-sum": 0.1, "calibration": 0.05},
+        {"event": "noise", "round": 1, "t": 10.8},  # another event: ignored
+        {"event": "coordinator-round", "round": 1, "t": 11.0, "noise-and-step": 0.05, "validation": 0.3,
+         "records": 0.02},
+        {"event": "coordinator-send", "round": 2, "t": 11.5},
+        {"event": "site-trained", "round": 2, "entered": 11.6, "t": 11.7, "clipped-sum": 0.05},
+        {"event": "coordinator-round", "round": 2, "t": 11.9},
+    ]
+    [(number, row)] = rounds.round_parts(events).items()
+    assert number == 1 and row["round"] == 1.5
+    assert row["clipped_sum"] == pytest.approx(0.3) and row["site_other"] == pytest.approx(0.2)
+    assert (row["noise_step"], row["validation"], row["records"]) == (0.05, 0.3, 0.02)
+    assert row["flower"] == pytest.approx(1.5 - 0.3 - 0.2 - 0.05 - 0.3 - 0.02)
+    assert sum(row[part] for part in rounds.PARTS) == pytest.approx(row["round"])
 
 
 def test_one_noise_frontier_points_take_the_recipe_rules_choice_and_distributed_tolerates_two() -> None:

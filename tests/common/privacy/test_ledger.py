@@ -11,7 +11,7 @@ import pytest
 
 from common.errors import DataError
 from common.privacy.accounting import ACCOUNTANT, calibrate_noise, epsilon_from_history
-from common.privacy.ledger import GENESIS_HASH, LEDGER_FORMAT, UNSALTED_FORMAT, Ledger, Spend
+from common.privacy.ledger import GENESIS_HASH, LEDGER_FORMAT, UNSALTED_FORMAT, Ledger, Spend, scan
 
 
 def _spend(round_number: int, sigma: float = 1.1) -> Spend:
@@ -63,6 +63,31 @@ def test_a_deleted_edited_or_reordered_line_breaks_the_chain(tmp_path: Path, tam
     with pytest.raises(DataError, match="hash chain broken") as error:
         ledger.entries()
     assert "line 2" in str(error.value) or "line 3" in str(error.value)
+
+
+def test_a_line_edited_after_the_ledger_was_read_is_still_caught(tmp_path: Path) -> None:
+    """A read verifies only lines it has not seen, so it must notice that a line it has seen changed."""
+    ledger = _ledger(tmp_path)
+    assert len(ledger.entries()) == 3
+    lines = ledger.path.read_text().splitlines()
+    lines[0] = lines[0].replace('"round": 1', '"round": 7')  # same length, same size on disk
+    ledger.path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="hash chain broken") as error:
+        ledger.entries()
+    assert "line 2" in str(error.value)
+
+
+def test_reads_between_appends_agree_with_a_full_scan(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path, rounds=2)
+    ledger.entries()
+    other = Ledger(tmp_path / "site-3.jsonl")  # another reader of the same file, as a restarted site would be
+    other.append(_spend(3))
+    lines = scan(ledger.path)
+    assert ledger.entries() == [line.entry for line in lines]
+    assert ledger.head() == (3, lines[-1].hash)
+    ledger.path.write_text("".join(f"{text}\n" for text in ledger.path.read_text().splitlines()[:2]))
+    assert not ledger.continues(3, lines[-1].hash)  # cut off after it was read
+    assert ledger.head() == (2, lines[1].hash)
 
 
 def test_a_truncated_last_line_is_reported(tmp_path: Path) -> None:
