@@ -266,14 +266,28 @@ def _add_federation_arguments(parser: argparse._ActionsContainer) -> None:
                         help="CPU cores reserved per simulated site (how many train at once)")
     parser.add_argument("--gpus-per-site", type=float, default=None,
                         help="GPU share per site (default: 0.5 when CUDA is present, else 0)")
+    _add_recipe_facts(parser, estimate_default="0: the data's users with training pairs, rounded to 2 digits")
+    _add_run_settings(parser)
+
+
+def _add_recipe_facts(parser: argparse._ActionsContainer, estimate_default: str) -> None:
+    """The recipe rule's own facts (``common.recipe``), for ``simulate`` and ``recipe``."""
     parser.add_argument("--users-estimate", type=int, default=0,
                         help="noise=central or distributed: a public estimate of the federation's users, which the "
-                             "recipe rule sizes its rounds and batch from (0: the data's count rounded to 2 "
-                             "significant digits; a deployment states its own)")
+                             f"recipe rule sizes its rounds and batch from ({estimate_default}); never a site's "
+                             "exact count")
     parser.add_argument("--compute-passes", type=float, default=DEFAULT_PASSES,
                         help="noise=central or distributed: the compute budget, expected gradient computations per "
                              "user over the run (rounds x sample rate); the recipe rule spreads it over its rounds")
-    _add_run_settings(parser)
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    recipe = choose_recipe(PublicFacts(args.users_estimate, args.items, args.sites, args.epsilon, args.delta,
+                                       args.compute_passes))
+    print(recipe.why)
+    values = " ".join(f"{name.replace('_', '-')}={json.dumps(value)}" for name, value in recipe.settings().items())
+    print(f"\nrun config (flwr run --run-config): {values}")
+    return 0
 
 
 DESCRIPTION = (
@@ -349,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="write the metrics JSON here")
     evaluate.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when present)")
     evaluate.set_defaults(handler=_evaluate)
+
+    recipe = commands.add_parser(
+        "recipe", help="the recipe rule's rounds, sample rate, batch and learning rate for a one-noise run "
+        "(noise central or distributed) from public facts, as run-config values for a deployment"
+    )
+    _add_recipe_facts(recipe, estimate_default="required")
+    recipe.add_argument("--items", type=int, default=0, help="items in the public catalogue (reported)")
+    recipe.add_argument("--sites", type=int, default=5, help="sites in the federation (reported)")
+    recipe.add_argument("--epsilon", type=float, default=RunSettings.epsilon, help="each site's target epsilon")
+    recipe.add_argument("--delta", type=float, default=RunSettings.delta, help="the delta it is stated at")
+    recipe.set_defaults(handler=_recipe)
 
     engagement = commands.add_parser(
         "engagement", help="beyond one accurate item: the diversity trade-off curve, augmentation of short histories, "

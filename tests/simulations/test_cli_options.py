@@ -92,3 +92,13 @@ def test_help_says_what_fedtail_is_and_version_answers(capsys: pytest.CaptureFix
     shown = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.0)" in shown, "help shows defaults"
     assert "(default: 0.1; noise=central or distributed: the recipe rule's choice" in shown, "and the recipe's"
+
+
+def test_recipe_prints_the_rules_choice_as_run_config_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipe", "--users-estimate", "6000", "--items", "3400", "--epsilon", "8"]) == 0
+    printed = capsys.readouterr().out
+    recipe = choose_recipe(PublicFacts(6000, 3400, 5, 8.0, RunSettings.delta))
+    assert f"rounds={recipe.rounds} sample-rate={recipe.sample_rate} batch-size={recipe.batch_size}" in printed
+    assert 'user-update="delta"' in printed and "about 6,000 users (public estimate)" in printed
+    assert main(["recipe", "--epsilon", "8"]) == 2, "no estimate: a named error, not a recipe"
+    assert "users estimate 0" in capsys.readouterr().err
