@@ -35,10 +35,6 @@ budget stated as expected passes over every user (``compute-passes``:
    it, while the signal's drift still grows with ``sqrt(T)``.
 4. Validation about ``VALIDATIONS`` times per run (free: post-processing).
 5. The expected batch ``q * N`` is the public divisor of each noisy sum.
-6. Each sampled user contributes a clipped model delta after a few local steps
-   (``user-update = delta``, user-level DP-FedAvg), which beat one clipped
-   gradient per user at the same epsilon under both placements on the
-   development data; the noise and the accounting are the same.
 
 The constants were set on public development data only (MovieLens-100K;
 docs/results.md, "The recipe rule"), never on a site's users, so choosing them
@@ -72,10 +68,7 @@ VALIDATIONS = 8
 """About this many validations per run; model selection chooses among them."""
 ONE_NOISE_PLACEMENTS = ("central", "distributed")
 """The placements whose rounds are single DP steps, and so whose recipe the rule chooses."""
-USER_UPDATE = "delta"
-"""What each sampled user contributes: DP-FedAvg's clipped model delta (docs/results.md, "DP-FedAvg against one-step
-rounds": +11% NDCG@10 under central over two seeds, +18% under distributed, on MovieLens-100K at epsilon 8)."""
-FILLS = ("rounds", "sample_rate", "batch_size", "server_learning_rate", "evaluate_every", "user_update")
+FILLS = ("rounds", "sample_rate", "batch_size", "server_learning_rate", "evaluate_every")
 """The ``RunSettings`` fields the recipe fills when the command line does not give them."""
 
 
@@ -103,7 +96,6 @@ class Recipe:
     noise_multiplier: float
     noise_on_mean: float
     why: str
-    user_update: str = USER_UPDATE
 
     def settings(self) -> dict[str, Any]:
         """The ``FILLS`` fields (the command line's own values win over these)."""
@@ -150,7 +142,7 @@ def choose_recipe(facts: PublicFacts) -> Recipe:
         + (f"(at most {NOISE_ON_MEAN}: more rounds would pass it)" if met and rounds * 2 <= MAX_ROUNDS
            else f"(at most {NOISE_ON_MEAN}; the cap of {MAX_ROUNDS} rounds stops it)" if met
            else f"(above {NOISE_ON_MEAN} even at the fewest rounds: a small federation or a small epsilon)")
-        + f"; the server's Adam at {learning_rate:.2g}; each sampled user adds a clipped model delta (DP-FedAvg)"
+        + f"; the server's Adam at {learning_rate:.2g}"
     )
     return Recipe(rounds, rate, batch, learning_rate, max(1, math.ceil(rounds / VALIDATIONS)), sigma,
                   noise_on_mean, why)

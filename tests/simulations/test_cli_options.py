@@ -63,7 +63,6 @@ def test_a_one_noise_placement_fills_what_is_not_given_from_its_recipe(tmp_path,
     assert settings.rounds == 7, "given wins"
     assert (settings.sample_rate, settings.batch_size, settings.evaluate_every, settings.server_learning_rate) == (
         recipe.sample_rate, recipe.batch_size, recipe.evaluate_every, recipe.server_learning_rate), "the rule fills"
-    assert settings.user_update == "delta"
     estimated = build_parser().parse_args(
         ["simulate", "--out", out, "--noise", noise, "--min-sites", "3", "--users-estimate", "50000"])
     larger = _run_settings(estimated, "synthetic:users=200,items=80", out)
