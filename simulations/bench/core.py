@@ -10,7 +10,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +76,21 @@ def timed(device: torch.device, step: Callable[[], object]) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
+
+
+def interleaved_times(
+    device: torch.device, calls: Mapping[str, Callable[[], object]], repeats: int, label: str
+) -> dict[str, list[float]]:
+    """Each call's wall times over ``repeats`` rounds, the calls interleaved round by round so that a machine's
+    load drifts over all of them alike; one extra first round warms caches and the allocator up and is dropped."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for index in range(repeats + 1):
+        for name, call in calls.items():
+            seconds = timed(device, call)
+            if index > 0:
+                times[name].append(seconds)
+        print(f"  {label}: {index}/{repeats} done", flush=True)
+    return times
 
 
 def rss_bytes(pid: int) -> int:

@@ -25,7 +25,7 @@ from common.data.split import training_examples
 from common.federation import RunSettings
 from common.protocol.round_plan import LocalTraining
 from common.recommender.model import ModelOptions, SASRec
-from simulations.bench.core import Benchmark, Context, timed
+from simulations.bench.core import Benchmark, Context, interleaved_times
 from simulations.report import markdown_table
 
 CATALOGS = (1_683, 12_000)
@@ -62,13 +62,7 @@ def bench_dp_fedavg(
             name: partial(user_sum, model, examples, training, RunSettings.max_grad_norm, device)
             for name, user_sum in (("gradient", clipped_sum), ("delta", clipped_delta_sum))
         }
-        times: dict[str, list[float]] = {name: [] for name in sums}
-        for index in range(calls + 1):
-            for name, call in sums.items():
-                seconds = timed(device, call)
-                if index > 0:  # the first call of each warms caches and the allocator up
-                    times[name].append(seconds)
-            print(f"  dp-fedavg {size} items: call {index}/{calls} done", flush=True)
+        times = interleaved_times(device, sums, calls, f"dp-fedavg {size} items, calls")
         gradient, delta = statistics.median(times["gradient"]), statistics.median(times["delta"])
         results.append(FedAvgResult(size, users, user_steps, gradient, delta, delta / gradient))
         print(f"  dp-fedavg {size} items: gradient {gradient:.3f}s, delta {delta:.3f}s, ratio {delta / gradient:.2f}",

@@ -24,7 +24,7 @@ from common.privacy.accounting import GRAD_SAMPLE_MODES
 from common.protocol.round_plan import LocalTraining, PrivacyPlan, RoundPlan
 from common.recommender.model import ModelOptions, SASRec, sequence_loss
 from common.utils.plot import Panel, Series, write_line_charts
-from simulations.bench.core import Benchmark, Context, peak_rss, rss_bytes, timed
+from simulations.bench.core import Benchmark, Context, interleaved_times, peak_rss, rss_bytes
 from simulations.report import markdown_table
 
 
@@ -67,13 +67,7 @@ def bench_dp_step(catalogs: list[int], steps: int, device: torch.device, batch: 
         }
         for mode in GRAD_SAMPLE_MODES:
             steppers[mode] = _private_stepper(options, size, examples, mode, inputs, targets, device)
-        times: dict[str, list[float]] = {name: [] for name in steppers}
-        for index in range(steps + 1):
-            for name, step in steppers.items():
-                seconds = timed(device, step)
-                if index > 0:  # the first step of each warms caches and the allocator up
-                    times[name].append(seconds)
-            print(f"  dp-step {size} items: step {index}/{steps} done", flush=True)
+        times = interleaved_times(device, steppers, steps, f"dp-step {size} items, steps")
         memory = {name: _step_memory(device, step) for name, step in steppers.items()}
         base_time = statistics.median(times["non-private"])
         for name in steppers:
