@@ -26,11 +26,11 @@ from server.central_noise import central_noise_multiplier
 
 
 def test_the_development_data_gets_the_recipe_it_was_set_on() -> None:
-    """MovieLens-100K at epsilon 8 (about 940 users): 160 rounds at 0.125, the noise level the rule is anchored to."""
+    """MovieLens-100K at epsilon 8 (about 940 users): 80 rounds at 0.25, the noise level the rule is anchored to."""
     recipe = choose_recipe(PublicFacts(940, 1682, 5, 8.0, 1e-5))
-    assert (recipe.rounds, recipe.sample_rate, recipe.batch_size) == (160, 0.125, 118)
-    assert recipe.server_learning_rate == pytest.approx(5e-3)
-    assert recipe.noise_on_mean == pytest.approx(recipe.noise_multiplier / 118)
+    assert (recipe.rounds, recipe.sample_rate, recipe.batch_size) == (80, 0.25, 235)
+    assert recipe.server_learning_rate == pytest.approx(1e-2 * math.sqrt(0.5))
+    assert recipe.noise_on_mean == pytest.approx(recipe.noise_multiplier / 235)
 
 
 @pytest.mark.parametrize("users", [3_000, 6_000, 22_000])
