@@ -31,6 +31,7 @@ def test_the_development_data_gets_the_recipe_it_was_set_on() -> None:
     assert (recipe.rounds, recipe.sample_rate, recipe.batch_size) == (80, 0.25, 235)
     assert recipe.server_learning_rate == pytest.approx(1e-2 * math.sqrt(0.5))
     assert recipe.noise_on_mean == pytest.approx(recipe.noise_multiplier / 235)
+    assert "user_update" not in recipe.settings(), "each user's contribution stays the declared one-gradient default"
 
 
 @pytest.mark.parametrize("users", [3_000, 6_000, 22_000])

@@ -63,6 +63,7 @@ def test_a_one_noise_placement_fills_what_is_not_given_from_its_recipe(tmp_path,
     assert settings.rounds == 7, "given wins"
     assert (settings.sample_rate, settings.batch_size, settings.evaluate_every, settings.server_learning_rate) == (
         recipe.sample_rate, recipe.batch_size, recipe.evaluate_every, recipe.server_learning_rate), "the rule fills"
+    assert settings.user_update == RunSettings.user_update == "gradient", "one clipped gradient per user"
     estimated = build_parser().parse_args(
         ["simulate", "--out", out, "--noise", noise, "--min-sites", "3", "--users-estimate", "50000"])
     larger = _run_settings(estimated, "synthetic:users=200,items=80", out)
@@ -98,6 +99,6 @@ def test_recipe_prints_the_rules_choice_as_run_config_values(capsys: pytest.Capt
     printed = capsys.readouterr().out
     recipe = choose_recipe(PublicFacts(6000, 3400, 5, 8.0, RunSettings.delta))
     assert f"rounds={recipe.rounds} sample-rate={recipe.sample_rate} batch-size={recipe.batch_size}" in printed
-    assert "about 6,000 users (public estimate)" in printed
+    assert "about 6,000 users (public estimate)" in printed and "user-update" not in printed
     assert main(["recipe", "--epsilon", "8"]) == 2, "no estimate: a named error, not a recipe"
     assert "users estimate 0" in capsys.readouterr().err
